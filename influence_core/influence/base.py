@@ -24,8 +24,7 @@ from torch import nn
 Batch = tuple[torch.Tensor, torch.Tensor]
 """``(x, y)``: inputs ``(b, ...)`` float32 and labels ``(b,)`` int64, on the engine's device."""
 
-Progress = Callable[[str, int, int], None]
-"""``progress(stage, done, total)``; ``done``/``total`` count samples (or iterations) of that stage."""
+from ..progress import Progress  # noqa: E402  progress(stage, done, total)
 
 Grads = dict[str, torch.Tensor]
 

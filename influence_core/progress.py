@@ -1,0 +1,35 @@
+"""Progress reporting shared by training and the influence engine.
+
+Long loops call ``progress(stage, done, total)``; the CLI turns that into tqdm bars, the app into
+``st.progress``. ``done``/``total`` count batches, samples or iterations of ``stage``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+Progress = Callable[[str, int, int], None]
+
+
+class TqdmProgress:
+    """A ``Progress`` that shows one tqdm bar per stage (for the CLI)."""
+
+    def __init__(self, **tqdm_kwargs):
+        self._bar = None
+        self._stage = None
+        self._kwargs = tqdm_kwargs
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            self._bar = tqdm(total=total, desc=stage, leave=True, dynamic_ncols=True, **self._kwargs)
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
