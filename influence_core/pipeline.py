@@ -1,0 +1,206 @@
+"""Influence results for a run: compute once with :class:`~influence_core.influence.InfluenceModel`, cache on disk.
+
+A cache entry lives in ``run_dir/influence/<key>/`` where ``key`` hashes the checkpoint files, the train and
+test ids and labels, and the settings; a changed model or label is a miss. Entries are written to a
+temporary folder and renamed into place, so an interrupted computation leaves nothing half-written::
+
+    influences.npy                  (n_test, n_train) float32, positive = helpful (final model)
+    self_influence.npy              (n_train,) float32 (final model)
+    checkpoint_self_influence.npy   (n_checkpoints, n_train) float32, one row per kept checkpoint + final
+    curvature.pt                    fitted curvature tensors of the final model (state_dict of the method)
+    meta.json                       settings, checkpoint names, timings_s
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import SIGNALS, cross_entropy
+from .errors import InfluenceLensError
+from .progress import Progress
+from .run import Run
+from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json, stable_hash
+
+METHOD_CHOICES = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac")
+DEFAULT_SIGNAL = "checkpoint_self_influence"
+
+
+@dataclass(frozen=True)
+class InfluenceSettings:
+    """What decides an influence result (besides the run itself)."""
+
+    method: str = "direct"
+    scope: str = "head"
+    regularization: float = 1e-3
+    curvature: str = "gauss-newton"
+    checkpoints: bool = True  # also self-influence at every kept checkpoint (TracIn-style signal)
+
+    def __post_init__(self):
+        if self.method not in METHOD_CHOICES:
+            raise InfluenceLensError(f"Unknown influence method {self.method!r}.",
+                                     f"use one of {', '.join(METHOD_CHOICES)}")
+        if not self.regularization > 0:
+            raise InfluenceLensError(f"Regularization λ must be positive, not {self.regularization}.",
+                                     "for example 1e-3")
+
+    def scope_arg(self) -> str | list[str]:
+        """``head`` / ``all`` as is, anything else as a list of module names."""
+        return self.scope if self.scope in ("head", "all") else [s.strip() for s in self.scope.split(",") if s.strip()]
+
+    def describe(self) -> str:
+        return f"{self.method}, scope {self.scope}, λ={self.regularization:g}, {self.curvature}"
+
+
+DEFAULT_SETTINGS = InfluenceSettings()
+
+
+@dataclass
+class InfluenceResult:
+    """A cached influence entry of a run, with the mislabel-suspicion signals derived from it."""
+
+    run: Run
+    path: Path
+
+    @cached_property
+    def meta(self) -> dict:
+        return read_json(self.path / "meta.json")
+
+    @cached_property
+    def influences(self) -> np.ndarray:
+        return np.load(self.path / "influences.npy")
+
+    @cached_property
+    def self_influence(self) -> np.ndarray:
+        return np.load(self.path / "self_influence.npy")
+
+    @cached_property
+    def checkpoint_self_influence(self) -> np.ndarray:
+        return np.load(self.path / "checkpoint_self_influence.npy")
+
+    @cached_property
+    def signals(self) -> dict[str, np.ndarray]:
+        """Signal key (see :data:`analysis.SIGNALS`) → (n_train,) float64, higher = more suspicious."""
+        labels = self.run.labels("train")
+        out = {
+            "self_influence": self.self_influence.astype(np.float64),
+            "neg_mean_test_influence": -self.influences.mean(0).astype(np.float64),
+            "training_loss": cross_entropy(self.run.predictions["probs_train"], labels),
+            "mean_margin": -self.run.dynamics["margin"].mean(0).astype(np.float64),
+        }
+        if len(self.checkpoint_self_influence) > 1:
+            out["checkpoint_self_influence"] = self.checkpoint_self_influence.sum(0).astype(np.float64)
+        return {k: out[k] for k in SIGNALS if k in out}
+
+    @property
+    def best_signal(self) -> str:
+        return DEFAULT_SIGNAL if DEFAULT_SIGNAL in self.signals else "self_influence"
+
+
+def cache_key(run: Run, settings: InfluenceSettings) -> str:
+    ckpts = run.checkpoint_paths() if settings.checkpoints else run.checkpoint_paths()[-1:]
+    samples = run.samples[run.samples["split"].isin(["train", "test"])]
+    return stable_hash("influence-v1", [file_hash(p) for p in ckpts], samples["id"].tolist(),
+                       samples["label"].to_numpy(), samples["split"].tolist(), dataclasses.asdict(settings))
+
+
+def load_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS) -> InfluenceResult | None:
+    """The cached result for ``settings``, or None (never computes)."""
+    path = run.path / "influence" / cache_key(run, settings)
+    return InfluenceResult(run, path) if (path / "meta.json").is_file() else None
+
+
+def cached_results(run: Run) -> list[InfluenceResult]:
+    """Every complete cache entry of the run, newest first."""
+    root = run.path / "influence"
+    entries = [InfluenceResult(run, p) for p in root.iterdir() if (p / "meta.json").is_file()] if root.is_dir() else []
+    return sorted(entries, key=lambda r: r.meta.get("created", 0), reverse=True)
+
+
+def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, device: str = "auto",
+                      progress: Progress | None = None, recompute: bool = False, log=print) -> InfluenceResult:
+    """Compute (or fetch) the influence matrix, self-influence and checkpoint self-influence of ``run``."""
+    from .influence import InfluenceModel
+
+    key = cache_key(run, settings)
+    final = run.path / "influence" / key
+    if not recompute and (final / "meta.json").is_file():
+        log(f"cached: {final}")
+        return InfluenceResult(run, final)
+    x_train, y_train = run.tensors("train")
+    x_test, y_test = run.tensors("test")
+    ckpts = run.checkpoint_paths() if settings.checkpoints else run.checkpoint_paths()[-1:]
+    timings: dict[str, float] = {}
+    checkpoint_si = []
+    tmp = run.path / "influence" / f".tmp-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for i, ckpt in enumerate(ckpts):
+            is_final = i == len(ckpts) - 1
+            tag = "final" if is_final else ckpt.stem
+            model = run.load_model(ckpt)
+            im = InfluenceModel(model, scope=settings.scope_arg(), method=settings.method,
+                                curvature=settings.curvature, regularization=settings.regularization,
+                                device=device, progress=_tagged(progress, tag))
+            t = time.perf_counter()
+            im.fit(x_train, y_train)
+            timings[f"fit_{tag}"] = time.perf_counter() - t
+            t = time.perf_counter()
+            checkpoint_si.append(im.self_influence(x_train, y_train))
+            timings[f"self_influence_{tag}"] = time.perf_counter() - t
+            if is_final:
+                t = time.perf_counter()
+                factors = im.test_factors(x_test, y_test)
+                influences = im.influences(factors, x_train, y_train)
+                timings["test_x_train_matrix"] = time.perf_counter() - t
+                np.save(tmp / "influences.npy", np.asarray(influences, dtype=np.float32))
+                atomic_torch_save(tmp / "curvature.pt", im.state_dict())
+        si = np.stack(checkpoint_si).astype(np.float32)
+        np.save(tmp / "self_influence.npy", si[-1])
+        np.save(tmp / "checkpoint_self_influence.npy", si)
+        timings["total"] = float(sum(timings.values()))
+        atomic_write_json(tmp / "meta.json", {
+            "settings": dataclasses.asdict(settings), "checkpoints": [p.name for p in ckpts],
+            "n_train": len(y_train), "n_test": len(y_test), "timings_s": timings, "created": time.time(),
+            "device": str(im.device) if hasattr(im, "device") else device})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"influence computed in {timings['total']:.1f} s")
+    return InfluenceResult(run, final)
+
+
+def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, train_positions: list[int],
+                  device: str = "auto") -> np.ndarray:
+    """Perturbation influence of the chosen training images on one test image: (k, S, S) float32.
+
+    Uses the cached curvature of ``settings`` when present (computes the influence entry otherwise).
+    """
+    import torch
+
+    from .influence import InfluenceModel
+
+    result = compute_influence(run, settings, device=device, log=lambda _: None)
+    im = InfluenceModel(run.load_model(), scope=settings.scope_arg(), method=settings.method,
+                        curvature=settings.curvature, regularization=settings.regularization, device=device)
+    im.load_state_dict(torch.load(result.path / "curvature.pt", weights_only=True))
+    x_train, y_train = run.tensors("train")
+    x_test, y_test = run.tensors("test")
+    idx = torch.as_tensor(list(train_positions), dtype=torch.long)
+    return im.saliency(x_test[test_position:test_position + 1], y_test[test_position:test_position + 1],
+                       x_train[idx], y_train[idx])
+
+
+def _tagged(progress: Progress | None, tag: str) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda stage, done, total: progress(f"{tag}: {stage}", done, total)
