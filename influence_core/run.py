@@ -145,4 +145,4 @@ class Run:
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised inputs (k, 3, S, S) float32 and labels (k,) int64 of one split."""
         mask = (self.samples["split"] == split).to_numpy()
-        return self.dataset.tensors(mask), torch.from_numpy(self.labels(split))
+        return self.dataset.tensors(mask), torch.tensor(self.labels(split))

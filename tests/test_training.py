@@ -1,0 +1,79 @@
+"""Cached ResNet18 training and the run directory it writes."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from influence_core import InfluenceLensError, Run, TrainConfig, train
+from influence_core.model import build_resnet18, load_checkpoint
+from influence_core.training import checkpoint_epochs
+
+
+def test_run_directory_is_self_contained(demo_run):
+    run = demo_run
+    assert run.config["weights"] == "scratch" and run.classes == [str(d) for d in range(10)]
+    n_train = len(run.ids("train"))
+    flipped = run.flipped()
+    assert flipped.sum() == round(0.1 * n_train)
+    assert np.all(run.labels("train")[flipped] != run.true_labels("train")[flipped])
+    assert set(run.corruption["flipped"]) == set(np.array(run.ids("train"))[flipped])
+    assert [p.name for p in run.checkpoint_paths()] == ["epoch_2.pt", "final.pt"]  # 3 epochs, 2 kept
+    assert run.dynamics["loss"].shape == run.dynamics["margin"].shape == (3, n_train)
+    assert len(run.history) == 3 and all(h["val_loss"] > 0 for h in run.history)
+    assert run.predictions["probs_test"].shape == (len(run.ids("test")), 10)
+    assert 0 <= run.metrics["f1_test"] <= 1 and np.array(run.metrics["confusion_matrix"]).sum() == len(run.ids("test"))
+    x, y = run.tensors("test")
+    assert x.shape[0] == y.shape[0] == len(run.ids("test")) and torch.equal(y, torch.from_numpy(run.labels("test")))
+    assert run.load_model().fc.out_features == 10
+
+
+def test_second_identical_call_hits_cache_and_changes_retrain(runs_root):
+    config = TrainConfig(dataset="demo", classes=["0", "1"], downsample=0.3, image_size=16, epochs=1)
+    first = train(config, runs_root / "cache", log=lambda _: None)
+    final = first.path / "checkpoints" / "final.pt"
+    stamp = final.stat().st_mtime_ns
+    t = time.perf_counter()
+    train(config, runs_root / "cache", log=lambda _: None)
+    assert time.perf_counter() - t < 5 and final.stat().st_mtime_ns == stamp
+    changed = TrainConfig(**{**config.__dict__, "corrupt_fraction": 0.1})  # a changed label retrains
+    train(changed, runs_root / "cache", log=lambda _: None)
+    assert final.stat().st_mtime_ns != stamp and Run(runs_root / "cache").flipped().sum() > 0
+    stamp = final.stat().st_mtime_ns
+    train(changed, runs_root / "cache", retrain=True, log=lambda _: None)
+    assert final.stat().st_mtime_ns != stamp
+
+
+def test_checkpoint_epochs_are_evenly_spaced():
+    assert checkpoint_epochs(10, 4) == [2, 5, 8]  # the 10th epoch is final.pt
+    assert checkpoint_epochs(3, 2) == [2] and checkpoint_epochs(1, 4) == [] and checkpoint_epochs(10, 0) == []
+
+
+def test_wrong_or_broken_checkpoint_is_a_clear_error(tmp_path):
+    model, _ = build_resnet18(10, pretrained=False)
+    torch.save(model.state_dict(), tmp_path / "ten.pt")
+    two, _ = build_resnet18(2, pretrained=False)
+    with pytest.raises(InfluenceLensError, match="does not match a ResNet18 with 2 classes"):
+        load_checkpoint(two, tmp_path / "ten.pt")
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    with pytest.raises(InfluenceLensError, match="Cannot read checkpoint"):
+        load_checkpoint(two, tmp_path / "junk.pt")
+
+
+def test_nan_loss_stops_with_advice(tmp_path):
+    config = TrainConfig(dataset="demo", classes=["0", "1"], downsample=0.3, image_size=16, epochs=2, lr=1e30)
+    with pytest.raises(InfluenceLensError, match="lower the learning rate"):
+        train(config, tmp_path / "nan", log=lambda _: None)
+    assert not (tmp_path / "nan" / "train_key").exists()  # an unfinished run is never taken as cached
+
+
+def test_head_recipe_freezes_the_backbone(runs_root):
+    config = TrainConfig(dataset="demo", classes=["3", "8"], downsample=0.3, image_size=16, epochs=1,
+                         train_layers="head")
+    run = train(config, runs_root / "head", log=lambda _: None)
+    torch.manual_seed(0)
+    reference, _ = build_resnet18(2, pretrained=False)
+    trained = run.load_model()
+    assert torch.equal(trained.conv1.weight, reference.conv1.weight)  # same seed, frozen backbone
+    assert not torch.equal(trained.fc.weight, reference.fc.weight)
