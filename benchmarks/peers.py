@@ -7,8 +7,8 @@ product (pyDVL 0.10 needs numpy<2), so each runs in its own venv under
 
 CLI::
 
-    python benchmarks/peers.py [PEER ...]          # create missing venvs (all by default)
-    python benchmarks/peers.py --run PEER WORKLOAD_DIR OUT_DIR [-- EXTRA_ARGS]
+    python benchmarks/peers.py create [PEER ...]                  # missing venvs (all by default)
+    python benchmarks/peers.py run PEER WORKLOAD_DIR OUT_DIR [RUNNER_ARGS ...]
 
 A venv is considered ready when its ``.ready`` marker holds exactly the
 requirement list below; change a requirement and pip re-resolves it in place.
@@ -79,14 +79,21 @@ def run_peer(peer: str, workload_dir: Path, out_dir: Path, extra_args: list[str]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("peers", nargs="*", help=f"venvs to create, among {sorted(REQUIREMENTS)} (default: all)")
-    parser.add_argument("--run", nargs=3, metavar=("PEER", "WORKLOAD_DIR", "OUT_DIR"))
-    args, extra = parser.parse_known_args(argv)
-    if args.run:
-        peer, workload_dir, out_dir = args.run
-        extra = [a for a in extra if a != "--"]
-        print(run_peer(peer, Path(workload_dir), Path(out_dir), extra))
+    sub = parser.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("create", help="create missing venvs")
+    create.add_argument("peers", nargs="*", metavar="PEER", help=f"among {sorted(REQUIREMENTS)} (default: all)")
+    run = sub.add_parser("run", help="run a peer's runner on a workload")
+    run.add_argument("peer", choices=sorted(REQUIREMENTS))
+    run.add_argument("workload_dir", type=Path)
+    run.add_argument("out_dir", type=Path)
+    run.add_argument("runner_args", nargs=argparse.REMAINDER, help="passed on, e.g. --method cg --scope head")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        print(run_peer(args.peer, args.workload_dir, args.out_dir, args.runner_args))
         return
+    unknown = set(args.peers) - set(REQUIREMENTS)
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}; choose among {sorted(REQUIREMENTS)}")
     for peer in args.peers or REQUIREMENTS:
         print(f"[peers] {peer}: {venv_python(peer) if is_ready(peer) else 'creating...'}", flush=True)
         ensure_venv(peer)

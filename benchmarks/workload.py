@@ -27,8 +27,8 @@ Result directory (written by :func:`write_result`)::
                          :func:`infeasible_record`
     influence.npy        (k, j) float32, the first k test points × the first j training points
                          (k = m, j = n unless extrapolated)
-    self_influence.npy   (j,) float32, the first j training points (j = n unless extrapolated)
-    ranking.npy          (n,) int64, cleanlab only: training indices, most likely mislabeled first
+    self_influence.npy   (s,) float32, the first s training points (s = n unless extrapolated)
+    ranking.npy, label_quality.npy, issues.npy   cleanlab only, see peer_cleanlab.py
 """
 from __future__ import annotations
 
