@@ -1,0 +1,240 @@
+"""K-FAC / EK-FAC against a brute-force Gauss-Newton matrix built with torch.func (no engine needed).
+
+The module runs single-threaded: on a shared, oversubscribed CPU multi-threaded LAPACK (``eigh``) was
+measured 10-40× slower than one thread.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+from influence_core.errors import InfluenceLensError
+from influence_core.influence.base import METHODS
+from influence_core.influence.kfac import EKFAC, KFAC  # noqa: F401  (registration)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digits(channels: int = 0):
+    """All 1797 digits: ``x (n, 64)`` (or ``(n, channels, 8, 8)``) float32 in [0, 1], ``y (n,)``."""
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.int64)
+    x = x.reshape(len(x), 64) if channels == 0 else x[:, None].repeat(1, channels, 1, 1)
+    return x, y
+
+
+def _batches(x, y, size):
+    def batches():
+        for s in range(0, len(x), size):
+            yield x[s:s + size], y[s:s + size]
+    return batches
+
+
+def _flat(grads: dict[str, torch.Tensor], names) -> torch.Tensor:
+    return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1)
+
+
+def _unflat(v: torch.Tensor, params) -> dict[str, torch.Tensor]:
+    out, pos = {}, 0
+    for n, p in params.items():
+        out[n] = v[:, pos:pos + p.numel()].reshape(len(v), *p.shape).to(torch.float32)
+        pos += p.numel()
+    return out
+
+
+def _exact_gn(model, params, x, chunk=256) -> torch.Tensor:
+    """``(1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i`` over ``params`` (flattened in dict order), float64."""
+    p64 = {n: p.detach().double() for n, p in params.items()}
+    names = list(params)
+
+    def logits(p, xi):
+        return functional_call(model, p, (xi[None].double(),))[0]
+
+    total = sum(p.numel() for p in params.values())
+    gn = torch.zeros(total, total, dtype=torch.float64)
+    for s in range(0, len(x), chunk):
+        xs = x[s:s + chunk]
+        jac = vmap(jacrev(logits), in_dims=(None, 0))(p64, xs)  # name -> (b, C, *shape)
+        j = torch.cat([jac[n].reshape(len(xs), jac[n].shape[1], -1) for n in names], dim=2)  # (b, C, P)
+        prob = torch.softmax(vmap(logits, in_dims=(None, 0))(p64, xs), dim=1)
+        m = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+        gn += torch.einsum("bcp,bcd,bdq->pq", j, m, j)
+    return gn / len(x)
+
+
+def _per_sample_grads(model, params, x, y) -> torch.Tensor:
+    """``∇ℓ_i`` flattened in ``params`` order: ``(n, P)`` float32."""
+    frozen = {n: p.detach() for n, p in params.items()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(frozen, x, y)
+    return _flat(g, list(params))
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+class _SmallCNN(nn.Module):
+    """conv(3→4, 3×3, bias) → ReLU → 2×2 avg-pool → flatten → linear(64 → 10): 762 parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(F.avg_pool2d(torch.relu(self.conv(x)), 2).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def cnn_setup():
+    """A briefly trained :class:`_SmallCNN` (5 Adam steps, ~55 % train accuracy), 400 training / 40 test digits.
+
+    K-FAC's block approximations degrade as the model becomes confident (the head's output curvature then
+    varies with its inputs); "briefly trained" is the regime where they are expected to be good.
+    """
+    x, y = _digits(channels=3)
+    order = torch.tensor(np.random.default_rng(0).permutation(len(y)))
+    x, y = x[order], y[order]
+    x_tr, y_tr, x_te, y_te = x[:400], y[:400], x[400:440], y[400:440]
+    torch.manual_seed(0)
+    model = _SmallCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(x_tr), y_tr).backward()
+        opt.step()
+    model.eval()
+    params = dict(model.named_parameters())
+    return model, params, x_tr, y_tr, x_te, y_te
+
+
+# --------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_exact_for_linear_layer_with_constant_predictions(method):
+    """Zero weights ⇒ uniform p for every sample ⇒ GN = E[aaᵀ] ⊗ (diag p − ppᵀ) exactly; both methods exact."""
+    x, y = _digits()  # 1797 samples: not divisible by 100 or 256
+    model = nn.Linear(64, 10)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    model.eval()
+    params = dict(model.named_parameters())
+    lam = 1e-3
+    gn = _exact_gn(model, params, x)
+    assert torch.linalg.eigvalsh(gn)[-1] > 100 * lam  # the curvature, not λ, dominates the solve
+    torch.manual_seed(1)
+    v = torch.randn(3, gn.shape[0], dtype=torch.float64)
+    expected = torch.linalg.solve(gn + lam * torch.eye(len(gn), dtype=torch.float64), v.T).T
+
+    results = []
+    for size in (100, 256):
+        inv = METHODS[method](regularization=lam, curvature="gauss-newton").fit(
+            model, params, _batches(x, y, size), len(x))
+        out = _flat(inv.solve(_unflat(v, params)), list(params)).double()
+        assert _rel(out, expected) <= 1e-4
+        results.append(out)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("method, threshold", [("ekfac", 0.9), ("kfac", 0.85)])
+def test_influences_correlate_with_exact_gauss_newton(cnn_setup, method, threshold):
+    """Influence matrices vs the exact (full, not block-diagonal) GN solve.
+
+    Measured: EK-FAC 0.955-0.958, K-FAC 0.885-0.906 over three data/initialisation seeds; plain gradient dot
+    products 0.81-0.84. K-FAC is held to 0.85: the 2×2 average pool gives four conv positions the same
+    upstream gradient, against KFC's assumption of spatially uncorrelated derivatives (EK-FAC re-fits the
+    eigenvalues from the true per-sample gradients and is unaffected).
+    """
+    model, params, x_tr, y_tr, x_te, y_te = cnn_setup
+    lam = 1e-2
+    gn = _exact_gn(model, params, x_tr)
+    g_tr = _per_sample_grads(model, params, x_tr, y_tr).double()
+    g_te = _per_sample_grads(model, params, x_te, y_te).double()
+    exact = g_te @ torch.linalg.solve(gn + lam * torch.eye(len(gn), dtype=torch.float64), g_tr.T)  # (40, 400)
+
+    inv = METHODS[method](regularization=lam).fit(model, params, _batches(x_tr, y_tr, 64), len(x_tr))
+    approx = g_te @ _flat(inv.solve(_unflat(g_tr, params)), list(params)).double().T
+    corr = float(np.corrcoef(approx.flatten().numpy(), exact.flatten().numpy())[0, 1])
+    baseline = float(np.corrcoef((g_te @ g_tr.T).flatten().numpy(), exact.flatten().numpy())[0, 1])
+    print(f"{method}: Pearson {corr:.4f} (plain gradient dot product: {baseline:.4f})")
+    assert corr >= threshold
+    assert baseline < corr - 0.05  # the curvature matters at this λ
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_set_regularization_and_state_dict_round_trip(cnn_setup, method):
+    model, params, x_tr, y_tr, *_ = cnn_setup
+    torch.manual_seed(2)
+    v = _unflat(torch.randn(4, sum(p.numel() for p in params.values())), params)
+    batches = _batches(x_tr, y_tr, 128)
+
+    inv = METHODS[method](regularization=1e-3).fit(model, params, batches, len(x_tr))
+    before = inv.solve(v)
+    inv.set_regularization(0.1)
+    refit = METHODS[method](regularization=0.1).fit(model, params, batches, len(x_tr))
+    after, expected = inv.solve(v), refit.solve(v)
+    for n in params:
+        torch.testing.assert_close(after[n], expected[n], rtol=1e-6, atol=1e-9)
+        assert not torch.allclose(after[n], before[n])
+
+    loaded = METHODS[method](regularization=0.1)
+    loaded.load_state_dict({k: t.clone() for k, t in inv.state_dict().items()})
+    again = loaded.solve(v)
+    for n in params:
+        assert torch.equal(again[n], after[n])
+
+
+def test_refuses_hessian_and_unsupported_layers():
+    with pytest.raises(InfluenceLensError, match="Gauss-Newton"):
+        METHODS["ekfac"](regularization=1e-3, curvature="hessian")
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).eval()
+    x, y = torch.randn(5, 4), torch.zeros(5, dtype=torch.int64)
+    with pytest.raises(InfluenceLensError, match="BatchNorm1d"):
+        METHODS["kfac"]().fit(model, dict(model.named_parameters()), _batches(x, y, 5), 5)
+    # a subset of the parameters: only the last layer is tracked
+    params = {"2.weight": model[2].weight}
+    inv = METHODS["kfac"]().fit(model, params, _batches(x, y, 2), 5)
+    out = inv.solve({"2.weight": torch.randn(3, 2, 3)})
+    assert out["2.weight"].shape == (3, 2, 3)
+
+
+def test_resnet18_smoke():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=2).eval()
+    params = {n: p for m_name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+              for n, p in m.named_parameters(prefix=m_name, recurse=False)}
+    x = torch.randn(24, 3, 64, 64)
+    y = torch.randint(0, 2, (24,))
+    stages = []
+    start = time.perf_counter()
+    inv = METHODS["ekfac"](regularization=1e-3).fit(model, params, _batches(x, y, 10), len(x),
+                                                     progress=lambda s, d, t: stages.append((s, d, t)))
+    fit_seconds = time.perf_counter() - start
+    g = {n: torch.randn(2, *p.shape) for n, p in params.items()}
+    out = inv.solve(g)
+    print(f"resnet18 ekfac fit: {fit_seconds:.2f} s for 24 samples")
+    assert set(out) == set(params)
+    assert all(out[n].shape == g[n].shape and torch.isfinite(out[n]).all() for n in params)
+    assert ("ekfac: factors", 24, 24) in stages and ("ekfac: eigenvalue correction", 24, 24) in stages
+    # positive definite: gᵀ (H + λI)⁻¹ g > 0
+    assert (_flat(out, list(params)) * _flat(g, list(params))).sum(1).min() > 0
