@@ -101,7 +101,8 @@ def per_sample_grads(model: nn.Module, params: dict[str, nn.Parameter], x: torch
     def one(p, xi, yi):
         return _loss_sum(model, p, xi[None], yi[None])
 
-    return vmap(grad(one), in_dims=(None, 0, 0))(values, x, y)
+    with torch.no_grad():  # no autograd graph towards parameters outside the block
+        return vmap(grad(one), in_dims=(None, 0, 0))(values, x, y)
 
 
 def iter_per_sample_grads(
@@ -130,7 +131,8 @@ def curvature_matvec(
     values = detached(params)
     out = {n: torch.zeros_like(v) for n, v in vectors.items()}
     for x, y in batches():
-        chunk = _chunk_matvec(model, values, x, y, curvature, vectors)
+        with torch.no_grad():  # torch.func transforms still differentiate; this only drops outside graphs
+            chunk = _chunk_matvec(model, values, x, y, curvature, vectors)
         for n in out:
             out[n] += chunk[n]
     return {n: v / n_samples for n, v in out.items()}
@@ -187,12 +189,15 @@ def curvature_matrix(
     """The explicit ``(p, p)`` mean curvature matrix (parameters flattened in dict order), float64.
 
     Gauss-Newton: ``(1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i`` from exact per-sample logit Jacobians.
-    Hessian (or a linear head, where it equals GN): products with identity columns, in blocks.
+    Hessian: products with identity columns, in blocks. A linear head (where both coincide) uses the
+    closed form ``(1/n) Σ_i (diag p_i − p_i p_iᵀ) ⊗ φ̃_i φ̃_iᵀ`` with ``φ̃ = [φ, 1]``.
     """
     values = detached(params)
     p = n_params(values)
     device = next(iter(values.values())).device
-    if curvature == "hessian" or isinstance(model, nn.Linear):
+    if isinstance(model, nn.Linear):
+        return _linear_curvature_matrix(model, values, batches, n_samples, progress)
+    if curvature == "hessian":
         block = rows_per_chunk(values, 512)
         cols = []
         for start in range(0, p, block):
@@ -215,7 +220,8 @@ def curvature_matrix(
         step = max(1, min(len(x), rows_per_chunk(values, 2**30) // 16))
         for start in range(0, len(x), step):
             xs = x[start:start + step]
-            jac = vmap(jacrev(logits_one), in_dims=(None, 0))(values, xs)  # (b, C, *shape)
+            with torch.no_grad():
+                jac = vmap(jacrev(logits_one), in_dims=(None, 0))(values, xs)  # (b, C, *shape)
             jac = torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()], dim=2).double()
             with torch.no_grad():
                 probs = torch.softmax(functional_call(model, values, (xs,)), dim=-1).double()
@@ -226,6 +232,38 @@ def curvature_matrix(
             progress("curvature", done, n_samples)
     matrix /= n_samples
     return (matrix + matrix.T) / 2
+
+
+def _linear_curvature_matrix(model: nn.Linear, values, batches, n_samples, progress) -> torch.Tensor:
+    classes = model.out_features
+    d = model.in_features if "weight" in values else 0
+    width = d + ("bias" in values)
+    device = next(iter(values.values())).device
+    blocks = torch.zeros(classes, classes, width, width, dtype=torch.float64, device=device)
+    done = 0
+    with torch.no_grad():
+        for x, _ in batches():
+            probs = torch.softmax(functional_call(model, values, (x,)), dim=-1).double()
+            a = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]  # (b, C, C)
+            phi = x.double()[:, :d]
+            if "bias" in values:
+                phi = torch.cat([phi, phi.new_ones(len(x), 1)], dim=1)
+            for c in range(classes):
+                for e in range(c, classes):
+                    blocks[c, e] += (phi * a[:, c, e, None]).T @ phi
+            done += len(x)
+            if progress:
+                progress("curvature", done, n_samples)
+    for c in range(classes):
+        for e in range(c):
+            blocks[c, e] = blocks[e, c].T
+    # row (c, j) of the [W, b] layout → flat index: weight (c, j) at c·d + j, bias c at C·d + c
+    order = torch.cat([torch.arange(classes * d).view(classes, d),
+                       classes * d + torch.arange(classes).view(classes, 1)], dim=1)[:, :width]
+    position = torch.empty(classes * width, dtype=torch.long)
+    position[order.flatten()] = torch.arange(classes * width)
+    full = blocks.permute(0, 2, 1, 3).reshape(classes * width, classes * width) / n_samples
+    return full[position][:, position]
 
 
 def power_iteration(matvec: Callable[[Grads], Grads], like: dict[str, torch.Tensor], steps: int = 20,
