@@ -243,8 +243,9 @@ class InfluenceModel:
 
         out = []
         for rows in self._chunks(len(x)):
-            out.append(grad(influence_sum)(x[rows].to(self.device, torch.float32), y[rows].to(self.device))
-                       .sum(1).cpu())
+            with torch.no_grad():  # torch.func still differentiates; no graph towards the other parameters
+                pixels = grad(influence_sum)(x[rows].to(self.device, torch.float32), y[rows].to(self.device))
+            out.append(pixels.sum(1).cpu())
             self._report("saliency", rows.stop, len(x))
         return torch.cat(out).numpy().astype(np.float32)
 
