@@ -61,10 +61,11 @@ def _unflat(v: torch.Tensor, params) -> dict[str, torch.Tensor]:
 def _exact_gn(model, params, x, chunk=256) -> torch.Tensor:
     """``(1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i`` over ``params`` (flattened in dict order), float64."""
     p64 = {n: p.detach().double() for n, p in params.items()}
+    rest = {n: p.detach().double() for n, p in model.named_parameters() if n not in params}
     names = list(params)
 
     def logits(p, xi):
-        return functional_call(model, p, (xi[None].double(),))[0]
+        return functional_call(model, {**rest, **p}, (xi[None].double(),))[0]
 
     total = sum(p.numel() for p in params.values())
     gn = torch.zeros(total, total, dtype=torch.float64)
@@ -150,9 +151,27 @@ def test_exact_for_linear_layer_with_constant_predictions(method):
         inv = METHODS[method](regularization=lam, curvature="gauss-newton").fit(
             model, params, _batches(x, y, size), len(x))
         out = _flat(inv.solve(_unflat(v, params)), list(params)).double()
+        print(f"{method} batch {size}: relative error {_rel(out, expected):.2e}")
         assert _rel(out, expected) <= 1e-4
         results.append(out)
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
+
+
+def test_sampled_labels_approximate_the_exact_output_curvature():
+    """``labels="sampled"`` (Monte-Carlo Fisher) is close to, but not the same as, the exact GN; seeded."""
+    x, y = _digits()
+    model = nn.Linear(64, 10)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    params = dict(model.eval().named_parameters())
+    torch.manual_seed(1)
+    v = _unflat(torch.randn(3, 650), params)
+    exact = _flat(METHODS["kfac"](regularization=1e-2).fit(model, params, _batches(x, y, 256), len(x)).solve(v),
+                  list(params))
+    runs = [_flat(METHODS["kfac"](regularization=1e-2, labels="sampled", label_samples=4, seed=5)
+                  .fit(model, params, _batches(x, y, 256), len(x)).solve(v), list(params)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert 1e-4 < _rel(runs[0], exact) < 0.1
 
 
 @pytest.mark.parametrize("method, threshold", [("ekfac", 0.9), ("kfac", 0.85)])
@@ -203,6 +222,29 @@ def test_set_regularization_and_state_dict_round_trip(cnn_setup, method):
         assert torch.equal(again[n], after[n])
 
 
+@pytest.mark.parametrize("rotate_first", [True, False])
+def test_ekfac_eigenvalues_are_the_exact_curvature_in_the_kronecker_basis(monkeypatch, rotate_first):
+    """EK-FAC's Λ_jk must equal ((Q_G ⊗ Q_A)ᵀ GN (Q_G ⊗ Q_A))_jk,jk exactly: checks the conv per-sample gradients
+    (stride, padding, dilation, bias column) through both ways of forming them. Only the conv is in ``params``."""
+    from influence_core.influence import kfac
+
+    monkeypatch.setattr(kfac, "_rotate_first", lambda *args: rotate_first)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 5 * 5, 4)).eval()
+    x, y = torch.randn(37, 2, 9, 9), torch.randint(0, 4, (37,))
+    params = {"0.weight": model[0].weight, "0.bias": model[0].bias}
+    inv = METHODS["ekfac"]().fit(model, params, _batches(x, y, 10), len(x))
+    (f,) = inv._fitted
+    gn = _exact_gn(model, params, x)  # over [vec W (54), b (3)]
+    cols = torch.arange(54).reshape(3, 18)
+    order = torch.cat([cols, torch.arange(54, 57)[:, None]], dim=1).flatten()  # [W | b] row-major -> flat index
+    h = gn[order][:, order].reshape(3, 19, 3, 19)
+    expected = torch.einsum("aibj,ap,iq,bp,jq->pq", h, f.q_g, f.q_a, f.q_g, f.q_a)
+    assert f.q_a.shape == (19, 19) and f.q_g.shape == (3, 3)
+    assert _rel(f.eigenvalues, expected) <= 1e-6
+
+
 def test_refuses_hessian_and_unsupported_layers():
     with pytest.raises(InfluenceLensError, match="Gauss-Newton"):
         METHODS["ekfac"](regularization=1e-3, curvature="hessian")
@@ -227,12 +269,12 @@ def test_resnet18_smoke():
     y = torch.randint(0, 2, (24,))
     stages = []
     start = time.perf_counter()
-    inv = METHODS["ekfac"](regularization=1e-3).fit(model, params, _batches(x, y, 10), len(x),
+    inv = METHODS["ekfac"](regularization=1e-3, dtype="float32").fit(model, params, _batches(x, y, 10), len(x),
                                                      progress=lambda s, d, t: stages.append((s, d, t)))
     fit_seconds = time.perf_counter() - start
     g = {n: torch.randn(2, *p.shape) for n, p in params.items()}
     out = inv.solve(g)
-    print(f"resnet18 ekfac fit: {fit_seconds:.2f} s for 24 samples")
+    print(f"resnet18 ekfac fit (float32 factors): {fit_seconds:.2f} s for 24 samples")
     assert set(out) == set(params)
     assert all(out[n].shape == g[n].shape and torch.isfinite(out[n]).all() for n in params)
     assert ("ekfac: factors", 24, 24) in stages and ("ekfac: eigenvalue correction", 24, 24) in stages

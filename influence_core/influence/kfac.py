@@ -284,18 +284,24 @@ class KFAC(InverseCurvature):
                 basis = {id(layer): f for layer, f in zip(layers, fitted)}
 
                 def correct(logits, columns):
-                    cache, budget = {}, _ACTIVATION_CACHE  # rotated inputs reused across label columns
+                    cache, budget = {}, _ACTIVATION_CACHE  # layer inputs reused across label columns
                     for grads in _column_grads(layers, logits, columns):
                         for layer, g in zip(layers, grads):
                             f = basis[id(layer)]
-                            g_rot = layer.output_grads(g, self.dtype) @ f.q_g  # (b, T, r_G)
-                            a_rot = cache.get(id(layer))
-                            if a_rot is None:
-                                a_rot = layer.activations(self.dtype) @ f.q_a  # (b, T, r_A)
-                                if len(columns) > 1 and a_rot.numel() <= budget:
-                                    cache[id(layer)] = a_rot
-                                    budget -= a_rot.numel()
-                            _add_squared_per_sample(lam[id(layer)], g_rot, a_rot)
+                            g = layer.output_grads(g, self.dtype)  # (b, T, out)
+                            rotate_first = _rotate_first(g.shape[1], f, len(columns))
+                            a = cache.get(id(layer))
+                            if a is None:
+                                a = layer.activations(self.dtype)  # (b, T, d)
+                                if rotate_first:
+                                    a = a @ f.q_a  # (b, T, r_A)
+                                if len(columns) > 1 and a.numel() <= budget:
+                                    cache[id(layer)] = a
+                                    budget -= a.numel()
+                            if rotate_first:
+                                _add_squared_rotated(lam[id(layer)], g @ f.q_g, a)
+                            else:
+                                _add_squared_per_sample(lam[id(layer)], g, a, f.q_g, f.q_a)
 
                 self._run_pass(model, layers, batches, n_samples, f"{self.name}: eigenvalue correction", progress,
                                correct, gen)
@@ -388,13 +394,14 @@ class KFAC(InverseCurvature):
                 parts.append(grads[f.bias_name].reshape(k, -1, 1))
             v = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
             v = v.to(device=f.q_a.device, dtype=f.q_a.dtype)
-            rot = f.q_g.T @ v @ f.q_a  # (k, r_G, r_A)
-            x = f.q_g @ (rot / (f.eigenvalues + lam)) @ f.q_a.T
-            if not f.full_rank:  # zero curvature on the complement of the fitted subspace
+            rot = _sandwich(f.q_g.T, v, f.q_a)  # (k, r_G, r_A)
+            if f.full_rank:
+                x = _sandwich(f.q_g, rot / (f.eigenvalues + lam), f.q_a.T)
+            else:  # zero curvature on the complement of the fitted subspace: there the solve is v / λ
                 if lam <= 0:
                     raise InfluenceLensError("The fitted curvature is singular and regularization is 0.",
                                              "use a positive regularization")
-                x = x + (v - f.q_g @ rot @ f.q_a.T) / lam
+                x = _sandwich(f.q_g, rot * (1 / (f.eigenvalues + lam) - 1 / lam), f.q_a.T) + v / lam
             x = x.to(device=device, dtype=dtype)
             if f.weight_name is not None:
                 out[f.weight_name] = x[..., : x.shape[2] - (f.bias_name is not None)].reshape(k, *f.weight_shape)
@@ -499,15 +506,42 @@ def _column_grads(layers: list[_Layer], logits: torch.Tensor, columns: list[torc
         yield grads
 
 
-def _add_squared_per_sample(acc: torch.Tensor, g_rot: torch.Tensor, a_rot: torch.Tensor) -> None:
-    """``acc += Σ_i (Σ_t g_rot[i,t] a_rot[i,t]ᵀ)²`` (elementwise square), bounded memory."""
+def _rotate_first(t: int, f: _Fitted, n_columns: int) -> bool:
+    """Whether rotating inputs/output gradients before forming per-sample gradients is cheaper (per sample)."""
+    (d, r_a), (out, r_g) = f.q_a.shape, f.q_g.shape
+    if t == 1:
+        return True
+    rotate = t * d * r_a + n_columns * t * r_g * (out + r_a)
+    per_sample = n_columns * (t * out * d + min(out * d * r_a + r_g * out * r_a, r_g * out * d + r_g * d * r_a))
+    return rotate <= per_sample
+
+
+def _add_squared_rotated(acc: torch.Tensor, g_rot: torch.Tensor, a_rot: torch.Tensor) -> None:
+    """``acc += Σ_i (Σ_t g_rot[i,t] a_rot[i,t]ᵀ)²`` (elementwise square) for rotated ``(b, T, r)`` inputs."""
     if g_rot.shape[1] == 1:
         acc.addmm_((g_rot[:, 0] ** 2).T, a_rot[:, 0] ** 2)
         return
     step = max(1, _PER_SAMPLE_BUDGET // max(1, acc.numel()))
     for start in range(0, g_rot.shape[0], step):
-        per_sample = torch.einsum("bto,bti->boi", g_rot[start:start + step], a_rot[start:start + step])
+        per_sample = g_rot[start:start + step].transpose(1, 2) @ a_rot[start:start + step]  # (b, r_G, r_A)
         acc.add_((per_sample ** 2).sum(0))
+
+
+def _add_squared_per_sample(acc: torch.Tensor, g: torch.Tensor, a: torch.Tensor, q_g: torch.Tensor,
+                            q_a: torch.Tensor) -> None:
+    """Same as :func:`_add_squared_rotated`, forming per-sample gradients ``(b, out, d)`` before rotating."""
+    step = max(1, _PER_SAMPLE_BUDGET // max(1, g.shape[2] * a.shape[2]))
+    for start in range(0, g.shape[0], step):
+        per_sample = g[start:start + step].transpose(1, 2) @ a[start:start + step]  # (b, out, d)
+        acc.add_((_sandwich(q_g.T, per_sample, q_a) ** 2).sum(0))
+
+
+def _sandwich(left: torch.Tensor, mid: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left @ mid @ right`` for ``mid (k, p, q)``, multiplied in the cheaper order."""
+    (m, p), q, r = left.shape, mid.shape[2], right.shape[1]
+    if m * p * q + m * q * r <= p * q * r + m * p * r:
+        return (left @ mid) @ right
+    return left @ (mid @ right)
 
 
 def _device_of(layer: _Layer) -> torch.device:
