@@ -127,3 +127,16 @@ def test_scope_list_and_head_agree(setup):
                             batch_size=BATCH).fit(x_train, y_train)
         out.append(im.influences(im.test_factors(x_test, y_test), x_train, y_train))
     assert rel_err(out[0], out[1]) <= 1e-4
+
+
+def test_large_factors_are_stored_compressed(setup, direct, monkeypatch):
+    """Blocks whose test factors exceed the memory budget keep them as scaled float16: same influences."""
+    from influence_core.influence import engine
+
+    monkeypatch.setattr(engine, "FACTOR_BYTES", 0)
+    model, x_train, y_train, x_test, y_test = setup
+    im = InfluenceModel(model, scope="all", method="direct", regularization=LAMBDA, device="cpu",
+                        batch_size=BATCH).fit(x_train, y_train)
+    factors = im.test_factors(x_test, y_test)
+    assert factors.scales is not None and all(f.dtype == torch.float16 for f in factors.factors.values())
+    assert rel_err(im.influences(factors, x_train, y_train), direct["gauss-newton"]) <= 2e-3

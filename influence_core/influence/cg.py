@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InfluenceLensError
 from .base import Grads, InverseCurvature
-from .ops import concat, curvature_matvec, detached, iter_per_sample_grads, row_dot, rows_per_chunk, split
+from .ops import SOLVE_BYTES, concat, curvature_matvec, detached, iter_per_sample_grads, row_dot, rows_per_chunk, split
 
 
 class ConjugateGradient(InverseCurvature):
@@ -23,7 +23,7 @@ class ConjugateGradient(InverseCurvature):
 
     ``H + λI`` must be positive definite on the Krylov space; with ``curvature="hessian"`` away from a
     minimum it may not be, which raises a clear error (use Gauss-Newton or a larger ``λ``).
-    ``rhs_chunk`` columns are iterated together (default: as many as fit 256 MiB per stacked vector).
+    ``rhs_chunk`` columns are iterated together (default: as many as fit 96 MiB per stacked vector).
     """
 
     name = "cg"
@@ -69,7 +69,7 @@ class ConjugateGradient(InverseCurvature):
             raise InfluenceLensError("Method 'cg' has no training data to solve against.",
                                      "call fit() (cg keeps no cached state)")
         k = next(iter(grads.values())).shape[0]
-        size = self.rhs_chunk or rows_per_chunk(self._data[1], k)
+        size = self.rhs_chunk or rows_per_chunk(self._data[1], k, SOLVE_BYTES)
         self.iterations = 0
         return concat([self._solve_chunk(part) for part in split(grads, size)])
 

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InfluenceLensError
 from .base import Grads, InverseCurvature
-from .ops import concat, curvature_matvec, detached, power_iteration, row_dot, rows_per_chunk, split
+from .ops import SOLVE_BYTES, concat, curvature_matvec, detached, power_iteration, row_dot, rows_per_chunk, split
 
 
 class LiSSA(InverseCurvature):
@@ -56,7 +56,7 @@ class LiSSA(InverseCurvature):
             raise InfluenceLensError("Method 'lissa' has no training data to solve against.",
                                      "call fit() (lissa keeps no cached state)")
         k = next(iter(grads.values())).shape[0]
-        size = self.rhs_chunk or rows_per_chunk(self._data[1], k)
+        size = self.rhs_chunk or rows_per_chunk(self._data[1], k, SOLVE_BYTES)
         return concat([self._solve_chunk(part) for part in split(grads, size)])
 
     def _solve_chunk(self, g: Grads) -> Grads:

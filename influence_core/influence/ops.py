@@ -19,6 +19,11 @@ from .base import Batch, Grads, Progress
 
 GRAD_CHUNK_BYTES = 256 * 2**20
 """Budget (bytes) for one chunk of per-sample gradients or of stacked vectors; keeps ``all`` scope bounded."""
+SOLVE_BYTES = 96 * 2**20
+"""Budget (bytes) for one group of right-hand sides solved together (iterative solvers keep ~10 copies)."""
+TANGENT_BYTES = 64 * 2**20
+"""Budget (bytes) for the vectors pushed through one vmapped curvature product: one at a time for a ResNet,
+all at once for small blocks (activation memory grows with their number)."""
 
 CURVATURES = ("gauss-newton", "hessian")
 
@@ -130,11 +135,14 @@ def curvature_matvec(
     """
     values = detached(params)
     out = {n: torch.zeros_like(v) for n, v in vectors.items()}
+    group = rows_per_chunk(values, next(iter(vectors.values())).shape[0], TANGENT_BYTES)
     for x, y in batches():
-        with torch.no_grad():  # torch.func transforms still differentiate; this only drops outside graphs
-            chunk = _chunk_matvec(model, values, x, y, curvature, vectors)
-        for n in out:
-            out[n] += chunk[n]
+        for start in range(0, len(next(iter(out.values()))), group):
+            part = {n: v[start:start + group] for n, v in vectors.items()}
+            with torch.no_grad():  # torch.func transforms still differentiate; this only drops outside graphs
+                chunk = _chunk_matvec(model, values, x, y, curvature, part)
+            for n in out:
+                out[n][start:start + group] += chunk[n]
     return {n: v / n_samples for n, v in out.items()}
 
 
