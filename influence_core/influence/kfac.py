@@ -422,7 +422,8 @@ class KFAC(InverseCurvature):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``"<weight name>|<bias name>|<field>"`` → tensor, fields ``Q_A``, ``Q_G``, ``eigenvalues``, ``weight_shape``."""
+        """``"<weight name>|<bias name>|<field>"`` → tensor; fields ``Q_A``, ``Q_G``, ``eigenvalues``,
+        ``weight_shape``."""
         state = {}
         for f in self._fitted:
             state[f"{f.key}|Q_A"] = f.q_a
