@@ -1,0 +1,59 @@
+"""Overview: what Influence Lens is, what this run is, its key numbers and where to click next."""
+
+import numpy as np
+import streamlit as st
+
+from influence_core.analysis import SIGNALS, detection_metrics
+from pages import ui
+
+st.title("Influence Lens")
+st.markdown("##### Which training images pushed a prediction up or down — and which training labels look wrong?")
+
+run = ui.current_run()
+result = ui.influence(run)
+flipped = run.flipped()
+best = result.best_signal
+
+st.markdown(ui.describe_run(run))
+cols = st.columns(4)
+cols[0].metric("Test F1 (macro)", f"{run.metrics['f1_test']:.3f}",
+               help="How well the model classifies images it never saw; 1.0 is perfect.")
+cols[1].metric("Training labels flipped", f"{flipped.mean():.0%}",
+               help=f"{flipped.sum()} of {len(flipped)} training labels were deliberately set to a wrong class, "
+                    "so we can check whether the tool finds them.")
+if flipped.any():
+    found, total = ui.flips_found_at(result, best)
+    cols[2].metric("Flips found in the top 10 %", f"{found} of {total}",
+                   help=f"Inspect the 10 % most suspicious training images by “{SIGNALS[best].label}”: this many "
+                        f"of the flipped labels are among them (random inspection would find about {total // 10}).")
+    cols[3].metric("Detection AUROC", f"{detection_metrics(result.signals[best], flipped)['auroc']:.2f}",
+                   help="Chance that a flipped image ranks above a clean one: 0.5 is guessing, 1.0 is perfect.")
+else:
+    cols[2].metric("Suspect signal", SIGNALS[best].label)
+    cols[3].metric("Training images", len(flipped))
+
+st.subheader("The story in three steps")
+steps = st.columns(3)
+steps[0].markdown("**1 · A model learns from labelled images.** "
+                  f"A ResNet18 learned {run.n_classes} classes from {len(flipped)} training images — "
+                  f"some of whose labels are wrong.")
+steps[1].markdown("**2 · Influence measures each image's share.** For every test prediction we estimate how much "
+                  "each training image helped (positive) or hurt (negative) it, without retraining.")
+steps[2].markdown("**3 · Wrong labels stand out.** An image whose label disagrees with its look gets unusual "
+                  "influence — so ranking by it puts most flipped labels at the top of a review queue.")
+
+st.subheader("Most suspicious training images")
+order = np.argsort(-result.signals[best], kind="stable")[:8]
+given = ui.class_names(run, run.labels("train")[order])
+truth = ui.class_names(run, run.true_labels("train")[order])
+captions = [f"labelled {g}" + (f" · really {t} ✗" if f else " ✓") for g, t, f in zip(given, truth, flipped[order])]
+ui.image_grid(run.images("train")[order], captions, columns=8, size=88)
+st.caption(f"Ranked by “{SIGNALS[best].label}”. ✗ marks a label we flipped on purpose.")
+
+st.subheader("Where next")
+links = st.columns(3)
+links[0].page_link("pages/explorer.py", label="Explain one prediction", icon=":material/image_search:")
+links[1].page_link("pages/review_queue.py", label="Review suspected mislabels", icon=":material/fact_check:")
+links[2].page_link("pages/test_set.py", label="Influence on the whole test set", icon=":material/bar_chart:")
+links[0].page_link("pages/corruption_lab.py", label="Corruption experiment", icon=":material/science:")
+links[1].page_link("pages/setup_run.py", label="Your own data & model", icon=":material/tune:")

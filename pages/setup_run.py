@@ -1,0 +1,138 @@
+"""Data & model: the current run's data, training and test quality; train a new run, open one, tune influence."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from influence_core import InfluenceLensError, TrainConfig, available_classes
+from influence_core.data import DEFAULT_FASHION_MNIST
+from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, InfluenceSettings
+from pages import ui
+
+DATASETS = {"Demo: handwritten digits (bundled)": "demo", "Tiny ImageNet folder": "tiny-imagenet",
+            "Image folder (one sub-folder per class)": "folder", "Fashion-MNIST (IDX files)": "fashion-mnist"}
+DEFAULT_PATHS = {"tiny-imagenet": os.environ.get("TINY_IMAGENET", "../shared/data/tiny-imagenet-200"),
+                 "folder": "", "fashion-mnist": DEFAULT_FASHION_MNIST}
+LAMBDAS = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+
+
+@st.cache_data(show_spinner="Listing classes…")
+def classes_of(spec: str) -> list[tuple[str, str]]:
+    return available_classes(spec)
+
+
+st.title("Data & model")
+run = ui.current_run()
+current, new, open_dir, influence_tab = st.tabs(["This run", "Train a new run", "Open a run directory",
+                                                  "Influence settings"])
+
+# --- the current run ------------------------------------------------------------------------------------
+with current:
+    st.markdown(ui.describe_run(run))
+    if run.config["weights"] == "pretrained":
+        st.success("The backbone started from ImageNet-pretrained weights (a local file).", icon=":material/check:")
+    else:
+        st.warning("No local ImageNet weights were found, so the network was trained from scratch.",
+                   icon=":material/info:")
+    cols = st.columns(4)
+    cols[0].metric("Test F1 (macro)", f"{run.metrics['f1_test']:.3f}")
+    cols[1].metric("Test accuracy", f"{run.metrics['accuracy_test']:.1%}")
+    cols[2].metric("Flipped training labels", int(run.flipped().sum()))
+    cols[3].metric("Seconds per epoch", f"{run.metrics['epoch_seconds']:.1f}")
+
+    st.subheader("Sample images per class")
+    train_true, images = run.true_labels("train"), run.images("train")
+    for start in range(0, run.n_classes, 2):
+        cols = st.columns(2)
+        for c, col in zip(range(start, min(start + 2, run.n_classes)), cols):
+            with col:
+                st.markdown(f"**{run.classes[c]}**")
+                picks = np.flatnonzero(train_true == c)[:6]
+                st.image([ui.enlarge(images[p], 64) for p in picks])
+
+    left, right = st.columns(2)
+    with left:
+        history = pd.DataFrame(run.history).melt("epoch", ["train_loss", "val_loss"], "curve", "loss")
+        fig = px.line(history, x="epoch", y="loss", color="curve", markers=True, title="Training and validation loss",
+                      color_discrete_map={"train_loss": "#4477aa", "val_loss": "#ee6677"})
+        fig.update_layout(height=420, xaxis_dtick=1)
+        ui.chart(fig, key="loss")
+    with right:
+        ui.chart(ui.confusion_figure(run.metrics["confusion_matrix"], run.classes), key="confusion")
+
+# --- train a new run ------------------------------------------------------------------------------------
+with new:
+    kind = DATASETS[st.radio("Dataset", list(DATASETS), horizontal=True)]
+    spec = kind
+    if kind != "demo":
+        path = st.text_input("Dataset folder", DEFAULT_PATHS[kind], key=f"path-{kind}")
+        spec = f"{kind}:{path}"
+    try:
+        offered = classes_of(spec)
+    except InfluenceLensError as e:
+        ui.show_error(e)
+        offered = []
+    names = dict(offered)
+    picked = st.multiselect(f"Classes (type to search; empty = all {len(offered)})", list(names),
+                            format_func=lambda key: names[key] if names[key] == key else f"{names[key]} ({key})",
+                            default=list(names)[:2] if kind == "tiny-imagenet" else None)
+    c1, c2, c3, c4 = st.columns(4)
+    val = c1.number_input("Validation fraction", 0.05, 0.4, 0.1, 0.05)
+    test = c2.number_input("Test fraction", 0.05, 0.4, 0.1, 0.05)
+    downsample = c3.slider("Use this share of the images", 0.05, 1.0, 1.0, 0.05)
+    size = c4.select_slider("Image size (px)", [16, 32, 64], 32 if kind != "tiny-imagenet" else 64)
+    c1, c2, c3 = st.columns(3)
+    layers = c1.radio("Train", ["all", "head"], horizontal=True,
+                      format_func={"all": "the whole network", "head": "only the last layer"}.get)
+    epochs = c2.slider("Epochs", 1, 30, 6)
+    corrupt = c3.slider("Flip this share of training labels (to test detection)", 0.0, 0.4, 0.1, 0.05)
+    config = TrainConfig(dataset=spec, classes=picked or None, image_size=size, split=(1 - val - test, val, test),
+                         downsample=downsample, epochs=epochs, train_layers=layers, corrupt_fraction=corrupt)
+    target = ui.run_dir_for(config)
+    st.caption(f"Run directory: `{target}`" + (" — already trained, opens at once" if (target / "train_key").is_file()
+                                                 else ""))
+    if st.button("Train and compute influences", type="primary", disabled=not offered):
+        trained = ui.train_with_progress(config, f"Training on {spec}", target)
+        ui.influence(trained)
+        ui.select_run(trained.path)
+        st.rerun()
+
+# --- open a run computed elsewhere ----------------------------------------------------------------------
+with open_dir:
+    st.markdown("Open a run directory written by `influence-core train` or by this app on another machine.")
+    folder = st.text_input("Run directory", placeholder="/path/to/runs/demo-1a2b3c4d5e")
+    if st.button("Open run", disabled=not folder):
+        opened = ui.open_run(Path(folder).expanduser().resolve())
+        ui.select_run(opened.path)
+        st.rerun()
+
+# --- influence settings ---------------------------------------------------------------------------------
+with influence_tab:
+    s = ui.settings()
+    c1, c2, c3, c4 = st.columns(4)
+    method = c1.selectbox("Method", METHOD_CHOICES, index=METHOD_CHOICES.index(s.method),
+                          help="direct: exact inverse (small scopes); cg / lissa: iterative; arnoldi: low rank; "
+                               "kfac / ekfac: Kronecker-factored approximations.")
+    scope = c2.radio("Parameters", ["head", "all"], index=["head", "all"].index(s.scope) if s.scope in ("head", "all")
+                     else 0, format_func={"head": "last layer", "all": "whole network"}.get)
+    lam = c3.select_slider("Regularization λ", LAMBDAS, value=min(LAMBDAS, key=lambda v: abs(np.log(v / s.regularization))),
+                           format_func=lambda v: f"{v:g}")
+    curvature = c4.radio("Curvature", ["gauss-newton", "hessian"], index=["gauss-newton", "hessian"].index(s.curvature))
+    chosen = InfluenceSettings(method=method, scope=scope, regularization=lam, curvature=curvature)
+    cached = ui.cached_influence(run, chosen) is not None
+    st.caption(f"{chosen.describe()} — {'cached for this run' if cached else 'not computed yet for this run'}"
+               + (" (the default)" if chosen == DEFAULT_SETTINGS else ""))
+    if st.button("Use these settings" + ("" if cached else " and compute"), type="primary",
+                 disabled=chosen == s and cached):
+        ui.influence(run, chosen)
+        st.session_state["settings"] = chosen
+        st.rerun()
+    result = ui.cached_influence(run)
+    if result is not None:
+        timings = pd.DataFrame(sorted(result.meta["timings_s"].items()), columns=["step", "seconds"])
+        with st.expander(f"Timings of the current influence result ({ui.settings().describe()})"):
+            ui.table(timings, f"{run.path.name}-influence-timings.csv")
