@@ -66,10 +66,12 @@ class InfluenceModel:
     module names (their parameters). ``method`` is a key of :data:`METHODS` (``direct``, ``cg``, ``lissa``,
     ``arnoldi``, and ``kfac``/``ekfac`` when installed); ``method_options`` go to its constructor.
     ``regularization`` is ``λ``; ``curvature`` is ``"gauss-newton"`` or ``"hessian"``. ``progress(stage,
-    done, total)`` is called during long loops. The model is moved to ``device`` and kept in eval mode.
+    done, total)`` is called during long loops (stages: ``features``, the method's own fit stages, ``test factors``,
+    ``influences``, ``self-influence``, ``saliency``). The model is moved to ``device`` and kept in eval mode.
 
     Inputs are ``x (n, C, H, W)`` float32 and ``y (n,)`` int64 tensors (CPU is fine); they are streamed
-    to the device in chunks of ``batch_size``.
+    to the device in chunks of ``batch_size``. Head features are cached per tensor object, so pass the same
+    ``x_train`` tensor to ``fit``, ``influences`` and ``self_influence`` to run the backbone once.
     """
 
     def __init__(self, model: nn.Module, scope: str | list[str] = "head", method: str = "direct",
@@ -169,7 +171,7 @@ class InfluenceModel:
         finally:
             handle.remove()
         feats = torch.cat(parts)
-        self._feature_cache = [entry for entry in self._feature_cache[-2:]] + [(x, x._version, feats)]
+        self._feature_cache = self._feature_cache[-2:] + [(x, x._version, feats)]
         return feats
 
     def _batches(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], Iterator[Batch]]:
