@@ -27,6 +27,7 @@ def test_saliency_is_the_pixel_gradient_of_influence(scope):
     chosen = torch.arange(5)
     sal = im.saliency(x_test, y_test, x_train[chosen], y_train[chosen])
     assert sal.shape == (5, 8, 8) and sal.dtype == np.float32 and np.isfinite(sal).all()
+    np.testing.assert_allclose(im.saliency(x_test[0], y_test[0], x_train[chosen], y_train[chosen]), sal, rtol=1e-5)
 
     factors = im.test_factors(x_test, y_test)
     u = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -34,7 +34,8 @@ class ConjugateGradient(InverseCurvature):
                          rhs_chunk=rhs_chunk)
         if preconditioner not in ("jacobi", "none"):
             raise InfluenceLensError(f"Unknown cg preconditioner {preconditioner!r}.", "use 'jacobi' or 'none'")
-        self.tol, self.maxiter, self.preconditioner, self.rhs_chunk = float(tol), int(maxiter), preconditioner, rhs_chunk
+        self.tol, self.maxiter, self.preconditioner = float(tol), int(maxiter), preconditioner
+        self.rhs_chunk = rhs_chunk
         self.diagonal: Grads | None = None
         self.iterations = 0  # iterations used by the last solve (max over chunks)
 
@@ -112,6 +113,7 @@ class ConjugateGradient(InverseCurvature):
         if len(active):
             worst = float((row_dot(r, r).sqrt() / b_norm).max())
             warnings.warn(f"cg stopped after maxiter={self.maxiter} with relative residual {worst:.2e} > "
-                          f"tol={self.tol:g} on {len(active)} of {len(b_norm)} columns; raise maxiter or regularization",
+                          f"tol={self.tol:g} on {len(active)} of {len(b_norm)} columns; raise maxiter or "
+                          "regularization",
                           stacklevel=3)
         return x

@@ -14,7 +14,8 @@ from torch.func import functional_call, grad
 from ..errors import InfluenceLensError
 from ..storage import resolve_device
 from .base import METHODS, Batch, Grads, InverseCurvature, Progress
-from .ops import CURVATURES, GRAD_CHUNK_BYTES, SOLVE_BYTES, concat, detached, iter_per_sample_grads, row_dot, rows_per_chunk, split
+from .ops import (CURVATURES, GRAD_CHUNK_BYTES, SOLVE_BYTES, concat, detached, iter_per_sample_grads, row_dot,
+                  rows_per_chunk, split)
 
 
 FACTOR_BYTES = 2**30
@@ -78,7 +79,8 @@ class InfluenceModel:
                  curvature: str = "gauss-newton", regularization: float = 1e-3, device: str | torch.device = "auto",
                  batch_size: int = 64, progress: Progress | None = None, **method_options):
         if method not in METHODS:
-            raise InfluenceLensError(f"Unknown influence method {method!r}.", f"use one of {', '.join(sorted(METHODS))}")
+            raise InfluenceLensError(f"Unknown influence method {method!r}.",
+                                     f"use one of {', '.join(sorted(METHODS))}")
         if curvature not in CURVATURES:
             raise InfluenceLensError(f"Unknown curvature {curvature!r}.", f"use one of {', '.join(CURVATURES)}")
         if not regularization > 0:
@@ -129,6 +131,8 @@ class InfluenceModel:
 
     # ----------------------------------------------------------------- data
     def _check(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate inputs (every public call passes here, so it also re-asserts eval mode)."""
+        self.model.eval()
         x, y = torch.as_tensor(x), torch.as_tensor(y)
         if x.dim() != 4 or not x.is_floating_point():
             raise InfluenceLensError(f"Images must be a float tensor of shape (n, C, H, W), got {tuple(x.shape)} "
@@ -254,9 +258,12 @@ class InfluenceModel:
         """Perturbation influence ``∂I(z_i, z_test)/∂x_i`` summed (signed) over colour channels: ``(k, H, W)``.
 
         Positive at a pixel means brightening that pixel in all channels makes ``z_i`` more helpful for
-        ``z_test``. ``x_test``/``y_test`` hold one test point (``(1, C, H, W)`` / ``(1,)``); the test factor
-        is a constant and the gradient goes back through ``∇_θ ℓ(z_i)`` (double backward).
+        ``z_test``. ``x_test``/``y_test`` hold one test point (``(1, C, H, W)`` or ``(C, H, W)``); the test
+        factor is a constant and the gradient goes back through ``∇_θ ℓ(z_i)`` (double backward).
         """
+        x_test, y_test = torch.as_tensor(x_test), torch.as_tensor(y_test)
+        if x_test.dim() == 3:
+            x_test, y_test = x_test[None], y_test.reshape(1)
         x_test, y_test = self._check(x_test, y_test)
         if len(x_test) != 1:
             raise InfluenceLensError(f"saliency takes one test point, got {len(x_test)}.", "pass x_test[i:i+1]")

@@ -212,7 +212,8 @@ def curvature_matrix(
             rows = torch.arange(min(block, p - start), device=device)
             eye = torch.zeros(len(rows), p, device=device)
             eye[rows, start + rows] = 1.0
-            cols.append(flatten(curvature_matvec(model, params, batches, n_samples, curvature, unflatten(eye, shapes(values)))))
+            columns = unflatten(eye, shapes(values))
+            cols.append(flatten(curvature_matvec(model, params, batches, n_samples, curvature, columns)))
             if progress:
                 progress("curvature", min(start + block, p), p)
         matrix = torch.cat(cols).double()
