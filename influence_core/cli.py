@@ -19,6 +19,7 @@ def _train(args) -> None:
     config = TrainConfig(
         dataset=args.dataset, classes=args.classes, image_size=args.image_size, split=tuple(args.split),
         downsample=args.downsample, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay, train_layers=args.train_layers, augment_flip=not args.no_flip,
         n_checkpoints=args.checkpoints, corrupt_fraction=args.corrupt_fraction, weights=args.weights,
         on_bad_image=args.on_bad_image)
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--downsample", type=float, default=1.0, help="keep this fraction of each class")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--checkpoints", type=int, default=4, help="evenly spaced checkpoints kept during training")
     t.add_argument("--weights", default="auto",
