@@ -16,7 +16,7 @@ class ConjugateGradient(InverseCurvature):
 
     Options:
 
-    * ``tol`` (default ``1e-6``): a column stops once its relative residual ``‖r‖/‖g‖ ≤ tol``.
+    * ``tol`` (default ``1e-5``): a column stops once its relative residual ``‖r‖/‖g‖ ≤ tol``.
     * ``maxiter`` (default 100): iterations at most; columns that did not reach ``tol`` raise a warning.
     * ``preconditioner``: ``"jacobi"`` (default) uses ``diag(F) + λ`` with ``F = (1/n) Σ ∇ℓ_i ∇ℓ_iᵀ``
       (the empirical Fisher, one per-sample-gradient pass in :meth:`fit`); ``"none"`` uses plain CG.
@@ -28,7 +28,7 @@ class ConjugateGradient(InverseCurvature):
 
     name = "cg"
 
-    def __init__(self, regularization: float = 1e-3, curvature: str = "gauss-newton", tol: float = 1e-6,
+    def __init__(self, regularization: float = 1e-3, curvature: str = "gauss-newton", tol: float = 1e-5,
                  maxiter: int = 100, preconditioner: str = "jacobi", rhs_chunk: int | None = None):
         super().__init__(regularization, curvature, tol=tol, maxiter=maxiter, preconditioner=preconditioner,
                          rhs_chunk=rhs_chunk)

@@ -192,6 +192,19 @@ class InfluenceModel:
                 yield slice(rows.start + sub.start, rows.start + sub.stop), g
             self._report(stage, rows.stop, len(x))
 
+    def _grad_groups(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> Iterator[tuple[slice, Grads]]:
+        """Like :meth:`_grads`, but merged into groups as large as one batched solve takes (for a linear head:
+        hundreds of rows, so an iterative method makes one pass per iteration for all of them)."""
+        target = rows_per_chunk(self.params, len(x), SOLVE_BYTES)
+        pending: list[tuple[slice, Grads]] = []
+        for rows, g in self._grads(x, y, stage):
+            pending.append((rows, g))
+            if sum(r.stop - r.start for r, _ in pending) >= target:
+                yield slice(pending[0][0].start, rows.stop), concat([p for _, p in pending])
+                pending = []
+        if pending:
+            yield slice(pending[0][0].start, pending[-1][0].stop), concat([p for _, p in pending])
+
     def _report(self, stage: str, done: int, total: int) -> None:
         if self.progress:
             self.progress(stage, done, total)
@@ -222,7 +235,7 @@ class InfluenceModel:
         x, y = self._check(x_test, y_test)
         compress = len(x) * 4 * sum(p.numel() for p in self.params.values()) > FACTOR_BYTES
         parts, scales = [], []
-        for rows, g in self._grads(x, y, "test factors"):
+        for rows, g in self._grad_groups(x, y, "test factors"):
             solved = self._solve(g)
             if compress:
                 solved, scale = TestFactors.compress(solved)
@@ -250,8 +263,8 @@ class InfluenceModel:
         self._require_fitted()
         x, y = self._check(x_train, y_train)
         out = torch.empty(len(x), dtype=torch.float32)
-        for rows, g in self._grads(x, y, "self-influence"):
-            out[rows] = row_dot(g, self.inverse.solve(g)).cpu()
+        for rows, g in self._grad_groups(x, y, "self-influence"):
+            out[rows] = row_dot(g, self._solve(g)).cpu()
         return out.numpy()
 
     def saliency(self, x_test, y_test, x_train, y_train) -> np.ndarray:
