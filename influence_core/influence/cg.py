@@ -41,6 +41,7 @@ class ConjugateGradient(InverseCurvature):
 
     def fit(self, model, params, batches, n_samples, progress=None):
         self._data = (model, params, batches, n_samples)
+        self._progress = progress  # also reports solve iterations ("cg", iteration, maxiter)
         self.diagonal = None
         if self.preconditioner == "jacobi":
             diagonal = {n: torch.zeros_like(p) for n, p in detached(params).items()}
@@ -86,6 +87,8 @@ class ConjugateGradient(InverseCurvature):
             if len(active) == 0:
                 break
             self.iterations = max(self.iterations, it + 1)
+            if self._progress:
+                self._progress("cg", it + 1, self.maxiter)
             pa = {n: t[active] for n, t in p.items()}
             ap = self._matvec(pa)
             curv = row_dot(pa, ap)

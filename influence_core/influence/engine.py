@@ -34,6 +34,7 @@ class TestFactors:
     factors: Grads
     regularization: float
     scales: dict[str, torch.Tensor] | None = None
+    __test__ = False  # not a pytest test class, despite the name
 
     def __len__(self) -> int:
         return next(iter(self.factors.values())).shape[0]

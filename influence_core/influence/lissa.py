@@ -41,6 +41,7 @@ class LiSSA(InverseCurvature):
 
     def fit(self, model, params, batches, n_samples, progress=None):
         self._data = (model, params, batches, n_samples)
+        self._progress = progress  # also reports solve steps ("lissa", step, depth)
         if self.scale == "auto":
             self.top_eigenvalue = abs(power_iteration(
                 lambda v: curvature_matvec(model, params, batches, n_samples, self.curvature, v), detached(params)))
@@ -64,9 +65,11 @@ class LiSSA(InverseCurvature):
         scale = self._scale()
         x = {n: t.clone() for n, t in g.items()}
         active = torch.arange(len(next(iter(g.values()))), device=x[next(iter(x))].device)
-        for _ in range(self.depth - 1):
+        for step_index in range(1, self.depth):
             if len(active) == 0:
                 break
+            if self._progress:
+                self._progress("lissa", step_index + 1, self.depth)
             xa = {n: t[active] for n, t in x.items()}
             hx = curvature_matvec(model, params, batches, n_samples, self.curvature, xa)
             new = {n: g[n][active] + (1 - self.damping - self.regularization / scale) * xa[n] - hx[n] / scale
