@@ -66,7 +66,7 @@ class InfluenceModel:
     ``scope`` picks the parameters: ``"head"`` (the last ``nn.Linear``, on cached backbone features — the
     backbone runs once per image set), ``"all"`` (every Conv2d and Linear weight and bias) or a list of
     module names (their parameters). ``method`` is a key of :data:`METHODS` (``direct``, ``cg``, ``lissa``,
-    ``arnoldi``, and ``kfac``/``ekfac`` when installed); ``method_options`` go to its constructor.
+    ``arnoldi``, ``kfac``, ``ekfac``); ``method_options`` go to its constructor.
     ``regularization`` is ``λ``; ``curvature`` is ``"gauss-newton"`` or ``"hessian"``. ``progress(stage,
     done, total)`` is called during long loops (stages: ``features``, the method's own fit stages, ``test factors``,
     ``influences``, ``self-influence``, ``saliency``). The model is moved to ``device`` and kept in eval mode.
