@@ -183,7 +183,8 @@ def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, tra
                   device: str = "auto") -> np.ndarray:
     """Perturbation influence of the chosen training images on one test image: (k, S, S) float32.
 
-    Uses the cached curvature of ``settings`` when present (computes the influence entry otherwise).
+    Uses the cached curvature of ``settings`` (computing the influence entry first if needed); cg and lissa,
+    which cache no curvature, are fitted again.
     """
     import torch
 
@@ -192,9 +193,13 @@ def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, tra
     result = compute_influence(run, settings, device=device, log=lambda _: None)
     im = InfluenceModel(run.load_model(), scope=settings.scope_arg(), method=settings.method,
                         curvature=settings.curvature, regularization=settings.regularization, device=device)
-    im.load_state_dict(torch.load(result.path / "curvature.pt", weights_only=True))
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
+    state = torch.load(result.path / "curvature.pt", weights_only=True)
+    if state:
+        im.load_state_dict(state)
+    else:  # iterative methods (cg, lissa) keep no fitted state: they solve against the data again
+        im.fit(x_train, y_train)
     idx = torch.as_tensor(list(train_positions), dtype=torch.long)
     return im.saliency(x_test[test_position:test_position + 1], y_test[test_position:test_position + 1],
                        x_train[idx], y_train[idx])
