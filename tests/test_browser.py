@@ -1,0 +1,184 @@
+"""End to end in headless chromium: every page renders, review decisions persist and two reviewers lose nothing.
+
+Serves ``app.py`` with ``streamlit run`` on a free port against the small cached demo run (influences
+computed beforehand, so nothing trains), and saves screenshots under ``test-output/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
+from influence_core.review import ReviewStore
+
+pytestmark = pytest.mark.browser
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "test-output"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1400, "height": 2400}  # Streamlit scrolls inside the page: a tall window shows it all
+PAGES = {"overview": "Flips found in the top 10 %", "setup_run": "Sample images per class",
+         "explorer?test=3": "Most helpful training images", "test_set": "Per class: the most and least useful",
+         "review_queue": "Rank suspects by", "corruption_lab": "Mean influence per label"}
+
+
+def _need(what: str, reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} missing in CI: {reason}")
+    pytest.skip(f"{what} missing: {reason}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = shutil.which("chromium")
+    if executable is None:
+        _need("chromium", "install Debian's chromium package (playwright cannot download browsers here)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _need("playwright", "pip install playwright")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(demo_run, runs_root):
+    """``streamlit run app.py`` on a free port against the demo run with its influences: (base URL, run name)."""
+    compute_influence(demo_run, DEFAULT_SETTINGS, log=lambda _: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, INFLUENCE_LENS_RUNS=str(runs_root))
+    SHOTS.mkdir(exist_ok=True)
+    log = open(SHOTS / "streamlit.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+                             "--server.port", str(port), "--browser.gatherUsageStats", "false",
+                             "--server.fileWatcherType", "none"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("streamlit did not start within 60 s")
+        yield base, demo_run.path.name
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+def url(server: tuple[str, str], page: str) -> str:
+    """The address of ``page`` (``path?query``) on the demo run."""
+    base, run = server
+    return f"{base}/{page}{'&' if '?' in page else '?'}run={run}"
+
+
+def open_page(context, server, page: str, text: str):
+    """Open ``page`` and wait until ``text`` shows and the script has finished running."""
+    tab = context.new_page()
+    tab.set_default_timeout(120_000)
+    tab.goto(url(server, page))
+    tab.get_by_text(text).first.wait_for()
+    settle(tab)
+    return tab
+
+
+def settle(tab) -> None:
+    """Wait until Streamlit has no script run in flight and every element has replaced its placeholder."""
+    tab.wait_for_timeout(300)
+    tab.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden")
+    tab.wait_for_function("() => !document.querySelector('[data-testid=\"stSkeleton\"]')")
+    tab.wait_for_timeout(500)
+
+
+def suspect(demo_run, rank: int) -> tuple[int, str]:
+    """Training position and id of the suspect at ``rank`` (0-based) in the default review queue."""
+    result = compute_influence(demo_run, DEFAULT_SETTINGS, log=lambda _: None)
+    pos = int(np.argsort(-result.signals[result.best_signal], kind="stable")[rank])
+    return pos, demo_run.ids("train")[pos]
+
+
+def review(tab, name: str, pos: int, action: str) -> None:
+    """Type the reviewer name (if not yet there) and press ``action`` on the suspect at training position ``pos``."""
+    box = tab.get_by_role("textbox", name="Your name")
+    if box.input_value() != name:
+        box.fill(name)
+        box.press("Enter")
+        settle(tab)
+    tab.locator(f".st-key-suspect-{pos}").get_by_role("button", name=action, exact=True).click()
+
+
+def test_every_page_renders(browser, server):
+    context = browser.new_context(viewport=VIEWPORT)
+    for page, text in PAGES.items():
+        tab = open_page(context, server, page, text)
+        assert tab.locator('[data-testid="stException"]').count() == 0, page
+        assert tab.locator('[data-testid="stAlertContentError"]').count() == 0, page
+        tab.screenshot(path=SHOTS / f"page-{page.split('?')[0]}.png", full_page=True)
+        tab.close()
+    context.close()
+
+
+def test_saliency_shows_beside_the_training_image(browser, server):
+    context = browser.new_context(viewport=VIEWPORT)
+    tab = open_page(context, server, "explorer?test=3", "Most helpful training images")
+    tab.get_by_role("button", name="Saliency").first.click()
+    tab.get_by_text("Red pixels").wait_for()
+    settle(tab)
+    assert tab.locator('[data-testid="stException"]').count() == 0
+    assert "test=3" in tab.url
+    tab.screenshot(path=SHOTS / "explorer-saliency.png", full_page=True)
+    context.close()
+
+
+def test_review_decision_persists_after_reload(browser, server, demo_run):
+    pos, sid = suspect(demo_run, 0)
+    context = browser.new_context(viewport=VIEWPORT)
+    tab = open_page(context, server, "review_queue", "Rank suspects by")
+    review(tab, "ann", pos, "Keep")
+    tab.locator(f".st-key-suspect-{pos}").get_by_text("label kept").wait_for()
+    tab.reload()
+    tab.locator(f".st-key-suspect-{pos}").get_by_text("label kept by ann").wait_for()
+    tab.screenshot(path=SHOTS / "review-after-reload.png", full_page=True)
+    assert ReviewStore(demo_run.path).decisions_for([sid])[sid].reviewer == "ann"
+    context.close()
+
+
+def test_two_reviewers_at_once_lose_nothing(browser, server, demo_run):
+    names = {"bob": ("Skip", "skip"), "cat": ("Mislabeled", "mislabeled")}
+    tabs = {name: open_page(browser.new_context(viewport=VIEWPORT), server, "review_queue", "Rank suspects by")
+            for name in names}
+    expected = {}
+    for first_rank in (1, 3, 5):  # each round both reviewers click at once, then each sees their decision
+        clicked = []
+        for rank, name in enumerate(names, start=first_rank):
+            pos, sid = suspect(demo_run, rank)
+            button, decision = names[name]
+            review(tabs[name], name, pos, button)
+            expected[sid] = (name, decision)
+            clicked.append((name, pos))
+        for name, pos in clicked:
+            tabs[name].locator(f".st-key-suspect-{pos}").get_by_text(f"by {name}").wait_for()
+    found = ReviewStore(demo_run.path).decisions_for(expected)
+    assert {sid: (a.reviewer, a.decision) for sid, a in found.items()} == expected
+    settle(tabs["cat"])
+    tabs["cat"].screenshot(path=SHOTS / "review-two-reviewers.png", full_page=True)
+    for tab in tabs.values():
+        tab.context.close()
