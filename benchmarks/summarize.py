@@ -3,7 +3,7 @@
     python benchmarks/summarize.py RESULTS_DIR
 
 One row per result: peer, method, scope, seconds to the full test × train matrix and to self-influence
-(``*`` = extrapolated from a capped partial run, ``-`` = infeasible or not produced), setup (fit) seconds,
+(``*`` = extrapolated from a capped partial run, ``-`` = not produced), setup (fit) seconds,
 cleanlab's ranking seconds and peak RSS in MiB.
 """
 from __future__ import annotations
@@ -14,8 +14,10 @@ from pathlib import Path
 
 
 def seconds(stage: dict | None) -> str:
-    if not stage or stage.get("status") == "infeasible":
+    if not stage:
         return "-"
+    if stage.get("status") == "infeasible":
+        return "infeasible"
     return f"{stage['seconds_full']:.1f}{'*' if stage['extrapolated'] else ''}"
 
 
