@@ -37,8 +37,7 @@ with st.expander("Pick a test image", expanded="test" not in st.session_state):
     captions = [f"✓ {run.classes[t]}" if t == p else f"✗ {run.classes[t]} → {run.classes[p]}"
                 for t, p in zip(test_true[shown], test_pred[shown])]
     clicked = ui.image_grid(test_images[shown], captions, columns=8, size=80, button="Inspect", key="test-grid",
-                            selected=int(np.flatnonzero(shown == st.session_state.get("test", -1))[0])
-                            if st.session_state.get("test") in shown else None)
+                            selected=ui.index_of(shown, st.session_state.get("test")))
     if clicked is not None:
         st.session_state["test"] = int(shown[clicked])
         st.session_state.pop("train_pick", None)
@@ -75,7 +74,8 @@ def ranked(title: str, positions: np.ndarray, key: str) -> None:
     """One row of training images with influence, label and id; a click selects one for the saliency view."""
     st.markdown(f"**{title}**")
     caps = [f"{ui.fmt(row[p])} · {run.classes[train_labels[p]]} · {PurePosixPath(train_ids[p]).name}" for p in positions]
-    picked = ui.image_grid(train_images[positions], caps, columns=8, size=80, button="Saliency", key=key)
+    picked = ui.image_grid(train_images[positions], caps, columns=8, size=80, button="Saliency", key=key,
+                           selected=ui.index_of(positions, st.session_state.get("train_pick")))
     if picked is not None:
         st.session_state["train_pick"] = int(positions[picked])
 

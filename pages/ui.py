@@ -247,6 +247,12 @@ def image_grid(images: np.ndarray, captions: list[str], columns: int = 8, size: 
     return clicked
 
 
+def index_of(positions: np.ndarray, position: int | None) -> int | None:
+    """Where ``position`` sits in ``positions`` (to highlight the selected image of a grid), or None."""
+    hits = np.flatnonzero(positions == position) if position is not None else []
+    return int(hits[0]) if len(hits) else None
+
+
 def saliency_figure(image: np.ndarray, saliency: np.ndarray, title: str) -> go.Figure:
     """The training image beside its signed saliency map (red: more helpful if brighter, blue: less)."""
     from plotly.subplots import make_subplots
