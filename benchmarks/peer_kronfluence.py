@@ -111,11 +111,11 @@ def main() -> None:
         return analyzer.load_self_scores(name)["all_modules"].numpy()
 
     scores, scores_s = capped_loop(pairwise_step, n_train, chunk, cap)
-    self_inf, self_s = capped_loop(self_step, n_train, chunk, cap)
     record["matrix"] = pipeline_record(fit_s, scores=stage_record(len(scores), n_train, scores_s))
+    write_result(args.out_dir, {**record, **peak_memory(device)}, influence=scores.T)  # kept if killed later
+    self_inf, self_s = capped_loop(self_step, n_train, chunk, cap)
     record["self_influence"] = pipeline_record(fit_s, self=stage_record(len(self_inf), n_train, self_s))
-    record.update(peak_memory(device))
-    write_result(args.out_dir, record, influence=scores.T, self_influence=self_inf)
+    write_result(args.out_dir, {**record, **peak_memory(device)}, influence=scores.T, self_influence=self_inf)
 
 
 if __name__ == "__main__":

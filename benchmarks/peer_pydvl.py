@@ -112,6 +112,8 @@ def main() -> None:
     scores, scores_s = capped_loop(scores_step, len(x_train), grad_chunk, cap)
     record["matrix"] = pipeline_record(fit_s, factors=stage_record(len(factors), len(x_test), factors_s),
                                        scores=stage_record(len(scores), len(x_train), scores_s))
+    # influence: (k test rows, columns done); written now so that a run killed later keeps it.
+    write_result(args.out_dir, {**record, **peak_memory(device)}, influence=scores.T)
 
     def self_step(a: int, b: int) -> np.ndarray:
         f = infl.influence_factors(x_train[a:b], w.y_train[a:b])
@@ -120,9 +122,7 @@ def main() -> None:
 
     self_inf, self_s = capped_loop(self_step, len(x_train), solve_chunk, cap)
     record["self_influence"] = pipeline_record(fit_s, self=stage_record(len(self_inf), len(x_train), self_s))
-    record.update(peak_memory(device))
-    # influence: (k test rows, columns done); a cut scores stage leaves the later columns out.
-    write_result(args.out_dir, record, influence=scores.T, self_influence=self_inf)
+    write_result(args.out_dir, {**record, **peak_memory(device)}, influence=scores.T, self_influence=self_inf)
 
 
 if __name__ == "__main__":
