@@ -25,6 +25,10 @@ class Signal:
 
 
 SIGNALS: dict[str, Signal] = {s.key: s for s in (
+    Signal("mean_loss", "High loss during training",
+           "The given label's cross-entropy averaged over every epoch's training pass. A flipped label "
+           "disagrees with what the image looks like, so it stays hard to fit for many epochs, even if the "
+           "final model memorises it in the end. Best measured signal (see README), hence the default."),
     Signal("checkpoint_self_influence", "Self-influence over training (TracIn-style)",
            "Self-influence I(z, z) summed over the checkpoints kept during training. A flipped label is "
            "hard to fit, so it has a large, self-reinforcing gradient for most of training, even if the "
