@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from influence_core import InfluenceLensError, TrainConfig, available_classes
+from influence_core import TrainConfig, available_classes
 from influence_core.data import DEFAULT_FASHION_MNIST
 from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, InfluenceSettings
 from pages import ui
@@ -71,11 +71,9 @@ with new:
     if kind != "demo":
         path = st.text_input("Dataset folder", DEFAULT_PATHS[kind], key=f"path-{kind}")
         spec = f"{kind}:{path}"
-    try:
+    offered = []
+    with ui.errors_shown():
         offered = classes_of(spec)
-    except InfluenceLensError as e:
-        ui.show_error(e)
-        offered = []
     names = dict(offered)
     picked = st.multiselect(f"Classes (type to search; empty = all {len(offered)})", list(names),
                             format_func=lambda key: names[key] if names[key] == key else f"{names[key]} ({key})",
@@ -96,19 +94,20 @@ with new:
     st.caption(f"Run directory: `{target}`" + (" — already trained, opens at once" if (target / "train_key").is_file()
                                                  else ""))
     if st.button("Train and compute influences", type="primary", disabled=not offered):
-        trained = ui.train_with_progress(config, f"Training on {spec}", target)
-        ui.influence(trained)
-        ui.select_run(trained.path)
-        st.rerun()
+        with ui.errors_shown():
+            trained = ui.train_with_progress(config, f"Training on {spec}", target)
+            ui.influence(trained)
+            ui.select_run(trained.path)
+            st.rerun()
 
 # --- open a run computed elsewhere ----------------------------------------------------------------------
 with open_dir:
     st.markdown("Open a run directory written by `influence-core train` or by this app on another machine.")
     folder = st.text_input("Run directory", placeholder="/path/to/runs/demo-1a2b3c4d5e")
     if st.button("Open run", disabled=not folder):
-        opened = ui.open_run(Path(folder).expanduser().resolve())
-        ui.select_run(opened.path)
-        st.rerun()
+        with ui.errors_shown():
+            ui.select_run(ui.open_run(Path(folder).expanduser().resolve()).path)
+            st.rerun()
 
 # --- influence settings ---------------------------------------------------------------------------------
 with influence_tab:
@@ -128,9 +127,10 @@ with influence_tab:
                + (" (the default)" if chosen == DEFAULT_SETTINGS else ""))
     if st.button("Use these settings" + ("" if cached else " and compute"), type="primary",
                  disabled=chosen == s and cached):
-        ui.influence(run, chosen)
-        st.session_state["settings"] = chosen
-        st.rerun()
+        with ui.errors_shown():
+            ui.influence(run, chosen)
+            st.session_state["settings"] = chosen
+            st.rerun()
     result = ui.cached_influence(run)
     if result is not None:
         timings = pd.DataFrame(sorted(result.meta["timings_s"].items()), columns=["step", "seconds"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,15 @@ def select_run(path: Path) -> None:
 
 def show_error(e: InfluenceLensError) -> None:
     st.error(f"**{e.problem}**" + (f"\n\n**Fix:** {e.fix}" if e.fix else ""), icon="⚠️")
+
+
+@contextmanager
+def errors_shown():
+    """Show an :class:`InfluenceLensError` raised inside the block where it happened; the page goes on."""
+    try:
+        yield
+    except InfluenceLensError as e:
+        show_error(e)
 
 
 def download_csv(df: pd.DataFrame | str, file_name: str, label: str = "Download CSV", key: str | None = None) -> None:

@@ -60,6 +60,17 @@ def test_setup_page_shows_quality_and_weights(app, demo_run):
     assert [m.label for m in at.multiselect][0].startswith("Classes (type to search; empty = all 10)")
 
 
+def test_setup_page_opens_a_run_directory(app, demo_run, tmp_path):
+    at = app("setup_run")
+    folder = next(t for t in at.text_input if t.label == "Run directory")
+    folder.input(str(tmp_path)).run()
+    next(b for b in at.button if b.label == "Open run").click().run()
+    assert "not a finished run directory" in at.error[0].value and "Fix:" in at.error[0].value
+    folder.input(str(demo_run.path)).run()
+    next(b for b in at.button if b.label == "Open run").click().run()
+    assert not at.error and at.session_state["run"] == demo_run.path.name
+
+
 def test_explorer_shows_top_k_for_the_test_image_in_the_url(app, demo_run):
     at = app("explorer", test="3")
     assert at.session_state["test"] == 3

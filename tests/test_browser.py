@@ -7,6 +7,7 @@ computed beforehand, so nothing trains), and saves screenshots under ``test-outp
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,9 +28,11 @@ SHOTS = ROOT / "test-output"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 VIEWPORT = {"width": 1400, "height": 2400}  # Streamlit scrolls inside the page: a tall window shows it all
-PAGES = {"overview": "Flips found in the top 10 %", "setup_run": "Sample images per class",
-         "explorer?test=3": "Most helpful training images", "test_set": "Per class: the most and least useful",
-         "review_queue": "Rank suspects by", "corruption_lab": "Mean influence per label"}
+PAGES = {  # screenshot name: (address, text that shows once the page is drawn); the default page lives at /
+    "overview": ("", "Flips found in the top 10 %"), "setup": ("setup_run", "Sample images per class"),
+    "explorer": ("explorer?test=3", "Most helpful training images"),
+    "test-set": ("test_set", "Per class: the most and least useful"),
+    "review": ("review_queue", "Rank suspects by"), "corruption": ("corruption_lab", "Mean influence per label")}
 
 
 def _need(what: str, reason: str):
@@ -127,12 +130,22 @@ def review(tab, name: str, pos: int, action: str) -> None:
 
 def test_every_page_renders(browser, server):
     context = browser.new_context(viewport=VIEWPORT)
-    for page, text in PAGES.items():
+    for name, (page, text) in PAGES.items():
         tab = open_page(context, server, page, text)
-        assert tab.locator('[data-testid="stException"]').count() == 0, page
-        assert tab.locator('[data-testid="stAlertContentError"]').count() == 0, page
-        tab.screenshot(path=SHOTS / f"page-{page.split('?')[0]}.png", full_page=True)
+        assert tab.locator('[data-testid="stException"]').count() == 0, name
+        assert tab.locator('[data-testid="stAlertContentError"]').count() == 0, name
+        assert tab.get_by_text("Page not found").count() == 0, name
+        tab.screenshot(path=SHOTS / f"page-{name}.png", full_page=True)
         tab.close()
+    context.close()
+
+
+def test_sidebar_navigation_keeps_the_run_in_the_url(browser, server):
+    context = browser.new_context(viewport=VIEWPORT)
+    tab = open_page(context, server, "", "Flips found in the top 10 %")
+    tab.get_by_test_id("stSidebarNav").get_by_text("Whole test set").click()
+    tab.get_by_text("Per class: the most and least useful").wait_for()
+    tab.wait_for_url(re.compile(rf"/test_set\?(.*&)?run={re.escape(server[1])}"))
     context.close()
 
 
