@@ -39,8 +39,9 @@ steps[0].markdown("**1 · A model learns from labelled images.** "
                   f"some of whose labels are wrong.")
 steps[1].markdown("**2 · Influence measures each image's share.** For every test prediction we estimate how much "
                   "each training image helped (positive) or hurt (negative) it, without retraining.")
-steps[2].markdown("**3 · Wrong labels stand out.** An image whose label disagrees with its look gets unusual "
-                  "influence — so ranking by it puts most flipped labels at the top of a review queue.")
+steps[2].markdown("**3 · Wrong labels stand out.** An image whose label disagrees with its look keeps fighting "
+                  "the model (high loss, unusual self-influence), so ranking by these signals puts most flipped "
+                  "labels at the top of a review queue.")
 
 st.subheader("Most suspicious training images")
 order = np.argsort(-result.signals[best], kind="stable")[:8]
