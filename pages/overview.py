@@ -26,7 +26,7 @@ if flipped.any():
     cols[2].metric("Flips found in the top 10 %", f"{found} of {total}",
                    help=f"Inspect the 10 % most suspicious training images by “{SIGNALS[best].label}”: this many "
                         f"of the flipped labels are among them (random inspection would find about {total // 10}).")
-    cols[3].metric("Detection AUROC", f"{detection_metrics(result.signals[best], flipped)['auroc']:.2f}",
+    cols[3].metric("Detection AUROC", f"{detection_metrics(result.signals[best], flipped)['auroc']:.3f}",
                    help="Chance that a flipped image ranks above a clean one: 0.5 is guessing, 1.0 is perfect.")
 else:
     cols[2].metric("Suspect signal", SIGNALS[best].label)
