@@ -38,6 +38,7 @@ def run_report(run: Run) -> dict:
     report["influence"] = {"path": str(result.path), **result.meta["settings"],
                            "best_signal": result.best_signal}
     report["timings_s"].update({f"influence_{k}": v for k, v in result.meta["timings_s"].items()})
+    report["influence_vs_epoch"] = result.meta["timings_s"]["total"] / m["epoch_seconds"]
     if flipped.any():
         report["detection"] = {key: detection_metrics(score, flipped) for key, score in result.signals.items()}
         report["detection_best"] = max(report["detection"], key=lambda k: report["detection"][k]["auroc"])

@@ -25,7 +25,7 @@ def test_run_directory_is_self_contained(demo_run):
     assert run.predictions["probs_test"].shape == (len(run.ids("test")), 10)
     assert 0 <= run.metrics["f1_test"] <= 1 and np.array(run.metrics["confusion_matrix"]).sum() == len(run.ids("test"))
     x, y = run.tensors("test")
-    assert x.shape[0] == y.shape[0] == len(run.ids("test")) and torch.equal(y, torch.from_numpy(run.labels("test")))
+    assert x.shape[0] == y.shape[0] == len(run.ids("test")) and torch.equal(y, torch.tensor(run.labels("test")))
     assert run.load_model().fc.out_features == 10
 
 
