@@ -1,0 +1,119 @@
+"""Influence Lens on a trained run, one method and scope per process, in the peers' result format.
+
+Run in the product's venv (``run.py`` starts one process per method so that peak memory is per method)::
+
+    python benchmarks/ours.py RUN_DIR OUT_DIR --method direct|cg|lissa|arnoldi|kfac|ekfac|floor
+                              [--scope head|all] [--regularization λ] [--time-cap SECONDS] [--batch-size B]
+
+Stages, timed like the peers' (see workload.py): ``fit`` (uncapped; the head scope's backbone pass is
+part of it), ``factors`` (test factors (H+λI)⁻¹∇ℓ_test, capped), ``scores`` (factors × training
+gradients, capped) and ``self`` (self-influence, capped). A stage cut short at the cap is linearly
+extrapolated and marked ``"extrapolated": true``. Writes ``OUT_DIR/result.json``, ``influence.npy``
+(k, j) and ``self_influence.npy`` (s,).
+
+``--method floor`` times instead one forward pass and one forward+backward pass (mean CE loss, every
+parameter) of the final model over train+test, eval mode, in batches of ``--batch-size``: the cost floor
+that influence times are divided by.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from workload import capped_loop, environment, peak_memory, pipeline_record, stage_record, write_result
+
+from influence_core import Run
+from influence_core.influence import InfluenceModel
+
+METHODS = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac")
+CHUNKS = {"head": None, "all": (4, 8)}
+"""(test, train) points per capped step; ``None`` = one step over all points (head scope is fast, and the
+head's backbone features are cached per tensor object, so slicing would re-run the backbone)."""
+
+
+def rows(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """``x[a:b]``, or ``x`` itself when that is everything (keeps the feature cache hit)."""
+    return x if (a, b) == (0, len(x)) else x[a:b]
+
+
+def floor(run: Run, batch_size: int) -> dict:
+    """Seconds of one forward and one forward+backward pass over train+test (eval mode)."""
+    model = run.load_model()
+    x = torch.cat([run.tensors("train")[0], run.tensors("test")[0]])
+    y = torch.cat([run.tensors("train")[1], run.tensors("test")[1]])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for a in range(0, len(x), batch_size):
+            model(x[a:a + batch_size])
+    forward_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for a in range(0, len(x), batch_size):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[a:a + batch_size]), y[a:a + batch_size]).backward()
+    backward_s = time.perf_counter() - t0
+    return {"n_images": len(x), "forward_s": round(forward_s, 3), "forward_backward_s": round(backward_s, 3)}
+
+
+def influence(run: Run, method: str, scope: str, regularization: float, cap: float, batch_size: int):
+    """(record, influence (k, j), self_influence (s,)) of one method and scope on the final checkpoint."""
+    x_train, y_train = run.tensors("train")
+    x_test, y_test = run.tensors("test")
+    t0 = time.perf_counter()
+    im = InfluenceModel(run.load_model(), scope=scope, method=method, regularization=regularization,
+                        device="cpu", batch_size=batch_size)
+    im.fit(x_train, y_train)
+    fit_s = time.perf_counter() - t0
+    test_chunk, train_chunk = CHUNKS[scope] or (len(x_test), len(x_train))
+
+    factors = []
+
+    def factor_step(a: int, b: int) -> np.ndarray:
+        factors.append(im.test_factors(rows(x_test, a, b), rows(y_test, a, b)))
+        return np.zeros(b - a)
+
+    done, factors_s = capped_loop(factor_step, len(x_test), test_chunk, cap)
+
+    def score_step(a: int, b: int) -> np.ndarray:
+        xb, yb = rows(x_train, a, b), rows(y_train, a, b)
+        return np.concatenate([im.influences(f, xb, yb) for f in factors]).T  # (b - a, k)
+
+    scores, scores_s = capped_loop(score_step, len(x_train), train_chunk, cap)
+    self_inf, self_s = capped_loop(lambda a, b: im.self_influence(rows(x_train, a, b), rows(y_train, a, b)),
+                                   len(x_train), train_chunk, cap)
+    record = {
+        "n_params": sum(p.numel() for p in im.params.values()),
+        "matrix": pipeline_record(fit_s, factors=stage_record(len(done), len(x_test), factors_s),
+                                  scores=stage_record(len(scores), len(x_train), scores_s)),
+        "self_influence": pipeline_record(fit_s, self=stage_record(len(self_inf), len(x_train), self_s)),
+    }
+    return record, scores.T, self_inf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--method", choices=(*METHODS, "floor"), default="direct")
+    parser.add_argument("--scope", choices=("head", "all"), default="head")
+    parser.add_argument("--regularization", type=float, default=1e-3)
+    parser.add_argument("--time-cap", type=float, default=600.0, help="seconds per capped stage")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    run = Run(args.run_dir)
+    record = {"peer": "influence-lens", "version": "this repo", "method": args.method, "scope": args.scope,
+              "regularization": args.regularization, **environment("cpu")}
+    if args.method == "floor":
+        write_result(args.out_dir, {**record, **floor(run, args.batch_size), **peak_memory("cpu")})
+        return
+    out, matrix, self_inf = influence(run, args.method, args.scope, args.regularization, args.time_cap,
+                                      args.batch_size)
+    write_result(args.out_dir, {**record, **out, **peak_memory("cpu")}, influence=matrix, self_influence=self_inf)
+
+
+if __name__ == "__main__":
+    main()
