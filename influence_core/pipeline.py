@@ -30,6 +30,7 @@ from .run import Run
 from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json, stable_hash
 
 METHOD_CHOICES = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac")
+CACHE_VERSION = "influence-v2"  # bump when the engine's results or curvature.pt format change
 DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Finding wrong labels")
 
 
@@ -108,7 +109,7 @@ class InfluenceResult:
 def cache_key(run: Run, settings: InfluenceSettings) -> str:
     ckpts = run.checkpoint_paths() if settings.checkpoints else run.checkpoint_paths()[-1:]
     samples = run.samples[run.samples["split"].isin(["train", "test"])]
-    return stable_hash("influence-v1", [file_hash(p) for p in ckpts], samples["id"].tolist(),
+    return stable_hash(CACHE_VERSION, [file_hash(p) for p in ckpts], samples["id"].tolist(),
                        samples["label"].to_numpy(), samples["split"].tolist(), dataclasses.asdict(settings))
 
 

@@ -108,6 +108,7 @@ def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrai
     _reset_run_dir(run_dir)
     cfg = _config_dict(config) | {"classes": ds.classes, "class_keys": ds.class_keys,
                                   "image_size": int(ds.images.shape[1]), "weights": weights,
+                                  "weights_requested": config.weights,
                                   "n_skipped_images": len(ds.skipped)}
     atomic_write_json(run_dir / "config.json", cfg)
     _write_samples(run_dir, ds.ids, ds.labels, split, y_train, flipped)
