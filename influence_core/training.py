@@ -53,6 +53,15 @@ class TrainConfig:
     on_bad_image: str = "skip"
     corrupt_scores: list[float] | None = field(default=None, repr=False)
 
+    @classmethod
+    def from_run(cls, run: Run) -> "TrainConfig":
+        """The config that trained ``run`` (classes by their keys; corruption scores are not kept)."""
+        cfg = run.config
+        fields = {f.name for f in dataclasses.fields(cls)} - {"corrupt_scores", "weights"}
+        return cls(**{k: cfg[k] for k in fields if k in cfg} | {
+            "classes": cfg["class_keys"], "split": tuple(cfg["split"]),
+            "weights": cfg.get("weights_requested", "auto" if cfg["weights"] == "pretrained" else "scratch")})
+
     def check(self) -> None:
         if self.train_layers not in ("head", "all"):
             raise InfluenceLensError(f"train_layers must be 'head' or 'all', not {self.train_layers!r}.")
@@ -88,6 +97,8 @@ def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrai
     split = split_dataset(ds.labels, config.split, config.seed, config.downsample, ds.classes)
     timings["load_data"] = time.perf_counter() - t0
 
+    # the key sees resolved values, so "goldfish" and "n01443537" (or a default size) train once
+    config = dataclasses.replace(config, classes=list(ds.class_keys), image_size=int(ds.images.shape[1]))
     y_train_true = ds.labels[split.train]
     y_train, flipped = _corrupt(config, y_train_true, len(ds.classes))
     key = stable_hash("train-v1", ds.spec, ds.ids, ds.labels, split.train, split.val, split.test, y_train,

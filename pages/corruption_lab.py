@@ -28,10 +28,7 @@ with st.form("experiment"):
                                  "(per class, by a clean run's mean test influence)"}.get)
     start = st.form_submit_button("Retrain with flipped labels", type="primary")
 if start:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = TrainConfig(**{k: v for k, v in run.config.items() if k in fields and k != "corrupt_scores"}
-                       | {"classes": run.config["class_keys"], "split": tuple(run.config["split"]),
-                          "weights": "auto" if run.config["weights"] == "pretrained" else "scratch"})
+    base = TrainConfig.from_run(run)
     scores = None
     if mode == "top-influence":
         clean = ui.train_with_progress(dataclasses.replace(base, corrupt_fraction=0.0, corrupt_mode="random"),

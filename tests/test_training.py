@@ -45,6 +45,14 @@ def test_second_identical_call_hits_cache_and_changes_retrain(runs_root):
     assert final.stat().st_mtime_ns != stamp
 
 
+def test_config_rebuilt_from_a_run_hits_its_cache(demo_run):
+    config = TrainConfig.from_run(demo_run)
+    assert config.corrupt_fraction == 0.1 and config.image_size == 16
+    stamp = (demo_run.path / "checkpoints" / "final.pt").stat().st_mtime_ns
+    train(config, demo_run.path, log=lambda _: None)
+    assert (demo_run.path / "checkpoints" / "final.pt").stat().st_mtime_ns == stamp
+
+
 def test_checkpoint_epochs_are_evenly_spaced():
     assert checkpoint_epochs(10, 4) == [2, 5, 8]  # the 10th epoch is final.pt
     assert checkpoint_epochs(3, 2) == [2] and checkpoint_epochs(1, 4) == [] and checkpoint_epochs(10, 0) == []
