@@ -21,10 +21,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..progress import Progress  # progress(stage, done, total)
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 """``(x, y)``: inputs ``(b, ...)`` float32 and labels ``(b,)`` int64, on the engine's device."""
 
-from ..progress import Progress  # noqa: E402  progress(stage, done, total)
 
 Grads = dict[str, torch.Tensor]
 
