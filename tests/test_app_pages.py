@@ -123,3 +123,18 @@ def test_a_missing_run_is_a_clear_error(demo_run, runs_root, monkeypatch):
     at.run()
     assert not at.exception
     assert "not a finished run directory" in at.error[0].value
+
+
+@pytest.mark.parametrize("page", [None, "setup_run", "explorer", "test_set", "review_queue", "corruption_lab"])
+def test_every_page_works_on_a_tiny_imagenet_run(tiny_run, runs_root, monkeypatch, page):
+    compute_influence(tiny_run, DEFAULT_SETTINGS, log=lambda _: None)
+    monkeypatch.setenv("INFLUENCE_LENS_RUNS", str(runs_root))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.query_params.update({"run": tiny_run.path.name})
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    run = at.query_params["run"]
+    assert (run[0] if isinstance(run, list) else run) == tiny_run.path.name  # no fallback to the demo
