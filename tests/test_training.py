@@ -85,3 +85,17 @@ def test_head_recipe_freezes_the_backbone(runs_root):
     trained = run.load_model()
     assert torch.equal(trained.conv1.weight, reference.conv1.weight)  # same seed, frozen backbone
     assert not torch.equal(trained.fc.weight, reference.fc.weight)
+
+
+def test_local_pretrained_weights_are_used_and_bad_ones_refused(tmp_path):
+    import torchvision
+    imagenet_like = torchvision.models.resnet18(weights=None)  # 1000 outputs, as torchvision's file
+    torch.save(imagenet_like.state_dict(), tmp_path / "resnet18.pth")
+    model, source = build_resnet18(2, pretrained=tmp_path / "resnet18.pth")
+    assert source == "pretrained" and model.fc.out_features == 2
+    assert torch.equal(model.layer4[1].conv2.weight, imagenet_like.layer4[1].conv2.weight)
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(InfluenceLensError, match="not a torchvision ResNet18"):
+        build_resnet18(2, pretrained=tmp_path / "other.pth")
+    with pytest.raises(InfluenceLensError, match="does not exist"):
+        build_resnet18(2, pretrained=tmp_path / "missing.pth")
