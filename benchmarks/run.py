@@ -211,7 +211,7 @@ def markdown(report: dict) -> str:
         f"wall time {report['wall_s'] / 60:.1f} min.",
         "Command:\n\n    " + report["command"],
         f"Run: {run['n_train']} train / {run['n_test']} test images, {run['n_flipped']} flipped labels, "
-        f"test accuracy {run['accuracy_test']:.3f}, flips memorised {run['flips_memorised']}, "
+        f"test accuracy {run['accuracy_test']:.3f}, flips memorised {run['flips_memorised']:.2f}, "
         f"λ = {report['regularization']:g}; time cap {report['time_cap_s']:g} s per stage, "
         f"job timeout {report['job_timeout_s']:g} s.",
         f"## Floor\n\nOne pass over the {floor['n_images']} train+test images (eval mode, batch 64): forward "
@@ -220,7 +220,8 @@ def markdown(report: dict) -> str:
         "## Time to the full test × train matrix and to self-influence\n\n"
         "Seconds include the fit (uncapped). `*` = a stage hit the time cap and its time is linearly "
         "extrapolated from the measured part. × = multiple of the forward+backward floor. "
-        "RSS = peak resident memory of the job's own process (MiB).\n\n" + table(
+        "RSS = peak resident memory (VmHWM) of the job's own process, data included (MiB). "
+        "`killed` = the job did not finish its uncapped fit (or first capped step) before the job timeout.\n\n" + table(
             ["job", "version", "matrix s", "matrix ×", "self s", "self ×", "fit s", "peak RSS MiB", "status"],
             timing_rows),
         "## Mislabel detection\n\n`pipeline:` = signals of `compute_influence` (direct, head, with "

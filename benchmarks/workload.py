@@ -159,8 +159,16 @@ def infeasible_record(reason: str) -> dict:
 
 
 def peak_memory(device: str) -> dict:
-    """Peak resident memory of this process (MiB) and, on GPU, peak allocated CUDA memory (MiB)."""
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
+    """Peak resident memory of this process (MiB) and, on GPU, peak allocated CUDA memory (MiB).
+
+    Reads ``VmHWM`` (peak RSS of this address space, reset by exec): ``ru_maxrss`` survives fork+exec on
+    Linux, so a runner started from a large parent would report the parent's RSS as its own floor.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+        rss_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    except (OSError, StopIteration):
+        rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
     out = {"peak_rss_mib": round(rss_kib / 1024, 1)}
     if device.startswith("cuda"):
         out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
