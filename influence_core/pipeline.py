@@ -172,7 +172,7 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
         atomic_write_json(tmp / "meta.json", {
             "settings": dataclasses.asdict(settings), "checkpoints": [p.name for p in ckpts],
             "n_train": len(y_train), "n_test": len(y_test), "timings_s": timings, "created": time.time(),
-            "device": str(im.device) if hasattr(im, "device") else device})
+            "device": str(im.device)})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     finally:

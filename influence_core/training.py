@@ -242,7 +242,7 @@ def _fit(model, config, x_train, y_train, x_val, y_val, run_dir, progress, dev):
             if progress:
                 progress(f"epoch {epoch + 1}/{config.epochs}", b + 1, n_batches)
         model.eval()
-        val_loss = float(F.cross_entropy(torch.from_numpy(_predict(model, x_val, logits=True)).to(dev), y_val))
+        val_loss = float(F.cross_entropy(_logits(model, x_val), y_val))
         history.append({"epoch": epoch + 1, "train_loss": float(losses[epoch].mean()), "val_loss": val_loss,
                         "seconds": time.perf_counter() - t})
         if epoch + 1 in keep:
@@ -259,9 +259,14 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _predict(model, x: torch.Tensor, batch_size: int = 256, logits: bool = False) -> np.ndarray:
-    out = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-    return (out if logits else out.softmax(1)).float().cpu().numpy()
+def _logits(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(n, K) logits on ``x``'s device, in batches."""
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _predict(model, x: torch.Tensor) -> np.ndarray:
+    """(n, K) float32 class probabilities."""
+    return _logits(model, x).softmax(1).float().cpu().numpy()
 
 
 def _cpu_state(model) -> dict[str, torch.Tensor]:

@@ -7,11 +7,11 @@ import warnings
 import torch
 
 from ..errors import InfluenceLensError
-from .base import Grads, InverseCurvature
-from .ops import SOLVE_BYTES, concat, curvature_matvec, detached, iter_per_sample_grads, row_dot, rows_per_chunk, split
+from .base import Grads
+from .ops import IterativeInverse, detached, iter_per_sample_grads, row_dot
 
 
-class ConjugateGradient(InverseCurvature):
+class ConjugateGradient(IterativeInverse):
     """Batched preconditioned CG with matrix-free curvature products (one training pass per iteration).
 
     Options:
@@ -40,8 +40,7 @@ class ConjugateGradient(InverseCurvature):
         self.iterations = 0  # iterations used by the last solve (max over chunks)
 
     def fit(self, model, params, batches, n_samples, progress=None):
-        self._data = (model, params, batches, n_samples)
-        self._progress = progress  # also reports solve iterations ("cg", iteration, maxiter)
+        self._keep_data(model, params, batches, n_samples, progress)  # progress also gets ("cg", it, maxiter)
         self.diagonal = None
         if self.preconditioner == "jacobi":
             diagonal = {n: torch.zeros_like(p) for n, p in detached(params).items()}
@@ -57,8 +56,7 @@ class ConjugateGradient(InverseCurvature):
         return self
 
     def _matvec(self, vectors: Grads) -> Grads:
-        model, params, batches, n_samples = self._data
-        hv = curvature_matvec(model, params, batches, n_samples, self.curvature, vectors)
+        hv = self._curvature(vectors)
         return {n: hv[n] + self.regularization * vectors[n] for n in hv}
 
     def _precondition(self, r: Grads) -> Grads:
@@ -67,13 +65,8 @@ class ConjugateGradient(InverseCurvature):
         return {n: r[n] / (self.diagonal[n] + self.regularization) for n in r}
 
     def solve(self, grads: Grads) -> Grads:
-        if not hasattr(self, "_data"):
-            raise InfluenceLensError("Method 'cg' has no training data to solve against.",
-                                     "call fit() (cg keeps no cached state)")
-        k = next(iter(grads.values())).shape[0]
-        size = self.rhs_chunk or rows_per_chunk(self._data[1], k, SOLVE_BYTES)
         self.iterations = 0
-        return concat([self._solve_chunk(part) for part in split(grads, size)])
+        return super().solve(grads)
 
     def _solve_chunk(self, b: Grads) -> Grads:
         b_norm = row_dot(b, b).sqrt().clamp_min(torch.finfo(torch.float32).tiny)

@@ -7,11 +7,11 @@ import warnings
 import torch
 
 from ..errors import InfluenceLensError
-from .base import Grads, InverseCurvature
-from .ops import SOLVE_BYTES, concat, curvature_matvec, detached, power_iteration, row_dot, rows_per_chunk, split
+from .base import Grads
+from .ops import IterativeInverse, detached, power_iteration, row_dot
 
 
-class LiSSA(InverseCurvature):
+class LiSSA(IterativeInverse):
     """Iterates ``x ← g + (1 − damping) x − (H + λI) x / scale`` and returns ``x / scale``.
 
     With ``damping = 0`` the fixed point is exactly ``(H + λI)⁻¹ g``. Convergence condition: every
@@ -40,11 +40,9 @@ class LiSSA(InverseCurvature):
         self.top_eigenvalue: float | None = None  # of H (without λ), from power iteration
 
     def fit(self, model, params, batches, n_samples, progress=None):
-        self._data = (model, params, batches, n_samples)
-        self._progress = progress  # also reports solve steps ("lissa", step, depth)
+        self._keep_data(model, params, batches, n_samples, progress)  # progress also gets ("lissa", step, depth)
         if self.scale == "auto":
-            self.top_eigenvalue = abs(power_iteration(
-                lambda v: curvature_matvec(model, params, batches, n_samples, self.curvature, v), detached(params)))
+            self.top_eigenvalue = abs(power_iteration(self._curvature, detached(params)))
         return self
 
     def _scale(self) -> float:
@@ -52,16 +50,7 @@ class LiSSA(InverseCurvature):
             return 0.65 * (self.top_eigenvalue + self.regularization)
         return float(self.scale)
 
-    def solve(self, grads: Grads) -> Grads:
-        if not hasattr(self, "_data"):
-            raise InfluenceLensError("Method 'lissa' has no training data to solve against.",
-                                     "call fit() (lissa keeps no cached state)")
-        k = next(iter(grads.values())).shape[0]
-        size = self.rhs_chunk or rows_per_chunk(self._data[1], k, SOLVE_BYTES)
-        return concat([self._solve_chunk(part) for part in split(grads, size)])
-
     def _solve_chunk(self, g: Grads) -> Grads:
-        model, params, batches, n_samples = self._data
         scale = self._scale()
         x = {n: t.clone() for n, t in g.items()}
         active = torch.arange(len(next(iter(g.values()))), device=x[next(iter(x))].device)
@@ -71,7 +60,7 @@ class LiSSA(InverseCurvature):
             if self._progress:
                 self._progress("lissa", step_index + 1, self.depth)
             xa = {n: t[active] for n, t in x.items()}
-            hx = curvature_matvec(model, params, batches, n_samples, self.curvature, xa)
+            hx = self._curvature(xa)
             new = {n: g[n][active] + (1 - self.damping - self.regularization / scale) * xa[n] - hx[n] / scale
                    for n in x}
             step = {n: new[n] - xa[n] for n in x}

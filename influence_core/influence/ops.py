@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
-from .base import Batch, Grads, Progress
+from ..errors import InfluenceLensError
+from .base import Batch, Grads, InverseCurvature, Progress
 
 GRAD_CHUNK_BYTES = 256 * 2**20
 """Budget (bytes) for one chunk of per-sample gradients or of stacked vectors; keeps ``all`` scope bounded."""
@@ -288,3 +289,34 @@ def power_iteration(matvec: Callable[[Grads], Grads], like: dict[str, torch.Tens
         estimate = float(row_dot(v, hv)[0])
         v = hv
     return estimate
+
+
+class IterativeInverse(InverseCurvature):
+    """Base of the methods that solve against the training data at every call (``cg``, ``lissa``).
+
+    :meth:`fit` keeps the data (nothing is cached on disk); :meth:`solve` iterates ``rhs_chunk`` stacked
+    right-hand sides at a time (default: as many as fit ``SOLVE_BYTES`` per vector) through
+    :meth:`_solve_chunk`, which subclasses implement with :meth:`_curvature` products.
+    """
+
+    rhs_chunk: int | None = None
+
+    def _keep_data(self, model, params, batches, n_samples, progress) -> None:
+        self._data = (model, params, batches, n_samples)
+        self._progress = progress  # subclasses also report their solve iterations through it
+
+    def _curvature(self, vectors: Grads) -> Grads:
+        """``H v`` (without ``λ``) for each stacked vector: one pass over the training set."""
+        model, params, batches, n_samples = self._data
+        return curvature_matvec(model, params, batches, n_samples, self.curvature, vectors)
+
+    def solve(self, grads: Grads) -> Grads:
+        if not hasattr(self, "_data"):
+            raise InfluenceLensError(f"Method {self.name!r} has no training data to solve against.",
+                                     f"call fit() ({self.name} keeps no cached state)")
+        k = next(iter(grads.values())).shape[0]
+        size = self.rhs_chunk or rows_per_chunk(self._data[1], k, SOLVE_BYTES)
+        return concat([self._solve_chunk(part) for part in split(grads, size)])
+
+    def _solve_chunk(self, b: Grads) -> Grads:
+        raise NotImplementedError
