@@ -197,7 +197,9 @@ def _write_samples(run_dir, ids, labels, split, y_train, flipped) -> None:
     atomic_write_bytes(run_dir / "samples.csv", pd.concat(parts).to_csv(index=False).encode())
 
 
-def _fit(model, config, x_train, y_train, x_val, y_val, run_dir, progress, dev):
+def _fit(model, config, x_train, y_train, x_val, y_val, run_dir, progress, dev, exclude=None):
+    """Train ``model`` in place; ``exclude (n,) bool`` leaves those training points out of every batch while
+    keeping the full set's shuffling and augmentation draws (leave-group-out retraining: the run minus them)."""
     model.to(dev)
     if config.train_layers == "head":
         for name, p in model.named_parameters():
@@ -220,10 +222,17 @@ def _fit(model, config, x_train, y_train, x_val, y_val, run_dir, progress, dev):
         perm = torch.randperm(n, generator=gen)
         # array_split keeps batches within one sample of each other: no size-1 batch for BatchNorm
         for b, idx in enumerate(np.array_split(perm.numpy(), n_batches)):
+            flip = torch.rand(len(idx), generator=gen) < 0.5 if config.augment_flip else None
+            if exclude is not None:
+                kept = ~exclude[idx]
+                idx, flip = idx[kept], (None if flip is None else flip[torch.from_numpy(kept)])
+                if len(idx) == 0:  # the whole batch left out: keep the learning-rate schedule aligned
+                    if schedule is not None:
+                        schedule.step()
+                    continue
             idx_t = torch.from_numpy(idx).to(dev)
             x, y = x_train[idx_t], y_train[idx_t]
-            if config.augment_flip:
-                flip = torch.rand(len(idx), generator=gen) < 0.5
+            if flip is not None:
                 x = torch.where(flip.to(dev)[:, None, None, None], x.flip(3), x)
             logits = model(x)
             loss_each = F.cross_entropy(logits, y, reduction="none")

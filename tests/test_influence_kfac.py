@@ -245,6 +245,33 @@ def test_ekfac_eigenvalues_are_the_exact_curvature_in_the_kronecker_basis(monkey
     assert _rel(f.eigenvalues, expected) <= 1e-6
 
 
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+@pytest.mark.parametrize("scope, rotate_first", [("all", True), ("all", False), ("head", True)])
+def test_eigenbasis_scores_equal_parameter_space_solves(cnn_setup, monkeypatch, method, scope, rotate_first):
+    """The engine's eigenbasis path (coordinates straight from hooks, completed bases) must give the same
+    influences and self-influences as per-sample gradients + ``solve`` in parameter space. 12 training points
+    in uneven chunks of 5 leave the fc input factor rank-deficient (Gram path, basis completion)."""
+    from influence_core.influence import InfluenceModel, kfac
+
+    monkeypatch.setattr(kfac, "_rotate_first", lambda *args: rotate_first)
+    model, _, x_tr, y_tr, x_te, y_te = cnn_setup
+    x_tr, y_tr = x_tr[:12], y_tr[:12]
+    im = InfluenceModel(model, scope=scope, method=method, regularization=1e-2, batch_size=5).fit(x_tr, y_tr)
+    if scope == "all":
+        assert not next(f for f in im.inverse._fitted if f.weight_name == "fc.weight").full_rank
+    factors = im.test_factors(x_te, y_te)
+    assert factors.in_basis
+    # self-influence of points outside the fit set reaches the complement of the fitted bases (1/λ there)
+    basis = im.influences(factors, x_tr, y_tr), im.self_influence(x_tr, y_tr), im.self_influence(x_te, y_te)
+
+    monkeypatch.setattr(InfluenceModel, "_in_basis", property(lambda self: False))
+    reference = (im.influences(im.test_factors(x_te, y_te), x_tr, y_tr), im.self_influence(x_tr, y_tr),
+                 im.self_influence(x_te, y_te))
+    for got, want in zip(basis, reference):
+        assert _rel(torch.from_numpy(got), torch.from_numpy(want)) <= 2e-5
+    assert (basis[1] > 0).all()
+
+
 def test_refuses_hessian_and_unsupported_layers():
     with pytest.raises(InfluenceLensError, match="Gauss-Newton"):
         METHODS["ekfac"](regularization=1e-3, curvature="hessian")

@@ -99,3 +99,28 @@ def test_local_pretrained_weights_are_used_and_bad_ones_refused(tmp_path):
         build_resnet18(2, pretrained=tmp_path / "other.pth")
     with pytest.raises(InfluenceLensError, match="does not exist"):
         build_resnet18(2, pretrained=tmp_path / "missing.pth")
+
+
+def test_leave_group_out_fit_keeps_the_full_sets_batches(demo_run, tmp_path):
+    """``_fit(exclude=...)``: an empty mask reproduces the plain fit bit for bit; a mask keeps the removed points
+    out of every batch (their recorded losses stay 0) while the others see the same order and flips."""
+    from influence_core.training import _fit
+
+    x, y = demo_run.tensors("train")
+    x_te, y_te = demo_run.tensors("test")
+    config = TrainConfig(dataset="demo", epochs=2, image_size=16, n_checkpoints=0, augment_flip=True)
+
+    def fit(exclude):
+        torch.manual_seed(0)
+        model, _ = build_resnet18(demo_run.n_classes, False)
+        _, dynamics = _fit(model, config, x, y, x_te, y_te, tmp_path, None, torch.device("cpu"), exclude=exclude)
+        return model.state_dict(), dynamics["loss"]
+
+    plain, plain_loss = fit(None)
+    same, same_loss = fit(np.zeros(len(y), bool))
+    assert all(torch.equal(plain[k], same[k]) for k in plain) and np.array_equal(plain_loss, same_loss)
+    removed = np.zeros(len(y), bool)
+    removed[::50] = True
+    without, loss = fit(removed)
+    assert (loss[:, removed] == 0).all() and (loss[:, ~removed] > 0).all()
+    assert not torch.equal(without["fc.weight"], plain["fc.weight"])

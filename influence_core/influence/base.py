@@ -16,7 +16,7 @@ A *block* is a named set of parameters (``dict[str, nn.Parameter]``); gradients 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -86,6 +86,25 @@ class InverseCurvature(ABC):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
             raise NotImplementedError(f"{type(self).__name__} cannot load a cached state")
+
+
+class EigenbasisInverse(InverseCurvature):
+    """An inverse that is diagonal in a per-block orthonormal basis: ``(H + λI)⁻¹ = ⊕_b Q_b diag(d_b) Q_bᵀ``.
+
+    Influences then never leave the basis: with coordinates ``r_i = Qᵀ ∇ℓ_i``,
+    ``I(z_i, z_t) = Σ_b r_tᵀ diag(d_b) r_i``. The engine uses :meth:`basis_grads` instead of per-sample
+    gradients followed by :meth:`solve` whenever it can (K-FAC/EK-FAC: the coordinates come straight from
+    layer inputs and output gradients, without forming parameter-sized per-sample gradients first).
+    """
+
+    @abstractmethod
+    def basis_grads(self, model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor,
+                    y: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(block, r)`` per block: coordinates ``r (b, ...)`` of each sample's loss gradient in the basis."""
+
+    @abstractmethod
+    def inverse_diagonal(self) -> dict[str, torch.Tensor]:
+        """``d`` per block, shaped like one sample's coordinates: ``1 / (eigenvalue + λ)``."""
 
 
 METHODS: dict[str, type[InverseCurvature]] = {}

@@ -13,7 +13,7 @@ from torch.func import functional_call, grad
 
 from ..errors import InfluenceLensError
 from ..storage import resolve_device
-from .base import METHODS, Batch, Grads, InverseCurvature, Progress
+from .base import METHODS, Batch, EigenbasisInverse, Grads, InverseCurvature, Progress
 from .ops import (CURVATURES, GRAD_CHUNK_BYTES, SOLVE_BYTES, concat, detached, iter_per_sample_grads, row_dot,
                   rows_per_chunk, split)
 
@@ -26,6 +26,8 @@ FACTOR_BYTES = 2**30
 class TestFactors:
     """``(H + λI)⁻¹ ∇ℓ(z_test)`` for ``n`` test points: ``factors[name]`` has shape ``(n, *param.shape)``.
 
+    With ``in_basis`` (methods that are diagonal in a per-layer eigenbasis, :class:`EigenbasisInverse`) the
+    keys are the method's blocks and the values the solved vectors' coordinates in that basis.
     Computed once by :meth:`InfluenceModel.test_factors`; tied to the regularization it was solved with.
     Large blocks (``all`` scope on a ResNet: 45 MB per test point) are stored as float16 values in
     ``[-1, 1]`` times ``scales[name]`` ``(n,)`` (relative precision ~5e-4); use :meth:`rows` to read them.
@@ -34,6 +36,7 @@ class TestFactors:
     factors: Grads
     regularization: float
     scales: dict[str, torch.Tensor] | None = None
+    in_basis: bool = False
     __test__ = False  # not a pytest test class, despite the name
 
     def __len__(self) -> int:
@@ -44,6 +47,17 @@ class TestFactors:
         part = self.factors[name][start:stop]
         part = part.reshape(part.shape[0], -1).float()
         return part if self.scales is None else part * self.scales[name][start:stop, None]
+
+    @classmethod
+    def join(cls, parts: list["TestFactors"]) -> "TestFactors":
+        """Test factors of consecutive test chunks (computed apart, e.g. on several workers) as one block."""
+        first = parts[0]
+        if any(p.regularization != first.regularization or p.in_basis != first.in_basis
+               or (p.scales is None) != (first.scales is None) for p in parts):
+            raise InfluenceLensError("These test factors were computed with different settings.",
+                                     "compute every chunk with the same influence model")
+        scales = concat([p.scales for p in parts]) if first.scales is not None else None
+        return cls(concat([p.factors for p in parts]), first.regularization, scales, first.in_basis)
 
     @staticmethod
     def compress(factors: Grads) -> tuple[Grads, dict[str, torch.Tensor]]:
@@ -130,6 +144,11 @@ class InfluenceModel:
     def _block_model(self) -> nn.Module:
         return self.head if self.scope == "head" else self.model
 
+    @property
+    def _in_basis(self) -> bool:
+        """Whether influences are scored in the method's eigenbasis (see :class:`EigenbasisInverse`)."""
+        return isinstance(self.inverse, EigenbasisInverse)
+
     # ----------------------------------------------------------------- data
     def _check(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate inputs (every public call passes here, so it also re-asserts eval mode)."""
@@ -193,6 +212,13 @@ class InfluenceModel:
                 yield slice(rows.start + sub.start, rows.start + sub.stop), g
             self._report(stage, rows.stop, len(x))
 
+    def _basis_grads(self, x: torch.Tensor, y: torch.Tensor, stage: str):
+        """Per chunk ``(rows, blocks)``: ``blocks`` yields ``(block, coordinates (b, ...))`` in the eigenbasis."""
+        for rows in self._chunks(len(x)):
+            yield rows, self.inverse.basis_grads(self._block_model, self.params, self._inputs(x, rows),
+                                                 y[rows].to(self.device))
+            self._report(stage, rows.stop, len(x))
+
     def _grad_groups(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> Iterator[tuple[slice, Grads]]:
         """Like :meth:`_grads`, but merged into groups as large as one batched solve takes (for a linear head:
         hundreds of rows, so an iterative method makes one pass per iteration for all of them)."""
@@ -236,13 +262,22 @@ class InfluenceModel:
         x, y = self._check(x_test, y_test)
         compress = len(x) * 4 * sum(p.numel() for p in self.params.values()) > FACTOR_BYTES
         parts, scales = [], []
-        for rows, g in self._grad_groups(x, y, "test factors"):
-            solved = self._solve(g)
+        for solved in self._solved(x, y, "test factors"):
             if compress:
                 solved, scale = TestFactors.compress(solved)
                 scales.append(scale)
             parts.append(solved)
-        return TestFactors(concat(parts), self.regularization, concat(scales) if compress else None)
+        return TestFactors(concat(parts), self.regularization, concat(scales) if compress else None, self._in_basis)
+
+    def _solved(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> Iterator[Grads]:
+        """``(H + λI)⁻¹ ∇ℓ_i`` chunk by chunk, in parameter space or (``_in_basis``) as eigenbasis coordinates."""
+        if self._in_basis:
+            inverse = self.inverse.inverse_diagonal()
+            for _, blocks in self._basis_grads(x, y, stage):
+                yield {key: r * inverse[key] for key, r in blocks}
+        else:
+            for _, g in self._grad_groups(x, y, stage):
+                yield self._solve(g)
 
     def influences(self, factors: TestFactors, x_train, y_train) -> np.ndarray:
         """``I[t, i] = F_tᵀ ∇ℓ(z_i)``: ``(n_test, n_train)`` float32, positive = helpful (removing ``z_i``
@@ -251,8 +286,12 @@ class InfluenceModel:
         x, y = self._check(x_train, y_train)
         k = len(factors)
         out = torch.zeros(k, len(x), dtype=torch.float32)
-        for rows, g in self._grads(x, y, "influences"):
-            for n, gn in g.items():
+        if factors.in_basis:
+            chunks = self._basis_grads(x, y, "influences")
+        else:
+            chunks = ((rows, g.items()) for rows, g in self._grads(x, y, "influences"))
+        for rows, blocks in chunks:
+            for n, gn in blocks:
                 gn = gn.reshape(gn.shape[0], -1).T
                 step = k if factors.scales is None else max(1, GRAD_CHUNK_BYTES // (4 * gn.shape[0]))
                 for start in range(0, k, step):
@@ -264,8 +303,13 @@ class InfluenceModel:
         self._require_fitted()
         x, y = self._check(x_train, y_train)
         out = torch.empty(len(x), dtype=torch.float32)
-        for rows, g in self._grad_groups(x, y, "self-influence"):
-            out[rows] = row_dot(g, self._solve(g)).cpu()
+        if self._in_basis:
+            inverse = self.inverse.inverse_diagonal()
+            for rows, blocks in self._basis_grads(x, y, "self-influence"):
+                out[rows] = sum((r.square() * inverse[key]).flatten(1).sum(1) for key, r in blocks).cpu()
+        else:
+            for rows, g in self._grad_groups(x, y, "self-influence"):
+                out[rows] = row_dot(g, self._solve(g)).cpu()
         return out.numpy()
 
     def saliency(self, x_test, y_test, x_train, y_train) -> np.ndarray:
@@ -281,10 +325,12 @@ class InfluenceModel:
         x_test, y_test = self._check(x_test, y_test)
         if len(x_test) != 1:
             raise InfluenceLensError(f"saliency takes one test point, got {len(x_test)}.", "pass x_test[i:i+1]")
-        factors = self.test_factors(x_test, y_test)
+        self._require_fitted()
+        (_, g), = self._grads(x_test, y_test, "test factors")
+        solved = self._solve(g)  # in parameter space: the double backward runs through parameter gradients
         x, y = self._check(x_train, y_train)
         full_params = {self.full_names[n]: p for n, p in detached(self.params).items()}
-        test_factor = {self.full_names[n]: factors.rows(n).view(p.shape) for n, p in self.params.items()}
+        test_factor = {self.full_names[n]: solved[n][0] for n in self.params}
 
         def influence_sum(images, labels):
             def loss(p):
@@ -312,6 +358,9 @@ class InfluenceModel:
         if not isinstance(factors, TestFactors):
             raise InfluenceLensError("influences() takes the TestFactors returned by test_factors().",
                                      "call F = im.test_factors(x_test, y_test) first")
+        if factors.in_basis != self._in_basis:
+            raise InfluenceLensError("These test factors come from an influence model with another method.",
+                                     "call test_factors() on this influence model")
         if factors.regularization != self.regularization:
             raise InfluenceLensError(
                 f"These test factors were solved with λ = {factors.regularization:g}, but λ is now "

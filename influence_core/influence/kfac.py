@@ -26,10 +26,17 @@ Conventions (on top of those in :mod:`.base`):
   column) gradients ``G_i = Σ_t g_t a_tᵀ`` in that basis: ``Λ_jk = (1/n) Σ_i Σ_c ((Q_Gᵀ G_ic Q_A)_jk)²``
   (George et al. 2018). Per-sample gradients exist for one layer and one chunk at a time only.
 * **Solve.** ``(H + λI)⁻¹ V = Q_G [(Q_Gᵀ V Q_A) / (Λ + λ)] Q_Aᵀ`` per layer, batched over the leading axis.
+* **Influences in the eigenbasis** (:meth:`KFAC.basis_grads`). The engine scores ``r_tᵀ diag(1/(Λ+λ)) r_i``
+  with ``r_i = Q_Gᵀ ∇_W ℓ_i Q_A`` taken straight from the hooks: ``(g_i Q_G)ᵀ (a_i Q_A)`` for ``g_i (T, out)``,
+  ``a_i (T, d)``, rank ≤ ``T``, so a layer with a small feature map (ResNet's last stage: ``T = 4`` at 64 px)
+  never forms a parameter-sized per-sample gradient nor multiplies one by ``Q_A``. Done in the input's
+  precision (float32) with bases completed to square matrices (eigenvalue 0 on the complement).
 * **Rank-deficient factors.** When a factor has seen fewer rows than half its size (few samples, small
   feature maps) it is eigendecomposed through its Gram matrix; ``Q`` then has fewer columns than rows, the
   curvature is exactly zero on the orthogonal complement and the solve adds ``(V − Q_G Q_Gᵀ V Q_A Q_Aᵀ)/λ``.
-* Factors are accumulated and decomposed in ``dtype`` (option, default ``torch.float64``).
+* Factors are accumulated and decomposed in ``dtype`` (option; default ``"auto"``: float64 for blocks of at most
+  ``2**20`` parameters, float32 above — a ResNet18's ``all`` scope fits 3× faster, and EK-FAC re-fits its
+  eigenvalues in whatever basis float32 gives). Influences in the eigenbasis are computed in float32.
 * **Hooks.** Forward hooks record each tracked module's input and output (the model continues with a clone
   of the output, so in-place ops downstream cannot corrupt it); output gradients ``g`` come from
   ``torch.autograd.grad`` of ``logitsᵀ s`` w.r.t. those outputs, one call per output-curvature column.
@@ -46,7 +53,8 @@ Cost: a solve costs ``O(out·d·(out + d))`` per vector and layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -54,12 +62,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InfluenceLensError
-from .base import Batch, Grads, InverseCurvature, Progress
+from .base import Batch, EigenbasisInverse, Grads, Progress
 
 _EXACT_MAX_CLASSES = 16
 _GRAM_FRACTION = 0.5  # eigendecompose through the Gram matrix while rows <= fraction * dim
 _PER_SAMPLE_BUDGET = 1 << 24  # elements of rotated per-sample gradients held at once (per layer)
 _ACTIVATION_CACHE = 1 << 26  # elements of rotated layer inputs kept across label columns (EK-FAC pass)
+_AUTO_FLOAT64_PARAMS = 1 << 20  # dtype="auto": float64 factors up to this many parameters in the block
 _OPTIONS = {"labels", "label_samples", "seed", "dtype"}
 
 
@@ -90,8 +99,7 @@ class _Layer:
 
     def activations(self, dtype: torch.dtype) -> torch.Tensor:
         """Layer inputs of the last forward as ``(b, T, d)`` (patches for Conv2d, 1-column for the bias)."""
-        parts = [self._patches(x) for x in self.inputs]
-        a = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        a = self._all_patches()
         b, t = a.shape[:2]
         cols = []
         if self.weight_name is not None:
@@ -99,6 +107,21 @@ class _Layer:
         if self.bias_name is not None:
             cols.append(torch.ones(b, t, 1, dtype=dtype, device=a.device))
         return torch.cat(cols, dim=2) if len(cols) > 1 else cols[0]
+
+    def rotated_inputs(self, q_a: torch.Tensor) -> torch.Tensor:
+        """``activations() @ q_a`` as ``(b, T, r_A)`` in ``q_a``'s dtype, without materialising the bias column."""
+        a = self._all_patches()
+        b, t, d = a.shape
+        if self.weight_name is None:
+            return q_a[0].expand(b, t, -1)
+        out = a.reshape(b * t, d).to(q_a.dtype) @ q_a[:d]  # one contiguous copy of the unfolded patches
+        if self.bias_name is not None:
+            out += q_a[d]
+        return out.reshape(b, t, -1)
+
+    def _all_patches(self) -> torch.Tensor:
+        parts = [self._patches(x) for x in self.inputs]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
@@ -200,13 +223,24 @@ class _Fitted:
     def full_rank(self) -> bool:
         return self.q_a.shape[0] == self.q_a.shape[1] and self.q_g.shape[0] == self.q_g.shape[1]
 
+    def completed(self, dtype: torch.dtype) -> "_Fitted":
+        """The same inverse with square bases (complement columns get eigenvalue 0), in ``dtype``; cached."""
+        cache = self.__dict__.setdefault("_completed", {})
+        if dtype not in cache:
+            q_a, q_g = _complete_basis(self.q_a), _complete_basis(self.q_g)
+            evals = self.eigenvalues.new_zeros(q_g.shape[1], q_a.shape[1])
+            evals[: self.eigenvalues.shape[0], : self.eigenvalues.shape[1]] = self.eigenvalues
+            cache[dtype] = _Fitted(self.weight_name, self.bias_name, self.weight_shape, q_a.to(dtype),
+                                   q_g.to(dtype), evals.to(dtype))
+        return cache[dtype]
+
 
 # --------------------------------------------------------------------------------------------- methods
-class KFAC(InverseCurvature):
+class KFAC(EigenbasisInverse):
     """K-FAC: ``H ≈ ⊕_layers A ⊗ G`` (block-diagonal over Linear/Conv2d layers), inverted via eigenbases.
 
     Options: ``labels`` (``"auto"``, ``"exact"``, ``"sampled"``), ``label_samples`` (int, for ``"sampled"``),
-    ``seed`` (label sampling), ``dtype`` (factor precision, ``torch.float64`` or ``"float32"``).
+    ``seed`` (label sampling), ``dtype`` (factor precision: ``"auto"``, ``"float64"`` or ``"float32"``).
     One pass over the data (EK-FAC: two).
     """
 
@@ -232,12 +266,13 @@ class KFAC(InverseCurvature):
         if self.label_samples < 1:
             raise InfluenceLensError(f"label_samples must be at least 1, got {self.label_samples}.", "use e.g. 1")
         self.seed = int(options.get("seed", 0))
-        dtype = options.get("dtype", torch.float64)
-        if isinstance(dtype, str):
+        dtype = options.get("dtype", "auto")
+        if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype.replace("torch.", ""), None)
-        if dtype not in (torch.float32, torch.float64):
-            raise InfluenceLensError(f"Unknown dtype {options.get('dtype')!r}.", "use 'float64' or 'float32'")
-        self.dtype = dtype
+        if dtype not in (torch.float32, torch.float64, "auto"):
+            raise InfluenceLensError(f"Unknown dtype {options.get('dtype')!r}.",
+                                     "use 'auto', 'float64' or 'float32'")
+        self.dtype_option = dtype
         self._fitted: list[_Fitted] = []
 
     # ------------------------------------------------------------------ fit
@@ -253,15 +288,12 @@ class KFAC(InverseCurvature):
         if n_samples < 1:
             raise InfluenceLensError("The training set is empty.", "pass at least one training sample")
         layers = _tracked_layers(model, params)
+        self.dtype = self.dtype_option
+        if self.dtype == "auto":
+            small = sum(p.numel() for p in params.values()) <= _AUTO_FLOAT64_PARAMS
+            self.dtype = torch.float64 if small else torch.float32
         stage = f"{self.name}: factors"
-        handles, saved_flags = [], []
-        try:
-            for layer in layers:
-                handles.append(layer.module.register_forward_hook(_capture(layer)))
-                for p in (layer.module.weight, layer.module.bias):
-                    if p is not None:
-                        saved_flags.append((p, p.requires_grad))
-                        p.requires_grad_(True)
+        with _hooked(layers):
             fa = {id(layer): _Factor(layer.in_dim) for layer in layers}
             fg = {id(layer): _Factor(layer.out_dim) for layer in layers}
             gen: list[torch.Generator] = []
@@ -302,29 +334,21 @@ class KFAC(InverseCurvature):
                             g = layer.output_grads(g, self.dtype)  # (b, T, out)
                             rotate_first = _rotate_first(g.shape[1], f, len(columns))
                             a = cache.get(id(layer))
-                            if a is None:
-                                a = layer.activations(self.dtype)  # (b, T, d)
-                                if rotate_first:
-                                    a = a @ f.q_a  # (b, T, r_A)
+                            if a is None:  # (b, T, r_A) rotated, or (b, T, d)
+                                a = layer.rotated_inputs(f.q_a) if rotate_first else layer.activations(self.dtype)
                                 if len(columns) > 1 and a.numel() <= budget:
                                     cache[id(layer)] = a
                                     budget -= a.numel()
-                            if rotate_first:
-                                _add_squared_rotated(lam[id(layer)], g @ f.q_g, a)
-                            else:
-                                _add_squared_per_sample(lam[id(layer)], g, a, f.q_g, f.q_a)
+                            if rotate_first and g.shape[1] == 1:  # Σ_i (g_i ⊗ a_i)² without forming them
+                                lam[id(layer)].addmm_(((g @ f.q_g)[:, 0] ** 2).T, a[:, 0] ** 2)
+                                continue
+                            for rot in _rotated_per_sample(g, a, f, rotate_first, a_rotated=True):
+                                lam[id(layer)].add_((rot ** 2).sum(0))
 
                 self._run_pass(model, layers, batches, n_samples, f"{self.name}: eigenvalue correction", progress,
                                correct, gen)
                 for layer, f in zip(layers, fitted):
                     f.eigenvalues = lam.pop(id(layer)) / n_samples
-        finally:
-            for h in handles:
-                h.remove()
-            for p, flag in saved_flags:
-                p.requires_grad_(flag)
-            for layer in layers:
-                layer.clear()
         self._fitted = fitted
         return self
 
@@ -385,8 +409,7 @@ class KFAC(InverseCurvature):
     # ------------------------------------------------------------------ solve
     def solve(self, grads: Grads) -> Grads:
         """``(H + λI)⁻¹ g`` per layer block; ``grads[name]`` is ``(k, *param.shape)``, output likewise."""
-        if not self._fitted:
-            raise InfluenceLensError(f"{type(self).__name__} is not fitted.", "call fit() or load_state_dict() first")
+        self._require_fitted()
         known = {n for f in self._fitted for n in (f.weight_name, f.bias_name) if n is not None}
         extra = set(grads) - known
         missing = known - set(grads)
@@ -419,6 +442,40 @@ class KFAC(InverseCurvature):
             if f.bias_name is not None:
                 out[f.bias_name] = x[..., -1].contiguous()
         return {name: out[name] for name in grads}
+
+    # ------------------------------------------------------------------ eigenbasis
+    def basis_grads(self, model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor,
+                    y: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """Per layer block ``key``: ``Q_Gᵀ [∇_W ℓ_i | ∇_b ℓ_i] Q_A`` for each sample, ``(b, out, d)`` in ``x``'s
+        precision (complete bases), from one forward and one backward pass with hooks."""
+        self._require_fitted()
+        layers = _tracked_layers(model, params)
+        by_key = {f.key: f for f in self._fitted}
+        keys = [f"{layer.weight_name or ''}|{layer.bias_name or ''}" for layer in layers]
+        if set(keys) != set(by_key):
+            raise ValueError(f"basis_grads() got layers {sorted(keys)} but fitted {sorted(by_key)}")
+        dtype = x.dtype
+        with _hooked(layers), torch.enable_grad():
+            logits = model(x)
+            residual = torch.softmax(logits.detach(), dim=1)  # ∂ Σ_i CE_i / ∂ logits = p − e_y
+            residual[torch.arange(len(y), device=y.device), y] -= 1
+            grads = next(_column_grads(layers, logits, [residual]))
+            for key, layer, g in zip(keys, layers, grads):
+                f = by_key[key].completed(dtype)
+                g = layer.output_grads(g, dtype)
+                if _rotate_first(g.shape[1], f, 1):
+                    yield key, (g @ f.q_g).transpose(1, 2) @ layer.rotated_inputs(f.q_a)
+                else:
+                    yield key, torch.cat(list(_rotated_per_sample(g, layer.activations(dtype), f, False)))
+
+    def inverse_diagonal(self) -> dict[str, torch.Tensor]:
+        """``1 / (Λ + λ)`` per layer block ``(out, d)`` (float32; complement directions: ``1/λ``)."""
+        self._require_fitted()
+        return {f.key: 1 / (f.completed(torch.float32).eigenvalues + self.regularization) for f in self._fitted}
+
+    def _require_fitted(self) -> None:
+        if not self._fitted:
+            raise InfluenceLensError(f"{type(self).__name__} is not fitted.", "call fit() or load_state_dict() first")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -495,6 +552,27 @@ def _tracked_layers(model: nn.Module, params: dict[str, nn.Parameter]) -> list[_
     return layers
 
 
+@contextmanager
+def _hooked(layers: list[_Layer]):
+    """Capture the layers' inputs and outputs during forward passes (weights temporarily require grad)."""
+    handles, saved = [], []
+    try:
+        for layer in layers:
+            handles.append(layer.module.register_forward_hook(_capture(layer)))
+            for p in (layer.module.weight, layer.module.bias):
+                if p is not None:
+                    saved.append((p, p.requires_grad))
+                    p.requires_grad_(True)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        for layer in layers:
+            layer.clear()
+
+
 def _capture(layer: _Layer):
     def hook(module, args, output):
         layer.inputs.append(args[0].detach())
@@ -528,24 +606,33 @@ def _rotate_first(t: int, f: _Fitted, n_columns: int) -> bool:
     return rotate <= per_sample
 
 
-def _add_squared_rotated(acc: torch.Tensor, g_rot: torch.Tensor, a_rot: torch.Tensor) -> None:
-    """``acc += Σ_i (Σ_t g_rot[i,t] a_rot[i,t]ᵀ)²`` (elementwise square) for rotated ``(b, T, r)`` inputs."""
-    if g_rot.shape[1] == 1:
-        acc.addmm_((g_rot[:, 0] ** 2).T, a_rot[:, 0] ** 2)
+def _rotated_per_sample(g: torch.Tensor, a: torch.Tensor, f: _Fitted, rotate_first: bool,
+                        a_rotated: bool = False) -> Iterator[torch.Tensor]:
+    """Per-sample gradients ``Q_Gᵀ (Σ_t g_t a_tᵀ) Q_A`` ``(s, r_G, r_A)`` for consecutive sub-chunks of the batch.
+
+    ``g (b, T, out)`` output gradients, ``a (b, T, d)`` inputs (``(b, T, r_A)`` already rotated when
+    ``a_rotated``); ``rotate_first`` rotates ``g`` and ``a`` before the sum over positions (cheap when ``T`` is
+    small), else per-sample gradients ``(s, out, d)`` are formed and then rotated.
+    """
+    if rotate_first:
+        g, a = g @ f.q_g, (a if a_rotated else a @ f.q_a)
+        step = max(1, _PER_SAMPLE_BUDGET // max(1, g.shape[2] * a.shape[2]))
+        for start in range(0, g.shape[0], step):
+            yield g[start:start + step].transpose(1, 2) @ a[start:start + step]
         return
-    step = max(1, _PER_SAMPLE_BUDGET // max(1, acc.numel()))
-    for start in range(0, g_rot.shape[0], step):
-        per_sample = g_rot[start:start + step].transpose(1, 2) @ a_rot[start:start + step]  # (b, r_G, r_A)
-        acc.add_((per_sample ** 2).sum(0))
-
-
-def _add_squared_per_sample(acc: torch.Tensor, g: torch.Tensor, a: torch.Tensor, q_g: torch.Tensor,
-                            q_a: torch.Tensor) -> None:
-    """Same as :func:`_add_squared_rotated`, forming per-sample gradients ``(b, out, d)`` before rotating."""
     step = max(1, _PER_SAMPLE_BUDGET // max(1, g.shape[2] * a.shape[2]))
     for start in range(0, g.shape[0], step):
-        per_sample = g[start:start + step].transpose(1, 2) @ a[start:start + step]  # (b, out, d)
-        acc.add_((_sandwich(q_g.T, per_sample, q_a) ** 2).sum(0))
+        per_sample = g[start:start + step].transpose(1, 2) @ a[start:start + step]  # (s, out, d)
+        yield _sandwich(f.q_g.T, per_sample, f.q_a)
+
+
+def _complete_basis(q: torch.Tensor) -> torch.Tensor:
+    """``q (dim, r)`` with orthonormal columns, extended to an orthonormal ``(dim, dim)`` basis (``q`` first)."""
+    dim, r = q.shape
+    if r == dim:
+        return q
+    full, _ = torch.linalg.qr(torch.cat([q, torch.eye(dim, dtype=q.dtype, device=q.device)], dim=1))
+    return torch.cat([q, full[:, r:]], dim=1)
 
 
 def _sandwich(left: torch.Tensor, mid: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
