@@ -4,6 +4,7 @@ Run in the product's venv (``run.py`` starts one process per method so that peak
 
     python benchmarks/ours.py RUN_DIR OUT_DIR --method direct|cg|lissa|arnoldi|kfac|ekfac|floor
                               [--scope head|all] [--regularization λ] [--time-cap SECONDS] [--batch-size B]
+                              [--option KEY=VALUE ...]   (method options, e.g. rank=100 for arnoldi)
 
 Stages, timed like the peers' (see workload.py): ``fit`` (uncapped; the head scope's backbone pass is
 part of it), ``factors`` (test factors (H+λI)⁻¹∇ℓ_test, capped), ``scores`` (factors × training
@@ -28,12 +29,13 @@ import torch.nn.functional as F
 from workload import capped_loop, environment, peak_memory, pipeline_record, stage_record, write_result
 
 from influence_core import Run
-from influence_core.influence import InfluenceModel
+from influence_core.influence import InfluenceModel, TestFactors
 
 METHODS = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac")
-CHUNKS = {"head": None, "all": (4, 8)}
+CHUNKS = {"head": (None, None), "all": (None, 64)}
 """(test, train) points per capped step; ``None`` = one step over all points (head scope is fast, and the
-head's backbone features are cached per tensor object, so slicing would re-run the backbone)."""
+head's backbone features are cached per tensor object, so slicing would re-run the backbone; test factors
+are solved in one call, as the product does)."""
 
 
 def rows(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -59,16 +61,17 @@ def floor(run: Run, batch_size: int) -> dict:
     return {"n_images": len(x), "forward_s": round(forward_s, 3), "forward_backward_s": round(backward_s, 3)}
 
 
-def influence(run: Run, method: str, scope: str, regularization: float, cap: float, batch_size: int):
+def influence(run: Run, method: str, scope: str, regularization: float, cap: float, batch_size: int,
+              options: dict):
     """(record, influence (k, j), self_influence (s,)) of one method and scope on the final checkpoint."""
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
     t0 = time.perf_counter()
     im = InfluenceModel(run.load_model(), scope=scope, method=method, regularization=regularization,
-                        device="cpu", batch_size=batch_size)
+                        device="cpu", batch_size=batch_size, **options)
     im.fit(x_train, y_train)
     fit_s = time.perf_counter() - t0
-    test_chunk, train_chunk = CHUNKS[scope] or (len(x_test), len(x_train))
+    test_chunk, train_chunk = (c or n for c, n in zip(CHUNKS[scope], (len(x_test), len(x_train))))
 
     factors = []
 
@@ -78,9 +81,10 @@ def influence(run: Run, method: str, scope: str, regularization: float, cap: flo
 
     done, factors_s = capped_loop(factor_step, len(x_test), test_chunk, cap)
 
+    joined = TestFactors.join(factors)  # one pass over the training gradients for all test points
+
     def score_step(a: int, b: int) -> np.ndarray:
-        xb, yb = rows(x_train, a, b), rows(y_train, a, b)
-        return np.concatenate([im.influences(f, xb, yb) for f in factors]).T  # (b - a, k)
+        return im.influences(joined, rows(x_train, a, b), rows(y_train, a, b)).T  # (b - a, k)
 
     scores, scores_s = capped_loop(score_step, len(x_train), train_chunk, cap)
     self_inf, self_s = capped_loop(lambda a, b: im.self_influence(rows(x_train, a, b), rows(y_train, a, b)),
@@ -94,6 +98,15 @@ def influence(run: Run, method: str, scope: str, regularization: float, cap: flo
     return record, scores.T, self_inf
 
 
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -103,15 +116,18 @@ def main() -> None:
     parser.add_argument("--regularization", type=float, default=1e-3)
     parser.add_argument("--time-cap", type=float, default=600.0, help="seconds per capped stage")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="method option (int, float or string), repeatable")
     args = parser.parse_args()
+    options = {k: _number(v) for k, v in (o.split("=", 1) for o in args.option)}
     run = Run(args.run_dir)
     record = {"peer": "influence-lens", "version": "this repo", "method": args.method, "scope": args.scope,
-              "regularization": args.regularization, **environment("cpu")}
+              "regularization": args.regularization, "options": options, **environment("cpu")}
     if args.method == "floor":
         write_result(args.out_dir, {**record, **floor(run, args.batch_size), **peak_memory("cpu")})
         return
     out, matrix, self_inf = influence(run, args.method, args.scope, args.regularization, args.time_cap,
-                                      args.batch_size)
+                                      args.batch_size, options)
     write_result(args.out_dir, {**record, **out, **peak_memory("cpu")}, influence=matrix, self_influence=self_inf)
 
 

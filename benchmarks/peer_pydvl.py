@@ -57,8 +57,23 @@ def direct_fits_in_memory(n_params: int) -> bool:
     return 4 * n_params**2 * 4 <= ram / 2
 
 
+def solve_record(done: int, total: int, seconds: float, factor: float) -> dict:
+    """:func:`stage_record` of a stage of CG solves, its time scaled by ``factor`` when it ran a shortened probe."""
+    record = stage_record(done, total, seconds)
+    if factor != 1:
+        record.update(seconds_full=round(record["seconds_full"] * factor, 3), extrapolated=True, time_factor=factor)
+    return record
+
+
 def main() -> None:
-    args = runner_parser(__doc__.splitlines()[0], ("cg", "direct")).parse_args()
+    parser = runner_parser(__doc__.splitlines()[0], ("cg", "direct"))
+    parser.add_argument("--maxiter", type=int, default=None,
+                        help="CG: run this many iterations per solve instead of the workload's cg_maxiter and "
+                             "scale the solve stages' times up by cg_maxiter / maxiter (extrapolated)")
+    parser.add_argument("--fit-examples", type=int, default=None,
+                        help="CG: Hessian-vector products over the first M training points only; solve times "
+                             "scaled up by n / M (extrapolated)")
+    args = parser.parse_args()
     device = pick_device(args.device)
     w = load_workload(args.workload_dir, device)
     s = w.settings
@@ -88,12 +103,22 @@ def main() -> None:
         write_result(args.out_dir, record)
         return
 
+    n_fit = len(x_train)
+    probe_factor = 1.0  # solve-time multiplier of a shortened CG probe
     if args.method == "cg":
+        maxiter = args.maxiter or s.cg_maxiter
+        n_fit = min(n_fit, args.fit_examples or n_fit)
+        probe_factor = s.cg_maxiter / maxiter * len(x_train) / n_fit
         infl = CgInfluence(model, F.cross_entropy, regularization=s.regularization, rtol=s.cg_tol,
-                           atol=0.0, maxiter=s.cg_maxiter, warn_on_max_iteration=False)
+                           atol=0.0, maxiter=maxiter, warn_on_max_iteration=False)
+        if probe_factor != 1:
+            record["note"] = (f"CG probe: {maxiter} of {s.cg_maxiter} iterations per solve, Hessian over "
+                              f"{n_fit} of {len(x_train)} points; solve times × {probe_factor:g} (an upper bound "
+                              "if CG would converge sooner); outputs not converged")
     else:
         infl = DirectInfluence(model, F.cross_entropy, regularization=s.regularization)
-    loader = DataLoader(TensorDataset(x_train, w.y_train), batch_size=even_batch_size(len(x_train), s.batch_size))
+    loader = DataLoader(TensorDataset(x_train[:n_fit], w.y_train[:n_fit]),
+                        batch_size=even_batch_size(n_fit, s.batch_size))
     infl.fit(loader)
     fit_s = time.perf_counter() - t0
 
@@ -110,7 +135,7 @@ def main() -> None:
         return out.detach().cpu().numpy().T  # (b - a, k)
 
     scores, scores_s = capped_loop(scores_step, len(x_train), grad_chunk, cap)
-    record["matrix"] = pipeline_record(fit_s, factors=stage_record(len(factors), len(x_test), factors_s),
+    record["matrix"] = pipeline_record(fit_s, factors=solve_record(len(factors), len(x_test), factors_s, probe_factor),
                                        scores=stage_record(len(scores), len(x_train), scores_s))
     # influence: (k test rows, columns done); written now so that a run killed later keeps it.
     write_result(args.out_dir, {**record, **peak_memory(device)}, influence=scores.T)
@@ -121,7 +146,8 @@ def main() -> None:
         return torch.diagonal(out).detach().cpu().numpy()
 
     self_inf, self_s = capped_loop(self_step, len(x_train), solve_chunk, cap)
-    record["self_influence"] = pipeline_record(fit_s, self=stage_record(len(self_inf), len(x_train), self_s))
+    record["self_influence"] = pipeline_record(fit_s, self=solve_record(len(self_inf), len(x_train), self_s,
+                                                                        probe_factor))
     write_result(args.out_dir, {**record, **peak_memory(device)}, influence=scores.T, self_influence=self_inf)
 
 

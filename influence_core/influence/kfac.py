@@ -5,9 +5,10 @@ Conventions (on top of those in :mod:`.base`):
 * **Curvature.** Only the Gauss-Newton matrix ``H = (1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i`` of the mean
   cross-entropy is approximated (for softmax + CE it equals the true Fisher). The Hessian has no Kronecker
   factorisation here, so ``curvature="hessian"`` is refused.
-* **Output curvature, option ``labels``.** ``"exact"``: for every class ``c`` the *pseudo-gradient*
-  ``s_c = √p_c (e_c − p)`` of the logits is back-propagated; since ``Σ_c s_c s_cᵀ = diag p − p pᵀ`` this
-  reproduces the GN exactly (``C`` backward passes per chunk). ``"sampled"``: ``label_samples`` labels
+* **Output curvature, option ``labels``.** ``"exact"``: the *pseudo-gradients* ``s_k = √μ_k u_k`` of the logits
+  are back-propagated, ``(μ_k, u_k)`` the nonzero eigenpairs of each sample's ``diag p − p pᵀ``; since
+  ``Σ_k s_k s_kᵀ = diag p − p pᵀ`` this reproduces the GN exactly with ``C − 1`` backward passes per chunk (the
+  curvature's null direction ``1`` is dropped: one pass for a binary problem). ``"sampled"``: ``label_samples`` labels
   ``y ~ p`` per sample, back-propagating ``(p − e_y)/√m`` (Monte-Carlo Fisher, unbiased, noisy).
   ``"auto"`` (default): exact when the model has at most 16 classes, sampled otherwise.
 * **Blocks.** One block per tracked module; weight and bias form one matrix ``[W | b]`` of shape
@@ -388,12 +389,12 @@ class KFAC(EigenbasisInverse):
         if mode == "auto":
             mode = "exact" if n_classes <= _EXACT_MAX_CLASSES else "sampled"
         if mode == "exact":
-            cols = []
-            for c in range(n_classes):
-                s = -p.clone()
-                s[:, c] += 1
-                cols.append((s * p[:, c:c + 1].sqrt()).to(logits.dtype))
-            return cols
+            if n_classes == 1:
+                return [torch.zeros_like(logits)]
+            # ascending eigenvalues of a PSD matrix with null vector 1: the first is 0 and is dropped
+            evals, vecs = torch.linalg.eigh(torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+            roots = evals[:, 1:].clamp_min(0).sqrt()
+            return [(vecs[:, :, k + 1] * roots[:, k:k + 1]).to(logits.dtype) for k in range(n_classes - 1)]
         if not gen:
             g = torch.Generator(device=logits.device)
             g.manual_seed(self.seed)
