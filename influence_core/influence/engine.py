@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +68,28 @@ class TestFactors:
         return {n: (f / scales[n].view(shape(f))).half() for n, f in factors.items()}, scales
 
 
+@contextmanager
+def full_fp32():
+    """No TF32 inside (cuDNN convolutions, CUDA matmuls): influences amplify low-curvature directions, where TF32's
+    ~1e-3 relative error became a 1.5 % difference between two exact-in-float32 paths on an H200 (2e-4 without)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def _fp32(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with full_fp32():
+            return method(*args, **kwargs)
+    return wrapper
+
+
 def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
@@ -85,8 +109,9 @@ class InfluenceModel:
     done, total)`` is called during long loops (stages: ``features``, the method's own fit stages, ``test factors``,
     ``influences``, ``self-influence``, ``saliency``). The model is moved to ``device`` and kept in eval mode.
 
-    Inputs are ``x (n, C, H, W)`` float32 and ``y (n,)`` int64 tensors (CPU is fine); they are streamed
-    to the device in chunks of ``batch_size``. Head features are cached per tensor object, so pass the same
+    Computations run in full float32 on CUDA (TF32 off, see :func:`full_fp32`). Inputs are ``x (n, C, H, W)``
+    float32 and ``y (n,)`` int64 tensors (CPU is fine); they are streamed to the device in chunks of
+    ``batch_size``. Head features are cached per tensor object, so pass the same
     ``x_train`` tensor to ``fit``, ``influences`` and ``self_influence`` to run the backbone once.
     """
 
@@ -241,6 +266,7 @@ class InfluenceModel:
             raise InfluenceLensError("The influence model is not fitted yet.", "call fit(x_train, y_train) first")
 
     # ----------------------------------------------------------------- public API
+    @_fp32
     def fit(self, x_train, y_train) -> "InfluenceModel":
         """Fit ``(H + λI)⁻¹`` on the training set ``x_train (n, C, H, W)``, ``y_train (n,)``."""
         x, y = self._check(x_train, y_train)
@@ -255,6 +281,7 @@ class InfluenceModel:
         size = rows_per_chunk(self.params, next(iter(grads.values())).shape[0], SOLVE_BYTES)
         return concat([self.inverse.solve(part) for part in split(grads, size)])
 
+    @_fp32
     def test_factors(self, x_test, y_test) -> TestFactors:
         """``(H + λI)⁻¹ ∇ℓ(z_test)`` for every test point, solved once (right-hand sides batched as memory
         allows; test gradients are streamed, never all held at once)."""
@@ -279,6 +306,7 @@ class InfluenceModel:
             for _, g in self._grad_groups(x, y, stage):
                 yield self._solve(g)
 
+    @_fp32
     def influences(self, factors: TestFactors, x_train, y_train) -> np.ndarray:
         """``I[t, i] = F_tᵀ ∇ℓ(z_i)``: ``(n_test, n_train)`` float32, positive = helpful (removing ``z_i``
         raises test point ``t``'s loss by about ``I[t, i] / n_train``). Training gradients are streamed."""
@@ -298,6 +326,7 @@ class InfluenceModel:
                     out[start:start + step, rows] += (factors.rows(n, start, start + step) @ gn).cpu()
         return out.numpy()
 
+    @_fp32
     def self_influence(self, x_train, y_train) -> np.ndarray:
         """``I(z_i, z_i) = ∇ℓ_iᵀ (H + λI)⁻¹ ∇ℓ_i`` for every training point: ``(n,)`` float32."""
         self._require_fitted()
@@ -312,6 +341,7 @@ class InfluenceModel:
                 out[rows] = row_dot(g, self._solve(g)).cpu()
         return out.numpy()
 
+    @_fp32
     def saliency(self, x_test, y_test, x_train, y_train) -> np.ndarray:
         """Perturbation influence ``∂I(z_i, z_test)/∂x_i`` summed (signed) over colour channels: ``(k, H, W)``.
 
