@@ -10,9 +10,9 @@ Steps (every output under ``--out``):
 1. ``run/``: train with the product's recipe (``influence_core.train``, cached by config and data).
 2. ``jobs/ours_floor``: forward and forward+backward seconds over train+test — the floor.
 3. ``jobs/ours_<method>_<scope>``: our methods, one process each (``ours.py``), same checkpoint.
-4. ``workload/`` + ``jobs/<peer>_<method>_<scope>``: the same checkpoint, tensors and λ for the peers,
-   run through ``peers.run_peer``; cleanlab gets ``--cv-folds`` out-of-fold probabilities
-   (``cv/``, same recipe, ``--cv-epochs`` epochs).
+4. ``workload/`` + ``jobs/<peer>_<method>_<scope>``: the same checkpoint, tensors and λ for the peers, each
+   in its venv (``peers.ensure_venv``, built right after training, alongside the untimed cross-validation);
+   cleanlab gets ``--cv-folds`` out-of-fold probabilities (``cv/``, same recipe, ``--cv-epochs`` epochs).
 5. Detection (AUROC, recall at 5/10/20 %) of every signal; fidelity of every matrix against our exact
    ``direct`` on the head scope.
 6. ``retrain/``: the retraining check (``retrain_fidelity.py``): for ``--retrain-test-images`` test images,
@@ -33,6 +33,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -265,6 +266,18 @@ def main(argv=None) -> None:
     run = train(config, out / "run", device="cpu", log=log)
     flipped = run.flipped()
 
+    wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
+    cv_file = out / "cv" / f"pred_probs_{args.cv_folds}x{args.cv_epochs}.npy"
+    # the peers' venvs are built (pip: mostly unpacking wheels) while the untimed cross-validation trains;
+    # nothing that is timed runs before both are done
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        venvs = pool.submit(lambda: {peer: peers.ensure_venv(peer) for peer in wanted})
+        if "cleanlab" in wanted and not cv_file.is_file():
+            log(f"cross-validation: {args.cv_folds} folds × {args.cv_epochs} epochs")
+            cv_file.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cv_file, out_of_fold_probs(run, config, args.cv_folds, args.cv_epochs, out / "cv"))
+        pythons = venvs.result()
+
     log("pipeline result (direct, head, with checkpoints)")
     result = compute_influence(run, InfluenceSettings(regularization=args.regularization), device="cpu", log=log)
 
@@ -280,18 +293,12 @@ def main(argv=None) -> None:
             jobs[name] = run_job(name, [*ours, str(jobs_dir / name), "--method", method, "--scope", scope, *common,
                                         *extra], jobs_dir / name, args.job_timeout)
 
-    wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
     if wanted:
         x_train, y_train = run.tensors("train")
         x_test, y_test = run.tensors("test")
         tensors = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
-                   "is_corrupted": torch.from_numpy(flipped)}
+                   "is_corrupted": torch.from_numpy(flipped.copy())}
         if "cleanlab" in wanted:
-            cv_file = out / "cv" / f"pred_probs_{args.cv_folds}x{args.cv_epochs}.npy"
-            if not cv_file.is_file():
-                log(f"cross-validation: {args.cv_folds} folds × {args.cv_epochs} epochs")
-                cv_file.parent.mkdir(parents=True, exist_ok=True)
-                np.save(cv_file, out_of_fold_probs(run, config, args.cv_folds, args.cv_epochs, out / "cv"))
             tensors["pred_probs"] = torch.from_numpy(np.load(cv_file))
         save_workload(out / "workload", run.load_model(), tensors, Settings(
             num_classes=run.n_classes, regularization=args.regularization, time_cap_s=args.time_cap,
@@ -303,7 +310,7 @@ def main(argv=None) -> None:
                     continue
                 more = [str(args.peer_fit_examples) if a == "FIT" else a for a in more]
                 extra = ["--method", method, "--scope", scope, "--time-cap", str(args.time_cap), *more] if method else []
-                cmd = [str(peers.ensure_venv(peer)), str(peers.RUNNERS[peer]), str(out / "workload"),
+                cmd = [str(pythons[peer]), str(peers.RUNNERS[peer]), str(out / "workload"),
                        str(jobs_dir / name), *extra]
                 jobs[name] = run_job(name, cmd, jobs_dir / name, args.job_timeout)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,22 @@ from .ops import (CURVATURES, GRAD_CHUNK_BYTES, SOLVE_BYTES, concat, detached, i
 
 
 FACTOR_BYTES = 2**30
-"""Above this many bytes (float32) test factors are kept as float16, scaled per test point and tensor."""
+"""Test factors stay float32 up to this many bytes, or a third of the device's available memory if that is more;
+larger ones are kept as float16, scaled per test point and tensor (converting them back costs time: on the
+2-core CPU it was ~30 % of scoring ResNet18's whole network)."""
+
+
+def factor_budget(device: torch.device) -> int:
+    """Bytes of float32 test factors kept as they are on ``device`` (see :data:`FACTOR_BYTES`)."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(FACTOR_BYTES, available // 3)
 
 
 @dataclass
@@ -31,8 +47,8 @@ class TestFactors:
     With ``in_basis`` (methods that are diagonal in a per-layer eigenbasis, :class:`EigenbasisInverse`) the
     keys are the method's blocks and the values the solved vectors' coordinates in that basis.
     Computed once by :meth:`InfluenceModel.test_factors`; tied to the regularization it was solved with.
-    Large blocks (``all`` scope on a ResNet: 45 MB per test point) are stored as float16 values in
-    ``[-1, 1]`` times ``scales[name]`` ``(n,)`` (relative precision ~5e-4); use :meth:`rows` to read them.
+    Blocks over :func:`factor_budget` (``all`` scope on a ResNet: 45 MB per test point) are stored as float16
+    values in ``[-1, 1]`` times ``scales[name]`` ``(n,)`` (relative precision ~5e-4); read them with :meth:`rows`.
     """
 
     factors: Grads
@@ -287,7 +303,7 @@ class InfluenceModel:
         allows; test gradients are streamed, never all held at once)."""
         self._require_fitted()
         x, y = self._check(x_test, y_test)
-        compress = len(x) * 4 * sum(p.numel() for p in self.params.values()) > FACTOR_BYTES
+        compress = len(x) * 4 * sum(p.numel() for p in self.params.values()) > factor_budget(self.device)
         parts, scales = [], []
         for solved in self._solved(x, y, "test factors"):
             if compress:
