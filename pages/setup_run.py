@@ -125,6 +125,7 @@ with influence_tab:
     cached = ui.cached_influence(run, chosen) is not None
     st.caption(f"{chosen.describe()} — {'cached for this run' if cached else 'not computed yet for this run'}"
                + (" (the default)" if chosen == DEFAULT_SETTINGS else ""))
+    st.caption(chosen.accuracy_note())
     if st.button("Use these settings" + ("" if cached else " and compute"), type="primary",
                  disabled=chosen == s and cached):
         with ui.errors_shown():
