@@ -84,9 +84,9 @@ HEAD_ACCURACY = {
 WHOLE_NETWORK_ACCURACY = (
     "Approximate: influence functions assume the training loss is convex around the final weights, which a "
     "network trained from scratch is not. Measured on goldfish/lemon by retraining the whole network without the "
-    "20 points EK-FAC ranked most helpful, most harmful, or random (3 test images): Pearson RETRAIN_R between "
-    "predicted and measured test-loss changes, with the predictions RETRAIN_SCALE. EK-FAC on 880 images takes "
-    "about CPU_MIN min on 2 CPU cores and a few seconds on a GPU.")
+    "20 points EK-FAC ranked most helpful, most harmful, or random (3 test images): Pearson 0.91 between "
+    "predicted and measured test-loss changes, but the predictions about 100 times too large and the sign right "
+    "in 6 of 9 cases. EK-FAC on 880 images takes about 2.6 min on 2 CPU cores and about 3 s on a GPU.")
 
 
 DEFAULT_SETTINGS = InfluenceSettings()
