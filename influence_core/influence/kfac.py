@@ -343,7 +343,7 @@ class KFAC(EigenbasisInverse):
                             if rotate_first and g.shape[1] == 1:  # Σ_i (g_i ⊗ a_i)² without forming them
                                 lam[id(layer)].addmm_(((g @ f.q_g)[:, 0] ** 2).T, a[:, 0] ** 2)
                                 continue
-                            for rot in _rotated_per_sample(g, a, f, rotate_first, a_rotated=True):
+                            for rot in _rotated_per_sample(g, a, f, rotate_first):
                                 lam[id(layer)].add_((rot ** 2).sum(0))
 
                 self._run_pass(model, layers, batches, n_samples, f"{self.name}: eigenvalue correction", progress,
@@ -607,16 +607,15 @@ def _rotate_first(t: int, f: _Fitted, n_columns: int) -> bool:
     return rotate <= per_sample
 
 
-def _rotated_per_sample(g: torch.Tensor, a: torch.Tensor, f: _Fitted, rotate_first: bool,
-                        a_rotated: bool = False) -> Iterator[torch.Tensor]:
+def _rotated_per_sample(g: torch.Tensor, a: torch.Tensor, f: _Fitted, rotate_first: bool) -> Iterator[torch.Tensor]:
     """Per-sample gradients ``Q_Gᵀ (Σ_t g_t a_tᵀ) Q_A`` ``(s, r_G, r_A)`` for consecutive sub-chunks of the batch.
 
-    ``g (b, T, out)`` output gradients, ``a (b, T, d)`` inputs (``(b, T, r_A)`` already rotated when
-    ``a_rotated``); ``rotate_first`` rotates ``g`` and ``a`` before the sum over positions (cheap when ``T`` is
-    small), else per-sample gradients ``(s, out, d)`` are formed and then rotated.
+    ``g (b, T, out)`` output gradients; ``rotate_first``: ``a (b, T, r_A)`` inputs already rotated
+    (:meth:`_Layer.rotated_inputs`) and ``g`` is rotated before the sum over positions (cheap when ``T`` is small);
+    else ``a (b, T, d)`` raw inputs, per-sample gradients ``(s, out, d)`` are formed and then rotated.
     """
     if rotate_first:
-        g, a = g @ f.q_g, (a if a_rotated else a @ f.q_a)
+        g = g @ f.q_g
         step = max(1, _PER_SAMPLE_BUDGET // max(1, g.shape[2] * a.shape[2]))
         for start in range(0, g.shape[0], step):
             yield g[start:start + step].transpose(1, 2) @ a[start:start + step]
