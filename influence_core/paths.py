@@ -1,0 +1,121 @@
+"""One description of a run directory: every file name lives here, and only here.
+
+Layout (all files written atomically; ``train_key`` is written last and marks a complete training)::
+
+    config.json        dataset spec, classes, split and training settings, weights ("pretrained"/"scratch")
+    samples.csv        id, split (train/val/test), label (as trained, maybe corrupted), true_label, flipped
+    corruption.json    how labels were flipped: {"mode", "fraction", "seed", "flipped": {id: true_label}}
+    history.json       per epoch: train_loss, val_loss, seconds
+    dynamics.npz       loss, margin: (n_epochs, n_train) float32, from each epoch's training pass
+    predictions.npz    probs_train/probs_val/probs_test: (n, n_classes) float32 at the final model
+    metrics.json       f1_test, confusion_matrix, accuracy_test, timings_s, ...
+    checkpoints/       epoch_<e>.pt (evenly spaced) and final.pt: ResNet18 state_dicts
+    influence/<key>/   cached influence results (see :class:`InfluencePaths`)
+    reviews.sqlite     the mislabel review store
+    train_key          hash of data ids + labels + config; equal key = cached training
+    .lock              advisory lock held by ``train`` and ``influence`` while they write
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class InfluencePaths:
+    """Files of one cached influence entry ``run_dir/influence/<key>/`` (see :mod:`influence_core.pipeline`)."""
+
+    root: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta.json"
+
+    @property
+    def influences(self) -> Path:
+        return self.root / "influences.npy"
+
+    @property
+    def self_influence(self) -> Path:
+        return self.root / "self_influence.npy"
+
+    @property
+    def checkpoint_self_influence(self) -> Path:
+        return self.root / "checkpoint_self_influence.npy"
+
+    @property
+    def curvature(self) -> Path:
+        return self.root / "curvature.pt"
+
+    def is_complete(self) -> bool:
+        """Whether the entry was renamed into place (temporary ``.tmp-*`` folders never count)."""
+        return not self.root.name.startswith(".") and self.meta.is_file()
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each file of the run directory ``root`` lives (see the module docstring)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.csv"
+
+    @property
+    def corruption(self) -> Path:
+        return self.root / "corruption.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.json"
+
+    @property
+    def dynamics(self) -> Path:
+        return self.root / "dynamics.npz"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.npz"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final_checkpoint(self) -> Path:
+        return self.checkpoints / "final.pt"
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch_{epoch}.pt"
+
+    @property
+    def influence(self) -> Path:
+        return self.root / "influence"
+
+    def influence_entry(self, key: str) -> InfluencePaths:
+        return InfluencePaths(self.influence / key)
+
+    @property
+    def reviews(self) -> Path:
+        return self.root / "reviews.sqlite"
+
+    @property
+    def train_key(self) -> Path:
+        return self.root / "train_key"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
