@@ -105,7 +105,17 @@ class InfluenceResult:
 
     @cached_property
     def influences(self) -> np.ndarray:
-        return np.load(self.path / "influences.npy")
+        """(n_test, n_train) float32, memory-mapped: index rows (:meth:`row`) instead of loading it whole."""
+        return np.load(self.path / "influences.npy", mmap_mode="r")
+
+    def row(self, test: int) -> np.ndarray:
+        """(n_train,) float32 influences of every training point on test point ``test``."""
+        return np.asarray(self.influences[test], dtype=np.float32)
+
+    @cached_property
+    def mean_influence(self) -> np.ndarray:
+        """(n_train,) float64 mean influence of each training point over the test set."""
+        return self.influences.mean(axis=0, dtype=np.float64)
 
     @cached_property
     def self_influence(self) -> np.ndarray:
@@ -121,7 +131,7 @@ class InfluenceResult:
         labels = self.run.labels("train")
         out = {
             "self_influence": self.self_influence.astype(np.float64),
-            "neg_mean_test_influence": -self.influences.mean(0).astype(np.float64),
+            "neg_mean_test_influence": -self.mean_influence,
             "training_loss": cross_entropy(self.run.predictions["probs_train"], labels),
             "mean_margin": -self.run.dynamics["margin"].mean(0).astype(np.float64),
             "mean_loss": self.run.dynamics["loss"].mean(0).astype(np.float64),
