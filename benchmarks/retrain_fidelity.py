@@ -2,7 +2,7 @@
 harmful for a test image (and a random group), retrain from scratch, and compare the measured change of that
 image's test loss with the change each job's matrix predicts.
 
-    /work/main/.venv/bin/python benchmarks/retrain_fidelity.py RUN_DIR JOBS_DIR OUT_DIR [--n-test-images 3]
+    .venv/bin/python benchmarks/retrain_fidelity.py RUN_DIR JOBS_DIR OUT_DIR [--n-test-images 3]
         [--group-size 20] [--selector ours_ekfac_all] [--fallback-selector ours_direct_head] [--seed 0]
         [--device cpu] [--epochs N  (smoke tests only: overrides the run's epochs)]
 

@@ -1,6 +1,6 @@
 """End-to-end benchmark: train, time Influence Lens against peers, score mislabel detection and fidelity.
 
-    /work/main/.venv/bin/python benchmarks/run.py [--dataset tiny-imagenet:PATH] [--classes goldfish lemon]
+    .venv/bin/python benchmarks/run.py [--dataset tiny-imagenet:PATH] [--classes goldfish lemon]
         [--corrupt-fraction 0.1] [--train-layers all] [--epochs 15] [--image-size 64] [--downsample 1.0]
         [--time-cap 60] [--cv-folds 4] [--cv-epochs N] [--peers pydvl,kronfluence,cleanlab]
         [--peer-fit-examples 64] [--retrain-test-images 3] [--retrain-group-size 20] [--out benchmarks/out/NAME]
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -261,7 +262,6 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     out = args.out.resolve()
     jobs_dir = out / "jobs"
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = TrainConfig(dataset=args.dataset, classes=args.classes, image_size=args.image_size,
                          downsample=args.downsample, seed=args.seed, epochs=args.epochs,
                          train_layers=args.train_layers, corrupt_fraction=args.corrupt_fraction)
@@ -324,13 +324,15 @@ def main(argv=None) -> None:
         retraining = retrain_fidelity.retrain_fidelity(run, jobs_dir, out, n_test_images=args.retrain_test_images,
                                                        group_size=args.retrain_group_size, seed=args.seed, log=log)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+    cpu_info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in cpu_info.splitlines() if line.startswith("model name")),
                platform.processor())
     report = {
         "name": out.name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{cpu}, {len([l for l in open('/proc/cpuinfo') if l.startswith('processor')])} cores",
+        "machine": f"{cpu}, {os.cpu_count()} cores",
         "torch_threads": torch.get_num_threads(),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, "benchmarks/run.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), "benchmarks/run.py",
+                                                      *(argv or sys.argv[1:])]),
         "regularization": args.regularization, "time_cap_s": args.time_cap, "job_timeout_s": args.job_timeout,
         "cv_folds": args.cv_folds, "cv_epochs": args.cv_epochs,
         "run": {"n_train": len(flipped), "n_test": len(run.labels("test")), "n_flipped": int(flipped.sum()),
