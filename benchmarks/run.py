@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
 import shlex
@@ -53,7 +54,7 @@ from influence_core import TrainConfig, train  # noqa: E402
 from influence_core.analysis import detection_metrics  # noqa: E402
 from influence_core.model import build_resnet18  # noqa: E402
 from influence_core.pipeline import InfluenceSettings, compute_influence  # noqa: E402
-from influence_core.training import _fit  # noqa: E402  (the exact training loop, reused for the CV folds)
+from influence_core.training import fit_model  # noqa: E402  (the exact training loop, reused for the CV folds)
 
 OUR_JOBS = [("direct", "head", []), ("cg", "head", []), ("arnoldi", "head", ["--option", "rank=100"]),
             ("ekfac", "head", []), ("kfac", "head", []), ("lissa", "head", ["--option", "depth=300"]),
@@ -138,7 +139,7 @@ def run_job(name: str, cmd: list[str] | None, out_dir: Path, timeout: float, run
     return record
 
 
-def out_of_fold_probs(run, config: TrainConfig, folds: int, epochs: int, cv_dir: Path) -> np.ndarray:
+def out_of_fold_probs(run, config: TrainConfig, folds: int, epochs: int) -> np.ndarray:
     """(n_train, K) class probabilities, each from a model trained (same recipe, ``epochs``) without its fold."""
     x, y = run.tensors("train")
     probs = np.zeros((len(y), run.n_classes), np.float32)
@@ -148,7 +149,7 @@ def out_of_fold_probs(run, config: TrainConfig, folds: int, epochs: int, cv_dir:
         held = torch.from_numpy(fold_of == k)
         torch.manual_seed(config.seed + k + 1)
         model, _ = build_resnet18(run.n_classes, pretrained=run.config["weights"] == "pretrained")
-        _fit(model, cfg, x[~held], y[~held], x[held], y[held], cv_dir / f"fold_{k}", None, torch.device("cpu"))
+        fit_model(model, cfg, x[~held], y[~held], x[held], y[held])
         model.eval()
         with torch.no_grad():
             probs[held.numpy()] = torch.cat([model(xb).softmax(1) for xb in x[held].split(64)]).numpy()
@@ -259,6 +260,8 @@ def markdown(report: dict) -> str:
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(format="[bench %(asctime)s] %(message)s", datefmt="%H:%M:%S")  # the library's status lines
+    logging.getLogger("influence_core").setLevel(logging.INFO)
     t_start = time.perf_counter()
     out = args.out.resolve()
     jobs_dir = out / "jobs"
@@ -266,7 +269,7 @@ def main(argv=None) -> None:
                          downsample=args.downsample, seed=args.seed, epochs=args.epochs,
                          train_layers=args.train_layers, corrupt_fraction=args.corrupt_fraction)
     log("training (cached if unchanged)")
-    run = train(config, out / "run", device="cpu", log=log)
+    run = train(config, out / "run", device="cpu")
     flipped = run.flipped()
 
     wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -278,11 +281,11 @@ def main(argv=None) -> None:
         if "cleanlab" in wanted and not cv_file.is_file():
             log(f"cross-validation: {args.cv_folds} folds × {args.cv_epochs} epochs")
             cv_file.parent.mkdir(parents=True, exist_ok=True)
-            np.save(cv_file, out_of_fold_probs(run, config, args.cv_folds, args.cv_epochs, out / "cv"))
+            np.save(cv_file, out_of_fold_probs(run, config, args.cv_folds, args.cv_epochs))
         pythons = venvs.result()
 
     log("pipeline result (direct, head, with checkpoints)")
-    result = compute_influence(run, InfluenceSettings(regularization=args.regularization), device="cpu", log=log)
+    result = compute_influence(run, InfluenceSettings(regularization=args.regularization), device="cpu")
 
     ours = [sys.executable, str(BENCH / "ours.py"), str(run.path)]
     common = ["--regularization", str(args.regularization)]
