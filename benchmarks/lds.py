@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from influence_core import Run, TrainConfig, train
+from influence_core import TrainConfig, train
 from influence_core.model import build_resnet18
 from influence_core.paths import RunPaths
 from influence_core.storage import atomic_save_npz, atomic_write_json, read_json, stable_hash
@@ -60,9 +60,9 @@ def workload_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def workload_dir(config: TrainConfig, fraction: float, out: Path) -> Path:
-    """``out/<classes>-flip<f>-<hash of recipe and subset fraction>``."""
+    """``out/<classes>-<size>px-flip<f>-<hash of recipe and subset fraction>``."""
     key = stable_hash("lds-v1", dataclasses.asdict(config), fraction, SUBSET_SEED, length=10)
-    return out / f"{'-'.join(config.classes)}-flip{config.corrupt_fraction:g}-{key}"
+    return out / f"{'-'.join(config.classes)}-{config.image_size}px-flip{config.corrupt_fraction:g}-{key}"
 
 
 def subset_indices(model_index: int, n_train: int, fraction: float) -> np.ndarray:
@@ -144,7 +144,7 @@ class Measurements:
     seeds: np.ndarray
 
     @classmethod
-    def collect(cls, root: Path, y_test: np.ndarray) -> "Measurements":
+    def collect(cls, root: Path, y_test: np.ndarray) -> Measurements:
         """Stack every ``models/model_<m>.npz`` under ``root`` (in model order) and cache the stack."""
         files = sorted((root / "models").glob("model_*.npz"))
         n_train = read_json(root / "workload.json")["n_train"]
