@@ -37,10 +37,16 @@ def _influence(args) -> None:
 
     settings = InfluenceSettings(method=args.method, scope=args.scope, regularization=args.regularization,
                                  curvature=args.curvature)
+    cluster = None
+    if args.scheduler is not None or args.workers is not None:
+        from .distributed import ClusterSpec
+
+        cluster = ClusterSpec(scheduler=args.scheduler, workers=args.workers)
     bar = TqdmProgress()
     try:
         result = compute_influence(Run(args.run_dir), settings, device=args.device, progress=bar,
-                                   recompute=args.recompute, log=lambda msg: print(msg, file=sys.stderr))
+                                   recompute=args.recompute, log=lambda msg: print(msg, file=sys.stderr),
+                                   cluster=cluster)
     finally:
         bar.close()
     print(f"influence ({settings.describe()}) cached in {result.path}", file=sys.stderr)
@@ -108,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--curvature", choices=["gauss-newton", "hessian"], default=DEFAULT_SETTINGS.curvature)
     i.add_argument("--device", default="auto")
     i.add_argument("--recompute", action="store_true", help="ignore the influence cache")
+    i.add_argument("--scheduler", metavar="ADDRESS",
+                   help="score on this Dask cluster (tcp://HOST:8786; run dir on a shared file system)")
+    i.add_argument("--workers", type=int, metavar="N", help="score on a local Dask cluster of N worker processes")
     i.set_defaults(func=_influence)
 
     r = sub.add_parser("report", help="summarise a run (metrics, detection, timings)")
