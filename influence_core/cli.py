@@ -117,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--curvature", choices=["gauss-newton", "hessian"], default=DEFAULT_SETTINGS.curvature)
     i.add_argument("--device", default="auto")
     i.add_argument("--recompute", action="store_true", help="ignore the influence cache")
-                                   recompute=args.recompute, wait=not args.no_wait, cluster=cluster)
+    i.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
+    i.add_argument("--scheduler", metavar="ADDRESS",
+                   help="score on this Dask cluster (tcp://HOST:8786; run dir on a shared file system)")
+    i.add_argument("--workers", type=int, metavar="N", help="score on a local Dask cluster of N worker processes")
     i.set_defaults(func=_influence)
 
     r = sub.add_parser("report", help="summarise a run (metrics, detection, timings)")
