@@ -108,7 +108,7 @@ def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrai
     Holds the run directory's lock while it checks the cache and writes (``wait=False``: fail at once if another
     process holds it); a previous run in ``run_dir`` is replaced only once the new one is complete."""
     config.check()
-    paths = RunPaths(run_dir)
+    paths = RunPaths(Path(run_dir))
     t0 = time.perf_counter()
     data = split_data(load_data(config), config)
     key = training_key(data)
