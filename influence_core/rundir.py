@@ -117,6 +117,15 @@ def _finish_swap(paths: RunPaths) -> None:
     shutil.rmtree(old.root)
 
 
+def finished_runs(root: Path) -> list[Path]:
+    """Finished run directories directly under ``root``, newest training first. Hidden folders (a training being
+    built, a run waiting in a swap) never count."""
+    if not root.is_dir():
+        return []
+    found = [RunPaths(p) for p in root.iterdir() if not p.name.startswith(".") and RunPaths(p).train_key.is_file()]
+    return [p.root for p in sorted(found, key=lambda p: p.train_key.stat().st_mtime, reverse=True)]
+
+
 def remove_orphans(folder: Path, prefix: str) -> None:
     """Delete ``folder/<prefix>…-<pid>`` entries whose process ``pid`` is gone (left by a killed process)."""
     if not folder.is_dir():

@@ -29,7 +29,7 @@ from .corruption import flip_random, flip_top_influence
 from .data import ImageSet, Split, load_dataset, split_dataset
 from .errors import InfluenceLensError
 from .model import build_resnet18
-from .paths import RunPaths
+from .paths import TRAIN_KEY_FIELD, RunPaths
 from .progress import Progress
 from .run import Run
 from .rundir import recover, run_lock, staged_run
@@ -108,7 +108,7 @@ def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrai
     Holds the run directory's lock while it checks the cache and writes (``wait=False``: fail at once if another
     process holds it); a previous run in ``run_dir`` is replaced only once the new one is complete."""
     config.check()
-    paths = RunPaths(run_dir)
+    paths = RunPaths(Path(run_dir))
     t0 = time.perf_counter()
     data = split_data(load_data(config), config)
     key = training_key(data)
@@ -197,7 +197,7 @@ def holds_training(paths: RunPaths, key: str) -> bool:
         config = read_json(paths.config)
     except (OSError, ValueError):
         return False
-    return (stored == key and isinstance(config, dict) and config.get("train_key") == key
+    return (stored == key and isinstance(config, dict) and config.get(TRAIN_KEY_FIELD) == key
             and paths.final_checkpoint.is_file() and paths.samples.is_file())
 
 
@@ -236,7 +236,7 @@ def write_run(paths: RunPaths, data: TrainingData, key: str, weights: str, histo
     atomic_write_json(paths.config, _config_dict(config) | {
         "classes": ds.classes, "class_keys": ds.class_keys, "image_size": int(ds.images.shape[1]),
         "weights": weights, "weights_requested": config.weights, "n_skipped_images": len(ds.skipped),
-        "train_key": key})
+        TRAIN_KEY_FIELD: key})
     _write_samples(paths, data)
     y_train_true = ds.labels[data.split.train]
     atomic_write_json(paths.corruption, {
