@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -54,6 +55,7 @@ from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json,
 log = logging.getLogger(__name__)
 
 METHOD_CHOICES = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac")
+CURVATURE_CHOICES = ("gauss-newton", "hessian")
 CACHE_VERSION = "influence-v3"  # bump when the engine's results or curvature.pt format change
 DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Finding wrong labels")
 
@@ -72,9 +74,13 @@ class InfluenceSettings:
         if self.method not in METHOD_CHOICES:
             raise InfluenceLensError(f"Unknown influence method {self.method!r}.",
                                      f"use one of {', '.join(METHOD_CHOICES)}")
-        if not self.regularization > 0:
-            raise InfluenceLensError(f"Regularization λ must be positive, not {self.regularization}.",
+        if not (math.isfinite(self.regularization) and self.regularization > 0):
+            raise InfluenceLensError(f"Regularization λ must be a positive finite number, not {self.regularization}.",
                                      "for example 1e-3")
+        if self.curvature not in CURVATURE_CHOICES:
+            raise InfluenceLensError(f"Unknown curvature {self.curvature!r}.", f"use {' or '.join(CURVATURE_CHOICES)}")
+        if not self.scope_arg():
+            raise InfluenceLensError("The influence scope is empty.", "use head, all or comma-separated module names")
 
     def scope_arg(self) -> str | list[str]:
         """``head`` / ``all`` as is, anything else as a list of module names."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,9 @@ from sklearn.metrics import confusion_matrix, f1_score
 from torch import nn
 
 from .corruption import flip_random, flip_top_influence
-from .data import ImageSet, Split, load_dataset, split_dataset
+from .data import ImageSet, Split, check_image_size, check_split, load_dataset, split_dataset
 from .errors import InfluenceLensError
-from .model import build_resnet18
+from .model import IMAGENET, build_resnet18
 from .paths import TRAIN_KEY_FIELD, RunPaths
 from .progress import Progress
 from .run import Run
@@ -80,17 +81,52 @@ class TrainConfig:
             "weights": cfg.get("weights_requested", "auto" if cfg["weights"] == "pretrained" else "scratch")})
 
     def check(self) -> None:
+        """Refuse settings that would fail late or train silently wrong, before any data is read."""
         if self.train_layers not in ("head", "all"):
-            raise InfluenceLensError(f"train_layers must be 'head' or 'all', not {self.train_layers!r}.")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise InfluenceLensError("epochs must be ≥ 1 and batch_size ≥ 2.")
+            raise InfluenceLensError(f"train_layers must be 'head' or 'all', not {self.train_layers!r}.",
+                                     "use head (frozen backbone) or all (full network)")
+        if self.epochs < 1:
+            raise InfluenceLensError(f"epochs must be at least 1, not {self.epochs}.", "for example 10")
+        if self.batch_size < 2:
+            raise InfluenceLensError(f"batch_size must be at least 2 (BatchNorm needs two images), not "
+                                     f"{self.batch_size}.", "for example 64")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InfluenceLensError(f"The learning rate must be a positive number, not {self.lr}.",
+                                     "for example 1e-3")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InfluenceLensError(f"weight_decay must be a number ≥ 0, not {self.weight_decay}.",
+                                     "for example 1e-4, or 0 for none")
         if self.lr_schedule not in ("cosine", "constant"):
-            raise InfluenceLensError(f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}.")
+            raise InfluenceLensError(f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}.",
+                                     "use cosine or constant")
+        if self.n_checkpoints < 0:
+            raise InfluenceLensError(f"The number of kept checkpoints must be ≥ 0, not {self.n_checkpoints}.",
+                                     "for example 4, or 0 to keep only the final model")
+        if self.seed < 0:
+            raise InfluenceLensError(f"The seed must be ≥ 0, not {self.seed}.", "for example 0")
+        if self.classes is not None and len(self.classes) < 2:
+            raise InfluenceLensError(f"A classifier needs at least two classes, not {list(self.classes)}.",
+                                     "name two or more classes, or leave them out for all")
+        check_image_size(self.image_size)
+        check_split(tuple(self.split), self.downsample)
+        self._check_corruption()
+        if self.weights not in ("auto", "scratch", IMAGENET) and not Path(self.weights).expanduser().is_file():
+            raise InfluenceLensError(f"Pretrained weights file {self.weights} does not exist.",
+                                     f"use auto, scratch, {IMAGENET} (download once) or the path of a ResNet18 "
+                                     "state_dict (.pth)")
+
+    def _check_corruption(self) -> None:
+        if not 0 <= self.corrupt_fraction < 1:
+            raise InfluenceLensError(f"The share of flipped labels must be in [0, 1), not {self.corrupt_fraction}.",
+                                     "for example 0.1 for 10 %, or 0 for none")
         if self.corrupt_mode not in ("random", "top-influence"):
             raise InfluenceLensError(f"Unknown corruption mode {self.corrupt_mode!r}.", "use random or top-influence")
         if self.corrupt_mode == "top-influence" and self.corrupt_fraction > 0 and self.corrupt_scores is None:
             raise InfluenceLensError("top-influence corruption needs influence scores of a clean run.",
-                                     "compute influences on the clean run first and pass its mean test influence")
+                                     "train a clean run with the same data first and pass it with --scores-from")
+        if self.corrupt_scores is not None and not np.isfinite(np.asarray(self.corrupt_scores, float)).all():
+            raise InfluenceLensError("The clean run's influence scores are not all finite numbers.",
+                                     "recompute its influence (influence-core influence --recompute)")
 
 
 def checkpoint_epochs(epochs: int, n_checkpoints: int) -> list[int]:
