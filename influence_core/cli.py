@@ -32,10 +32,11 @@ def _train(args) -> None:
 
 
 def _influence(args) -> None:
+    from .influence import parse_scope
     from .pipeline import InfluenceSettings, compute_influence
     from .run import Run
 
-    settings = InfluenceSettings(method=args.method, scope=args.scope, regularization=args.regularization,
+    settings = InfluenceSettings(method=args.method, scope=parse_scope(args.scope), regularization=args.regularization,
                                  curvature=args.curvature)
     bar = TqdmProgress()
     try:
@@ -66,6 +67,7 @@ def _classes(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .influence import Curvature, Damping, scope_text
     from .pipeline import DEFAULT_SETTINGS, METHOD_CHOICES
 
     p = argparse.ArgumentParser(prog="influence-core", description=__doc__.splitlines()[0])
@@ -102,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("influence", help="compute and cache influences for a run")
     i.add_argument("--run-dir", required=True)
     i.add_argument("--method", choices=METHOD_CHOICES, default=DEFAULT_SETTINGS.method)
-    i.add_argument("--scope", default=DEFAULT_SETTINGS.scope,
+    i.add_argument("--scope", default=scope_text(DEFAULT_SETTINGS.scope),
                    help="head | all | comma-separated module names (e.g. layer4.1.conv2,fc)")
-    i.add_argument("--regularization", type=float, default=DEFAULT_SETTINGS.regularization, help="λ in (H + λI)⁻¹")
-    i.add_argument("--curvature", choices=["gauss-newton", "hessian"], default=DEFAULT_SETTINGS.curvature)
+    i.add_argument("--regularization", default=str(Damping.of(DEFAULT_SETTINGS.regularization)),
+                   help="λ in (H + λI)⁻¹: a number (absolute, e.g. 1e-3) or rel:FRACTION (FRACTION × the mean "
+                        "curvature eigenvalue of each block, e.g. rel:0.1)")
+    i.add_argument("--curvature", choices=list(Curvature), type=Curvature, default=DEFAULT_SETTINGS.curvature)
     i.add_argument("--device", default="auto")
     i.add_argument("--recompute", action="store_true", help="ignore the influence cache")
     i.set_defaults(func=_influence)

@@ -25,11 +25,12 @@ import numpy as np
 
 from .analysis import SIGNALS, cross_entropy
 from .errors import InfluenceLensError
+from .influence import METHODS, Curvature, Damping, InfluenceModel, Method, Scope, ScopeArg, parse_scope, scope_text
 from .progress import Progress
 from .run import Run
 from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json, stable_hash
 
-METHOD_CHOICES = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac")
+METHOD_CHOICES = tuple(METHODS)
 CACHE_VERSION = "influence-v2"  # bump when the engine's results or curvature.pt format change
 DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Finding wrong labels")
 
@@ -38,26 +39,34 @@ DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Findi
 class InfluenceSettings:
     """What decides an influence result (besides the run itself)."""
 
-    method: str = "direct"
-    scope: str = "head"
-    regularization: float = 1e-3
-    curvature: str = "gauss-newton"
+    method: str = "direct"  # a key of METHODS (default options)
+    scope: ScopeArg = Scope.HEAD
+    regularization: float | Damping = 1e-3  # a float is an absolute λ; Damping.relative(f) scales with the curvature
+    curvature: Curvature = Curvature.GAUSS_NEWTON
     checkpoints: bool = True  # also self-influence at every kept checkpoint (TracIn-style signal)
 
     def __post_init__(self):
-        if self.method not in METHOD_CHOICES:
+        """Checks every choice and stores it typed (text such as ``"layer4.1.conv2,fc"`` or ``"rel:0.1"`` is read
+        here); an absolute λ is kept as a plain float so the cache key of the defaults stays what it was."""
+        if self.method not in METHODS:
             raise InfluenceLensError(f"Unknown influence method {self.method!r}.",
                                      f"use one of {', '.join(METHOD_CHOICES)}")
-        if not self.regularization > 0:
-            raise InfluenceLensError(f"Regularization λ must be positive, not {self.regularization}.",
-                                     "for example 1e-3")
+        damping = Damping.parse(self.regularization) if isinstance(self.regularization, str) else \
+            Damping.of(self.regularization)
+        object.__setattr__(self, "regularization", damping if damping.relative_to_mean else damping.value)
+        object.__setattr__(self, "scope", parse_scope(self.scope))
+        object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
+        Method.named(self.method).check_curvature(self.curvature)
 
-    def scope_arg(self) -> str | list[str]:
-        """``head`` / ``all`` as is, anything else as a list of module names."""
-        return self.scope if self.scope in ("head", "all") else [s.strip() for s in self.scope.split(",") if s.strip()]
+    def influence_model(self, model, device: str = "auto", progress: Progress | None = None) -> InfluenceModel:
+        """The (unfitted) engine for these settings."""
+        return InfluenceModel(model, method=Method.named(self.method), scope=self.scope,
+                              regularization=self.regularization, curvature=self.curvature, device=device,
+                              progress=progress)
 
     def describe(self) -> str:
-        return f"{self.method}, scope {self.scope}, λ={self.regularization:g}, {self.curvature}"
+        return (f"{self.method}, scope {scope_text(self.scope)}, λ={Damping.of(self.regularization)}, "
+                f"{self.curvature.value}")
 
     def accuracy_note(self) -> str:
         """How exact these settings are, with the error measured by ``benchmarks/run.py`` (see RESULTS.md)."""
@@ -158,8 +167,6 @@ def cached_results(run: Run) -> list[InfluenceResult]:
 def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, device: str = "auto",
                       progress: Progress | None = None, recompute: bool = False, log=print) -> InfluenceResult:
     """Compute (or fetch) the influence matrix, self-influence and checkpoint self-influence of ``run``."""
-    from .influence import InfluenceModel
-
     key = cache_key(run, settings)
     final = run.path / "influence" / key
     if not recompute and (final / "meta.json").is_file():
@@ -178,19 +185,16 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
             is_final = i == len(ckpts) - 1
             tag = "final" if is_final else ckpt.stem
             model = run.load_model(ckpt)
-            im = InfluenceModel(model, scope=settings.scope_arg(), method=settings.method,
-                                curvature=settings.curvature, regularization=settings.regularization,
-                                device=device, progress=_tagged(progress, tag))
+            im = settings.influence_model(model, device=device, progress=_tagged(progress, tag))
             t = time.perf_counter()
             im.fit(x_train, y_train)
             timings[f"fit_{tag}"] = time.perf_counter() - t
             t = time.perf_counter()
-            checkpoint_si.append(im.self_influence(x_train, y_train))
+            checkpoint_si.append(im.self_influence())
             timings[f"self_influence_{tag}"] = time.perf_counter() - t
             if is_final:
                 t = time.perf_counter()
-                factors = im.test_factors(x_test, y_test)
-                influences = im.influences(factors, x_train, y_train)
+                influences = im.influences(x_test, y_test)
                 timings["test_x_train_matrix"] = time.perf_counter() - t
                 np.save(tmp / "influences.npy", np.asarray(influences, dtype=np.float32))
                 atomic_torch_save(tmp / "curvature.pt", im.state_dict())
@@ -201,7 +205,7 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
         atomic_write_json(tmp / "meta.json", {
             "settings": dataclasses.asdict(settings), "checkpoints": [p.name for p in ckpts],
             "n_train": len(y_train), "n_test": len(y_test), "timings_s": timings, "created": time.time(),
-            "device": str(im.device)})
+            "device": str(im.device_)})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     finally:
@@ -219,11 +223,8 @@ def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, tra
     """
     import torch
 
-    from .influence import InfluenceModel
-
     result = compute_influence(run, settings, device=device, log=lambda _: None)
-    im = InfluenceModel(run.load_model(), scope=settings.scope_arg(), method=settings.method,
-                        curvature=settings.curvature, regularization=settings.regularization, device=device)
+    im = settings.influence_model(run.load_model(), device=device)
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
     state = torch.load(result.path / "curvature.pt", weights_only=True)

@@ -15,8 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
-from ..errors import InfluenceLensError
-from .base import Batch, Grads, InverseCurvature, Progress
+from ..progress import Progress
+from .choices import Curvature
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+"""``(x, y)``: inputs ``(b, ...)`` float32 and labels ``(b,)`` int64, on the engine's device."""
+Batches = Callable[[], Iterable[Batch]]
+"""Returns a fresh iterator over the training set in chunks (called once per pass)."""
+Grads = dict[str, torch.Tensor]
+"""``k`` stacked vectors per parameter: ``grads[name]`` has shape ``(k, *param.shape)``."""
 
 GRAD_CHUNK_BYTES = 256 * 2**20
 """Budget (bytes) for one chunk of per-sample gradients or of stacked vectors; keeps ``all`` scope bounded."""
@@ -26,7 +33,8 @@ TANGENT_BYTES = 64 * 2**20
 """Budget (bytes) for the vectors pushed through one vmapped curvature product: one at a time for a ResNet,
 all at once for small blocks (activation memory grows with their number)."""
 
-CURVATURES = ("gauss-newton", "hessian")
+TRACE_PROBES = 16
+"""Rademacher probes of the Hutchinson estimate of ``trace(H)`` (relative damping of the matrix-free methods)."""
 
 
 def detached(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -124,9 +132,9 @@ def iter_per_sample_grads(
 def curvature_matvec(
     model: nn.Module,
     params: dict[str, nn.Parameter],
-    batches: Callable[[], Iterable[Batch]],
+    batches: Batches,
     n_samples: int,
-    curvature: str,
+    curvature: Curvature,
     vectors: Grads,
 ) -> Grads:
     """``H V`` for ``k`` stacked vectors ``V`` (``(k, *param.shape)`` each): one pass over the training set.
@@ -190,9 +198,9 @@ def _linear_matvec(model: nn.Linear, values, x, vectors):
 def curvature_matrix(
     model: nn.Module,
     params: dict[str, nn.Parameter],
-    batches: Callable[[], Iterable[Batch]],
+    batches: Batches,
     n_samples: int,
-    curvature: str,
+    curvature: Curvature,
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """The explicit ``(p, p)`` mean curvature matrix (parameters flattened in dict order), float64.
@@ -291,32 +299,13 @@ def power_iteration(matvec: Callable[[Grads], Grads], like: dict[str, torch.Tens
     return estimate
 
 
-class IterativeInverse(InverseCurvature):
-    """Base of the methods that solve against the training data at every call (``cg``, ``lissa``).
+def hutchinson_mean_eigenvalue(matvec: Callable[[Grads], Grads], like: dict[str, torch.Tensor],
+                               probes: int = TRACE_PROBES, seed: int = 0) -> float:
+    """``trace(H)/p`` estimated as the mean of ``vᵀ H v / p`` over Rademacher vectors ``v`` (one batched product).
 
-    :meth:`fit` keeps the data (nothing is cached on disk); :meth:`solve` iterates ``rhs_chunk`` stacked
-    right-hand sides at a time (default: as many as fit ``SOLVE_BYTES`` per vector) through
-    :meth:`_solve_chunk`, which subclasses implement with :meth:`_curvature` products.
+    Unbiased; its relative error is ``√(2(‖H‖_F² − Σ H_ii²)/probes)/trace(H)``, at most ``√(2/probes)``
+    (35 % at 16 probes) for a rank-one ``H`` and much less for curvature spread over many directions.
     """
-
-    rhs_chunk: int | None = None
-
-    def _keep_data(self, model, params, batches, n_samples, progress) -> None:
-        self._data = (model, params, batches, n_samples)
-        self._progress = progress  # subclasses also report their solve iterations through it
-
-    def _curvature(self, vectors: Grads) -> Grads:
-        """``H v`` (without ``λ``) for each stacked vector: one pass over the training set."""
-        model, params, batches, n_samples = self._data
-        return curvature_matvec(model, params, batches, n_samples, self.curvature, vectors)
-
-    def solve(self, grads: Grads) -> Grads:
-        if not hasattr(self, "_data"):
-            raise InfluenceLensError(f"Method {self.name!r} has no training data to solve against.",
-                                     f"call fit() ({self.name} keeps no cached state)")
-        k = next(iter(grads.values())).shape[0]
-        size = self.rhs_chunk or rows_per_chunk(self._data[1], k, SOLVE_BYTES)
-        return concat([self._solve_chunk(part) for part in split(grads, size)])
-
-    def _solve_chunk(self, b: Grads) -> Grads:
-        raise NotImplementedError
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v = {n: (torch.randint(0, 2, (probes, *p.shape), generator=gen) * 2.0 - 1.0).to(p) for n, p in like.items()}
+    return float(row_dot(v, matvec(v)).mean()) / n_params(like)
