@@ -59,6 +59,7 @@ class BlockScale:
     top: float | None = None
 
 
+@dataclass(frozen=True)
 class Method:
     """A configured inverse-curvature method; subclasses are frozen dataclasses whose fields are its options.
 
@@ -98,7 +99,7 @@ class Method:
         return self.inverse_class(self, curvature)
 
 
-def positive(owner: str, **values: float) -> None:
+def positive(owner: str, **values: float | None) -> None:
     """Refuse options that must be positive (clear error at construction)."""
     for key, value in values.items():
         if value is not None and not value > 0:

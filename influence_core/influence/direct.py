@@ -35,6 +35,10 @@ class DirectInverse(InverseCurvature):
     """
 
     method: Direct
+    matrix: torch.Tensor  # (p, p) float32, the mean curvature H
+    shapes: dict[str, torch.Size]
+    scale: BlockScale
+    factored: tuple[float, tuple[str, tuple[torch.Tensor, ...]]]  # (λ, its factor)
 
     def fit(self, model, params, batches, n_samples, progress=None):
         p = n_params(params)
@@ -79,12 +83,12 @@ class DirectInverse(InverseCurvature):
         return {"matrix": self.matrix, **_shape_state(self.shapes)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.matrix = state["matrix"]  # (p, p) float32, the mean curvature H
+        self.matrix = state["matrix"]
         self.shapes = {k[len("shape."):]: torch.Size(v.tolist()) for k, v in state.items() if k.startswith("shape.")}
         self.scale = BlockScale(float(self.matrix.double().trace()) / len(self.matrix),
                                 abs(power_iteration(lambda v: {"": v[""] @ self.matrix}, {"": self.matrix[0]},
                                                     steps=50)))
-        self.factored: tuple[float, tuple[str, tuple[torch.Tensor, ...]]] = (float("nan"), ("", ()))
+        self.factored = (float("nan"), ("", ()))
 
 
 def _shape_state(shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:

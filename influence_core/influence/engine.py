@@ -98,7 +98,7 @@ class InfluenceFactors:
                or (p.scales is None) != (first.scales is None) for p in parts):
             raise InfluenceLensError("These test factors were computed with different settings.",
                                      "compute every chunk with the same influence model")
-        scales = concat([p.scales for p in parts]) if first.scales is not None else None
+        scales = concat([p.scales for p in parts if p.scales is not None]) if first.scales is not None else None
         return cls(concat([p.factors for p in parts]), first.damping, scales, first.in_basis)
 
     @staticmethod
@@ -300,9 +300,10 @@ class InfluenceModel:
 
     def _basis_grads(self, x: Images, y: torch.Tensor, stage: str):
         """Per chunk ``(rows, blocks)``: ``blocks`` yields ``(block, coordinates (b, ...))`` in the eigenbasis."""
-        assert isinstance(self.inverse_, EigenbasisInverse)
+        inverse = self.inverse_
+        assert isinstance(inverse, EigenbasisInverse)
         for rows, (inputs, labels) in zip(self._chunks(len(x)), self._batches(x, y)(), strict=True):
-            yield rows, self.inverse_.basis_grads(self.block_model_, self.params_, inputs, labels)
+            yield rows, inverse.basis_grads(self.block_model_, self.params_, inputs, labels)
             self._report(stage, rows.stop, len(x))
 
     def _grad_groups(self, x: Images, y: torch.Tensor, stage: str) -> Iterator[tuple[slice, Grads]]:
@@ -358,7 +359,7 @@ class InfluenceModel:
 
     def _solved(self, x: Images, y: torch.Tensor, stage: str) -> Iterator[Grads]:
         """``(H + λI)⁻¹ ∇ℓ_i`` chunk by chunk, in parameter space or (``in_basis_``) as eigenbasis coordinates."""
-        if self.in_basis_:
+        if isinstance(self.inverse_, EigenbasisInverse):
             inverse = self.inverse_.inverse_diagonal(self.regularization)
             for _, blocks in self._basis_grads(x, y, stage):
                 yield {key: r * inverse[key] for key, r in blocks}
@@ -395,7 +396,7 @@ class InfluenceModel:
         """``I(z_i, z_i) = ∇ℓ_iᵀ (H + λI)⁻¹ ∇ℓ_i`` for every point (default: the training set): ``(n,)`` float32."""
         x, y = self._block_data(x, y)
         out = torch.empty(len(x), dtype=torch.float32)
-        if self.in_basis_:
+        if isinstance(self.inverse_, EigenbasisInverse):
             inverse = self.inverse_.inverse_diagonal(self.regularization)
             for rows, blocks in self._basis_grads(x, y, "self-influence"):
                 out[rows] = sum((r.square() * inverse[key]).flatten(1).sum(1) for key, r in blocks).cpu()

@@ -65,7 +65,11 @@ class LiSSAInverse(IterativeInverse):
 
     def solve_chunk(self, g: Grads, lam: float) -> Grads:
         method = self.method
-        scale = 0.65 * (self.top + lam) if method.scale == "auto" else float(method.scale)
+        if method.scale == "auto":
+            assert self.top is not None  # from fit
+            scale = 0.65 * (self.top + lam)
+        else:
+            scale = float(method.scale)
         x = {n: t.clone() for n, t in g.items()}
         active = torch.arange(len(next(iter(g.values()))), device=x[next(iter(x))].device)
         for step_index in range(1, method.depth):

@@ -8,7 +8,7 @@ divided by ``n``), curvature products are means over the *training* set weighted
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +37,15 @@ TRACE_PROBES = 16
 """Rademacher probes of the Hutchinson estimate of ``trace(H)`` (relative damping of the matrix-free methods)."""
 
 
-def detached(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+def detached(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in params.items()}
 
 
-def n_params(params: dict[str, torch.Tensor]) -> int:
+def n_params(params: Mapping[str, torch.Tensor]) -> int:
     return sum(p.numel() for p in params.values())
 
 
-def rows_per_chunk(params: dict[str, torch.Tensor], limit: int, budget: int = GRAD_CHUNK_BYTES) -> int:
+def rows_per_chunk(params: Mapping[str, torch.Tensor], limit: int, budget: int = GRAD_CHUNK_BYTES) -> int:
     """How many stacked parameter-sized float32 vectors fit in ``budget`` bytes (at least 1, at most ``limit``)."""
     return max(1, min(limit, budget // (4 * max(1, n_params(params)))))
 
@@ -55,7 +55,7 @@ def flatten(grads: Grads) -> torch.Tensor:
     return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
 
 
-def shapes(params: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
+def shapes(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in params.items()}
 
 
@@ -71,7 +71,7 @@ def unflatten(flat: torch.Tensor, like: dict[str, torch.Size]) -> Grads:
 
 def row_dot(a: Grads, b: Grads) -> torch.Tensor:
     """``(k,)`` row-wise inner products of two stacks of ``k`` vectors."""
-    return sum((a[n].reshape(a[n].shape[0], -1) * b[n].reshape(b[n].shape[0], -1)).sum(1) for n in a)
+    return torch.stack([(a[n].reshape(a[n].shape[0], -1) * b[n].reshape(b[n].shape[0], -1)).sum(1) for n in a]).sum(0)
 
 
 def split(grads: Grads, size: int) -> Iterator[Grads]:
@@ -167,7 +167,7 @@ def _chunk_matvec(model, values, x, y, curvature, vectors):
     def logits(p):
         return functional_call(model, p, (x,))
 
-    out, pullback = vjp(logits, values)
+    out, pullback = vjp(logits, values)[:2]
     probs = torch.softmax(out.detach(), dim=-1)
 
     def gauss_newton(v):
@@ -181,11 +181,12 @@ def _linear_matvec(model: nn.Linear, values, x, vectors):
     """Closed-form curvature product for a linear head on features ``x (b, d)``; GN and Hessian coincide."""
     with torch.no_grad():
         probs = torch.softmax(functional_call(model, values, (x,)), dim=-1)
-        u = 0
+        k = next(iter(vectors.values())).shape[0]
+        u = probs.new_zeros(k, *probs.shape)  # (k, b, C): logit directions of the k vectors
         if "weight" in vectors:
-            u = torch.einsum("kcd,bd->kbc", vectors["weight"], x)
+            u += torch.einsum("kcd,bd->kbc", vectors["weight"], x)
         if "bias" in vectors:
-            u = u + vectors["bias"][:, None, :]
+            u += vectors["bias"][:, None, :]
         w = logit_hessian_product(probs[None], u)
         out = {}
         if "weight" in vectors:

@@ -30,6 +30,7 @@ class Covariance:
             for r in self.rows:
                 self.dense.addmm_(r.T, r)
             self.rows = None
+        assert self.dense is not None
         self.dense.addmm_(x.T, x)
 
     def eig(self, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

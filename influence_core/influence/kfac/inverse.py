@@ -158,8 +158,8 @@ class KFACInverse(EigenbasisInverse):
                 cov_a.add(a.reshape(-1, a.shape[-1]) / math.sqrt(a.shape[1]))
             for grads in column_grads(tracked, logits, columns):
                 for layer, g, (_, cov_g) in zip(tracked, grads, covs, strict=True):
-                    g = layer.output_grads(g, self.dtype)
-                    cov_g.add(g.reshape(-1, g.shape[-1]))
+                    rows = layer.output_grads(g, self.dtype)
+                    cov_g.add(rows.reshape(-1, rows.shape[-1]))
 
         pass_.run(f"{self.method.name}: factors", accumulate)
         return covs
@@ -187,10 +187,11 @@ class KFACInverse(EigenbasisInverse):
         sums = [torch.zeros_like(f.eigenvalues) for f in self.layers]
 
         def correct(logits, columns):
-            cache, budget = {}, ACTIVATION_CACHE  # layer inputs reused across label columns
+            cache: dict[int, torch.Tensor] = {}  # layer inputs reused across label columns
+            budget = ACTIVATION_CACHE
             for grads in column_grads(tracked, logits, columns):
-                for i, (layer, g, f) in enumerate(zip(tracked, grads, self.layers, strict=True)):
-                    g = layer.output_grads(g, self.dtype)  # (b, T, out)
+                for i, (layer, g_out, f) in enumerate(zip(tracked, grads, self.layers, strict=True)):
+                    g = layer.output_grads(g_out, self.dtype)  # (b, T, out)
                     rotate_first = _rotate_first(g.shape[1], f, len(columns))
                     a = cache.get(i)
                     if a is None:  # (b, T, r_A) rotated, or (b, T, d)
@@ -248,7 +249,7 @@ class KFACInverse(EigenbasisInverse):
         out: Grads = {}
         for f in self.layers:
             lam = lams[f.key]
-            ref = grads[f.weight_name or f.bias_name]
+            ref = next(grads[n] for n in (f.weight_name, f.bias_name) if n is not None)
             k, device, dtype = ref.shape[0], ref.device, ref.dtype
             parts = []
             if f.weight_name is not None:
@@ -285,9 +286,9 @@ class KFACInverse(EigenbasisInverse):
             residual = torch.softmax(logits.detach(), dim=1)  # ∂ Σ_i CE_i / ∂ logits = p − e_y
             residual[torch.arange(len(y), device=y.device), y] -= 1
             grads = next(column_grads(tracked, logits, [residual]))
-            for layer, g in zip(tracked, grads, strict=True):
+            for layer, g_out in zip(tracked, grads, strict=True):
                 f = by_key[layer.key].completed(dtype)
-                g = layer.output_grads(g, dtype)
+                g = layer.output_grads(g_out, dtype)
                 if _rotate_first(g.shape[1], f, 1):
                     yield layer.key, (g @ f.q_g).transpose(1, 2) @ layer.rotated_inputs(f.q_a)
                 else:

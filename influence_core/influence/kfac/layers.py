@@ -27,6 +27,7 @@ class TrackedLayer(ABC):
     """A module whose weight (and bias) K-FAC tracks, and what its hooks captured during the current forward."""
 
     module_type: ClassVar[type[nn.Module]]
+    module: nn.Module
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -51,7 +52,7 @@ class TrackedLayer(ABC):
     @property
     def in_dim(self) -> int:
         """Columns of the block matrix ``[W | b]``."""
-        d = self.module.weight[0].numel() if self.weight_name is not None else 0
+        d = self.module.get_parameter("weight")[0].numel() if self.weight_name is not None else 0
         return d + (1 if self.bias_name is not None else 0)
 
     @abstractmethod
@@ -104,6 +105,7 @@ class TrackedLinear(TrackedLayer):
     """``nn.Linear``: one position per sample (``T`` = the product of any extra input axes)."""
 
     module_type = nn.Linear
+    module: nn.Linear
 
     @property
     def out_dim(self) -> int:
@@ -120,6 +122,7 @@ class TrackedConv2d(TrackedLayer):
     """``nn.Conv2d`` with ``groups=1`` and zero padding: ``T`` output positions, unfolded input patches."""
 
     module_type = nn.Conv2d
+    module: nn.Conv2d
 
     def __init__(self, module: nn.Conv2d, module_name: str, weight_name: str | None, bias_name: str | None):
         if module.groups != 1 or module.padding_mode != "zeros":
@@ -203,10 +206,9 @@ def hooked(layers: list[TrackedLayer]):
     try:
         for layer in layers:
             handles.append(layer.module.register_forward_hook(capture(layer)))
-            for p in (layer.module.weight, layer.module.bias):
-                if p is not None:
-                    saved.append((p, p.requires_grad))
-                    p.requires_grad_(True)
+            for p in layer.module.parameters(recurse=False):
+                saved.append((p, p.requires_grad))
+                p.requires_grad_(True)
         yield
     finally:
         for h in handles:
@@ -224,7 +226,8 @@ def column_grads(layers: list[TrackedLayer], logits: torch.Tensor,
     for i, s in enumerate(columns):
         flat = torch.autograd.grad(logits, outs, grad_outputs=s, retain_graph=i < len(columns) - 1,
                                    allow_unused=True)
-        grads, pos = [], 0
+        grads: list[list[torch.Tensor | None]] = []
+        pos = 0
         for layer in layers:
             grads.append(list(flat[pos:pos + len(layer.outputs)]))
             pos += len(layer.outputs)
