@@ -7,7 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from .base import BlockScale, Damping, Grads, InverseCurvature, Method, positive
-from .ops import curvature_matvec, detached, flatten, hutchinson_mean_eigenvalue, n_params, shapes, unflatten
+from .ops import (
+    curvature_matvec,
+    detached,
+    flatten,
+    hutchinson_mean_eigenvalue,
+    n_params,
+    shape_state,
+    shapes,
+    state_shapes,
+    unflatten,
+)
 
 
 @dataclass(frozen=True)
@@ -18,6 +28,11 @@ class Arnoldi(Method):
     ``krylov_dim`` (default ``min(p, 2·rank + 10)``) is the number of curvature products, each one pass over
     the training set; ``seed`` picks the start vector. With ``rank = p`` (and so ``krylov_dim = p``) the
     result is exact. Changing ``λ`` afterwards costs nothing. The basis takes ``4·krylov_dim·p`` bytes.
+
+    Kept instead of ``scipy.sparse.linalg.eigsh`` on a ``LinearOperator`` (measured on a shared machine, 1,370-
+    parameter CNN on 400 digits, rank 20): this iteration's 50 products gave the top 20 eigenvalues to 1.2e-6
+    (relative to the largest) in 7.2 s; eigsh needed 51 products (tol 1e-4) or 66 (tol 0) for 2.7e-6 in 5.4 / 9.5 s
+    — float32 curvature products limit both, and eigsh's restarts only cost more passes over the data.
     """
 
     name = "arnoldi"
@@ -72,7 +87,7 @@ class ArnoldiInverse(InverseCurvature):
         keep = values.abs().argsort(descending=True)[:rank]
         self.load_state_dict({"eigenvalues": values[keep],
                               "eigenvectors": basis[:steps].T @ vectors[:, keep].float().to(device),
-                              **{f"shape.{n}": torch.tensor(list(s), dtype=torch.int64) for n, s in shape.items()}})
+                              **shape_state(shape)})
         return self
 
     def _product(self, vectors: Grads) -> Grads:
@@ -93,14 +108,14 @@ class ArnoldiInverse(InverseCurvature):
         return unflatten(solved, self.shapes)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        sizes = {f"shape.{n}": torch.tensor(list(s), dtype=torch.int64) for n, s in self.shapes.items()}
+        sizes = shape_state(self.shapes)
         mean = {} if self.mean_eigenvalue is None else {"mean_eigenvalue": torch.tensor(self.mean_eigenvalue)}
         return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors, **sizes, **mean}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.eigenvalues = state["eigenvalues"]  # (r,) float64
         self.eigenvectors = state["eigenvectors"]  # (p, r) float32
-        self.shapes = {k[len("shape."):]: torch.Size(v.tolist()) for k, v in state.items() if k.startswith("shape.")}
+        self.shapes = state_shapes(state)
         self.mean_eigenvalue = float(state["mean_eigenvalue"]) if "mean_eigenvalue" in state else None
 
 

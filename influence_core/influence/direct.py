@@ -9,7 +9,7 @@ import torch
 
 from ..errors import InfluenceLensError
 from .base import BlockScale, Damping, Grads, InverseCurvature, Method, positive
-from .ops import curvature_matrix, flatten, n_params, power_iteration, shapes, unflatten
+from .ops import curvature_matrix, flatten, n_params, power_iteration, shape_state, shapes, state_shapes, unflatten
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class DirectInverse(InverseCurvature):
                 "use method cg, arnoldi or ekfac for this scope, or scope 'head'",
             )
         self.load_state_dict({"matrix": curvature_matrix(model, params, batches, n_samples, self.curvature,
-                                                         progress).float(), **_shape_state(shapes(params))})
+                                                         progress).float(), **shape_state(shapes(params))})
         return self
 
     def block_scales(self, with_mean: bool) -> dict[str, BlockScale]:
@@ -80,19 +80,15 @@ class DirectInverse(InverseCurvature):
         return unflatten(solved.T.to(flat), self.shapes)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"matrix": self.matrix, **_shape_state(self.shapes)}
+        return {"matrix": self.matrix, **shape_state(self.shapes)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.matrix = state["matrix"]
-        self.shapes = {k[len("shape."):]: torch.Size(v.tolist()) for k, v in state.items() if k.startswith("shape.")}
+        self.shapes = state_shapes(state)
         self.scale = BlockScale(float(self.matrix.double().trace()) / len(self.matrix),
                                 abs(power_iteration(lambda v: {"": v[""] @ self.matrix}, {"": self.matrix[0]},
                                                     steps=50)))
         self.factored = (float("nan"), ("", ()))
-
-
-def _shape_state(shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    return {f"shape.{n}": torch.tensor(list(s), dtype=torch.int64) for n, s in shapes.items()}
 
 
 Direct.inverse_class = DirectInverse

@@ -59,6 +59,15 @@ def shapes(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in params.items()}
 
 
+def shape_state(shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Parameter shapes as state-dict entries ``"shape.<name>"`` → int64 tensor (inverse: :func:`state_shapes`)."""
+    return {f"shape.{n}": torch.tensor(list(s), dtype=torch.int64) for n, s in shapes.items()}
+
+
+def state_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
+    return {k[len("shape."):]: torch.Size(v.tolist()) for k, v in state.items() if k.startswith("shape.")}
+
+
 def unflatten(flat: torch.Tensor, like: dict[str, torch.Size]) -> Grads:
     """Inverse of :func:`flatten` for ``flat`` of shape ``(k, p)``; ``like`` maps names to per-vector shapes."""
     out, start = {}, 0
