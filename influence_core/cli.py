@@ -92,10 +92,11 @@ def _lower(names: list[str]) -> list[str]:
 
 
 def _influence(args) -> None:
+    from .influence import parse_scope
     from .pipeline import InfluenceSettings, compute_influence
     from .run import Run
 
-    settings = InfluenceSettings(method=args.method, scope=args.scope, regularization=args.regularization,
+    settings = InfluenceSettings(method=args.method, scope=parse_scope(args.scope), regularization=args.regularization,
                                  curvature=args.curvature)
     cluster = None
     if args.scheduler is not None or args.workers is not None:
@@ -131,7 +132,8 @@ def _classes(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import CURVATURE_CHOICES, DEFAULT_SETTINGS, METHOD_CHOICES
+    from .influence import Curvature, Damping, scope_text
+    from .pipeline import DEFAULT_SETTINGS, METHOD_CHOICES
 
     p = argparse.ArgumentParser(prog="influence-core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -175,10 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("influence", help="compute and cache influences for a run")
     i.add_argument("--run-dir", required=True)
     i.add_argument("--method", choices=METHOD_CHOICES, default=DEFAULT_SETTINGS.method)
-    i.add_argument("--scope", default=DEFAULT_SETTINGS.scope,
+    i.add_argument("--scope", default=scope_text(DEFAULT_SETTINGS.scope),
                    help="head | all | comma-separated module names (e.g. layer4.1.conv2,fc)")
-    i.add_argument("--regularization", type=float, default=DEFAULT_SETTINGS.regularization, help="λ in (H + λI)⁻¹")
-    i.add_argument("--curvature", choices=CURVATURE_CHOICES, default=DEFAULT_SETTINGS.curvature)
+    i.add_argument("--regularization", default=str(Damping.of(DEFAULT_SETTINGS.regularization)),
+                   help="λ in (H + λI)⁻¹: a number (absolute, e.g. 1e-3) or rel:FRACTION (FRACTION × the mean "
+                        "curvature eigenvalue of each block, e.g. rel:0.1)")
+    i.add_argument("--curvature", choices=list(Curvature), type=Curvature, default=DEFAULT_SETTINGS.curvature)
     i.add_argument("--device", default="auto")
     i.add_argument("--recompute", action="store_true", help="ignore the influence cache")
     i.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
