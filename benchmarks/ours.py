@@ -46,7 +46,7 @@ def rows(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
 def floor(run: Run, batch_size: int) -> dict:
     """Seconds of one forward and one forward+backward pass over train+test (eval mode)."""
     model = run.load_model()
-    x = torch.cat([run.tensors("train")[0], run.tensors("test")[0]])
+    x = torch.cat([run.tensors("train")[0][:], run.tensors("test")[0][:]])
     y = torch.cat([run.tensors("train")[1], run.tensors("test")[1]])
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -66,6 +66,7 @@ def influence(run: Run, method: str, scope: str, regularization: float, cap: flo
     """(record, influence (k, j), self_influence (s,)) of one method and scope on the final checkpoint."""
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
+    x_train, x_test = x_train[:], x_test[:]  # whole tensors: this workload fits in memory
     t0 = time.perf_counter()
     im = InfluenceModel(run.load_model(), scope=scope, method=method, regularization=regularization,
                         device="cpu", batch_size=batch_size, **options)

@@ -17,7 +17,7 @@ def _train(args) -> None:
     from .training import TrainConfig, train
 
     config = TrainConfig(
-        dataset=args.dataset, classes=args.classes, image_size=args.image_size, split=tuple(args.split),
+        dataset=args.dataset, classes=args.classes, image_size=args.image_size, split=_split_arg(args.split),
         downsample=args.downsample, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay, train_layers=args.train_layers, augment_flip=not args.no_flip,
@@ -29,6 +29,20 @@ def _train(args) -> None:
               log=lambda msg: print(msg, file=sys.stderr))
     finally:
         bar.close()
+
+
+def _split_arg(values: list[str]) -> tuple[float, float, float] | str:
+    """``--split official`` or three fractions."""
+    if values == ["official"]:
+        return "official"
+    try:
+        fractions = tuple(float(v) for v in values)
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3:
+        raise InfluenceLensError(f"--split takes three fractions or 'official', not {' '.join(values)}.",
+                                 "for example --split 0.8 0.1 0.1, or --split official for fashion-mnist")
+    return fractions  # type: ignore[return-value]
 
 
 def _influence(args) -> None:
@@ -91,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
     t.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
     t.add_argument("--image-size", type=int, help="side in pixels (default: 64 for images, 32 for digits)")
-    t.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
+    t.add_argument("--split", nargs="+", default=["0.8", "0.1", "0.1"], metavar="FRACTION",
+                   help="TRAIN VAL TEST fractions, or 'official' (the dataset's own train/test parts, no val)")
     t.add_argument("--downsample", type=float, default=1.0, help="keep this fraction of each class")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)

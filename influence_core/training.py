@@ -22,7 +22,7 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 from .progress import Progress
 from .corruption import flip_random, flip_top_influence
-from .data import load_dataset, split_dataset
+from .data import ModelInputs, load_dataset, split_dataset
 from .errors import InfluenceLensError
 from .model import build_resnet18
 from .run import Run
@@ -36,7 +36,7 @@ class TrainConfig:
     dataset: str = "demo"
     classes: list[str] | None = None
     image_size: int | None = None
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split: tuple[float, float, float] | str = (0.8, 0.1, 0.1)  # or "official" (see data.split_dataset)
     downsample: float = 1.0
     seed: int = 0
     epochs: int = 10
@@ -59,7 +59,7 @@ class TrainConfig:
         cfg = run.config
         fields = {f.name for f in dataclasses.fields(cls)} - {"corrupt_scores", "weights"}
         return cls(**{k: cfg[k] for k in fields if k in cfg} | {
-            "classes": cfg["class_keys"], "split": tuple(cfg["split"]),
+            "classes": cfg["class_keys"], "split": cfg["split"] if isinstance(cfg["split"], str) else tuple(cfg["split"]),
             "weights": cfg.get("weights_requested", "auto" if cfg["weights"] == "pretrained" else "scratch")})
 
     def check(self) -> None:
@@ -94,7 +94,7 @@ def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrai
     ds = load_dataset(config.dataset, config.classes, config.image_size, config.on_bad_image)
     for rel, reason in ds.skipped:
         log(f"skipped unreadable image {rel}: {reason}")
-    split = split_dataset(ds.labels, config.split, config.seed, config.downsample, ds.classes)
+    split = split_dataset(ds.labels, config.split, config.seed, config.downsample, ds.classes, ids=ds.ids)
     timings["load_data"] = time.perf_counter() - t0
 
     # the key sees resolved values, so "goldfish" and "n01443537" (or a default size) train once
@@ -127,8 +127,7 @@ def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrai
         "mode": config.corrupt_mode, "fraction": config.corrupt_fraction, "seed": config.seed,
         "flipped": {ds.ids[split.train[i]]: int(y_train_true[i]) for i in flipped}})
 
-    x_all = ds.tensors()
-    x_train, x_val, x_test = (x_all[s].to(dev) for s in (split.train, split.val, split.test))
+    x_train, x_val, x_test = (ModelInputs(ds.images, s) for s in (split.train, split.val, split.test))
     t1 = time.perf_counter()
     history, dynamics = _fit(model, config, x_train, torch.from_numpy(y_train).to(dev), x_val,
                              torch.from_numpy(ds.labels[split.val]).to(dev), run_dir, progress, dev)
@@ -170,7 +169,7 @@ def _corrupt(config: TrainConfig, y_true: np.ndarray, n_classes: int) -> tuple[n
 
 def _config_dict(config: TrainConfig) -> dict:
     d = dataclasses.asdict(config)
-    d["split"] = list(config.split)
+    d["split"] = config.split if isinstance(config.split, str) else list(config.split)
     if d["corrupt_scores"] is not None:
         d["corrupt_scores"] = stable_hash(np.asarray(d["corrupt_scores"], dtype=np.float64))
     return d
@@ -230,8 +229,7 @@ def _fit(model, config, x_train, y_train, x_val, y_val, run_dir, progress, dev, 
                     if schedule is not None:
                         schedule.step()
                     continue
-            idx_t = torch.from_numpy(idx).to(dev)
-            x, y = x_train[idx_t], y_train[idx_t]
+            x, y = x_train[idx].to(dev), y_train[torch.from_numpy(idx).to(dev)]
             if flip is not None:
                 x = torch.where(flip.to(dev)[:, None, None, None], x.flip(3), x)
             logits = model(x)
@@ -251,7 +249,7 @@ def _fit(model, config, x_train, y_train, x_val, y_val, run_dir, progress, dev, 
             if progress:
                 progress(f"epoch {epoch + 1}/{config.epochs}", b + 1, n_batches)
         model.eval()
-        val_loss = float(F.cross_entropy(_logits(model, x_val), y_val))
+        val_loss = float(F.cross_entropy(_logits(model, x_val), y_val)) if len(y_val) else None
         history.append({"epoch": epoch + 1, "train_loss": float(losses[epoch].mean()), "val_loss": val_loss,
                         "seconds": time.perf_counter() - t})
         if epoch + 1 in keep:
@@ -268,9 +266,11 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _logits(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(n, K) logits on ``x``'s device, in batches."""
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+def _logits(model, x, batch_size: int = 256) -> torch.Tensor:
+    """(n, K) logits on the model's device, in batches of ``x`` (a tensor or a lazy image source)."""
+    device = next(model.parameters()).device
+    parts = [model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros((0, model.fc.out_features), device=device)
 
 
 def _predict(model, x: torch.Tensor) -> np.ndarray:
