@@ -28,7 +28,8 @@ from influence_core.storage import resolve_device
 def data(args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if args.run:
         run = Run(args.run)
-        return run.load_model(), *run.tensors("train"), *run.tensors("test")
+        (x, y), (xt, yt) = run.tensors("train"), run.tensors("test")
+        return run.load_model(), x[:], y, xt[:], yt  # whole tensors: this run fits in memory
     n, m = args.synthetic
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

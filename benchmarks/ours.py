@@ -44,7 +44,7 @@ def training_rows(x: torch.Tensor, y: torch.Tensor, a: int, b: int) -> tuple[tor
 def floor(run: Run, batch_size: int) -> dict:
     """Seconds of one forward and one forward+backward pass over train+test (eval mode)."""
     model = run.load_model()
-    x = torch.cat([run.tensors("train")[0], run.tensors("test")[0]])
+    x = torch.cat([run.tensors("train")[0][:], run.tensors("test")[0][:]])
     y = torch.cat([run.tensors("train")[1], run.tensors("test")[1]])
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -64,6 +64,7 @@ def influence(run: Run, method: str, scope: str, regularization: float, cap: flo
     """(record, influence (k, j), self_influence (s,)) of one method and scope on the final checkpoint."""
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
+    x_train, x_test = x_train[:], x_test[:]  # whole tensors: this workload fits in memory
     t0 = time.perf_counter()
     im = InfluenceModel(run.load_model(), method=Method.named(method, **options), scope=scope,
                         regularization=regularization, device="cpu", batch_size=batch_size)

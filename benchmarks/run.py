@@ -142,6 +142,7 @@ def run_job(name: str, cmd: list[str] | None, out_dir: Path, timeout: float, run
 def out_of_fold_probs(run, config: TrainConfig, folds: int, epochs: int) -> np.ndarray:
     """(n_train, K) class probabilities, each from a model trained (same recipe, ``epochs``) without its fold."""
     x, y = run.tensors("train")
+    x = x[:]  # whole tensor: this workload fits in memory
     probs = np.zeros((len(y), run.n_classes), np.float32)
     fold_of = np.random.default_rng(config.seed).permutation(len(y)) % folds
     cfg = dataclasses.replace(config, epochs=epochs, n_checkpoints=0)
@@ -303,6 +304,7 @@ def main(argv=None) -> None:
     if wanted:
         x_train, y_train = run.tensors("train")
         x_test, y_test = run.tensors("test")
+        x_train, x_test = x_train[:], x_test[:]  # whole tensors: this workload fits in memory
         tensors = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
                    "is_corrupted": torch.from_numpy(flipped.copy())}
         if "cleanlab" in wanted:

@@ -68,11 +68,12 @@ def _data_selection(args, clean) -> dict:
     """``DATA_SELECTION`` from the options given, else from the clean run (whose training set top-influence
     corruption must reuse, sample for sample), else the defaults."""
     given = {name: getattr(args, name) for name in DATA_SELECTION if getattr(args, name) is not None}
-    given = given | ({"split": tuple(given["split"])} if "split" in given else {})
+    given = given | ({"split": _split_arg(given["split"])} if "split" in given else {})
     if clean is None:
         return DATA_SELECTION | given
     cfg = clean.config
-    inherited = {"dataset": cfg["dataset"], "classes": cfg["class_keys"], "split": tuple(cfg["split"]),
+    inherited = {"dataset": cfg["dataset"], "classes": cfg["class_keys"],
+                 "split": cfg["split"] if isinstance(cfg["split"], str) else tuple(cfg["split"]),
                  "seed": cfg["seed"], "downsample": cfg["downsample"]}
     for name, value in given.items():
         if name == "classes":
@@ -89,6 +90,20 @@ def _data_selection(args, clean) -> dict:
 
 def _lower(names: list[str]) -> list[str]:
     return [n.strip().lower() for n in names]
+
+
+def _split_arg(values: list[str]) -> tuple[float, float, float] | str:
+    """``--split official`` or three fractions."""
+    if values == ["official"]:
+        return "official"
+    try:
+        fractions = tuple(float(v) for v in values)
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3:
+        raise InfluenceLensError(f"--split takes three fractions or 'official', not {' '.join(values)}.",
+                                 "for example --split 0.8 0.1 0.1, or --split official for fashion-mnist")
+    return fractions  # type: ignore[return-value]
 
 
 def _influence(args) -> None:
@@ -159,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
     t.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
     t.add_argument("--image-size", type=int, help="side in pixels (default: 64 for images, 32 for digits)")
-    t.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="default: 0.8 0.1 0.1")
+    t.add_argument("--split", nargs="+", metavar="FRACTION",
+                   help="TRAIN VAL TEST fractions (default: 0.8 0.1 0.1), or 'official' (the dataset's own "
+                        "train/test parts, no val)")
     t.add_argument("--downsample", type=float, help="keep this fraction of each class (default: 1)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
