@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shutil
 import sys
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from influence_core import TrainConfig, train
+from influence_core import Run, TrainConfig, train
 from influence_core.model import build_resnet18
 from influence_core.paths import RunPaths
 from influence_core.storage import atomic_save_npz, atomic_write_json, read_json, stable_hash
@@ -199,6 +200,91 @@ def score(measurements: Measurements, influences: np.ndarray) -> dict:
     return out
 
 
+def magnitude(measurements: Measurements, influences: np.ndarray, full_losses: np.ndarray) -> dict:
+    """How well the matrix's scale matches: for every model m and test point t, the measured loss change
+    ``loss_m[t] − loss_full[t]`` against the predicted ``Σ_{i∉S_m} I[t, i] / n_train`` (removing the half left out).
+    Least-squares slope through the origin (1 = calibrated) and Pearson r, pooled over (m, t)."""
+    n_train = measurements.masks.shape[1]
+    predicted = (~measurements.masks).astype(np.float64) @ np.asarray(influences, np.float64).T / n_train
+    measured = measurements.losses - full_losses[None, :]
+    pred, meas = predicted.ravel(), measured.ravel()
+    return {"slope": float(pred @ meas / (pred @ pred)) if pred.any() else None,
+            "pearson": float(np.corrcoef(pred, meas)[0, 1]) if pred.std() > 0 else None}
+
+
+def score_all(root: Path) -> dict:
+    """LDS (margin and loss) and magnitude of every matrix in ``root/matrices``; written to ``scores.json``."""
+    run = Run(root / "run")
+    y_test = run.labels("test")
+    measurements = Measurements.collect(root, y_test)
+    full_losses = cross_entropy(np.log(np.clip(run.predictions["probs_test"], 1e-30, None)), y_test)
+    scores = {}
+    for path in sorted((root / "matrices").glob("*.npy")):
+        matrix = np.load(path)
+        t = time.perf_counter()
+        scores[path.stem] = score(measurements, matrix) | {
+            "magnitude": magnitude(measurements, matrix, full_losses),
+            "scoring_seconds": round(time.perf_counter() - t, 3)}
+    result = {"n_models": int(len(measurements.masks)), "seeds": measurements.seeds.tolist(), "scores": scores,
+              "workload": read_json(root / "workload.json")["recipe"]}
+    atomic_write_json(root / "scores.json", result)
+    return result
+
+
+def markdown(result: dict) -> str:
+    """One table row per matrix, best margin LDS first."""
+    rows = sorted(result["scores"].items(), key=lambda kv: -np.nan_to_num(kv[1]["margin"]["lds"], nan=-9))
+    lines = ["| job | LDS (margin) ± s.e. | LDS (loss) ± s.e. | slope measured/predicted Δloss | Pearson |",
+             "| --- | --- | --- | --- | --- |"]
+    for job, s in rows:
+        mag = s["magnitude"]
+        lines.append(f"| {job} | {s['margin']['lds']:.3f} ± {s['margin']['se']:.3f} | "
+                     f"{s['loss']['lds']:.3f} ± {s['loss']['se']:.3f} | "
+                     f"{'–' if mag['slope'] is None else format(mag['slope'], '.3g')} | "
+                     f"{'–' if mag['pearson'] is None else format(mag['pearson'], '.2f')} |")
+    return f"M = {result['n_models']} models\n\n" + "\n".join(lines) + "\n"
+
+
+def job_method_scope(job: str) -> tuple[str, str] | None:
+    """``ours_ekfac_all`` → (ekfac, all), ``tracin_all`` → (tracin, all); None for λ-scan variants."""
+    if "_lambda" in job:
+        return None
+    parts = job.removeprefix("ours_").rsplit("_", 1)
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def write_measured(result: dict, path: Path, bench_results: Path | None = None) -> dict:
+    """``benchmarks/measured.json`` (format in ``influence_core/measured.py``) from the LDS scores, with the
+    cost (× floor) and fidelity to exact ``direct`` on the head of ``benchmarks/run.py``'s results.json if given."""
+    import subprocess
+
+    report = json.loads(bench_results.read_text()) if bench_results and bench_results.is_file() else None
+    recipe = result["workload"]
+    methods = {}
+    for job, s in result["scores"].items():
+        key = job_method_scope(job)
+        if key is None:
+            continue
+        entry = {"job": job, "lds": round(s["margin"]["lds"], 4), "lds_se": round(s["margin"]["se"], 4),
+                 "slope": s["magnitude"]["slope"], "cost_x_floor": None, "fidelity": None}
+        if report and job in report.get("jobs", {}):
+            matrix = report["jobs"][job].get("matrix") or {}
+            if "seconds_full" in matrix:
+                entry["cost_x_floor"] = round(matrix["seconds_full"] / report["floor"]["forward_backward_s"], 2)
+            fid = report.get("fidelity", {}).get(job)
+            if fid:
+                entry["fidelity"] = f"rel. err {fid['rel_frobenius']:.2g} vs exact direct (head)"
+        methods["/".join(key)] = entry
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=BENCH).stdout.strip()
+    data = {"workload": f"{' vs '.join(recipe['classes'])}, {recipe['image_size']} px, ResNet18 from scratch, "
+                        f"{recipe['epochs']} epochs, {recipe['corrupt_fraction']:.0%} flipped labels",
+            "n_models": result["n_models"], "commit": commit,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "methods": methods}
+    atomic_write_json(path, data)
+    return data
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def add_workload_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="tiny-imagenet:../shared/data/tiny-imagenet-200",
@@ -223,9 +309,18 @@ def main(argv=None) -> None:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--reverse", action="store_true",
                    help="train this worker's models last to first (a second process meets the first in the middle)")
+    sc = sub.add_parser("score", help="score every matrix in <workload>/matrices (seconds)")
+    add_workload_options(sc)
+    sc.add_argument("--measured", type=Path, default=None, help="also write this measured.json for the app")
+    sc.add_argument("--bench-results", type=Path, default=None, help="benchmarks/run.py results.json (costs)")
     a = p.parse_args(argv)
     if a.command == "train":
         train_models(a)
+    else:
+        result = score_all(workload_dir(workload_config(a), a.fraction, a.out))
+        print(markdown(result))
+        if a.measured:
+            write_measured(result, a.measured, a.bench_results)
 
 
 if __name__ == "__main__":
