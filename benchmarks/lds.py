@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -101,6 +102,24 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     return F.cross_entropy(t, torch.as_tensor(y), reduction="none").numpy()
 
 
+def claim(path: Path) -> bool:
+    """Atomically claim one model for this process (several workers share the list); a claim whose process
+    is gone is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(path.read_text() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            path.write_text(str(os.getpid()))
+            return True
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
 def train_models(args: argparse.Namespace) -> Path:
     """Train the full-data run, then every subset model of this worker that is not on disk yet."""
     torch.set_num_threads(args.threads)
@@ -117,7 +136,7 @@ def train_models(args: argparse.Namespace) -> Path:
     order = range(worker, args.models, n_workers)
     for m in reversed(order) if args.reverse else order:
         target = root / "models" / f"model_{m:03d}.npz"
-        if target.is_file():
+        if target.is_file() or not claim(root / "models" / f".claim_{m:03d}"):
             continue
         subset = subset_indices(m, len(y_train), args.fraction)
         model_config = dataclasses.replace(config, seed=m, n_checkpoints=0)
