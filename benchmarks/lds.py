@@ -211,10 +211,12 @@ def lds(influences: np.ndarray, masks: np.ndarray, measured: np.ndarray) -> dict
 
 
 def score(measurements: Measurements, influences: np.ndarray) -> dict:
-    """LDS of one matrix against the margin and against minus the loss (JSON-able, without per-test values)."""
+    """LDS of one matrix against the margin and against minus the loss (JSON-able, without per-test values);
+    a matrix with fewer rows than test points covers the first ones."""
     out = {}
+    rows = len(influences)  # a matrix over the first test points only is scored on those
     for target, measured in (("margin", measurements.margins), ("loss", -measurements.losses)):
-        r = lds(influences, measurements.masks, measured)
+        r = lds(influences, measurements.masks, measured[:, :rows])
         out[target] = {k: v for k, v in r.items() if k != "per_test"}
     return out
 
@@ -225,7 +227,7 @@ def magnitude(measurements: Measurements, influences: np.ndarray, full_losses: n
     Least-squares slope through the origin (1 = calibrated) and Pearson r, pooled over (m, t)."""
     n_train = measurements.masks.shape[1]
     predicted = (~measurements.masks).astype(np.float64) @ np.asarray(influences, np.float64).T / n_train
-    measured = measurements.losses - full_losses[None, :]
+    measured = (measurements.losses - full_losses[None, :])[:, :len(influences)]
     pred, meas = predicted.ravel(), measured.ravel()
     return {"slope": float(pred @ meas / (pred @ pred)) if pred.any() else None,
             "pearson": float(np.corrcoef(pred, meas)[0, 1]) if pred.std() > 0 else None}

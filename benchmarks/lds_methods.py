@@ -48,11 +48,13 @@ def engine_matrices(run: Run, method: str, scope: str, lambdas: tuple[float, ...
     return out
 
 
-def trajectory_matrix(run: Run, method: str, scope: str, last_only: bool = False) -> np.ndarray:
-    """TracInCP / SOURCE over the run's kept checkpoints (or the final one alone)."""
+def trajectory_matrix(run: Run, method: str, scope: str, last_only: bool = False,
+                      n_test: int | None = None) -> np.ndarray:
+    """TracInCP / SOURCE over the run's kept checkpoints (or the final one alone), for the first ``n_test``
+    test points (all if None): on the whole network every pair costs a parameter-sized dot product."""
     segments = run_segments(run)[-1:] if last_only else run_segments(run)
     x_train, y_train = run.tensors("train")
-    x_test, y_test = run.tensors("test")
+    x_test, y_test = (t[:n_test] for t in run.tensors("test"))
     ti = TrajectoryInfluence([run.load_model(s.checkpoint) for s in segments], [s.lr_sum for s in segments],
                              method, scope, device="cpu", test_chunk=16)
     return ti.fit(x_train, y_train).influences(x_test, y_test, x_train, y_train)
@@ -67,6 +69,8 @@ def jobs(run: Run) -> dict:
         out[f"ours_{method}_all"] = lambda method=method, lambdas=lambdas: {
             _lambda_job(method, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, {}).items()}
     out["tracin_all"] = lambda: {"tracin_all": trajectory_matrix(run, "tracin", "all")}
+    out["tracin_all_first22"] = lambda: {"tracin_all_first22": trajectory_matrix(run, "tracin", "all", n_test=22)}
+    out["source_all_first22"] = lambda: {"source_all_first22": trajectory_matrix(run, "source", "all", n_test=22)}
     out["tracin_head"] = lambda: {"tracin_head": trajectory_matrix(run, "tracin", "head")}
     out["source_head"] = lambda: {"source_head": trajectory_matrix(run, "source", "head")}
     out["grad_dot_all"] = lambda: {"grad_dot_all": trajectory_matrix(run, "tracin", "all", last_only=True)}
@@ -89,13 +93,13 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="[lds-methods %(asctime)s] %(message)s", stream=sys.stdout)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workload_dir", type=Path)
-    p.add_argument("--jobs", default="", help="comma-separated job names (default: all but source_all)")
+    p.add_argument("--jobs", default="", help="comma-separated job names (default: every job)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     run = Run(a.workload_dir / "run")
     table = jobs(run)
-    chosen = [j for j in a.jobs.split(",") if j] or [j for j in table if j != "source_all"]
+    chosen = [j for j in a.jobs.split(",") if j] or list(table)
     out_dir = a.workload_dir / "matrices"
     for job in chosen:
         if (out_dir / f"{job}.npy").is_file():
