@@ -9,15 +9,15 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from influence_core import TrainConfig
-from influence_core.analysis import SIGNALS, corruption_table, detection_curve, detection_metrics, mean_influence
-from pages import ui
+from influence_core.analysis import SIGNALS, corruption_table, detection_curve, detection_metrics
+from pages.ui import charts, runs, widgets
 
 st.title("Corruption lab")
 st.markdown("Flip a share of the training labels, retrain, recompute influences — then check whether the flipped "
             "images stand out: they should have *lower* mean influence on the test set than the clean ones, and "
             "rank high on the suspicion signals.")
 
-run = ui.current_run()
+run = runs.current_run()
 
 # --- a new experiment -----------------------------------------------------------------------------------
 with st.form("experiment"):
@@ -31,46 +31,46 @@ if start:
     base = TrainConfig.from_run(run)
     scores = None
     if mode == "top-influence":
-        clean = ui.train_with_progress(dataclasses.replace(base, corrupt_fraction=0.0, corrupt_mode="random"),
+        clean = runs.train_with_progress(dataclasses.replace(base, corrupt_fraction=0.0, corrupt_mode="random"),
                                        "Training the clean run (no flipped labels)")
-        scores = mean_influence(ui.influence(clean).influences).tolist()
-    corrupted = ui.train_with_progress(
+        scores = runs.influence(clean).mean_influence.tolist()
+    corrupted = runs.train_with_progress(
         dataclasses.replace(base, corrupt_fraction=fraction, corrupt_mode=mode, corrupt_scores=scores),
         f"Training with {fraction:.0%} flipped labels ({mode})")
-    ui.influence(corrupted)
+    runs.influence(corrupted)
     st.session_state["lab_run"] = str(corrupted.path)
 
 # --- results --------------------------------------------------------------------------------------------
-lab = ui.open_run(st.session_state["lab_run"]) if "lab_run" in st.session_state else run
+lab = runs.open_run(st.session_state["lab_run"]) if "lab_run" in st.session_state else run
 flipped = lab.flipped()
 if not flipped.any():
     st.info("This run has no flipped labels. Start an experiment above to see how influence exposes them.")
     st.stop()
-result = ui.influence(lab)
+result = runs.influence(lab)
 corruption = lab.corruption
 st.subheader(f"Results: {flipped.sum()} of {len(flipped)} training labels flipped ({corruption['mode']})")
-st.caption(f"Run `{ui.run_ref(lab.path)}` · test F1 {lab.metrics['f1_test']:.3f}")
+st.caption(f"Run `{runs.run_ref(lab.path)}` · test F1 {lab.metrics['f1_test']:.3f}")
 if lab.path != run.path and st.button("Open this run everywhere in the app"):
-    ui.select_run(lab.path)
+    runs.select_run(lab.path)
     st.rerun()
 
-mean = mean_influence(result.influences)
+mean = result.mean_influence
 labels = lab.labels("train")
 status = np.where(flipped, "corrupted", "clean")
-df = pd.DataFrame({"label": ui.class_names(lab, labels), "mean influence": mean, "points": status})
+df = pd.DataFrame({"label": runs.class_names(lab, labels), "mean influence": mean, "points": status})
 fig = px.box(df, x="label", y="mean influence", color="points", points="outliers",
-             color_discrete_map={"clean": ui.GOOD, "corrupted": ui.BAD},
+             color_discrete_map={"clean": charts.GOOD, "corrupted": charts.BAD},
              category_orders={"label": lab.classes, "points": ["clean", "corrupted"]},
              title="Mean influence on the test set of clean vs corrupted training points, by (given) label")
 fig.add_hline(y=0, line_dash="dot", line_color="grey")
 fig.update_xaxes(type="category")
 fig.update_layout(height=420)
-ui.chart(fig, key="box")
+charts.chart(fig, key="box")
 
 left, right = st.columns(2)
 with left:
     st.markdown("**Mean influence per label** (the reference notebook's table)")
-    ui.table(corruption_table(mean, labels, flipped, lab.classes).round(6), f"{lab.path.name}-corruption-table.csv")
+    widgets.table(corruption_table(mean, labels, flipped, lab.classes).round(6), f"{lab.path.name}-corruption-table.csv")
 with right:
     curve = go.Figure()
     for key, score in result.signals.items():
@@ -82,4 +82,4 @@ with right:
                         xaxis=dict(title="training images inspected", tickformat=".0%"),
                         yaxis=dict(title="flipped labels found", tickformat=".0%"), height=440,
                         legend=dict(yanchor="bottom", y=0.02, xanchor="right", x=0.98))
-    ui.chart(curve, key="detection")
+    charts.chart(curve, key="detection")

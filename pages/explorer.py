@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from influence_core.analysis import top_k
-from pages import ui
+from pages.ui import charts, runs, widgets
 
 PER_PAGE = 24
 
@@ -14,9 +14,9 @@ st.title("Test image explorer")
 st.caption("Influence of a training image on a test image: positive = it helped the model get the test image "
            "right (removing it would raise the test loss), negative = it pushed the prediction the wrong way.")
 
-run = ui.current_run()
-result = ui.influence(run)
-test_true, test_pred = run.labels("test"), ui.predicted(run, "test")
+run = runs.current_run()
+result = runs.influence(run)
+test_true, test_pred = run.labels("test"), runs.predicted(run, "test")
 test_images, train_images = run.images("test"), run.images("train")
 train_labels, train_ids = run.labels("train"), run.ids("train")
 
@@ -36,8 +36,8 @@ with st.expander("Pick a test image", expanded="test" not in st.session_state):
     shown = candidates[(page - 1) * PER_PAGE:page * PER_PAGE]
     captions = [f"✓ {run.classes[t]}" if t == p else f"✗ {run.classes[t]} → {run.classes[p]}"
                 for t, p in zip(test_true[shown], test_pred[shown])]
-    clicked = ui.image_grid(test_images[shown], captions, columns=8, size=80, button="Inspect", key="test-grid",
-                            selected=ui.index_of(shown, st.session_state.get("test")))
+    clicked = widgets.image_grid(test_images[shown], captions, columns=8, size=80, button="Inspect", key="test-grid",
+                            selected=widgets.index_of(shown, st.session_state.get("test")))
     if clicked is not None:
         st.session_state["test"] = int(shown[clicked])
         st.session_state.pop("train_pick", None)
@@ -49,17 +49,17 @@ if not 0 <= test < len(test_true):
     test = st.session_state["test"] = int(candidates[0])
 
 # --- the chosen test image ------------------------------------------------------------------------------
-row = result.influences[test]
+row = result.row(test)
 probs = run.predictions["probs_test"][test]
 left, right = st.columns([1, 3])
 with left:
     ok = test_true[test] == test_pred[test]
-    st.image(ui.enlarge(test_images[test], 220))
+    st.image(widgets.enlarge(test_images[test], 220))
     st.markdown(f"**Test image #{test}** · `{run.ids('test')[test]}`")
     st.markdown(f"True label **{run.classes[test_true[test]]}**, predicted **{run.classes[test_pred[test]]}** "
                 f"({probs.max():.0%}) {'✓' if ok else '✗'}")
 with right:
-    ui.chart(ui.influence_histogram(row, ui.class_names(run, train_labels),
+    charts.chart(charts.influence_histogram(row, runs.class_names(run, train_labels),
                                     "Influence of every training image on this test image",
                                     "influence on this test image"), key="hist")
 
@@ -73,9 +73,9 @@ helpful, harmful = top_k(row, k, train_labels == test_true[test] if same else No
 def ranked(title: str, positions: np.ndarray, key: str) -> None:
     """One row of training images with influence, label and id; a click selects one for the saliency view."""
     st.markdown(f"**{title}**")
-    caps = [f"{ui.fmt(row[p])} · {run.classes[train_labels[p]]} · {PurePosixPath(train_ids[p]).name}" for p in positions]
-    picked = ui.image_grid(train_images[positions], caps, columns=8, size=80, button="Saliency", key=key,
-                           selected=ui.index_of(positions, st.session_state.get("train_pick")))
+    caps = [f"{widgets.fmt(row[p])} · {run.classes[train_labels[p]]} · {PurePosixPath(train_ids[p]).name}" for p in positions]
+    picked = widgets.image_grid(train_images[positions], caps, columns=8, size=80, button="Saliency", key=key,
+                           selected=widgets.index_of(positions, st.session_state.get("train_pick")))
     if picked is not None:
         st.session_state["train_pick"] = int(positions[picked])
 
@@ -89,9 +89,9 @@ if pick is None:
     st.info("Click **Saliency** under a training image to see which of its pixels carry its influence.")
 else:
     with st.spinner("Computing the saliency map…"):
-        sal = ui.saliency(run, test, pick)
-    ui.chart(ui.saliency_figure(train_images[pick], sal,
+        sal = runs.saliency(run, test, pick)
+    charts.chart(charts.saliency_figure(train_images[pick], sal,
                                 f"Training image {train_ids[pick]} (label {run.classes[train_labels[pick]]}, "
-                                f"influence {ui.fmt(row[pick])}) on test image #{test}"), key="saliency")
+                                f"influence {widgets.fmt(row[pick])}) on test image #{test}"), key="saliency")
     st.caption("Red pixels: brightening them would make this training image *more* helpful for the test image; "
                "blue: less helpful.")

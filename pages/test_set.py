@@ -6,21 +6,20 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from influence_core.analysis import mean_influence
-from pages import ui
+from pages.ui import charts, runs, widgets
 
 st.title("Influence on the whole test set")
 st.caption("Mean influence of a training image over all test images: high = it helps the model in general, "
            "negative = the test set would be better off without it (a typical sign of a wrong label).")
 
-run = ui.current_run()
-result = ui.influence(run)
-mean = mean_influence(result.influences)
+run = runs.current_run()
+result = runs.influence(run)
+mean = result.mean_influence
 labels, ids = run.labels("train"), run.ids("train")
-names = ui.class_names(run, labels)
+names = runs.class_names(run, labels)
 flipped = run.flipped()
 
-ui.chart(ui.influence_histogram(mean, names, "Mean influence over the test set, by training label",
+charts.chart(charts.influence_histogram(mean, names, "Mean influence over the test set, by training label",
                                 "mean influence over the test set"), key="mean-hist")
 
 st.subheader("Per class: the most and least useful training images")
@@ -33,15 +32,15 @@ order = members[np.argsort(-mean[members], kind="stable")]
 
 def row(title: str, positions: np.ndarray) -> None:
     st.markdown(f"**{title}**")
-    caps = [f"{ui.fmt(mean[p])} · {PurePosixPath(ids[p]).name}" + (" · flipped" if flipped[p] else "")
+    caps = [f"{widgets.fmt(mean[p])} · {PurePosixPath(ids[p]).name}" + (" · flipped" if flipped[p] else "")
             for p in positions]
-    ui.image_grid(run.images("train")[positions], caps, columns=8, size=80)
+    widgets.image_grid(run.images("train")[positions], caps, columns=8, size=80)
 
 
 row(f"Highest mean influence — the clearest “{cls}” examples", order[:k])
 row(f"Lowest mean influence — “{cls}” images that hurt the test set most", order[::-1][:k])
 
 st.subheader("All training images")
-df = pd.DataFrame({"id": ids, "label": names, "true_label": ui.class_names(run, run.true_labels("train")),
+df = pd.DataFrame({"id": ids, "label": names, "true_label": runs.class_names(run, run.true_labels("train")),
                    "flipped": flipped, "mean_influence": mean}).sort_values("mean_influence")
-ui.table(df, f"{run.path.name}-mean-influence.csv", height=280)
+widgets.table(df, f"{run.path.name}-mean-influence.csv", height=280)
