@@ -32,7 +32,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from influence_core import Run, TrainConfig, train
+from influence_core import Run, TrainConfig, train, training
 from influence_core.model import build_resnet18
 from influence_core.paths import RunPaths
 from influence_core.storage import atomic_save_npz, atomic_write_json, read_json, stable_hash
@@ -73,10 +72,9 @@ def subset_indices(model_index: int, n_train: int, fraction: float) -> np.ndarra
     return np.sort(rng.choice(n_train, int(round(fraction * n_train)), replace=False)).astype(np.int64)
 
 
-def fit_model(model, config: TrainConfig, x_train, y_train, x_val, y_val, work_dir: Path, dev) -> None:
-    """The product's training loop (one wrapper, so that its public name is changed in one place)."""
-    from influence_core.training import _fit
-    _fit(model, config, x_train, y_train, x_val, y_val, work_dir, None, dev)
+def fit_model(model, config: TrainConfig, x_train, y_train, x_val, y_val) -> None:
+    """The product's training loop, writing nothing (one wrapper, so that a change of its API is one line)."""
+    training.fit_model(model, config, x_train, y_train, x_val, y_val)
 
 
 @torch.no_grad()
@@ -84,6 +82,12 @@ def logits_of(model, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """(n, K) float32 logits of ``model`` in eval mode."""
     model.eval()
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).float().numpy()
+
+
+def materialised(run: Run, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``(k, 3, S, S)`` float32 and labels ``(k,)`` of one split of ``run``, decoded at once."""
+    x, y = run.tensors(split)
+    return x[:], y
 
 
 def true_label_margin(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -125,10 +129,9 @@ def train_models(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     config = workload_config(args)
     root = workload_dir(config, args.fraction, args.out)
-    run = train(config, root / "run", device="cpu", log=log.info)
-    x_train, y_train = run.tensors("train")
-    x_val, y_val = run.tensors("val")
-    x_test, _ = run.tensors("test")
+    run_dir = root / "run"  # the workload folder is keyed by the recipe: a finished run in it is this recipe's
+    run = Run(run_dir) if RunPaths(run_dir).train_key.is_file() else train(config, run_dir, device="cpu")
+    (x_train, y_train), (x_val, y_val), (x_test, _) = (materialised(run, s) for s in ("train", "val", "test"))
     atomic_write_json(root / "workload.json", {
         "recipe": dataclasses.asdict(config), "fraction": args.fraction, "subset_seed": SUBSET_SEED,
         "n_train": len(y_train), "n_test": len(x_test), "run_train_key": RunPaths(run.path).train_key.read_text()})
@@ -140,12 +143,10 @@ def train_models(args: argparse.Namespace) -> Path:
             continue
         subset = subset_indices(m, len(y_train), args.fraction)
         model_config = dataclasses.replace(config, seed=m, n_checkpoints=0)
-        work = root / "models" / f".work_{m:03d}"
         t0 = time.perf_counter()
         torch.manual_seed(m)  # as influence_core.training.train: seed, then build
         model, _ = build_resnet18(run.n_classes, False)
-        fit_model(model, model_config, x_train[subset], y_train[subset], x_val, y_val, work, torch.device("cpu"))
-        shutil.rmtree(work, ignore_errors=True)
+        fit_model(model, model_config, x_train[subset], y_train[subset], x_val, y_val)
         atomic_save_npz(target, subset=subset, seed=np.int64(m), test_logits=logits_of(model, x_test),
                         train_logits=logits_of(model, x_train), seconds=np.float64(time.perf_counter() - t0))
         log.info("model %d: %.0f s", m, time.perf_counter() - t0)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lds import materialised
 from scipy.stats import rankdata
 
 from influence_core import Run
@@ -35,7 +36,7 @@ def segment_self_influences(run: Run, methods=TRAJECTORY_SIGNALS) -> dict[str, n
     cache = run.path / "trajectory_signals.npz"
     have = dict(np.load(cache)) if cache.is_file() else {}
     segments = run_segments(run)
-    x, y = run.tensors("train")
+    x, y = materialised(run, "train")
     for method, scope in methods:
         key = f"{method}_{scope}"
         if key in have:

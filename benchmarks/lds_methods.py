@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lds import materialised
 
 from influence_core import Run
 from influence_core.influence.trajectory import TrajectoryInfluence, run_segments
@@ -36,8 +37,7 @@ def engine_matrices(run: Run, method: str, scope: str, lambdas: tuple[float, ...
     """``{λ: (n_test, n_train) matrix}`` from one fit of the influence engine at the final checkpoint."""
     from influence_core.influence import InfluenceModel
 
-    x_train, y_train = run.tensors("train")
-    x_test, y_test = run.tensors("test")
+    (x_train, y_train), (x_test, y_test) = materialised(run, "train"), materialised(run, "test")
     im = InfluenceModel(run.load_model(), scope=scope, method=method, regularization=lambdas[0], device="cpu",
                         **options)
     im.fit(x_train, y_train)
@@ -53,8 +53,8 @@ def trajectory_matrix(run: Run, method: str, scope: str, last_only: bool = False
     """TracInCP / SOURCE over the run's kept checkpoints (or the final one alone), for the first ``n_test``
     test points (all if None): on the whole network every pair costs a parameter-sized dot product."""
     segments = run_segments(run)[-1:] if last_only else run_segments(run)
-    x_train, y_train = run.tensors("train")
-    x_test, y_test = (t[:n_test] for t in run.tensors("test"))
+    x_train, y_train = materialised(run, "train")
+    x_test, y_test = (t[:n_test] for t in materialised(run, "test"))
     ti = TrajectoryInfluence([run.load_model(s.checkpoint) for s in segments], [s.lr_sum for s in segments],
                              method, scope, device="cpu", test_chunk=16)
     return ti.fit(x_train, y_train).influences(x_test, y_test, x_train, y_train)
