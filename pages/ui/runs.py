@@ -12,6 +12,7 @@ import streamlit as st
 
 from influence_core import InfluenceLensError, Run, TrainConfig, train
 from influence_core.data import parse_spec
+from influence_core.paths import RunPaths
 from influence_core.pipeline import (
     InfluenceResult,
     InfluenceSettings,
@@ -19,6 +20,7 @@ from influence_core.pipeline import (
     compute_influence,
     saliency_maps,
 )
+from influence_core.review import ReviewStore
 from influence_core.storage import stable_hash
 
 from .state import settings
@@ -181,3 +183,24 @@ def flips_found_at(result: InfluenceResult, signal: str, fraction: float = 0.1) 
     k = int(np.ceil(fraction * len(flipped)))
     top = np.argsort(-result.signals[signal], kind="stable")[:k]
     return int(flipped[top].sum()), int(flipped.sum())
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _split_rows(path: str, mtime: float, split: str) -> np.ndarray:
+    return np.flatnonzero((open_run(path).samples["split"] == split).to_numpy())
+
+
+def images_at(run: Run, split: str, positions: np.ndarray) -> np.ndarray:
+    """(k, S, S, 3) uint8 display images of the samples at ``positions`` within ``split`` (copies only those)."""
+    rows = _split_rows(str(run.path), (run.path / "train_key").stat().st_mtime, split)
+    return run.dataset.images[rows[np.asarray(positions, dtype=np.int64)]]
+
+
+def review_decisions(run: Run, sample_ids: list[str]) -> dict[str, str]:
+    """Sample id → current review decision (keep / mislabeled / skip) of those of ``sample_ids`` reviewed.
+
+    Reads the run's review store only when it exists (looking never creates one).
+    """
+    if not RunPaths(run.path).reviews.is_file():
+        return {}
+    return {sid: action.decision for sid, action in ReviewStore(run.path).decisions_for(sample_ids).items()}
