@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from .errors import InfluenceLensError
 from .progress import TqdmProgress
+
+NO_WAIT_HELP = ("fail at once if another process is writing the run directory "
+                "(default: wait for it, with a message)")
 
 
 def _train(args) -> None:
@@ -25,8 +29,7 @@ def _train(args) -> None:
         on_bad_image=args.on_bad_image)
     bar = TqdmProgress()
     try:
-        train(config, args.run_dir, device=args.device, retrain=args.retrain, progress=bar,
-              log=lambda msg: print(msg, file=sys.stderr))
+        train(config, args.run_dir, device=args.device, retrain=args.retrain, progress=bar, wait=not args.no_wait)
     finally:
         bar.close()
 
@@ -40,7 +43,7 @@ def _influence(args) -> None:
     bar = TqdmProgress()
     try:
         result = compute_influence(Run(args.run_dir), settings, device=args.device, progress=bar,
-                                   recompute=args.recompute, log=lambda msg: print(msg, file=sys.stderr))
+                                   recompute=args.recompute, wait=not args.no_wait)
     finally:
         bar.close()
     print(f"influence ({settings.describe()}) cached in {result.path}", file=sys.stderr)
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
     t.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
+    t.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
     t.add_argument("--image-size", type=int, help="side in pixels (default: 64 for images, 32 for digits)")
     t.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
     t.add_argument("--downsample", type=float, default=1.0, help="keep this fraction of each class")
@@ -108,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--curvature", choices=["gauss-newton", "hessian"], default=DEFAULT_SETTINGS.curvature)
     i.add_argument("--device", default="auto")
     i.add_argument("--recompute", action="store_true", help="ignore the influence cache")
+    i.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
     i.set_defaults(func=_influence)
 
     r = sub.add_parser("report", help="summarise a run (metrics, detection, timings)")
@@ -121,8 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.Handler):
+    """Prints the library's status lines to the current ``sys.stderr``, one message per line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _show_library_messages() -> None:
+    package = logging.getLogger("influence_core")
+    if not any(isinstance(h, _StderrHandler) for h in package.handlers):
+        package.addHandler(_StderrHandler())
+    package.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_library_messages()
     try:
         args.func(args)
     except InfluenceLensError as e:

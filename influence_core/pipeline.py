@@ -14,9 +14,12 @@ temporary folder and renamed into place, so an interrupted computation leaves no
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,9 +28,13 @@ import numpy as np
 
 from .analysis import SIGNALS, cross_entropy
 from .errors import InfluenceLensError
+from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress
 from .run import Run
+from .rundir import remove_orphans, run_lock
 from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json, stable_hash
+
+log = logging.getLogger(__name__)
 
 METHOD_CHOICES = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac")
 CACHE_VERSION = "influence-v2"  # bump when the engine's results or curvature.pt format change
@@ -99,14 +106,18 @@ class InfluenceResult:
     run: Run
     path: Path
 
+    @property
+    def files(self) -> InfluencePaths:
+        return InfluencePaths(self.path)
+
     @cached_property
     def meta(self) -> dict:
-        return read_json(self.path / "meta.json")
+        return read_json(self.files.meta)
 
     @cached_property
     def influences(self) -> np.ndarray:
         """(n_test, n_train) float32, memory-mapped: index rows (:meth:`row`) instead of loading it whole."""
-        return np.load(self.path / "influences.npy", mmap_mode="r")
+        return np.load(self.files.influences, mmap_mode="r")
 
     def row(self, test: int) -> np.ndarray:
         """(n_train,) float32 influences of every training point on test point ``test``."""
@@ -119,11 +130,11 @@ class InfluenceResult:
 
     @cached_property
     def self_influence(self) -> np.ndarray:
-        return np.load(self.path / "self_influence.npy")
+        return np.load(self.files.self_influence)
 
     @cached_property
     def checkpoint_self_influence(self) -> np.ndarray:
-        return np.load(self.path / "checkpoint_self_influence.npy")
+        return np.load(self.files.checkpoint_self_influence)
 
     @cached_property
     def signals(self) -> dict[str, np.ndarray]:
@@ -154,36 +165,40 @@ def cache_key(run: Run, settings: InfluenceSettings) -> str:
 
 def load_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS) -> InfluenceResult | None:
     """The cached result for ``settings``, or None (never computes)."""
-    path = run.path / "influence" / cache_key(run, settings)
-    return InfluenceResult(run, path) if (path / "meta.json").is_file() else None
+    entry = run.paths.influence_entry(cache_key(run, settings))
+    return InfluenceResult(run, entry.root) if entry.is_complete() else None
 
 
 def cached_results(run: Run) -> list[InfluenceResult]:
-    """Every complete cache entry of the run, newest first."""
-    root = run.path / "influence"
-    entries = [InfluenceResult(run, p) for p in root.iterdir() if (p / "meta.json").is_file()] if root.is_dir() else []
+    """Every complete cache entry of the run, newest first (temporary folders of a computation never count)."""
+    root = run.paths.influence
+    folders = root.iterdir() if root.is_dir() else []
+    entries = [InfluenceResult(run, p) for p in folders if InfluencePaths(p).is_complete()]
     return sorted(entries, key=lambda r: r.meta.get("created", 0), reverse=True)
 
 
 def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, device: str = "auto",
-                      progress: Progress | None = None, recompute: bool = False, log=print) -> InfluenceResult:
-    """Compute (or fetch) the influence matrix, self-influence and checkpoint self-influence of ``run``."""
+                      progress: Progress | None = None, recompute: bool = False, wait: bool = True) -> InfluenceResult:
+    """Compute (or fetch) the influence matrix, self-influence and checkpoint self-influence of ``run``.
+
+    Computes under the run directory's lock (``wait=False``: fail at once if another process holds it);
+    status lines go to this module's logger."""
     from .influence import InfluenceModel
 
     key = cache_key(run, settings)
-    final = run.path / "influence" / key
-    if not recompute and (final / "meta.json").is_file():
-        log(f"cached: {final}")
+    final = run.paths.influence_entry(key).root
+    if not recompute and InfluencePaths(final).is_complete():
+        log.info("cached: %s", final)
         return InfluenceResult(run, final)
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
     ckpts = run.checkpoint_paths() if settings.checkpoints else run.checkpoint_paths()[-1:]
     timings: dict[str, float] = {}
     checkpoint_si = []
-    tmp = run.path / "influence" / f".tmp-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with run_lock(run.paths, wait=wait), _temporary_entry(run, key) as tmp:
+        if not recompute and InfluencePaths(final).is_complete():  # computed by another process while we waited
+            log.info("cached: %s", final)
+            return InfluenceResult(run, final)
         for i, ckpt in enumerate(ckpts):
             is_final = i == len(ckpts) - 1
             tag = "final" if is_final else ckpt.stem
@@ -202,22 +217,36 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
                 factors = im.test_factors(x_test, y_test)
                 influences = im.influences(factors, x_train, y_train)
                 timings["test_x_train_matrix"] = time.perf_counter() - t
-                np.save(tmp / "influences.npy", np.asarray(influences, dtype=np.float32))
-                atomic_torch_save(tmp / "curvature.pt", im.state_dict())
+                np.save(tmp.influences, np.asarray(influences, dtype=np.float32))
+                atomic_torch_save(tmp.curvature, im.state_dict())
         si = np.stack(checkpoint_si).astype(np.float32)
-        np.save(tmp / "self_influence.npy", si[-1])
-        np.save(tmp / "checkpoint_self_influence.npy", si)
+        np.save(tmp.self_influence, si[-1])
+        np.save(tmp.checkpoint_self_influence, si)
         timings["total"] = float(sum(timings.values()))
-        atomic_write_json(tmp / "meta.json", {
+        atomic_write_json(tmp.meta, {
             "settings": dataclasses.asdict(settings), "checkpoints": [p.name for p in ckpts],
             "n_train": len(y_train), "n_test": len(y_test), "timings_s": timings, "created": time.time(),
             "device": str(im.device)})
         shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        os.replace(tmp.root, final)
+    log.info("influence computed in %.1f s", timings["total"])
+    return InfluenceResult(run, final)
+
+
+@contextmanager
+def _temporary_entry(run: Run, key: str) -> Iterator[InfluencePaths]:
+    """A fresh ``influence/.tmp-<key>-<pid>`` folder, removed on exit unless renamed into place. Call with the
+    run's lock held: it checks that the run was not retrained meanwhile, and removes the temporary folders of
+    processes that are gone."""
+    run.require_unchanged()
+    remove_orphans(run.paths.influence, TEMP_PREFIX)
+    tmp = run.paths.influence_temp(key, os.getpid())
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield InfluencePaths(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"influence computed in {timings['total']:.1f} s")
-    return InfluenceResult(run, final)
 
 
 def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, train_positions: list[int],
@@ -231,12 +260,12 @@ def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, tra
 
     from .influence import InfluenceModel
 
-    result = compute_influence(run, settings, device=device, log=lambda _: None)
+    result = compute_influence(run, settings, device=device)
     im = InfluenceModel(run.load_model(), scope=settings.scope_arg(), method=settings.method,
                         curvature=settings.curvature, regularization=settings.regularization, device=device)
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
-    state = torch.load(result.path / "curvature.pt", weights_only=True)
+    state = torch.load(result.files.curvature, weights_only=True)
     if state:
         im.load_state_dict(state)
     else:  # iterative methods (cg, lissa) keep no fitted state: they solve against the data again

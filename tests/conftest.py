@@ -36,7 +36,7 @@ def demo_run(runs_root):
 
     config = TrainConfig(dataset="demo", downsample=0.4, image_size=16, epochs=3, corrupt_fraction=0.1,
                          n_checkpoints=2)
-    return train(config, runs_root / "demo", log=lambda _: None)
+    return train(config, runs_root / "demo")
 
 
 @pytest.fixture(scope="session")
@@ -46,4 +46,4 @@ def tiny_run(runs_root, tiny_imagenet):
 
     config = TrainConfig(dataset=f"tiny-imagenet:{tiny_imagenet}", classes=["goldfish", "lemon"],
                          downsample=0.3, image_size=32, epochs=2, corrupt_fraction=0.1, n_checkpoints=1)
-    return train(config, runs_root / "tiny", log=lambda _: None)
+    return train(config, runs_root / "tiny")

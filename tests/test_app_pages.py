@@ -16,7 +16,7 @@ APP = Path(__file__).resolve().parents[1] / "app.py"
 
 @pytest.fixture(scope="module")
 def demo_result(demo_run):
-    return compute_influence(demo_run, DEFAULT_SETTINGS, log=lambda _: None)
+    return compute_influence(demo_run, DEFAULT_SETTINGS)
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_a_missing_run_is_a_clear_error(demo_run, runs_root, monkeypatch):
 
 @pytest.mark.parametrize("page", [None, "setup_run", "explorer", "test_set", "review_queue", "corruption_lab"])
 def test_every_page_works_on_a_tiny_imagenet_run(tiny_run, runs_root, monkeypatch, page):
-    compute_influence(tiny_run, DEFAULT_SETTINGS, log=lambda _: None)
+    compute_influence(tiny_run, DEFAULT_SETTINGS)
     monkeypatch.setenv("INFLUENCE_LENS_RUNS", str(runs_root))
     at = AppTest.from_file(str(APP), default_timeout=120)
     at.query_params.update({"run": tiny_run.path.name})

@@ -59,7 +59,7 @@ def browser():
 @pytest.fixture(scope="module")
 def server(demo_run, runs_root):
     """``streamlit run app.py`` on a free port against the demo run with its influences: (base URL, run name)."""
-    compute_influence(demo_run, DEFAULT_SETTINGS, log=lambda _: None)
+    compute_influence(demo_run, DEFAULT_SETTINGS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -113,7 +113,7 @@ def settle(tab) -> None:
 
 def suspect(demo_run, rank: int) -> tuple[int, str]:
     """Training position and id of the suspect at ``rank`` (0-based) in the default review queue."""
-    result = compute_influence(demo_run, DEFAULT_SETTINGS, log=lambda _: None)
+    result = compute_influence(demo_run, DEFAULT_SETTINGS)
     pos = int(np.argsort(-result.signals[result.best_signal], kind="stable")[rank])
     return pos, demo_run.ids("train")[pos]
 

@@ -113,7 +113,7 @@ def train_with_progress(config: TrainConfig, label: str, run_dir: Path | None = 
         except InfluenceLensError:
             pass
     with st.status(label, expanded=True) as status:
-        run = train(config, run_dir, progress=StatusProgress(), log=st.write)
+        run = train(config, run_dir, progress=StatusProgress())
         status.update(label=f"{label} — done", state="complete", expanded=False)
     return run
 
@@ -143,7 +143,7 @@ def influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult:
         return found
     label = f"Computing influences ({s.describe()})"
     with st.status(label, expanded=True) as status:
-        compute_influence(run, s, progress=StatusProgress(), log=st.write)
+        compute_influence(run, s, progress=StatusProgress())
         status.update(label=f"{label} — done", state="complete", expanded=False)
     return cached_influence(run, s)
 
