@@ -1,4 +1,4 @@
-"""The numbers behind the app's charts and lists: readable histograms, label groups, top confusions, flag counts.
+"""The numbers behind the app's charts and lists: readable histograms, label groups, top confusions.
 
 Plain numpy/pandas (no plotting, no streamlit), so the pages only lay out and every rule here is tested.
 """
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-OTHERS = "all other labels"
+OTHERS, ALL = "all other labels", "all labels"
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def label_groups(labels: np.ndarray, classes: list[str],
 
     ``labels``: (n,) class indices; ``featured``: (class index, role) pairs, e.g. ``[(3, "test image's label"),
     (5, "predicted")]`` — a class featured twice keeps its first role. Returns (codes (n,) int64, group names);
-    the pooled group comes last and is dropped when no label falls in it.
+    the pooled group comes last ("all labels" when nothing is featured) and is dropped when no label falls in it.
     """
     roles: dict[int, str] = {}
     for c, role in featured:
@@ -78,7 +78,7 @@ def label_groups(labels: np.ndarray, classes: list[str],
     lookup[list(roles)] = np.arange(len(roles))
     codes = lookup[np.asarray(labels)]
     if (codes == len(roles)).any():
-        names.append(OTHERS)
+        names.append(OTHERS if roles else ALL)
     return codes, names
 
 
@@ -98,23 +98,6 @@ def top_confusions(matrix: np.ndarray | list[list[int]], classes: list[str], k: 
     totals = np.maximum(m.sum(1), 1)
     return pd.DataFrame({"true": [classes[r] for r in rows], "predicted": [classes[c] for c in cols],
                          "test images": off[rows, cols], "share of true class": off[rows, cols] / totals[rows]})
-
-
-def flags_note(flipped: np.ndarray, reviewed: int = 0) -> str:
-    """'3 of these 10 are flipped labels; 1 was reviewed.' for a list of training images.
-
-    ``flipped``: (k,) bool over the listed images; ``reviewed``: how many of them carry a review decision.
-    """
-    n, k = int(len(flipped)), int(np.sum(flipped))
-    if n == 0:
-        return "No training image in this list."
-    if n == 1:
-        text = f"This one is {'' if k else 'not '}a flipped label"
-    else:
-        text = f"{k or 'None'} of these {n} {'is a flipped label' if k == 1 else 'are flipped labels'}"
-    if reviewed:
-        text += f"; {reviewed} {'was' if reviewed == 1 else 'were'} reviewed"
-    return text + "."
 
 
 def pages(n_items: int, per_page: int) -> int:

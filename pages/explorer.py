@@ -3,8 +3,8 @@
 import numpy as np
 import streamlit as st
 
-from influence_core.analysis import top_k
-from influence_core.display import flags_note, grouped_histogram, label_groups, pages
+from influence_core.analysis import describe_ranking, top_k
+from influence_core.display import grouped_histogram, label_groups, pages
 from pages.ui import charts, runs, widgets
 
 PER_PAGE = 24
@@ -81,9 +81,9 @@ flipped = run.flipped()
 def ranked(title: str, positions: np.ndarray, key: str) -> None:
     """One row of training images with captions and flags; its saliency view opens right under it."""
     st.markdown(f"**{title}**")
-    decisions = runs.review_decisions(run, [train_ids[p] for p in positions])
-    st.caption(flags_note(flipped[positions], len(decisions)))
-    caps = widgets.training_captions(run, positions, row[positions], "influence", decisions)
+    flags = runs.flags_at(run, positions)
+    st.caption(describe_ranking(flags, bool(flipped.any())).text)
+    caps = widgets.training_captions(run, positions, flags, row[positions], "influence")
     pick = st.session_state.get("train_pick")
     picked = widgets.image_grid(runs.images_at(run, "train", positions), caps, columns=8, size=80,
                                 button="Saliency", key=key, selected=widgets.index_of(positions, pick))

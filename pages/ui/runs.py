@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from influence_core import InfluenceLensError, Run, TrainConfig, train
+from influence_core.analysis import training_flags
 from influence_core.data import parse_spec
 from influence_core.paths import RunPaths
 from influence_core.pipeline import (
@@ -20,7 +22,7 @@ from influence_core.pipeline import (
     compute_influence,
     saliency_maps,
 )
-from influence_core.review import ReviewStore
+from influence_core.review import Action, ReviewStore
 from influence_core.storage import stable_hash
 
 from .state import settings
@@ -196,11 +198,20 @@ def images_at(run: Run, split: str, positions: np.ndarray) -> np.ndarray:
     return run.dataset.images[rows[np.asarray(positions, dtype=np.int64)]]
 
 
-def review_decisions(run: Run, sample_ids: list[str]) -> dict[str, str]:
-    """Sample id → current review decision (keep / mislabeled / skip) of those of ``sample_ids`` reviewed.
+def review_decisions(run: Run, sample_ids: list[str]) -> dict[str, Action]:
+    """Sample id → current review decision of those of ``sample_ids`` reviewed on this run's data.
 
     Reads the run's review store only when it exists (looking never creates one).
     """
     if not RunPaths(run.path).reviews.is_file():
         return {}
-    return {sid: action.decision for sid, action in ReviewStore(run.path).decisions_for(sample_ids).items()}
+    return ReviewStore.for_run(run).decisions_for(sample_ids)
+
+
+def flags_at(run: Run, positions: np.ndarray) -> pd.DataFrame:
+    """:func:`~influence_core.analysis.training_flags` rows (flipped, review, marks) of the training images at
+    ``positions``, in that order (reads only those images' review decisions)."""
+    ids = run.ids("train")
+    chosen = [ids[p] for p in positions]
+    return training_flags(chosen, class_names(run, run.labels("train")[positions]), run.flipped()[positions],
+                          review_decisions(run, chosen))

@@ -87,23 +87,19 @@ def fmt(value: float) -> str:
     return f"{value:+,.0f}" if abs(value) >= 100 else f"{value:+.3g}"
 
 
-def training_captions(run: Run, positions: np.ndarray, values: np.ndarray, value_name: str = "influence",
-                      decisions: dict[str, str] | None = None) -> list[str]:
+def training_captions(run: Run, positions: np.ndarray, flags: pd.DataFrame, values: np.ndarray,
+                      value_name: str = "influence") -> list[str]:
     """Captions saying what each number is, with flipped and reviewed marks, for training images.
 
-    ``positions``: (k,) training positions; ``values``: (k,) the ranked value shown first (e.g. "influence +801");
-    ``decisions``: sample id → review decision (see ``runs.review_decisions``).
-    E.g. "influence +801 · trained as 8 · id 60.png · ⚑ flipped, really 3 · reviewed: keep".
+    ``positions``: (k,) training positions; ``flags``: their ``runs.flags_at`` rows; ``values``: (k,) the ranked
+    value, shown first. E.g. "influence +801 · trained as 8 (really 3) · id 60.png · ⚑ flipped".
     """
-    ids, given, true = run.ids("train"), run.labels("train"), run.true_labels("train")
+    true = run.true_labels("train")[positions]
     captions = []
-    for p, value in zip(positions, values, strict=True):
-        text = f"{value_name} {fmt(value)} · trained as {run.classes[given[p]]} · id {PurePosixPath(ids[p]).name}"
-        if given[p] != true[p]:
-            text += f" · ⚑ flipped, really {run.classes[true[p]]}"
-        if decisions and ids[p] in decisions:
-            text += f" · reviewed: {decisions[ids[p]]}"
-        captions.append(text)
+    for row, t, value in zip(flags.itertuples(), true, values, strict=True):
+        really = f" (really {run.classes[t]})" if row.flipped else ""
+        text = f"{value_name} {fmt(value)} · trained as {row.label}{really} · id {PurePosixPath(row.id).name}"
+        captions.append(text + (f" · ⚑ {row.marks}" if row.marks else ""))
     return captions
 
 
