@@ -40,10 +40,15 @@ def _influence(args) -> None:
 
     settings = InfluenceSettings(method=args.method, scope=args.scope, regularization=args.regularization,
                                  curvature=args.curvature)
+    cluster = None
+    if args.scheduler is not None or args.workers is not None:
+        from .distributed import ClusterSpec
+
+        cluster = ClusterSpec(scheduler=args.scheduler, workers=args.workers)
     bar = TqdmProgress()
     try:
         result = compute_influence(Run(args.run_dir), settings, device=args.device, progress=bar,
-                                   recompute=args.recompute, wait=not args.no_wait)
+                                   recompute=args.recompute, wait=not args.no_wait, cluster=cluster)
     finally:
         bar.close()
     print(f"influence ({settings.describe()}) cached in {result.path}", file=sys.stderr)
@@ -112,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--curvature", choices=["gauss-newton", "hessian"], default=DEFAULT_SETTINGS.curvature)
     i.add_argument("--device", default="auto")
     i.add_argument("--recompute", action="store_true", help="ignore the influence cache")
-    i.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
+                                   recompute=args.recompute, wait=not args.no_wait, cluster=cluster)
     i.set_defaults(func=_influence)
 
     r = sub.add_parser("report", help="summarise a run (metrics, detection, timings)")

@@ -43,7 +43,40 @@ class InfluencePaths:
 
     @property
     def influences(self) -> Path:
-        return self.root / "influences.npy"
+        """(n_test, n_train) float32 zarr array, one shard per training column block (:mod:`.results`)."""
+        return self.root / "influences.zarr"
+
+    @property
+    def top_helpful_positions(self) -> Path:
+        return self.root / "top_helpful_positions.npy"
+
+    @property
+    def top_helpful_values(self) -> Path:
+        return self.root / "top_helpful_values.npy"
+
+    @property
+    def top_harmful_positions(self) -> Path:
+        return self.root / "top_harmful_positions.npy"
+
+    @property
+    def top_harmful_values(self) -> Path:
+        return self.root / "top_harmful_values.npy"
+
+    @property
+    def mean_influence(self) -> Path:
+        return self.root / "mean_influence.npy"
+
+    @property
+    def mean_influence_by_label(self) -> Path:
+        return self.root / "mean_influence_by_label.npy"
+
+    @property
+    def histogram_edges(self) -> Path:
+        return self.root / "histogram_edges.npy"
+
+    @property
+    def histogram_counts(self) -> Path:
+        return self.root / "histogram_counts.npy"
 
     @property
     def self_influence(self) -> Path:

@@ -4,7 +4,11 @@ A cache entry lives in ``run_dir/influence/<key>/`` where ``key`` hashes the che
 test ids and labels, and the settings; a changed model or label is a miss. Entries are written to a
 temporary folder and renamed into place, so an interrupted computation leaves nothing half-written::
 
-    influences.npy                  (n_test, n_train) float32, positive = helpful (final model)
+    influences.zarr/                (n_test, n_train) float32, positive = helpful (final model), one shard per
+                                    block of 4,096 training points (see :mod:`influence_core.results`)
+    top_helpful_{positions,values}.npy, top_harmful_{positions,values}.npy   (n_test, 100) per test point
+    mean_influence.npy              (n_train,) float64; mean_influence_by_label.npy (n_classes, n_train) float32
+    histogram_edges.npy, histogram_counts.npy   (n_test, 2) lo/hi, (n_test, n_classes, 30) int32 by train label
     self_influence.npy              (n_train,) float32 (final model)
     checkpoint_self_influence.npy   (n_checkpoints, n_train) float32, one row per kept checkpoint + final
     curvature.pt                    fitted curvature tensors of the final model (state_dict of the method)
@@ -27,9 +31,22 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import SIGNALS, cross_entropy
+from .distributed import ClusterSpec
 from .errors import InfluenceLensError
 from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress
+from .results import (
+    COLUMN_BLOCK,
+    TOP_K,
+    BlockSummary,
+    InfluenceStore,
+    SummaryBuilder,
+    column_blocks,
+    create_matrix,
+    open_matrix,
+    summarise_block,
+    write_histograms,
+)
 from .run import Run
 from .rundir import remove_orphans, run_lock
 from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json, stable_hash
@@ -37,7 +54,7 @@ from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json,
 log = logging.getLogger(__name__)
 
 METHOD_CHOICES = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac")
-CACHE_VERSION = "influence-v2"  # bump when the engine's results or curvature.pt format change
+CACHE_VERSION = "influence-v3"  # bump when the engine's results or curvature.pt format change
 DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Finding wrong labels")
 
 
@@ -101,7 +118,8 @@ DEFAULT_SETTINGS = InfluenceSettings()
 
 @dataclass
 class InfluenceResult:
-    """A cached influence entry of a run, with the mislabel-suspicion signals derived from it."""
+    """A cached influence entry of a run, read lazily (:class:`~.results.InfluenceStore`), with the
+    mislabel-suspicion signals derived from it. Nothing here reads the whole matrix."""
 
     run: Run
     path: Path
@@ -115,22 +133,44 @@ class InfluenceResult:
         return read_json(self.files.meta)
 
     @cached_property
-    def influences(self) -> np.ndarray:
-        """(n_test, n_train) float32, memory-mapped: index rows (:meth:`row`) instead of loading it whole."""
-        return np.load(self.files.influences, mmap_mode="r")
+    def store(self) -> InfluenceStore:
+        return InfluenceStore(InfluencePaths(self.path))
+
+    @property
+    def influences(self):
+        """(n_test, n_train) float32 zarr array read on demand: index rows (:meth:`row`), never load it whole."""
+        return self.store.matrix
 
     def row(self, test: int) -> np.ndarray:
         """(n_train,) float32 influences of every training point on test point ``test``."""
-        return np.asarray(self.influences[test], dtype=np.float32)
+        return self.store.row(test)
 
-    @cached_property
+    def top_helpful(self, test: int, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (k,) int64 into the training split and influences (k,) float32, most helpful first."""
+        return self.store.top_helpful(test, k)
+
+    def top_harmful(self, test: int, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (k,) int64 and influences (k,) float32, most harmful (most negative) first."""
+        return self.store.top_harmful(test, k)
+
+    def histogram(self, test: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bin edges (bins + 1,) float64 shared by every label, counts (n_classes, bins) int64 by training label."""
+        return self.store.histogram(test)
+
+    @property
     def mean_influence(self) -> np.ndarray:
         """(n_train,) float64 mean influence of each training point over the test set."""
-        return self.influences.mean(axis=0, dtype=np.float64)
+        return self.store.mean_influence
 
-    @cached_property
+    @property
+    def mean_influence_by_label(self) -> np.ndarray:
+        """(n_classes, n_train) float32: mean influence over the test points of each (given) test label."""
+        return self.store.mean_influence_by_label
+
+    @property
     def self_influence(self) -> np.ndarray:
-        return np.load(self.files.self_influence)
+        """(n_train,) float32 self-influence at the final model."""
+        return self.store.self_influence
 
     @cached_property
     def checkpoint_self_influence(self) -> np.ndarray:
@@ -178,11 +218,15 @@ def cached_results(run: Run) -> list[InfluenceResult]:
 
 
 def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, device: str = "auto",
-                      progress: Progress | None = None, recompute: bool = False, wait: bool = True) -> InfluenceResult:
-    """Compute (or fetch) the influence matrix, self-influence and checkpoint self-influence of ``run``.
+                      progress: Progress | None = None, recompute: bool = False, wait: bool = True,
+                      cluster: ClusterSpec | None = None) -> InfluenceResult:
+    """Compute (or fetch) the influence matrix, its summaries, self-influence and checkpoint self-influence.
 
-    Computes under the run directory's lock (``wait=False``: fail at once if another process holds it);
-    status lines go to this module's logger."""
+    Computes under the run directory's lock (``wait=False``: fail at once if another process holds it); status
+    lines go to this module's logger. The matrix is scored and written by training column blocks
+    (:mod:`.results`), here or, with ``cluster``, on the Dask workers it names (:mod:`.distributed`). Peak
+    memory: the fitted curvature and test factors plus one block (``n_test × 4096`` float32) and the images of
+    one engine batch."""
     from .influence import InfluenceModel
 
     key = cache_key(run, settings)
@@ -202,31 +246,46 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
         for i, ckpt in enumerate(ckpts):
             is_final = i == len(ckpts) - 1
             tag = "final" if is_final else ckpt.stem
-            model = run.load_model(ckpt)
-            im = InfluenceModel(model, scope=settings.scope_arg(), method=settings.method,
+            im = InfluenceModel(run.load_model(ckpt), scope=settings.scope_arg(), method=settings.method,
                                 curvature=settings.curvature, regularization=settings.regularization,
                                 device=device, progress=_tagged(progress, tag))
             t = time.perf_counter()
-            im.fit(x_train, y_train)
+            im.fit(x_train[:], y_train)  # [:] until the engine takes lazy image sources
             timings[f"fit_{tag}"] = time.perf_counter() - t
             t = time.perf_counter()
-            checkpoint_si.append(im.self_influence(x_train, y_train))
-            timings[f"self_influence_{tag}"] = time.perf_counter() - t
-            if is_final:
-                t = time.perf_counter()
-                factors = im.test_factors(x_test, y_test)
-                influences = im.influences(factors, x_train, y_train)
-                timings["test_x_train_matrix"] = time.perf_counter() - t
-                np.save(tmp.influences, np.asarray(influences, dtype=np.float32))
-                atomic_torch_save(tmp.curvature, im.state_dict())
-        si = np.stack(checkpoint_si).astype(np.float32)
-        np.save(tmp.self_influence, si[-1])
-        np.save(tmp.checkpoint_self_influence, si)
+            if not is_final:
+                checkpoint_si.append(np.concatenate([im.self_influence(x_train[a:b], y_train[a:b])
+                                                     for a, b in column_blocks(len(y_train))]))
+                timings[f"self_influence_{tag}"] = time.perf_counter() - t
+                continue
+            factors = im.test_factors(x_test[:], y_test)  # [:] until the engine takes lazy image sources
+            timings["test_factors"] = time.perf_counter() - t
+            t = time.perf_counter()
+            scorer = BlockScorer(im, factors, x_train, y_train, y_test.numpy(), run.n_classes)
+            create_matrix(tmp, len(y_test), len(y_train))
+            summaries = SummaryBuilder(len(y_test), len(y_train), run.n_classes)
+            if cluster is None:
+                for a, b in column_blocks(len(y_train)):
+                    summaries.add(scorer.score(tmp, a, b))
+            else:
+                from .distributed import score_on_cluster
+
+                for summary in score_on_cluster(cluster, scorer, tmp, column_blocks(len(y_train))):
+                    summaries.add(summary)
+            timings["test_x_train_matrix_and_self_influence"] = time.perf_counter() - t
+            summaries.write(tmp)
+            checkpoint_si.append(summaries.self_influence)
+            t = time.perf_counter()
+            write_histograms(tmp, y_train.numpy(), run.n_classes)
+            timings["histograms"] = time.perf_counter() - t
+            atomic_torch_save(tmp.curvature, im.state_dict())
+        np.save(tmp.checkpoint_self_influence, np.stack(checkpoint_si).astype(np.float32))
         timings["total"] = float(sum(timings.values()))
         atomic_write_json(tmp.meta, {
             "settings": dataclasses.asdict(settings), "checkpoints": [p.name for p in ckpts],
             "n_train": len(y_train), "n_test": len(y_test), "timings_s": timings, "created": time.time(),
-            "device": str(im.device)})
+            "device": str(im.device), "workers": cluster.describe() if cluster else None,
+            "matrix": {"dtype": "float32", "format": "zarr", "column_block": COLUMN_BLOCK, "top_k": TOP_K}})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp.root, final)
     log.info("influence computed in %.1f s", timings["total"])
@@ -247,6 +306,30 @@ def _temporary_entry(run: Run, key: str) -> Iterator[InfluencePaths]:
         yield InfluencePaths(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class BlockScorer:
+    """Scores training column blocks against fitted test factors and writes them into a result's matrix.
+
+    Holds the fitted ``InfluenceModel`` ``im``, its ``factors`` for the test set, the training inputs (a lazy
+    image source, ``x[a:b] -> (b - a, C, H, W)`` float32) and labels, the test labels ``(n_test,)`` int64 and the
+    number of classes. Picklable, so :mod:`.distributed` ships one to each worker once.
+    """
+
+    im: object
+    factors: object
+    x_train: object
+    y_train: object
+    test_labels: np.ndarray
+    n_classes: int
+
+    def score(self, paths: InfluencePaths, start: int, stop: int) -> BlockSummary:
+        """Write ``I[:, start:stop]`` into ``paths``' matrix; return the block's summaries (incl. self-influence)."""
+        x, y = self.x_train[start:stop], self.y_train[start:stop]
+        block = self.im.influences(self.factors, x, y)
+        open_matrix(paths, mode="r+")[:, start:stop] = block
+        return summarise_block(block, start, self.test_labels, self.n_classes, self.im.self_influence(x, y))
 
 
 def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, train_positions: list[int],

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import ImageSet, load_dataset
+from .data import ImageSet, ImageView, ModelInputs, load_dataset
 from .errors import InfluenceLensError
 from .model import build_resnet18, load_checkpoint
 from .paths import RunPaths
@@ -161,31 +161,34 @@ class Run:
     # --- data ------------------------------------------------------------------------------------------
     @cached_property
     def dataset(self) -> ImageSet:
-        """The run's samples re-read from the dataset, in ``samples.csv`` order, with the run's labels."""
+        """The run's dataset as read now (images memory-mapped from the image cache when it was built)."""
         cfg = self.config
         try:
-            ds = load_dataset(cfg["dataset"], cfg["class_keys"], cfg["image_size"], on_bad_image="skip")
+            return load_dataset(cfg["dataset"], cfg["class_keys"], cfg["image_size"], on_bad_image="skip")
         except InfluenceLensError as e:
             raise InfluenceLensError(
                 f"The run's dataset {cfg['dataset']!r} cannot be opened here: {e.problem}",
                 "copy the data to the same path, or reopen the run where it was computed") from e
-        pos = {i: k for k, i in enumerate(ds.ids)}
+
+    @cached_property
+    def _positions(self) -> np.ndarray:
+        """(n_samples,) int64: where each row of ``samples.csv`` is in :attr:`dataset`."""
+        pos = {i: k for k, i in enumerate(self.dataset.ids)}
         missing = [i for i in self.samples["id"] if i not in pos]
         if missing:
             raise InfluenceLensError(f"{len(missing)} sample(s) of the run are no longer in the dataset, "
                                      f"e.g. {missing[0]}.", "restore the files or retrain the run")
-        sub = ds.subset(np.array([pos[i] for i in self.samples["id"]]))
-        sub.labels = self.samples["label"].to_numpy(np.int64)
-        return sub
+        return np.array([pos[i] for i in self.samples["id"]], dtype=np.int64)
 
-    def images(self, split: str) -> np.ndarray:
-        """(k, S, S, 3) uint8 display images of one split, in split order."""
-        return self.dataset.images[(self.samples["split"] == split).to_numpy()]
+    def images(self, split: str) -> ImageView:
+        """Display images of one split, in split order: a lazy ``(k, S, S, 3)`` uint8 view (index it)."""
+        return ImageView(self.dataset.images, self._positions[(self.samples["split"] == split).to_numpy()])
 
-    def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised inputs (k, 3, S, S) float32 and labels (k,) int64 of one split."""
-        mask = (self.samples["split"] == split).to_numpy()
-        return self.dataset.tensors(mask), torch.tensor(self.labels(split))
+    def tensors(self, split: str) -> tuple[ModelInputs, torch.Tensor]:
+        """Normalised inputs of one split, read lazily (``x[rows] -> (k, 3, S, S)`` float32), and labels (k,)
+        int64 (as trained on)."""
+        positions = self._positions[(self.samples["split"] == split).to_numpy()]
+        return ModelInputs(self.dataset.images, positions), torch.tensor(self.labels(split))
 
 
 def _read_json(path: Path):

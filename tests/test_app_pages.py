@@ -95,7 +95,7 @@ def test_whole_test_set_page_lists_every_training_image(app, demo_run):
 def test_review_queue_records_and_undoes(app, demo_run, demo_result):
     order = np.argsort(-demo_result.signals[demo_result.best_signal], kind="stable")
     queue = [demo_run.ids("train")[p] for p in order[:int(np.ceil(0.1 * len(order)))]]
-    store = ReviewStore(demo_run.path)
+    store = ReviewStore.for_run(demo_run)
     sid = next(i for i in queue if i not in store.decisions_for(queue))  # other tests may have reviewed some
     before = store.progress(queue)["reviewed"]
     at = app("review_queue")

@@ -170,7 +170,7 @@ def test_review_decision_persists_after_reload(browser, server, demo_run):
     tab.reload()
     tab.locator(f".st-key-suspect-{pos}").get_by_text("label kept by ann").wait_for()
     tab.screenshot(path=SHOTS / "review-after-reload.png", full_page=True)
-    assert ReviewStore(demo_run.path).decisions_for([sid])[sid].reviewer == "ann"
+    assert ReviewStore.for_run(demo_run).decisions_for([sid])[sid].reviewer == "ann"
     context.close()
 
 
@@ -189,7 +189,7 @@ def test_two_reviewers_at_once_lose_nothing(browser, server, demo_run):
             clicked.append((name, pos))
         for name, pos in clicked:
             tabs[name].locator(f".st-key-suspect-{pos}").get_by_text(f"by {name}").wait_for()
-    found = ReviewStore(demo_run.path).decisions_for(expected)
+    found = ReviewStore.for_run(demo_run).decisions_for(expected)
     assert {sid: (a.reviewer, a.decision) for sid, a in found.items()} == expected
     settle(tabs["cat"])
     tabs["cat"].screenshot(path=SHOTS / "review-two-reviewers.png", full_page=True)
