@@ -74,7 +74,10 @@ with right:
 c1, c2 = st.columns(2)
 k = c1.slider("How many training images", 1, 16, 8)
 same = c2.toggle(f"Same label as the test image ({run.classes[true_label]}) only", value=False)
-helpful, harmful = top_k(row, k, train_labels == true_label if same else None)
+if same:  # a label filter needs the whole row; otherwise the stored top-k lists answer at once
+    helpful, harmful = top_k(row, k, train_labels == true_label)
+else:
+    helpful, harmful = result.top_helpful(test, k)[0], result.top_harmful(test, k)[0]
 flipped = run.flipped()
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from influence_core.paths import RunPaths
 from influence_core.pipeline import DEFAULT_SETTINGS, cache_key
+from influence_core.results import SummaryBuilder, column_blocks, create_matrix, summarise_block, write_histograms
 from influence_core.run import Run
 
 
@@ -66,10 +67,17 @@ def make_synthetic_run(root: Path, n_classes: int, n_train: int, n_test: int, im
     entry = paths.influence_entry(cache_key(run, DEFAULT_SETTINGS))
     entry.root.mkdir(parents=True)
     same = label[train][None, :] == true_test[:, None]
-    influences = rng.standard_normal((n_test, n_train), dtype=np.float32) + 2 * same - 3 * flipped[train]
-    influences[:, :3] *= 200  # a few training points with huge influence: outliers for the charts' x-range
-    np.save(entry.influences, influences.astype(np.float32))
-    np.save(entry.self_influence, rng.random(n_train, dtype=np.float32) + flipped[train])
+    self_influence = rng.random(n_train, dtype=np.float32) + flipped[train]
+    matrix, summaries = create_matrix(entry, n_test, n_train), SummaryBuilder(n_test, n_train, n_classes)
+    for start, stop in column_blocks(n_train):  # structured noise: same label helps, flipped labels hurt
+        block = (rng.standard_normal((n_test, stop - start), dtype=np.float32) + 2 * same[:, start:stop]
+                 - 3 * flipped[train][start:stop]).astype(np.float32)
+        if start == 0:
+            block[:, :3] *= 200  # a few training points with huge influence: outliers for the charts' x-range
+        matrix[:, start:stop] = block
+        summaries.add(summarise_block(block, start, true_test, n_classes, self_influence[start:stop]))
+    summaries.write(entry)
+    write_histograms(entry, label[train], n_classes)
     np.save(entry.checkpoint_self_influence, rng.random((1, n_train), dtype=np.float32))
     _write_json(entry.meta, {"settings": {}, "n_train": n_train, "n_test": n_test, "timings_s": {"total": 1.0},
                              "created": 0})
