@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pandas as pd
 import streamlit as st
 
 from influence_core import TrainConfig
@@ -14,6 +15,7 @@ from influence_core.analysis import (
     top_k,
 )
 from influence_core.display import check_notebook_claim
+from influence_core.pipeline import InfluenceResult
 from pages.ui import charts, runs, widgets
 
 st.title("Corruption lab")
@@ -22,6 +24,15 @@ st.markdown("Flip a share of the training labels, retrain, recompute influences 
             "than the clean ones; below, that claim is checked on the run's own numbers.")
 
 run = runs.current_run()
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def detection(result_path: str, _result: InfluenceResult) -> tuple[dict[str, dict], dict[str, pd.DataFrame]]:
+    """Per signal: detection metrics and curve of the result at ``result_path``, computed once."""
+    flipped = _result.run.flipped()
+    return ({key: detection_metrics(score, flipped) for key, score in _result.signals.items()},
+            {key: detection_curve(score, flipped) for key, score in _result.signals.items()})
+
 
 # --- a new experiment -----------------------------------------------------------------------------------
 with st.form("experiment"):
@@ -44,6 +55,7 @@ if start:
     runs.influence(corrupted)
     st.session_state["lab_run"] = str(corrupted.path)
 
+
 # --- results --------------------------------------------------------------------------------------------
 lab = runs.open_run(st.session_state["lab_run"]) if "lab_run" in st.session_state else run
 flipped = lab.flipped()
@@ -61,7 +73,7 @@ if lab.path != run.path and st.button("Open this run everywhere in the app"):
 mean = result.mean_influence
 labels = lab.labels("train")
 table = corruption_table(mean, labels, flipped, lab.classes)
-metrics = {key: detection_metrics(score, flipped) for key, score in result.signals.items()}
+metrics, curves = detection(str(result.path), result)
 claim = check_notebook_claim(table, metrics["neg_mean_test_influence"]["auroc"], mode)
 box = {"held": st.success, "partly held": st.warning, "did not hold": st.error}[claim.verdict]
 box(f"{claim.summary()}\n\n{claim.implication()}", icon=":material/fact_check:")
@@ -85,6 +97,5 @@ st.markdown("**Lowest mean influence on the test set** (the notebook's suspects)
 st.caption(describe_ranking(flags, True).text)
 widgets.image_grid(runs.images_at(lab, "train", harmful),
                    widgets.training_captions(lab, harmful, flags, mean[harmful], "mean influence"), columns=8, size=80)
-curves = {f"{SIGNALS[key].label} — AUROC {m['auroc']:.2f}": detection_curve(result.signals[key], flipped)
-          for key, m in metrics.items()}
-charts.chart(charts.detection_figure(curves), key="detection")
+charts.chart(charts.detection_figure({f"{SIGNALS[key].label} — AUROC {metrics[key]['auroc']:.2f}": curve
+                                      for key, curve in curves.items()}), key="detection")

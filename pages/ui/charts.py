@@ -79,16 +79,19 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], k: int = 15) -
     return fig
 
 
-def detection_figure(curves: dict[str, pd.DataFrame]) -> go.Figure:
-    """Share of flips found vs share of training images inspected (``analysis.detection_curve`` frames by name)."""
+def detection_figure(curves: dict[str, pd.DataFrame], max_points: int = 400) -> go.Figure:
+    """Share of flips found vs share of training images inspected (``analysis.detection_curve`` frames by name),
+    each curve thinned to ``max_points`` evenly spaced points (its last point kept)."""
     fig = go.Figure()
     for i, (name, d) in enumerate(curves.items()):
-        fig.add_scatter(x=d["inspected"], y=d["found"], mode="lines", name=name, line_color=COLORS[i % len(COLORS)])
+        keep = np.unique(np.linspace(0, len(d) - 1, min(len(d), max_points)).round().astype(int))
+        fig.add_scatter(x=d["inspected"].to_numpy()[keep], y=d["found"].to_numpy()[keep], mode="lines", name=name,
+                        line_color=COLORS[i % len(COLORS)])
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="random order", line=dict(dash="dot", color="grey"))
+    ticks = dict(tickformat=".0%", tickvals=np.linspace(0, 1, 6), range=[-0.01, 1.02])
     fig.update_layout(title="Share of flipped labels found<br>vs share of training images inspected",
-                      xaxis=dict(title="training images inspected", tickformat=".0%", range=[0, 1], dtick=0.2),
-                      yaxis=dict(title="flipped labels found", tickformat=".0%", range=[0, 1.02], dtick=0.2),
-                      height=380 + 22 * len(curves),
+                      xaxis=dict(title="training images inspected", **ticks),
+                      yaxis=dict(title="flipped labels found", **ticks), height=380 + 22 * len(curves),
                       legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0))
     return fig
 

@@ -103,6 +103,9 @@ def training_captions(run: Run, positions: np.ndarray, flags: pd.DataFrame, valu
     return captions
 
 
+ROW_PX = 35  # height of one st.dataframe row: a page of a paged table shows all its rows without scrolling
+
+
 def paged_table(df: pd.DataFrame, file_name: str, per_page: int = 50, key: str = "table", **kwargs) -> None:
     """One page of ``df`` at a time (page number above it) and a CSV download of all rows, written on click."""
     n_pages = pages(len(df), per_page)
@@ -110,6 +113,7 @@ def paged_table(df: pd.DataFrame, file_name: str, per_page: int = 50, key: str =
     if n_pages > 1:
         page = st.number_input(f"Page (of {n_pages:,}; {per_page} of {len(df):,} rows each)", 1, n_pages, 1,
                                key=f"{key}-page")
-    st.dataframe(df.iloc[(page - 1) * per_page:page * per_page], hide_index=True, width="stretch", **kwargs)
+    rows = df.iloc[(page - 1) * per_page:page * per_page]
+    st.dataframe(rows, hide_index=True, width="stretch", height=ROW_PX * (len(rows) + 1) + 3, **kwargs)
     st.download_button("Download CSV (all rows)", lambda: df.to_csv(index=False), file_name=file_name,
                        mime="text/csv", key=f"dl-{file_name}", icon=":material/download:", on_click="ignore")
