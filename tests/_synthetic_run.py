@@ -20,28 +20,32 @@ from influence_core.results import SummaryBuilder, column_blocks, create_matrix,
 from influence_core.run import Run
 
 
-def make_synthetic_run(root: Path, n_classes: int, n_train: int, n_test: int, image_size: int = 8,
-                       flip_fraction: float = 0.1, seed: int = 0) -> Run:
-    """Write ``root/data`` (image folder) and ``root/run`` (run directory with a default influence entry)."""
+def make_synthetic_run(run_dir: Path, data_dir: Path, n_classes: int, n_train: int, n_test: int,
+                       image_size: int = 8, flip_fraction: float = 0.1, helpful_flips: float = 0.0, seed: int = 0) -> Run:
+    """Write ``data_dir`` (image folder) and ``run_dir`` (run directory with a default influence entry).
+
+    Flipped training images hurt every test image, except a ``helpful_flips`` share of them, which help (as
+    some flipped digits do in the demo) — then a "most helpful" list can hold flipped images.
+    """
     rng = np.random.default_rng(seed)
     classes = [f"class-{c:03d}" for c in range(n_classes)]
     n_val = max(n_classes, n_test // 10)
     split = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * n_test)
     true = np.concatenate([np.arange(n_train) % n_classes, np.arange(n_val) % n_classes,
                            np.arange(n_test) % n_classes])
-    ids = _write_images(root / "data", classes, true, image_size, rng)
+    ids = _write_images(data_dir, classes, true, image_size, rng)
 
     train = split == "train"
     flipped = np.zeros(len(split), bool)
     flipped[rng.choice(np.flatnonzero(train), int(flip_fraction * n_train), replace=False)] = True
     label = np.where(flipped, (true + rng.integers(1, n_classes, len(true))) % n_classes, true)
 
-    paths = RunPaths(root / "run")
+    paths = RunPaths(run_dir)
     paths.checkpoints.mkdir(parents=True)
     pd.DataFrame({"id": ids, "split": split, "label": label, "true_label": true, "flipped": flipped}).to_csv(
         paths.samples, index=False)
     _write_json(paths.config, {
-        "dataset": f"folder:{root / 'data'}", "classes": classes, "class_keys": classes, "image_size": image_size,
+        "dataset": f"folder:{data_dir}", "classes": classes, "class_keys": classes, "image_size": image_size,
         "split": [0.8, 0.1, 0.1], "downsample": 1.0, "seed": seed, "epochs": 2, "batch_size": 64, "lr": 1e-3,
         "lr_schedule": "cosine", "weight_decay": 1e-4, "train_layers": "head", "augment_flip": True,
         "n_checkpoints": 1, "corrupt_fraction": flip_fraction, "corrupt_mode": "random", "weights": "scratch",
@@ -67,11 +71,12 @@ def make_synthetic_run(root: Path, n_classes: int, n_train: int, n_test: int, im
     entry = paths.influence_entry(cache_key(run, DEFAULT_SETTINGS))
     entry.root.mkdir(parents=True)
     same = label[train][None, :] == true_test[:, None]
+    flip_effect = np.where(rng.random(n_train) < helpful_flips, 3.0, -3.0) * flipped[train]
     self_influence = rng.random(n_train, dtype=np.float32) + flipped[train]
     matrix, summaries = create_matrix(entry, n_test, n_train), SummaryBuilder(n_test, n_train, n_classes)
     for start, stop in column_blocks(n_train):  # structured noise: same label helps, flipped labels hurt
         block = (rng.standard_normal((n_test, stop - start), dtype=np.float32) + 2 * same[:, start:stop]
-                 - 3 * flipped[train][start:stop]).astype(np.float32)
+                 + flip_effect[start:stop]).astype(np.float32)
         if start == 0:
             block[:, :3] *= 200  # a few training points with huge influence: outliers for the charts' x-range
         matrix[:, start:stop] = block
