@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from influence_core import InfluenceLensError, Run, TrainConfig, train
+from influence_core.analysis import training_flags
 from influence_core.data import parse_spec
+from influence_core.paths import RunPaths
 from influence_core.pipeline import (
     InfluenceResult,
     InfluenceSettings,
@@ -19,6 +22,7 @@ from influence_core.pipeline import (
     compute_influence,
     saliency_maps,
 )
+from influence_core.review import Action, ReviewStore
 from influence_core.storage import stable_hash
 
 from .state import settings
@@ -181,3 +185,33 @@ def flips_found_at(result: InfluenceResult, signal: str, fraction: float = 0.1) 
     k = int(np.ceil(fraction * len(flipped)))
     top = np.argsort(-result.signals[signal], kind="stable")[:k]
     return int(flipped[top].sum()), int(flipped.sum())
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _split_rows(path: str, mtime: float, split: str) -> np.ndarray:
+    return np.flatnonzero((open_run(path).samples["split"] == split).to_numpy())
+
+
+def images_at(run: Run, split: str, positions: np.ndarray) -> np.ndarray:
+    """(k, S, S, 3) uint8 display images of the samples at ``positions`` within ``split`` (copies only those)."""
+    rows = _split_rows(str(run.path), (run.path / "train_key").stat().st_mtime, split)
+    return run.dataset.images[rows[np.asarray(positions, dtype=np.int64)]]
+
+
+def review_decisions(run: Run, sample_ids: list[str]) -> dict[str, Action]:
+    """Sample id → current review decision of those of ``sample_ids`` reviewed on this run's data.
+
+    Reads the run's review store only when it exists (looking never creates one).
+    """
+    if not RunPaths(run.path).reviews.is_file():
+        return {}
+    return ReviewStore.for_run(run).decisions_for(sample_ids)
+
+
+def flags_at(run: Run, positions: np.ndarray) -> pd.DataFrame:
+    """:func:`~influence_core.analysis.training_flags` rows (flipped, review, marks) of the training images at
+    ``positions``, in that order (reads only those images' review decisions)."""
+    ids = run.ids("train")
+    chosen = [ids[p] for p in positions]
+    return training_flags(chosen, class_names(run, run.labels("train")[positions]), run.flipped()[positions],
+                          review_decisions(run, chosen))
