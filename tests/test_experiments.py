@@ -73,7 +73,7 @@ def test_the_claim_says_when_it_cannot_be_judged():
 
 
 def test_the_claim_on_the_real_digits_demo(demo_run):
-    result = compute_influence(demo_run, DEFAULT_SETTINGS, log=lambda _: None)
+    result = compute_influence(demo_run, DEFAULT_SETTINGS)
     claim = notebook_claim(result)
     mean, flipped, labels = mean_influence(result.influences), demo_run.flipped(), demo_run.labels("train")
     held = [mean[(labels == c) & flipped].mean() < mean[(labels == c) & ~flipped].mean()
@@ -95,7 +95,7 @@ def test_a_bad_experiment_is_refused_before_training(demo_run, tmp_path):
 def test_the_top_influence_experiment_flips_what_the_clean_run_found_most_helpful(tmp_path):
     """Clean run → influence → flip the most helpful per class → retrain → recompute → claim (digits, tiny)."""
     base = train(TrainConfig(dataset="demo", downsample=0.2, image_size=16, epochs=2, n_checkpoints=0),
-                 tmp_path / "base", log=lambda _: None)
+                 tmp_path / "base")
     stages: set[str] = set()
     outcome = run_corruption_experiment(base, 0.1, "top-influence", tmp_path / "runs",
                                         InfluenceSettings(checkpoints=False),
@@ -104,8 +104,7 @@ def test_the_top_influence_experiment_flips_what_the_clean_run_found_most_helpfu
     assert outcome.clean is not None and outcome.clean.path.parent == outcome.corrupted.path.parent
     assert outcome.corrupted.path.name.startswith("digits-10-classes-10pct-flipped-top-influence-")
     assert outcome.corrupted.ids("train") == outcome.clean.ids("train")
-    clean_mean = mean_influence(compute_influence(outcome.clean, InfluenceSettings(checkpoints=False),
-                                                  log=lambda _: None).influences)
+    clean_mean = compute_influence(outcome.clean, InfluenceSettings(checkpoints=False)).mean_influence
     flipped, true = outcome.corrupted.flipped(), outcome.corrupted.true_labels("train")
     assert flipped.sum() > 0
     for c in np.unique(true[flipped]):  # per class, every flipped image was more helpful than every kept one
