@@ -1,13 +1,13 @@
 """Influence Lens in the browser: ``streamlit run app.py`` opens on the bundled demo.
 
-Multipage app (``st.navigation``); each page in ``pages/`` only lays out, shared helpers are in ``pages/ui.py``.
+Multipage app (``st.navigation``); each page in ``pages/`` only lays out, shared helpers are in ``pages/ui/``.
 The page, the run and the selected test image live in the URL, so a link reopens the same view.
 """
 
 import streamlit as st
 
 from influence_core import InfluenceLensError
-from pages import ui
+from pages.ui import state, widgets
 
 st.set_page_config(page_title="Influence Lens", page_icon=":material/center_focus_strong:", layout="wide")
 
@@ -20,14 +20,14 @@ PAGES = [
     st.Page("pages/corruption_lab.py", title="Corruption lab", icon=":material/science:"),
 ]
 
-ui.read_url()
+state.read_url()
 page = st.navigation(PAGES)
 with st.sidebar:
-    ui.run_picker()
+    widgets.run_picker()
     st.caption("Charts: the camera icon above each chart downloads it as PNG. Tables have CSV buttons.")
 try:
     page.run()
 except InfluenceLensError as e:
-    ui.show_error(e)
+    widgets.show_error(e)
 finally:
-    ui.write_url()
+    state.write_url()
