@@ -147,8 +147,8 @@ def notebook_claim(result: InfluenceResult) -> NotebookClaim:
 
 @dataclass(frozen=True)
 class CorruptionOutcome:
-    """The runs of one corruption experiment: ``clean`` (trained for top-influence only), ``corrupted`` with
-    its influence ``result``, and the notebook's ``claim`` checked on it."""
+    """The runs of one corruption experiment: ``clean`` (top-influence only; the base run when it had no flips),
+    ``corrupted`` with its influence ``result``, and the notebook's ``claim`` checked on it."""
 
     clean: Run | None
     corrupted: Run
@@ -162,10 +162,11 @@ def run_corruption_experiment(base: Run, fraction: float, mode: str, runs_root: 
     """Retrain ``base``'s configuration with ``fraction`` of the training labels flipped, recompute influences.
 
     ``mode``: ``random`` (random images) or ``top-influence`` (per class, the images a clean run of the same
-    configuration finds most helpful by mean test influence; the clean run is trained and its influence computed
-    first). Runs go to ``runs_root / run_dir_name(config)`` (cached: an identical experiment returns at once).
-    ``progress`` stages are prefixed with "clean run: " or "flipped run: ". Takes as long as two trainings plus
-    two influence computations of ``base`` in top-influence mode, one of each in random mode.
+    configuration finds most helpful by mean test influence: ``base`` itself when it has no flipped labels, else
+    a clean run trained first). New runs go to ``runs_root / run_dir_name(config)`` (cached: an identical
+    experiment returns at once). ``progress`` stages are prefixed with "clean run: " or "flipped run: ". Costs
+    one training and one influence computation of ``base``'s size, plus one of each for a clean run in
+    top-influence mode (the clean run's training is skipped when ``base`` has no flips).
     """
     if not 0 < fraction < 1:
         raise InfluenceLensError(f"The share of labels to flip must be between 0 and 1, not {fraction}.",
@@ -177,7 +178,8 @@ def run_corruption_experiment(base: Run, fraction: float, mode: str, runs_root: 
     clean, scores = None, None
     if mode == "top-influence":
         clean_progress = tagged(progress, "clean run")
-        clean = train(config, runs_root / run_dir_name(config, base.classes), device=device, progress=clean_progress)
+        clean = base if not base.flipped().any() else train(config, runs_root / run_dir_name(config, base.classes),
+                                                             device=device, progress=clean_progress)
         clean_result = compute_influence(clean, settings, device=device, progress=clean_progress)
         scores = mean_influence(clean_result.influences).tolist()
     flipped_config = dataclasses.replace(config, corrupt_fraction=fraction, corrupt_mode=mode, corrupt_scores=scores)
