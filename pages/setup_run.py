@@ -9,6 +9,7 @@ import streamlit as st
 
 from influence_core import TrainConfig, available_classes
 from influence_core.data import DEFAULT_FASHION_MNIST
+from influence_core.influence import Curvature, Damping, Scope
 from influence_core.paths import RunPaths
 from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, InfluenceSettings
 from pages.ui import charts, runs, state, widgets
@@ -48,7 +49,7 @@ with current:
     train_true, images = run.true_labels("train"), run.images("train")
     for start in range(0, run.n_classes, 2):
         cols = st.columns(2)
-        for c, col in zip(range(start, min(start + 2, run.n_classes)), cols):
+        for c, col in zip(range(start, min(start + 2, run.n_classes)), cols, strict=False):
             with col:
                 st.markdown(f"**{run.classes[c]}**")
                 picks = np.flatnonzero(train_true == c)[:6]
@@ -117,11 +118,13 @@ with influence_tab:
     method = c1.selectbox("Method", METHOD_CHOICES, index=METHOD_CHOICES.index(s.method),
                           help="direct: exact inverse (small scopes); cg / lissa: iterative; arnoldi: low rank; "
                                "kfac / ekfac: Kronecker-factored approximations.")
-    scope = c2.radio("Parameters", ["head", "all"], index=["head", "all"].index(s.scope) if s.scope in ("head", "all")
-                     else 0, format_func={"head": "last layer", "all": "whole network"}.get)
-    lam = c3.select_slider("Regularization λ", LAMBDAS, value=min(LAMBDAS, key=lambda v: abs(np.log(v / s.regularization))),
+    scope = c2.radio("Parameters", list(Scope),
+                     index=list(Scope).index(s.scope) if isinstance(s.scope, Scope) else 0,
+                     format_func={Scope.HEAD: "last layer", Scope.ALL: "whole network"}.get)
+    current = Damping.of(s.regularization).value
+    lam = c3.select_slider("Regularization λ", LAMBDAS, value=min(LAMBDAS, key=lambda v: abs(np.log(v / current))),
                            format_func=lambda v: f"{v:g}")
-    curvature = c4.radio("Curvature", ["gauss-newton", "hessian"], index=["gauss-newton", "hessian"].index(s.curvature))
+    curvature = c4.radio("Curvature", list(Curvature), index=list(Curvature).index(s.curvature))
     chosen = InfluenceSettings(method=method, scope=scope, regularization=lam, curvature=curvature)
     cached = runs.cached_influence(run, chosen) is not None
     st.caption(f"{chosen.describe()} — {'cached for this run' if cached else 'not computed yet for this run'}"

@@ -17,7 +17,7 @@ APP = Path(__file__).resolve().parents[1] / "app.py"
 
 @pytest.fixture(scope="module")
 def demo_result(demo_run):
-    return compute_influence(demo_run, DEFAULT_SETTINGS, log=lambda _: None)
+    return compute_influence(demo_run, DEFAULT_SETTINGS)
 
 
 @pytest.fixture
@@ -190,7 +190,7 @@ def test_training_goes_on_in_the_background_across_pages(demo_run, runs_root, mo
     next(b for b in at.button if b.label == "Train and compute influences").click().run()
     assert not at.exception, at.exception
     ref = at.session_state["run"]
-    assert ref.startswith("demo-all-flip20-") and at.query_params["run"] in (ref, [ref])
+    assert ref.startswith("digits-all-classes-20pct-flipped-") and at.query_params["run"] in (ref, [ref])
     assert any("runs on the server" in p.text for p in at.progress)  # the page shows the job
     at.switch_page("pages/test_set.py").run()  # leave: the job goes on and shows here too
     assert not at.exception, at.exception
@@ -221,7 +221,7 @@ def test_whole_test_set_page_lists_every_training_image(app, demo_run):
 def test_review_queue_records_and_undoes(app, demo_run, demo_result):
     order = np.argsort(-demo_result.signals[demo_result.best_signal], kind="stable")
     queue = [demo_run.ids("train")[p] for p in order[:int(np.ceil(0.1 * len(order)))]]
-    store = ReviewStore(demo_run.path)
+    store = ReviewStore.for_run(demo_run)
     sid = next(i for i in queue if i not in store.decisions_for(queue))  # other tests may have reviewed some
     before = store.progress(queue)["reviewed"]
     at = app("review_queue")
@@ -256,7 +256,7 @@ def test_a_missing_run_is_a_clear_error(demo_run, runs_root, monkeypatch):
 
 @pytest.mark.parametrize("page", [None, "setup_run", "explorer", "test_set", "review_queue", "corruption_lab"])
 def test_every_page_works_on_a_tiny_imagenet_run(tiny_run, runs_root, monkeypatch, page):
-    compute_influence(tiny_run, DEFAULT_SETTINGS, log=lambda _: None)
+    compute_influence(tiny_run, DEFAULT_SETTINGS)
     monkeypatch.setenv("INFLUENCE_LENS_RUNS", str(runs_root))
     at = AppTest.from_file(str(APP), default_timeout=120)
     at.query_params.update({"run": tiny_run.path.name})

@@ -11,16 +11,16 @@ process), so they go on when the page is left; a page that needs their result sh
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 from pathlib import Path, PurePath
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from influence_core import InfluenceLensError, Run, TrainConfig, train
-from influence_core.data import parse_spec
+from influence_core.analysis import rank_suspects, training_flags
+from influence_core.experiments import run_dir_name
 from influence_core.jobs import Job, JobRegistry
 from influence_core.paths import RunPaths
 from influence_core.pipeline import (
@@ -30,7 +30,7 @@ from influence_core.pipeline import (
     compute_influence,
     saliency_maps,
 )
-from influence_core.storage import stable_hash
+from influence_core.review import Action, ReviewStore
 
 from .navigation import require_frame
 from .state import settings
@@ -84,21 +84,10 @@ def resolve_ref(ref: str) -> Path:
     return confine(next((c for c in candidates if c.is_dir()), candidates[0]))
 
 
-def run_name(config: TrainConfig) -> str:
-    """A readable, unique folder name: dataset, classes, flip share and a hash of the whole config,
-    e.g. ``tiny-imagenet-goldfish+lemon-flip10-3fa9c2e1b0``."""
-    kind, _ = parse_spec(config.dataset)
-    classes = list(config.classes or [])
-    shown = "+".join(classes[:3]) + (f"+{len(classes) - 3}more" if len(classes) > 3 else "") if classes else "all"
-    flips = f"flip{round(config.corrupt_fraction * 100)}" + ("top" if config.corrupt_mode == "top-influence" else "")
-    cfg = dataclasses.asdict(config) | {"split": list(config.split)}
-    readable = re.sub(r"[^A-Za-z0-9+]+", "_", f"{kind} {shown}").strip("_").replace("_", "-")
-    return f"{readable}-{flips}-{stable_hash(cfg, length=10)}"
-
-
 def run_dir_for(config: TrainConfig) -> Path:
-    """``<runs root>/<run_name(config)>``: one directory per training config."""
-    return runs_root() / run_name(config)
+    """``<runs root>/<run_dir_name(config)>``: one readable directory per training config (dataset, classes, flip
+    share and a hash of the whole config)."""
+    return runs_root() / run_dir_name(config)
 
 
 def list_runs() -> list[Path]:
@@ -288,5 +277,35 @@ def flips_found_at(result: InfluenceResult, signal: str, fraction: float = 0.1) 
     """(flips among the top ``fraction`` of training images by ``signal``, flips in total)."""
     flipped = result.run.flipped()
     k = int(np.ceil(fraction * len(flipped)))
-    top = np.argsort(-result.signals[signal], kind="stable")[:k]
+    top = rank_suspects(result.signals[signal], k)
     return int(flipped[top].sum()), int(flipped.sum())
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _split_rows(path: str, mtime: float, split: str) -> np.ndarray:
+    return np.flatnonzero((open_run(path).samples["split"] == split).to_numpy())
+
+
+def images_at(run: Run, split: str, positions: np.ndarray) -> np.ndarray:
+    """(k, S, S, 3) uint8 display images of the samples at ``positions`` within ``split`` (copies only those)."""
+    rows = _split_rows(str(run.path), _trained_at(run), split)
+    return run.dataset.images[rows[np.asarray(positions, dtype=np.int64)]]
+
+
+def review_decisions(run: Run, sample_ids: list[str]) -> dict[str, Action]:
+    """Sample id → current review decision of those of ``sample_ids`` reviewed on this run's data.
+
+    Reads the run's review store only when it exists (looking never creates one).
+    """
+    if not RunPaths(run.path).reviews.is_file():
+        return {}
+    return ReviewStore.for_run(run).decisions_for(sample_ids)
+
+
+def flags_at(run: Run, positions: np.ndarray) -> pd.DataFrame:
+    """:func:`~influence_core.analysis.training_flags` rows (flipped, review, marks) of the training images at
+    ``positions``, in that order (reads only those images' review decisions)."""
+    ids = run.ids("train")
+    chosen = [ids[p] for p in positions]
+    return training_flags(chosen, class_names(run, run.labels("train")[positions]), run.flipped()[positions],
+                          review_decisions(run, chosen))

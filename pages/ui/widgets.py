@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import sqlite3
 from contextlib import contextmanager
+from pathlib import PurePosixPath
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from influence_core import InfluenceLensError
+from influence_core import InfluenceLensError, Run
+from influence_core.display import pages
 from influence_core.jobs import user_error
 
 from .runs import DEMO_CONFIG, RUNS_ENV, job_registry, list_runs, resolve_ref, run_dir_for, run_ref, select_run
@@ -112,3 +114,35 @@ def index_of(positions: np.ndarray, position: int | None) -> int | None:
 def fmt(value: float) -> str:
     """A signed influence value, short: +1,234 or +0.0123."""
     return f"{value:+,.0f}" if abs(value) >= 100 else f"{value:+.3g}"
+
+
+def training_captions(run: Run, positions: np.ndarray, flags: pd.DataFrame, values: np.ndarray,
+                      value_name: str = "influence") -> list[str]:
+    """Captions saying what each number is, with flipped and reviewed marks, for training images.
+
+    ``positions``: (k,) training positions; ``flags``: their ``runs.flags_at`` rows; ``values``: (k,) the ranked
+    value, shown first. E.g. "influence +801 · trained as 8 (really 3) · id 60.png · ⚑ flipped".
+    """
+    true = run.true_labels("train")[positions]
+    captions = []
+    for row, t, value in zip(flags.itertuples(), true, values, strict=True):
+        really = f" (really {run.classes[t]})" if row.flipped else ""
+        text = f"{value_name} {fmt(value)} · trained as {row.label}{really} · id {PurePosixPath(row.id).name}"
+        captions.append(text + (f" · ⚑ {row.marks}" if row.marks else ""))
+    return captions
+
+
+ROW_PX = 35  # height of one st.dataframe row: a page of a paged table shows all its rows without scrolling
+
+
+def paged_table(df: pd.DataFrame, file_name: str, per_page: int = 50, key: str = "table", **kwargs) -> None:
+    """One page of ``df`` at a time (page number above it) and a CSV download of all rows, written on click."""
+    n_pages = pages(len(df), per_page)
+    page = 1
+    if n_pages > 1:
+        page = st.number_input(f"Page (of {n_pages:,}; {per_page} of {len(df):,} rows each)", 1, n_pages, 1,
+                               key=f"{key}-page")
+    rows = df.iloc[(page - 1) * per_page:page * per_page]
+    st.dataframe(rows, hide_index=True, width="stretch", height=ROW_PX * (len(rows) + 1) + 3, **kwargs)
+    st.download_button("Download CSV (all rows)", lambda: df.to_csv(index=False), file_name=file_name,
+                       mime="text/csv", key=f"dl-{file_name}", icon=":material/download:", on_click="ignore")
