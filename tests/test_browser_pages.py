@@ -6,10 +6,7 @@ hand, see ``_synthetic_run.py``) and saves screenshots under ``test-output/``.
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from _synthetic_run import make_synthetic_run
 from test_browser import SHOTS, VIEWPORT, browser, server, settle  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.browser

@@ -154,8 +154,9 @@ class KroneckerEigen:
             device: torch.device) -> KroneckerEigen:
         """Fit EK-FAC (Gauss-Newton) on ``x``, ``y`` through the influence engine and keep its eigenbases."""
         from .engine import InfluenceModel
+        from .kfac import EKFAC
 
-        im = InfluenceModel(model, scope=scope, method="ekfac", batch_size=batch_size, device=device)
+        im = InfluenceModel(model, scope=scope, method=EKFAC(), batch_size=batch_size, device=device)
         state = im.fit(x, y).state_dict()
         layers = []
         for key in sorted({k.rpartition("|")[0] for k in state}):
