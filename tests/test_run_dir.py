@@ -127,6 +127,14 @@ def test_retrain_carries_the_review_store_and_drops_the_old_influence_cache(old_
     assert siblings(old_run) == []
 
 
+def test_training_into_the_current_folder_is_refused_before_anything_changes(old_run, monkeypatch):
+    before = snapshot(old_run)
+    monkeypatch.chdir(old_run)
+    with pytest.raises(InfluenceLensError, match="current folder"):
+        train(TrainConfig(**SMALL, seed=1), ".")
+    assert snapshot(old_run) == before
+
+
 def test_a_crash_in_the_middle_of_the_swap_is_repaired(old_run, tmp_path):
     paths = RunPaths(old_run)
     before = snapshot(old_run)
