@@ -42,12 +42,12 @@ def flip_top_influence(labels: np.ndarray, influence: np.ndarray, fraction: floa
         raise InfluenceLensError(f"The influence vector has shape {influence.shape}, the labels {labels.shape}.",
                                  "pass one influence value per training sample")
     rng = np.random.default_rng(seed)
-    picked = []
+    per_class = []
     for c in range(n_classes):
         members = np.flatnonzero(labels == c)
         k = int(round(fraction * len(members)))
-        picked.append(members[np.argsort(-influence[members], kind="stable")[:k]])
-    picked = np.sort(np.concatenate(picked)).astype(np.int64)
+        per_class.append(members[np.argsort(-influence[members], kind="stable")[:k]])
+    picked = np.sort(np.concatenate(per_class)).astype(np.int64)
     new = labels.copy()
     new[picked] = (labels[picked] + rng.integers(1, n_classes, size=len(picked))) % n_classes
     return new, picked
