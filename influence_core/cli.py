@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 
 from .errors import InfluenceLensError
@@ -17,6 +18,9 @@ from .storage import check_output_dir, write_error
 
 DATA_SELECTION = {"dataset": "demo", "classes": None, "split": (0.8, 0.1, 0.1), "seed": 0, "downsample": 1.0}
 """The ``train`` options that decide which samples land in the training set, with their defaults."""
+
+NO_WAIT_HELP = ("fail at once if another process is writing the run directory "
+                "(default: wait for it, with a message)")
 
 
 def _train(args) -> None:
@@ -43,8 +47,7 @@ def _train(args) -> None:
         config = dataclasses.replace(config, corrupt_scores=scores.tolist())
     bar = TqdmProgress()
     try:
-        train(config, args.run_dir, device=args.device, retrain=args.retrain, progress=bar,
-              log=lambda msg: print(msg, file=sys.stderr))
+        train(config, args.run_dir, device=args.device, retrain=args.retrain, progress=bar, wait=not args.no_wait)
     finally:
         bar.close()
 
@@ -65,11 +68,12 @@ def _data_selection(args, clean) -> dict:
     """``DATA_SELECTION`` from the options given, else from the clean run (whose training set top-influence
     corruption must reuse, sample for sample), else the defaults."""
     given = {name: getattr(args, name) for name in DATA_SELECTION if getattr(args, name) is not None}
-    given = given | ({"split": tuple(given["split"])} if "split" in given else {})
+    given = given | ({"split": _split_arg(given["split"])} if "split" in given else {})
     if clean is None:
         return DATA_SELECTION | given
     cfg = clean.config
-    inherited = {"dataset": cfg["dataset"], "classes": cfg["class_keys"], "split": tuple(cfg["split"]),
+    inherited = {"dataset": cfg["dataset"], "classes": cfg["class_keys"],
+                 "split": cfg["split"] if isinstance(cfg["split"], str) else tuple(cfg["split"]),
                  "seed": cfg["seed"], "downsample": cfg["downsample"]}
     for name, value in given.items():
         if name == "classes":
@@ -88,16 +92,36 @@ def _lower(names: list[str]) -> list[str]:
     return [n.strip().lower() for n in names]
 
 
+def _split_arg(values: list[str]) -> tuple[float, float, float] | str:
+    """``--split official`` or three fractions."""
+    if values == ["official"]:
+        return "official"
+    try:
+        fractions = tuple(float(v) for v in values)
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3:
+        raise InfluenceLensError(f"--split takes three fractions or 'official', not {' '.join(values)}.",
+                                 "for example --split 0.8 0.1 0.1, or --split official for fashion-mnist")
+    return fractions  # type: ignore[return-value]
+
+
 def _influence(args) -> None:
+    from .influence import parse_scope
     from .pipeline import InfluenceSettings, compute_influence
     from .run import Run
 
-    settings = InfluenceSettings(method=args.method, scope=args.scope, regularization=args.regularization,
+    settings = InfluenceSettings(method=args.method, scope=parse_scope(args.scope), regularization=args.regularization,
                                  curvature=args.curvature)
+    cluster = None
+    if args.scheduler is not None or args.workers is not None:
+        from .distributed import ClusterSpec
+
+        cluster = ClusterSpec(scheduler=args.scheduler, workers=args.workers)
     bar = TqdmProgress()
     try:
         result = compute_influence(Run(args.run_dir), settings, device=args.device, progress=bar,
-                                   recompute=args.recompute, log=lambda msg: print(msg, file=sys.stderr))
+                                   recompute=args.recompute, wait=not args.no_wait, cluster=cluster)
     finally:
         bar.close()
     print(f"influence ({settings.describe()}) cached in {result.path}", file=sys.stderr)
@@ -123,7 +147,8 @@ def _classes(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import CURVATURE_CHOICES, DEFAULT_SETTINGS, METHOD_CHOICES
+    from .influence import Curvature, Damping, scope_text
+    from .pipeline import DEFAULT_SETTINGS, METHOD_CHOICES
 
     p = argparse.ArgumentParser(prog="influence-core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -147,8 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="seed of the split, shuffling and flips (default: 0)")
     t.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
     t.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
+    t.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
     t.add_argument("--image-size", type=int, help="side in pixels (default: 64 for images, 32 for digits)")
-    t.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="default: 0.8 0.1 0.1")
+    t.add_argument("--split", nargs="+", metavar="FRACTION",
+                   help="TRAIN VAL TEST fractions (default: 0.8 0.1 0.1), or 'official' (the dataset's own "
+                        "train/test parts, no val)")
     t.add_argument("--downsample", type=float, help="keep this fraction of each class (default: 1)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -166,12 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("influence", help="compute and cache influences for a run")
     i.add_argument("--run-dir", required=True)
     i.add_argument("--method", choices=METHOD_CHOICES, default=DEFAULT_SETTINGS.method)
-    i.add_argument("--scope", default=DEFAULT_SETTINGS.scope,
+    i.add_argument("--scope", default=scope_text(DEFAULT_SETTINGS.scope),
                    help="head | all | comma-separated module names (e.g. layer4.1.conv2,fc)")
-    i.add_argument("--regularization", type=float, default=DEFAULT_SETTINGS.regularization, help="λ in (H + λI)⁻¹")
-    i.add_argument("--curvature", choices=CURVATURE_CHOICES, default=DEFAULT_SETTINGS.curvature)
+    i.add_argument("--regularization", default=str(Damping.of(DEFAULT_SETTINGS.regularization)),
+                   help="λ in (H + λI)⁻¹: a number (absolute, e.g. 1e-3) or rel:FRACTION (FRACTION × the mean "
+                        "curvature eigenvalue of each block, e.g. rel:0.1)")
+    i.add_argument("--curvature", choices=list(Curvature), type=Curvature, default=DEFAULT_SETTINGS.curvature)
     i.add_argument("--device", default="auto")
     i.add_argument("--recompute", action="store_true", help="ignore the influence cache")
+    i.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
+    i.add_argument("--scheduler", metavar="ADDRESS",
+                   help="score on this Dask cluster (tcp://HOST:8786; run dir on a shared file system)")
+    i.add_argument("--workers", type=int, metavar="N", help="score on a local Dask cluster of N worker processes")
     i.set_defaults(func=_influence)
 
     r = sub.add_parser("report", help="summarise a run (metrics, detection, timings)")
@@ -185,8 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.Handler):
+    """Prints the library's status lines to the current ``sys.stderr``, one message per line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _show_library_messages() -> None:
+    package = logging.getLogger("influence_core")
+    if not any(isinstance(h, _StderrHandler) for h in package.handlers):
+        package.addHandler(_StderrHandler())
+    package.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_library_messages()
     try:
         args.func(args)
     except InfluenceLensError as e:

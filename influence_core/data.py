@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import difflib
 import gzip
+import logging
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,9 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import InfluenceLensError
+from .storage import atomic_write_json, read_json, stable_hash
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -60,13 +65,74 @@ class ImageSet:
 
     def tensors(self, index: np.ndarray | slice | None = None) -> torch.Tensor:
         """Normalised model inputs, (k, 3, S, S) float32 (ImageNet mean/std)."""
-        imgs = self.images if index is None else self.images[index]
-        x = (imgs.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        return normalise(self.images if index is None else self.images[index])
 
-    def subset(self, index: np.ndarray) -> "ImageSet":
+    def subset(self, index: np.ndarray) -> ImageSet:
         return ImageSet(self.spec, [self.ids[i] for i in index], self.labels[index], self.classes,
                         self.class_keys, self.images[index], self.skipped)
+
+
+class ImageView:
+    """Lazy rows of a uint8 image array: ``view[rows] -> (k, S, S, 3)`` uint8 RGB, ``len(view)``, ``view.shape``.
+
+    ``images`` is the whole dataset's ``(n, S, S, 3)`` uint8 array (in memory, or memory-mapped from the image
+    cache) and ``positions`` ``(k,)`` int64 the rows this view shows, in order; nothing is copied until indexed.
+    Pickling keeps a memory-mapped array's file name, not its pixels (Dask workers reopen it).
+    """
+
+    def __init__(self, images: np.ndarray, positions: np.ndarray | None = None):
+        self.images = images
+        self.positions = np.arange(len(images)) if positions is None else np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.positions), *self.images.shape[1:])
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, torch.Tensor):
+            rows = rows.cpu().numpy()
+        pos = self.positions[rows]
+        if np.ndim(pos) == 0:
+            return np.asarray(self.images[int(pos)])
+        order = np.argsort(pos, kind="stable")  # sorted reads from a memory map, then back to the asked order
+        out = np.empty((len(pos), *self.images.shape[1:]), dtype=np.uint8)
+        out[order] = self.images[pos[order]]
+        return out
+
+    def view(self, rows) -> ImageView:
+        """A view of a subset of this one's rows (no pixels read)."""
+        return type(self)(self.images, self.positions[rows])
+
+    def __getstate__(self) -> dict:
+        if isinstance(self.images, np.memmap) and self.images.filename:
+            return {"file": self.images.filename, "positions": self.positions}
+        return {"images": self.images, "positions": self.positions}
+
+    def __setstate__(self, state: dict) -> None:
+        self.images = np.load(state["file"], mmap_mode="r") if "file" in state else state["images"]
+        self.positions = state["positions"]
+
+
+class ModelInputs(ImageView):
+    """The same rows as normalised model inputs: ``x[rows] -> (k, 3, S, S)`` float32 (ImageNet mean/std), the
+    lazy image source the engine and training read batch by batch. Memory: the rows asked for, nothing more."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        n, s, _, c = super().shape
+        return (n, c, s, s)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return normalise(super().__getitem__(rows))
+
+
+def normalise(images: np.ndarray) -> torch.Tensor:
+    """uint8 RGB ``(k, S, S, 3)`` (or one ``(S, S, 3)``) → float32 ``(k, 3, S, S)`` with ImageNet mean/std."""
+    x = (images.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, -3)))
 
 
 @dataclass(frozen=True)
@@ -136,9 +202,12 @@ def check_image_size(image_size: int | None) -> None:
                                  f"{MIN_IMAGE_SIZE} pixels.", "leave it out for the dataset's default (32 or 64)")
 
 
-def check_split(fractions: tuple[float, ...], downsample: float = 1.0) -> None:
-    """Three positive split fractions summing to 1, and a downsampling ratio in (0, 1]."""
-    if len(fractions) != 3 or not all(f > 0 for f in fractions) or not abs(sum(fractions) - 1) <= 1e-6:
+def check_split(fractions: tuple[float, ...] | str, downsample: float = 1.0) -> None:
+    """Three positive split fractions summing to 1 (or ``"official"``), and a downsampling ratio in (0, 1]."""
+    if isinstance(fractions, str):
+        if fractions != "official":
+            raise InfluenceLensError(f"Unknown split {fractions!r}.", "use three fractions or 'official'")
+    elif len(fractions) != 3 or not all(f > 0 for f in fractions) or not abs(sum(fractions) - 1) <= 1e-6:
         raise InfluenceLensError(f"Split fractions {tuple(fractions)} must be three positive numbers summing to 1.",
                                  "for example 0.8 0.1 0.1")
     if not 0 < downsample <= 1:
@@ -146,16 +215,22 @@ def check_split(fractions: tuple[float, ...], downsample: float = 1.0) -> None:
                                  "for example 0.5 to keep half of each class, 1 for all")
 
 
-def split_dataset(labels: np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                  seed: int = 0, downsample: float = 1.0, classes: list[str] | None = None) -> Split:
+def split_dataset(labels: np.ndarray, fractions: tuple[float, float, float] | str = (0.8, 0.1, 0.1),
+                  seed: int = 0, downsample: float = 1.0, classes: list[str] | None = None,
+                  ids: list[str] | None = None) -> Split:
     """Stratified, seeded split of positions ``0..n-1``; ``downsample`` keeps that fraction per class first.
 
+    ``fractions="official"`` keeps the dataset's own train / test parts (read from ``ids``: Fashion-MNIST's
+    60,000 ``train:`` / 10,000 ``t10k:`` images, tiny-imagenet's ``train/`` / ``val/`` folders) with no
+    validation part; ``downsample`` then keeps that fraction of each class within each part.
     A classifier needs two classes: labels of a single class are refused.
     """
     from sklearn.model_selection import train_test_split
 
-    fractions = tuple(float(f) for f in fractions)
+    fractions = fractions if isinstance(fractions, str) else tuple(float(f) for f in fractions)
     check_split(fractions, downsample)
+    if isinstance(fractions, str):
+        return _official_split(np.asarray(labels), fractions, seed, downsample, ids)
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
         name = f" ({classes[int(labels[0])]})" if classes and len(labels) else ""
@@ -182,6 +257,108 @@ def split_dataset(labels: np.ndarray, fractions: tuple[float, float, float] = (0
     val, test = train_test_split(rest, train_size=fractions[1] / (fractions[1] + fractions[2]),
                                  stratify=labels[rest], random_state=seed)
     return Split(np.sort(train), np.sort(val), np.sort(test))
+
+
+# --- the image cache ---------------------------------------------------------------------------------------
+
+def image_cache_dir() -> Path:
+    """Where decoded images are cached: ``$INFLUENCE_LENS_CACHE``, else ``~/.cache/influence-lens``."""
+    return Path(os.environ.get("INFLUENCE_LENS_CACHE", "~/.cache/influence-lens")).expanduser()
+
+
+class BadImage(Exception):
+    """An image the cache builder skips (its reason is the message)."""
+
+
+@dataclass(frozen=True)
+class ImageCache:
+    """Decoded images of one dataset selection at one size, built once and then memory-mapped.
+
+    ``images-<key>.npy`` holds ``(n, S, S, 3)`` uint8 (rows of skipped files are left out) and
+    ``images-<key>.json`` which input rows were kept and why the others were skipped; both are written under a
+    temporary name and renamed, so an interrupted build leaves nothing. ``key`` hashes what decides the pixels
+    (file names, sizes and modification times, or the source arrays) and the size ``S``.
+    """
+
+    key: str
+    size: int
+
+    @property
+    def images_path(self) -> Path:
+        return image_cache_dir() / f"images-{self.key}.npy"
+
+    @property
+    def index_path(self) -> Path:
+        return image_cache_dir() / f"images-{self.key}.json"
+
+    def open(self, n: int, decode, names: list[str]) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+        """The memory-mapped images, the kept input rows and ``(name, reason)`` of skipped ones; builds the
+        cache first if needed by calling ``decode(i) -> (S, S, 3)`` uint8 for ``i < n`` (``BadImage``: skip)."""
+        if not self.index_path.is_file():
+            self._build(n, decode, names)
+        index = read_json(self.index_path)
+        images = np.load(self.images_path, mmap_mode="r")
+        return images, index["kept"], [tuple(s) for s in index["skipped"]]
+
+    def _build(self, n: int, decode, names: list[str]) -> None:
+        from tqdm import tqdm
+
+        self.images_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp, compact = (self.images_path.with_name(f".{self.images_path.stem}-{os.getpid()}{part}.npy")
+                        for part in ("", "-compact"))
+        kept, skipped = [], []
+        shape = (self.size, self.size, 3)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
+            for i in tqdm(range(n), desc=f"caching {n} images", disable=None, mininterval=2):
+                try:
+                    out[len(kept)] = decode(i)
+                except BadImage as e:
+                    skipped.append((names[i], str(e)))
+                    continue
+                kept.append(i)
+            if skipped:  # unreadable files are rare: copy the written rows into a file of the right length
+                np.lib.format.open_memmap(compact, mode="w+", dtype=np.uint8, shape=(len(kept), *shape))[:] = \
+                    out[:len(kept)]
+                os.replace(compact, tmp)
+            out.flush()
+            del out
+            os.replace(tmp, self.images_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            compact.unlink(missing_ok=True)
+        atomic_write_json(self.index_path, {"kept": kept, "skipped": skipped})
+        log.info("cached %d images in %s", len(kept), self.images_path)
+
+
+def _official_split(labels: np.ndarray, name: str, seed: int, downsample: float, ids: list[str] | None) -> Split:
+    if name != "official":
+        raise InfluenceLensError(f"Unknown split {name!r}.", "give three fractions (0.8 0.1 0.1) or 'official'")
+    if not 0 < downsample <= 1:
+        raise InfluenceLensError(f"Downsampling ratio {downsample} must be in (0, 1].")
+    part = np.array([_official_part(i) for i in ids or []])
+    if ids is None or not len(part) or (part == "").any() or not (part == "test").any():
+        raise InfluenceLensError("This dataset has no official train / test split.",
+                                 "use it with fashion-mnist or tiny-imagenet, or give fractions: --split 0.8 0.1 0.1")
+    rng = np.random.default_rng(seed)
+    chosen = {}
+    for which in ("train", "test"):
+        keep = []
+        for c in np.unique(labels):
+            members = np.flatnonzero((labels == c) & (part == which))
+            k = int(round(downsample * len(members)))
+            keep.append(rng.choice(members, size=k, replace=False) if k < len(members) else members)
+        chosen[which] = np.sort(np.concatenate(keep))
+    return Split(chosen["train"], np.zeros(0, dtype=np.int64), chosen["test"])
+
+
+def _official_part(sample_id: str) -> str:
+    """``train`` / ``test`` for ids of datasets with an official split, else ``""``."""
+    if sample_id.startswith(("train:", "train/")):
+        return "train"
+    if sample_id.startswith(("t10k:", "val/")):
+        return "test"
+    return ""
 
 
 # --- class selection -------------------------------------------------------------------------------------
@@ -301,27 +478,39 @@ def _folder_files(root: Path, classes: list[str] | None):
 
 
 def _read_images(spec, root, keys, names, files, size, on_bad_image) -> ImageSet:
-    ids, labels, images, skipped = [], [], [], []
     for label, key in enumerate(keys):
         if not files[key]:
             raise InfluenceLensError(f"Class {names[label]!r} ({key}) has no image files.",
                                      f"add images to {root / key} or leave the class out")
-        for rel in files[key]:
-            try:
-                images.append(_load_rgb(root / rel, size))
-            except BAD_IMAGE_ERRORS as e:
-                if on_bad_image == "error":
-                    raise InfluenceLensError(f"Cannot read image {root / rel}: {e}",
-                                             "delete or replace the file, or run with --on-bad-image skip")
-                skipped.append((rel, f"{type(e).__name__}: {e}"))
-                continue
-            ids.append(rel)
-            labels.append(label)
+    listing = [(rel, label) for label, key in enumerate(keys) for rel in files[key]]
+    stats = [(rel, *_stat(root / rel)) for rel, _ in listing]
+    cache = ImageCache(stable_hash("files", str(root.resolve()), size, stats), size)
+
+    def decode(i: int) -> np.ndarray:
+        try:
+            return _load_rgb(root / listing[i][0], size)
+        except BAD_IMAGE_ERRORS as e:
+            if on_bad_image == "error":
+                raise InfluenceLensError(f"Cannot read image {root / listing[i][0]}: {e}",
+                                         "delete or replace the file, or run with --on-bad-image skip") from e
+            raise BadImage(f"{type(e).__name__}: {e}") from e
+
+    images, kept, skipped = cache.open(len(listing), decode, [rel for rel, _ in listing])
+    if skipped and on_bad_image == "error":
+        rel, reason = skipped[0]
+        raise InfluenceLensError(f"Cannot read image {root / rel}: {reason}",
+                                 "delete or replace the file, or run with --on-bad-image skip")
+    labels = np.asarray([listing[i][1] for i in kept], dtype=np.int64)
     for label, key in enumerate(keys):
         if label not in labels:
             raise InfluenceLensError(f"No readable image in class {names[label]!r} ({key}).",
                                      "replace the unreadable files listed above")
-    return ImageSet(spec, ids, np.asarray(labels, dtype=np.int64), names, keys, np.stack(images), skipped)
+    return ImageSet(spec, [listing[i][0] for i in kept], labels, names, keys, images, skipped)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def _load_rgb(path: Path, size: int) -> np.ndarray:
@@ -341,11 +530,14 @@ def _from_gray_arrays(spec, ids, gray: np.ndarray, labels, class_names, classes,
     keep = np.isin(labels, chosen)
     remap = {old: new for new, old in enumerate(chosen)}
     gray = gray[keep]
-    imgs = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR)) for g in gray])
-    return ImageSet(spec, [i for i, k in zip(ids, keep) if k],
-                    np.array([remap[v] for v in labels[keep]], dtype=np.int64),
-                    [class_names[c] for c in chosen], [keys[c] for c in chosen],
-                    np.repeat(imgs[..., None], 3, axis=3))
+    ids = [i for i, k in zip(ids, keep, strict=True) if k]
+
+    def resize(i: int) -> np.ndarray:
+        return np.repeat(np.asarray(Image.fromarray(gray[i]).resize((size, size), Image.BILINEAR))[..., None], 3, 2)
+
+    images, _, _ = ImageCache(stable_hash("arrays", ids, gray, size), size).open(len(gray), resize, ids)
+    return ImageSet(spec, ids, np.array([remap[v] for v in labels[keep]], dtype=np.int64),
+                    [class_names[c] for c in chosen], [keys[c] for c in chosen], images)
 
 
 def _load_digits(spec, classes, size) -> ImageSet:

@@ -4,7 +4,11 @@ A cache entry lives in ``run_dir/influence/<key>/`` where ``key`` hashes the che
 test ids and labels, and the settings; a changed model or label is a miss. Entries are written to a
 temporary folder and renamed into place, so an interrupted computation leaves nothing half-written::
 
-    influences.npy                  (n_test, n_train) float32, positive = helpful (final model)
+    influences.zarr/                (n_test, n_train) float32, positive = helpful (final model), one shard per
+                                    block of 4,096 training points (see :mod:`influence_core.results`)
+    top_helpful_{positions,values}.npy, top_harmful_{positions,values}.npy   (n_test, 100) per test point
+    mean_influence.npy              (n_train,) float64; mean_influence_by_label.npy (n_classes, n_train) float32
+    histogram_edges.npy, histogram_counts.npy   (n_test, 2) lo/hi, (n_test, n_classes, 30) int32 by train label
     self_influence.npy              (n_train,) float32 (final model)
     checkpoint_self_influence.npy   (n_checkpoints, n_train) float32, one row per kept checkpoint + final
     curvature.pt                    fitted curvature tensors of the final model (state_dict of the method)
@@ -14,10 +18,12 @@ temporary folder and renamed into place, so an interrupted computation leaves no
 from __future__ import annotations
 
 import dataclasses
-import math
+import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,14 +31,31 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import SIGNALS, cross_entropy
+from .distributed import ClusterSpec
 from .errors import InfluenceLensError
+from .influence import METHODS, Curvature, Damping, InfluenceModel, Method, Scope, ScopeArg, parse_scope, scope_text
+from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress
+from .results import (
+    COLUMN_BLOCK,
+    TOP_K,
+    BlockSummary,
+    InfluenceStore,
+    SummaryBuilder,
+    column_blocks,
+    create_matrix,
+    open_matrix,
+    summarise_block,
+    write_histograms,
+)
 from .run import Run
+from .rundir import remove_orphans, run_lock
 from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json, stable_hash
 
-METHOD_CHOICES = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac")
-CURVATURE_CHOICES = ("gauss-newton", "hessian")
-CACHE_VERSION = "influence-v2"  # bump when the engine's results or curvature.pt format change
+log = logging.getLogger(__name__)
+
+METHOD_CHOICES = tuple(METHODS)
+CACHE_VERSION = "influence-v3"  # bump when the engine's results or curvature.pt format change
 DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Finding wrong labels")
 
 
@@ -40,30 +63,34 @@ DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Findi
 class InfluenceSettings:
     """What decides an influence result (besides the run itself)."""
 
-    method: str = "direct"
-    scope: str = "head"
-    regularization: float = 1e-3
-    curvature: str = "gauss-newton"
+    method: str = "direct"  # a key of METHODS (default options)
+    scope: ScopeArg = Scope.HEAD
+    regularization: float | Damping = 1e-3  # a float is an absolute λ; Damping.relative(f) scales with the curvature
+    curvature: Curvature = Curvature.GAUSS_NEWTON
     checkpoints: bool = True  # also self-influence at every kept checkpoint (TracIn-style signal)
 
     def __post_init__(self):
-        if self.method not in METHOD_CHOICES:
+        """Checks every choice and stores it typed (text such as ``"layer4.1.conv2,fc"`` or ``"rel:0.1"`` is read
+        here); an absolute λ is kept as a plain float so the cache key of the defaults stays what it was."""
+        if self.method not in METHODS:
             raise InfluenceLensError(f"Unknown influence method {self.method!r}.",
                                      f"use one of {', '.join(METHOD_CHOICES)}")
-        if not (math.isfinite(self.regularization) and self.regularization > 0):
-            raise InfluenceLensError(f"Regularization λ must be a positive finite number, not {self.regularization}.",
-                                     "for example 1e-3")
-        if self.curvature not in CURVATURE_CHOICES:
-            raise InfluenceLensError(f"Unknown curvature {self.curvature!r}.", f"use {' or '.join(CURVATURE_CHOICES)}")
-        if not self.scope_arg():
-            raise InfluenceLensError("The influence scope is empty.", "use head, all or comma-separated module names")
+        damping = Damping.parse(self.regularization) if isinstance(self.regularization, str) else \
+            Damping.of(self.regularization)
+        object.__setattr__(self, "regularization", damping if damping.relative_to_mean else damping.value)
+        object.__setattr__(self, "scope", parse_scope(self.scope))
+        object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
+        Method.named(self.method).check_curvature(self.curvature)
 
-    def scope_arg(self) -> str | list[str]:
-        """``head`` / ``all`` as is, anything else as a list of module names."""
-        return self.scope if self.scope in ("head", "all") else [s.strip() for s in self.scope.split(",") if s.strip()]
+    def influence_model(self, model, device: str = "auto", progress: Progress | None = None) -> InfluenceModel:
+        """The (unfitted) engine for these settings."""
+        return InfluenceModel(model, method=Method.named(self.method), scope=self.scope,
+                              regularization=self.regularization, curvature=self.curvature, device=device,
+                              progress=progress)
 
     def describe(self) -> str:
-        return f"{self.method}, scope {self.scope}, λ={self.regularization:g}, {self.curvature}"
+        return (f"{self.method}, scope {scope_text(self.scope)}, λ={Damping.of(self.regularization)}, "
+                f"{self.curvature.value}")
 
     def accuracy_note(self) -> str:
         """How exact these settings are, with the error measured by ``benchmarks/run.py`` (see RESULTS.md)."""
@@ -100,26 +127,63 @@ DEFAULT_SETTINGS = InfluenceSettings()
 
 @dataclass
 class InfluenceResult:
-    """A cached influence entry of a run, with the mislabel-suspicion signals derived from it."""
+    """A cached influence entry of a run, read lazily (:class:`~.results.InfluenceStore`), with the
+    mislabel-suspicion signals derived from it. Nothing here reads the whole matrix."""
 
     run: Run
     path: Path
 
+    @property
+    def files(self) -> InfluencePaths:
+        return InfluencePaths(self.path)
+
     @cached_property
     def meta(self) -> dict:
-        return read_json(self.path / "meta.json")
+        return read_json(self.files.meta)
 
     @cached_property
-    def influences(self) -> np.ndarray:
-        return np.load(self.path / "influences.npy")
+    def store(self) -> InfluenceStore:
+        return InfluenceStore(InfluencePaths(self.path))
 
-    @cached_property
+    @property
+    def influences(self):
+        """(n_test, n_train) float32 zarr array read on demand: index rows (:meth:`row`), never load it whole."""
+        return self.store.matrix
+
+    def row(self, test: int) -> np.ndarray:
+        """(n_train,) float32 influences of every training point on test point ``test``."""
+        return self.store.row(test)
+
+    def top_helpful(self, test: int, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (k,) int64 into the training split and influences (k,) float32, most helpful first."""
+        return self.store.top_helpful(test, k)
+
+    def top_harmful(self, test: int, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (k,) int64 and influences (k,) float32, most harmful (most negative) first."""
+        return self.store.top_harmful(test, k)
+
+    def histogram(self, test: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bin edges (bins + 1,) float64 shared by every label, counts (n_classes, bins) int64 by training label."""
+        return self.store.histogram(test)
+
+    @property
+    def mean_influence(self) -> np.ndarray:
+        """(n_train,) float64 mean influence of each training point over the test set."""
+        return self.store.mean_influence
+
+    @property
+    def mean_influence_by_label(self) -> np.ndarray:
+        """(n_classes, n_train) float32: mean influence over the test points of each (given) test label."""
+        return self.store.mean_influence_by_label
+
+    @property
     def self_influence(self) -> np.ndarray:
-        return np.load(self.path / "self_influence.npy")
+        """(n_train,) float32 self-influence at the final model."""
+        return self.store.self_influence
 
     @cached_property
     def checkpoint_self_influence(self) -> np.ndarray:
-        return np.load(self.path / "checkpoint_self_influence.npy")
+        return np.load(self.files.checkpoint_self_influence)
 
     @cached_property
     def signals(self) -> dict[str, np.ndarray]:
@@ -127,7 +191,7 @@ class InfluenceResult:
         labels = self.run.labels("train")
         out = {
             "self_influence": self.self_influence.astype(np.float64),
-            "neg_mean_test_influence": -self.influences.mean(0).astype(np.float64),
+            "neg_mean_test_influence": -self.mean_influence,
             "training_loss": cross_entropy(self.run.predictions["probs_train"], labels),
             "mean_margin": -self.run.dynamics["margin"].mean(0).astype(np.float64),
             "mean_loss": self.run.dynamics["loss"].mean(0).astype(np.float64),
@@ -150,70 +214,130 @@ def cache_key(run: Run, settings: InfluenceSettings) -> str:
 
 def load_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS) -> InfluenceResult | None:
     """The cached result for ``settings``, or None (never computes)."""
-    path = run.path / "influence" / cache_key(run, settings)
-    return InfluenceResult(run, path) if (path / "meta.json").is_file() else None
+    entry = run.paths.influence_entry(cache_key(run, settings))
+    return InfluenceResult(run, entry.root) if entry.is_complete() else None
 
 
 def cached_results(run: Run) -> list[InfluenceResult]:
-    """Every complete cache entry of the run, newest first."""
-    root = run.path / "influence"
-    entries = [InfluenceResult(run, p) for p in root.iterdir() if (p / "meta.json").is_file()] if root.is_dir() else []
+    """Every complete cache entry of the run, newest first (temporary folders of a computation never count)."""
+    root = run.paths.influence
+    folders = root.iterdir() if root.is_dir() else []
+    entries = [InfluenceResult(run, p) for p in folders if InfluencePaths(p).is_complete()]
     return sorted(entries, key=lambda r: r.meta.get("created", 0), reverse=True)
 
 
 def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, device: str = "auto",
-                      progress: Progress | None = None, recompute: bool = False, log=print) -> InfluenceResult:
-    """Compute (or fetch) the influence matrix, self-influence and checkpoint self-influence of ``run``."""
-    from .influence import InfluenceModel
+                      progress: Progress | None = None, recompute: bool = False, wait: bool = True,
+                      cluster: ClusterSpec | None = None) -> InfluenceResult:
+    """Compute (or fetch) the influence matrix, its summaries, self-influence and checkpoint self-influence.
 
+    Computes under the run directory's lock (``wait=False``: fail at once if another process holds it); status
+    lines go to this module's logger. The matrix is scored and written by training column blocks
+    (:mod:`.results`), here or, with ``cluster``, on the Dask workers it names (:mod:`.distributed`). Peak
+    memory: the fitted curvature and test factors plus one block (``n_test × 4096`` float32) and the images of
+    one engine batch."""
     key = cache_key(run, settings)
-    final = run.path / "influence" / key
-    if not recompute and (final / "meta.json").is_file():
-        log(f"cached: {final}")
+    final = run.paths.influence_entry(key).root
+    if not recompute and InfluencePaths(final).is_complete():
+        log.info("cached: %s", final)
         return InfluenceResult(run, final)
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
     ckpts = run.checkpoint_paths() if settings.checkpoints else run.checkpoint_paths()[-1:]
     timings: dict[str, float] = {}
     checkpoint_si = []
-    tmp = run.path / "influence" / f".tmp-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with writing_entry(run, key, wait=wait) as tmp:
+        if not recompute and InfluencePaths(final).is_complete():  # computed by another process while we waited
+            log.info("cached: %s", final)
+            return InfluenceResult(run, final)
         for i, ckpt in enumerate(ckpts):
             is_final = i == len(ckpts) - 1
             tag = "final" if is_final else ckpt.stem
             model = run.load_model(ckpt)
-            im = InfluenceModel(model, scope=settings.scope_arg(), method=settings.method,
-                                curvature=settings.curvature, regularization=settings.regularization,
-                                device=device, progress=_tagged(progress, tag))
+            im = settings.influence_model(model, device=device, progress=_tagged(progress, tag))
             t = time.perf_counter()
             im.fit(x_train, y_train)
             timings[f"fit_{tag}"] = time.perf_counter() - t
             t = time.perf_counter()
-            checkpoint_si.append(im.self_influence(x_train, y_train))
-            timings[f"self_influence_{tag}"] = time.perf_counter() - t
-            if is_final:
-                t = time.perf_counter()
-                factors = im.test_factors(x_test, y_test)
-                influences = im.influences(factors, x_train, y_train)
-                timings["test_x_train_matrix"] = time.perf_counter() - t
-                np.save(tmp / "influences.npy", np.asarray(influences, dtype=np.float32))
-                atomic_torch_save(tmp / "curvature.pt", im.state_dict())
-        si = np.stack(checkpoint_si).astype(np.float32)
-        np.save(tmp / "self_influence.npy", si[-1])
-        np.save(tmp / "checkpoint_self_influence.npy", si)
+            if not is_final:
+                checkpoint_si.append(np.concatenate([im.self_influence(x_train[a:b], y_train[a:b])
+                                                     for a, b in column_blocks(len(y_train))]))
+                timings[f"self_influence_{tag}"] = time.perf_counter() - t
+                continue
+            factors = im.test_factors(x_test, y_test)
+            timings["test_factors"] = time.perf_counter() - t
+            t = time.perf_counter()
+            scorer = BlockScorer(im, factors, x_train, y_train, y_test.numpy(), run.n_classes)
+            create_matrix(tmp, len(y_test), len(y_train))
+            summaries = SummaryBuilder(len(y_test), len(y_train), run.n_classes)
+            if cluster is None:
+                for a, b in column_blocks(len(y_train)):
+                    summaries.add(scorer.score(tmp, a, b))
+            else:
+                from .distributed import score_on_cluster
+
+                for summary in score_on_cluster(cluster, scorer, tmp, column_blocks(len(y_train))):
+                    summaries.add(summary)
+            timings["test_x_train_matrix_and_self_influence"] = time.perf_counter() - t
+            summaries.write(tmp)
+            checkpoint_si.append(summaries.self_influence)
+            t = time.perf_counter()
+            write_histograms(tmp, y_train.numpy(), run.n_classes)
+            timings["histograms"] = time.perf_counter() - t
+            atomic_torch_save(tmp.curvature, im.state_dict())
+        np.save(tmp.checkpoint_self_influence, np.stack(checkpoint_si).astype(np.float32))
         timings["total"] = float(sum(timings.values()))
-        atomic_write_json(tmp / "meta.json", {
+        atomic_write_json(tmp.meta, {
             "settings": dataclasses.asdict(settings), "checkpoints": [p.name for p in ckpts],
             "n_train": len(y_train), "n_test": len(y_test), "timings_s": timings, "created": time.time(),
-            "device": str(im.device)})
+            "device": str(im.device_), "workers": cluster.describe() if cluster else None,
+            "matrix": {"dtype": "float32", "format": "zarr", "column_block": COLUMN_BLOCK, "top_k": TOP_K}})
         shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"influence computed in {timings['total']:.1f} s")
+        os.replace(tmp.root, final)
+    log.info("influence computed in %.1f s", timings["total"])
     return InfluenceResult(run, final)
+
+
+@contextmanager
+def writing_entry(run: Run, key: str, wait: bool = True) -> Iterator[InfluencePaths]:
+    """Hold the run's lock and yield a fresh temporary folder ``influence/.tmp-<key>-<pid>`` for the entry ``key``;
+    the caller renames ``tmp.root`` to ``run.paths.influence_entry(key).root`` when it is complete, else the folder
+    is removed on exit. Also checks that the run was not retrained since ``run`` was opened, and removes the
+    temporary folders of processes that are gone. ``wait=False``: fail at once if another process holds the lock."""
+    with run_lock(run.paths, wait=wait):
+        run.require_unchanged()
+        remove_orphans(run.paths.influence, TEMP_PREFIX)
+        tmp = run.paths.influence_temp(key, os.getpid())
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield InfluencePaths(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class BlockScorer:
+    """Scores training column blocks against fitted test factors and writes them into a result's matrix.
+
+    Holds the fitted ``InfluenceModel`` ``im``, its ``factors`` for the test set, the training inputs (a lazy
+    image source, ``x[a:b] -> (b - a, C, H, W)`` float32) and labels, the test labels ``(n_test,)`` int64 and the
+    number of classes. Picklable, so :mod:`.distributed` ships one to each worker once.
+    """
+
+    im: object
+    factors: object
+    x_train: object
+    y_train: object
+    test_labels: np.ndarray
+    n_classes: int
+
+    def score(self, paths: InfluencePaths, start: int, stop: int) -> BlockSummary:
+        """Write ``I[:, start:stop]`` into ``paths``' matrix; return the block's summaries (incl. self-influence)."""
+        x, y = self.x_train[start:stop], self.y_train[start:stop]
+        block = self.im.influences_from_factors(self.factors, x, y)
+        open_matrix(paths, mode="r+")[:, start:stop] = block
+        return summarise_block(block, start, self.test_labels, self.n_classes, self.im.self_influence(x, y))
 
 
 def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, train_positions: list[int],
@@ -225,14 +349,11 @@ def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, tra
     """
     import torch
 
-    from .influence import InfluenceModel
-
-    result = compute_influence(run, settings, device=device, log=lambda _: None)
-    im = InfluenceModel(run.load_model(), scope=settings.scope_arg(), method=settings.method,
-                        curvature=settings.curvature, regularization=settings.regularization, device=device)
+    result = compute_influence(run, settings, device=device)
+    im = settings.influence_model(run.load_model(), device=device)
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
-    state = torch.load(result.path / "curvature.pt", weights_only=True)
+    state = torch.load(result.files.curvature, weights_only=True)
     if state:
         im.load_state_dict(state)
     else:  # iterative methods (cg, lissa) keep no fitted state: they solve against the data again

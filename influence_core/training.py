@@ -1,16 +1,20 @@
 """Train a ResNet18 on a split dataset and write a self-contained, cached run directory.
 
 Two recipes: ``train_layers="head"`` (backbone frozen in eval mode, only ``fc`` learns; the reference
-notebook's) and ``"all"`` (the full network). Adam with cosine learning-rate decay, seeded shuffling, optional horizontal flips.
-Training dynamics — each training sample's loss and margin — are recorded from every epoch's training
-pass (as in area-under-the-margin), at no extra cost.
+notebook's) and ``"all"`` (the full network). Adam with cosine learning-rate decay, seeded shuffling, optional
+horizontal flips. Training dynamics — each training sample's loss and margin — are recorded from every epoch's
+training pass (as in area-under-the-margin), at no extra cost.
+
+:func:`train` is the list of steps load → split → cache key → fit → evaluate → write; :func:`fit_model` is the
+training loop alone (also used for leave-group-out retraining). The run directory is written under its lock and
+swapped in only when complete (:mod:`influence_core.rundir`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +24,27 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, f1_score
+from torch import nn
 
-from .progress import Progress
 from .corruption import flip_random, flip_top_influence
-from .data import check_image_size, check_split, load_dataset, split_dataset
+from .data import ImageSet, ModelInputs, Split, check_image_size, check_split, load_dataset, split_dataset
 from .errors import InfluenceLensError
 from .model import IMAGENET, build_resnet18
+from .paths import TRAIN_KEY_FIELD, RunPaths
+from .progress import Progress
 from .run import Run
-from .storage import atomic_save_npz, atomic_torch_save, atomic_write_bytes, atomic_write_json, resolve_device, stable_hash
+from .rundir import recover, run_lock, staged_run
+from .storage import (
+    atomic_save_npz,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    resolve_device,
+    stable_hash,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,7 +54,7 @@ class TrainConfig:
     dataset: str = "demo"
     classes: list[str] | None = None
     image_size: int | None = None
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split: tuple[float, float, float] | str = (0.8, 0.1, 0.1)  # or "official" (see data.split_dataset)
     downsample: float = 1.0
     seed: int = 0
     epochs: int = 10
@@ -55,12 +72,12 @@ class TrainConfig:
     corrupt_scores: list[float] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_run(cls, run: Run) -> "TrainConfig":
+    def from_run(cls, run: Run) -> TrainConfig:
         """The config that trained ``run`` (classes by their keys; corruption scores are not kept)."""
         cfg = run.config
         fields = {f.name for f in dataclasses.fields(cls)} - {"corrupt_scores", "weights"}
         return cls(**{k: cfg[k] for k in fields if k in cfg} | {
-            "classes": cfg["class_keys"], "split": tuple(cfg["split"]),
+            "classes": cfg["class_keys"], "split": cfg["split"] if isinstance(cfg["split"], str) else tuple(cfg["split"]),
             "weights": cfg.get("weights_requested", "auto" if cfg["weights"] == "pretrained" else "scratch")})
 
     def check(self) -> None:
@@ -91,7 +108,7 @@ class TrainConfig:
             raise InfluenceLensError(f"A classifier needs at least two classes, not {list(self.classes)}.",
                                      "name two or more classes, or leave them out for all")
         check_image_size(self.image_size)
-        check_split(tuple(self.split), self.downsample)
+        check_split(self.split if isinstance(self.split, str) else tuple(self.split), self.downsample)
         self._check_corruption()
         if self.weights not in ("auto", "scratch", IMAGENET) and not Path(self.weights).expanduser().is_file():
             raise InfluenceLensError(f"Pretrained weights file {self.weights} does not exist.",
@@ -121,78 +138,151 @@ def checkpoint_epochs(epochs: int, n_checkpoints: int) -> list[int]:
 
 
 def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrain: bool = False,
-          progress: Progress | None = None, log=print) -> Run:
-    """Train (or return the cached run) and write ``run_dir``. ``log`` receives one-line status messages."""
+          progress: Progress | None = None, wait: bool = True) -> Run:
+    """Train (or return the cached run) and write ``run_dir``; status lines go to this module's logger.
+
+    Holds the run directory's lock while it checks the cache and writes (``wait=False``: fail at once if another
+    process holds it); a previous run in ``run_dir`` is replaced only once the new one is complete."""
     config.check()
-    run_dir = Path(run_dir)
-    timings: dict[str, float] = {}
+    paths = RunPaths(Path(run_dir))
     t0 = time.perf_counter()
+    data = split_data(load_data(config), config)
+    key = training_key(data)
+    timings = {"load_data": time.perf_counter() - t0}
+    with run_lock(paths, wait=wait):
+        recover(paths)
+        if not retrain and holds_training(paths, key):
+            log.info("cached: %s already holds this training (use --retrain to force)", run_dir)
+            return Run(paths.root)
+        dev = resolve_device(device)
+        model, weights = _build_model(data)
+        log.info("weights: %s; device: %s", "ImageNet-pretrained (local file)" if weights == "pretrained"
+                 else "from scratch (no local pretrained weights found)", dev)
+        with staged_run(paths) as stage:
+            x_train, x_val, x_test = (ModelInputs(data.dataset.images, part) for part in data.parts)
+            y_train, y_val = torch.from_numpy(data.y_train).to(dev), torch.from_numpy(data.y_val).to(dev)
+            t1 = time.perf_counter()
+            history, dynamics = fit_model(model, data.config, x_train, y_train, x_val, y_val, run_paths=stage,
+                                          progress=progress)
+            timings["train"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            probs = {name: _predict(model, x) for name, x in (("train", x_train), ("val", x_val), ("test", x_test))}
+            metrics = evaluate(data, probs, history) | {"device": str(dev)}
+            timings["evaluate"] = time.perf_counter() - t2
+            write_run(stage, data, key, weights, history, dynamics, probs, metrics | {"timings_s": timings})
+    log.info("test F1 %.3f, accuracy %.3f; run written to %s", metrics["f1_test"], metrics["accuracy_test"], run_dir)
+    return Run(paths.root)
+
+
+@dataclass
+class TrainingData:
+    """What a training sees: the dataset, its split and the training labels (maybe corrupted).
+
+    ``config`` has its classes and image size resolved (so "goldfish" and "n01443537" train once);
+    ``y_train``: (n_train,) int64 labels as trained on; ``flipped``: positions in the train split whose label was
+    flipped (int64)."""
+
+    config: TrainConfig
+    dataset: ImageSet
+    split: Split
+    y_train: np.ndarray
+    flipped: np.ndarray
+
+    @property
+    def parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Positions into ``dataset`` of the train, val and test samples."""
+        return self.split.train, self.split.val, self.split.test
+
+    @property
+    def y_val(self) -> np.ndarray:
+        return self.dataset.labels[self.split.val]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.dataset.classes)
+
+
+def load_data(config: TrainConfig) -> ImageSet:
+    """Read the dataset the config names; unreadable images are skipped (and logged) or an error."""
     ds = load_dataset(config.dataset, config.classes, config.image_size, config.on_bad_image)
     for rel, reason in ds.skipped:
-        log(f"skipped unreadable image {rel}: {reason}")
-    split = split_dataset(ds.labels, config.split, config.seed, config.downsample, ds.classes)
-    timings["load_data"] = time.perf_counter() - t0
+        log.warning("skipped unreadable image %s: %s", rel, reason)
+    return ds
 
-    # the key sees resolved values, so "goldfish" and "n01443537" (or a default size) train once
-    config = dataclasses.replace(config, classes=list(ds.class_keys), image_size=int(ds.images.shape[1]))
-    y_train_true = ds.labels[split.train]
-    y_train, flipped = _corrupt(config, y_train_true, len(ds.classes))
-    key = stable_hash("train-v1", ds.spec, ds.ids, ds.labels, split.train, split.val, split.test, y_train,
-                      _config_dict(config))
-    key_file = run_dir / "train_key"
-    if not retrain and key_file.is_file() and key_file.read_text().strip() == key:
-        log(f"cached: {run_dir} already holds this training (use --retrain to force)")
-        return Run(run_dir)
 
-    dev = resolve_device(device)
+def split_data(ds: ImageSet, config: TrainConfig) -> TrainingData:
+    """Seeded stratified split, resolved config, and the corrupted training labels."""
+    split = split_dataset(ds.labels, config.split, config.seed, config.downsample, ds.classes, ids=ds.ids)
+    resolved = dataclasses.replace(config, classes=list(ds.class_keys), image_size=int(ds.images.shape[1]))
+    y_train, flipped = _corrupt(resolved, ds.labels[split.train], len(ds.classes))
+    return TrainingData(resolved, ds, split, y_train, flipped)
+
+
+def training_key(data: TrainingData) -> str:
+    """Hash of the data ids, labels, split, training labels and resolved settings: equal key = same training."""
+    ds, split = data.dataset, data.split
+    return stable_hash("train-v1", ds.spec, ds.ids, ds.labels, split.train, split.val, split.test, data.y_train,
+                       _config_dict(data.config))
+
+
+def holds_training(paths: RunPaths, key: str) -> bool:
+    """Whether ``paths`` holds the complete training ``key``: the key file, the key recorded in ``config.json``
+    (written in the same training) and the final checkpoint must all be there."""
+    try:
+        stored = paths.train_key.read_text().strip()
+        config = read_json(paths.config)
+    except (OSError, ValueError):
+        return False
+    return (stored == key and isinstance(config, dict) and config.get(TRAIN_KEY_FIELD) == key
+            and paths.final_checkpoint.is_file() and paths.samples.is_file())
+
+
+def _build_model(data: TrainingData) -> tuple[nn.Module, str]:
+    """Seeded ResNet18 for the data's classes; weights "pretrained" or "scratch"."""
+    config = data.config
     torch.manual_seed(config.seed)
-    model, weights = build_resnet18(len(ds.classes), None if config.weights == "auto" else
+    model, weights = build_resnet18(data.n_classes, None if config.weights == "auto" else
                                     (False if config.weights == "scratch" else config.weights))
-    log(f"weights: {'ImageNet-pretrained (local file)' if weights == 'pretrained' else 'from scratch (no local pretrained weights found)'}; device: {dev}")
     if weights == "scratch" and config.train_layers == "head":
-        log("warning: training only the head on a randomly initialised backbone gives weak features")
+        log.warning("warning: training only the head on a randomly initialised backbone gives weak features")
+    return model, weights
 
-    _reset_run_dir(run_dir)
-    cfg = _config_dict(config) | {"classes": ds.classes, "class_keys": ds.class_keys,
-                                  "image_size": int(ds.images.shape[1]), "weights": weights,
-                                  "weights_requested": config.weights,
-                                  "n_skipped_images": len(ds.skipped)}
-    atomic_write_json(run_dir / "config.json", cfg)
-    _write_samples(run_dir, ds.ids, ds.labels, split, y_train, flipped)
-    atomic_write_json(run_dir / "corruption.json", {
-        "mode": config.corrupt_mode, "fraction": config.corrupt_fraction, "seed": config.seed,
-        "flipped": {ds.ids[split.train[i]]: int(y_train_true[i]) for i in flipped}})
 
-    x_all = ds.tensors()
-    x_train, x_val, x_test = (x_all[s].to(dev) for s in (split.train, split.val, split.test))
-    t1 = time.perf_counter()
-    history, dynamics = _fit(model, config, x_train, torch.from_numpy(y_train).to(dev), x_val,
-                             torch.from_numpy(ds.labels[split.val]).to(dev), run_dir, progress, dev)
-    timings["train"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    model.eval()
-    probs = {name: _predict(model, x) for name, x in (("train", x_train), ("val", x_val), ("test", x_test))}
-    atomic_save_npz(run_dir / "predictions.npz", **{f"probs_{k}": v for k, v in probs.items()})
-    atomic_save_npz(run_dir / "dynamics.npz", **dynamics)
-    atomic_write_json(run_dir / "history.json", history)
-    y_test = ds.labels[split.test]
+def evaluate(data: TrainingData, probs: dict[str, np.ndarray], history: list[dict]) -> dict:
+    """Test F1 (macro), accuracy, confusion matrix and how many flipped labels were memorised, from the final
+    model's class probabilities ``probs[split]`` (n, K)."""
+    y_test = data.dataset.labels[data.split.test]
     pred_test = probs["test"].argmax(1)
-    timings["evaluate"] = time.perf_counter() - t2
-    metrics = {
+    pred_train = probs["train"].argmax(1)
+    flipped = data.flipped
+    return {
         "f1_test": float(f1_score(y_test, pred_test, average="macro")),
         "accuracy_test": float((pred_test == y_test).mean()),
-        "confusion_matrix": confusion_matrix(y_test, pred_test, labels=range(len(ds.classes))).tolist(),
-        "accuracy_train_given_labels": float((probs["train"].argmax(1) == y_train).mean()),
-        "flips_memorised": float((probs["train"].argmax(1)[flipped] == y_train[flipped]).mean()) if len(flipped) else None,
+        "confusion_matrix": confusion_matrix(y_test, pred_test, labels=range(data.n_classes)).tolist(),
+        "accuracy_train_given_labels": float((pred_train == data.y_train).mean()),
+        "flips_memorised": float((pred_train[flipped] == data.y_train[flipped]).mean()) if len(flipped) else None,
         "epoch_seconds": float(np.mean([h["seconds"] for h in history])),
-        "device": str(dev),
-        "timings_s": timings,
     }
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    atomic_write_bytes(key_file, key.encode())
-    log(f"test F1 {metrics['f1_test']:.3f}, accuracy {metrics['accuracy_test']:.3f}; run written to {run_dir}")
-    return Run(run_dir)
+
+
+def write_run(paths: RunPaths, data: TrainingData, key: str, weights: str, history: list[dict],
+              dynamics: dict[str, np.ndarray], probs: dict[str, np.ndarray], metrics: dict) -> None:
+    """Write every file of a finished training (checkpoints are already there); ``train_key`` last."""
+    ds, config = data.dataset, data.config
+    atomic_write_json(paths.config, _config_dict(config) | {
+        "classes": ds.classes, "class_keys": ds.class_keys, "image_size": int(ds.images.shape[1]),
+        "weights": weights, "weights_requested": config.weights, "n_skipped_images": len(ds.skipped),
+        TRAIN_KEY_FIELD: key})
+    _write_samples(paths, data)
+    y_train_true = ds.labels[data.split.train]
+    atomic_write_json(paths.corruption, {
+        "mode": config.corrupt_mode, "fraction": config.corrupt_fraction, "seed": config.seed,
+        "flipped": {ds.ids[data.split.train[i]]: int(y_train_true[i]) for i in data.flipped}})
+    atomic_save_npz(paths.predictions, **{f"probs_{k}": v for k, v in probs.items()})
+    atomic_save_npz(paths.dynamics, **dynamics)
+    atomic_write_json(paths.history, history)
+    atomic_write_json(paths.metrics, metrics)
+    atomic_write_bytes(paths.train_key, key.encode())
 
 
 def _corrupt(config: TrainConfig, y_true: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -206,36 +296,39 @@ def _corrupt(config: TrainConfig, y_true: np.ndarray, n_classes: int) -> tuple[n
 
 def _config_dict(config: TrainConfig) -> dict:
     d = dataclasses.asdict(config)
-    d["split"] = list(config.split)
+    d["split"] = config.split if isinstance(config.split, str) else list(config.split)
     if d["corrupt_scores"] is not None:
         d["corrupt_scores"] = stable_hash(np.asarray(d["corrupt_scores"], dtype=np.float64))
     return d
 
 
-def _reset_run_dir(run_dir: Path) -> None:
-    """Remove a previous training's outputs (never the review store) before writing a new one."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_key").unlink(missing_ok=True)
-    for stale in ("checkpoints", "influence"):
-        shutil.rmtree(run_dir / stale, ignore_errors=True)
-    (run_dir / "checkpoints").mkdir()
-
-
-def _write_samples(run_dir, ids, labels, split, y_train, flipped) -> None:
-    parts = []
-    for name, idx in (("train", split.train), ("val", split.val), ("test", split.test)):
-        given = y_train if name == "train" else labels[idx]
+def _write_samples(paths: RunPaths, data: TrainingData) -> None:
+    ds, parts = data.dataset, []
+    for name, idx in zip(("train", "val", "test"), data.parts, strict=True):
+        given = data.y_train if name == "train" else ds.labels[idx]
         is_flipped = np.zeros(len(idx), dtype=bool)
         if name == "train":
-            is_flipped[flipped] = True
-        parts.append(pd.DataFrame({"id": [ids[i] for i in idx], "split": name, "label": given,
-                                   "true_label": labels[idx], "flipped": is_flipped}))
-    atomic_write_bytes(run_dir / "samples.csv", pd.concat(parts).to_csv(index=False).encode())
+            is_flipped[data.flipped] = True
+        parts.append(pd.DataFrame({"id": [ds.ids[i] for i in idx], "split": name, "label": given,
+                                   "true_label": ds.labels[idx], "flipped": is_flipped}))
+    atomic_write_bytes(paths.samples, pd.concat(parts).to_csv(index=False).encode())
 
 
-def _fit(model, config, x_train, y_train, x_val, y_val, run_dir, progress, dev, exclude=None):
-    """Train ``model`` in place; ``exclude (n,) bool`` leaves those training points out of every batch while
-    keeping the full set's shuffling and augmentation draws (leave-group-out retraining: the run minus them)."""
+def fit_model(model: nn.Module, config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
+              x_val: torch.Tensor, y_val: torch.Tensor, *, run_paths: RunPaths | None = None,
+              progress: Progress | None = None, exclude: np.ndarray | None = None,
+              ) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Train ``model`` in place with ``config``'s recipe on the device of ``y_train``.
+
+    ``x_*``: (n, 3, S, S) float32 inputs (tensors or lazy image sources, read batch by batch), ``y_*``: (n,) int64
+    labels on the training device. ``run_paths``: where to
+    write the kept checkpoints and ``final.pt`` (None: write nothing). ``exclude`` (n,) bool leaves those training
+    points out of every batch while keeping the full set's shuffling and augmentation draws (leave-group-out
+    retraining: the run minus them; an all-False mask is bit-identical to None).
+
+    Returns the per-epoch history ``[{"epoch", "train_loss", "val_loss", "seconds"}]`` and the training dynamics
+    ``{"loss", "margin"}``, each (epochs, n) float32 (0 for excluded points)."""
+    dev = y_train.device
     model.to(dev)
     if config.train_layers == "head":
         for name, p in model.named_parameters():
@@ -266,8 +359,7 @@ def _fit(model, config, x_train, y_train, x_val, y_val, run_dir, progress, dev, 
                     if schedule is not None:
                         schedule.step()
                     continue
-            idx_t = torch.from_numpy(idx).to(dev)
-            x, y = x_train[idx_t], y_train[idx_t]
+            x, y = x_train[idx].to(dev), y_train[torch.from_numpy(idx).to(dev)]
             if flip is not None:
                 x = torch.where(flip.to(dev)[:, None, None, None], x.flip(3), x)
             logits = model(x)
@@ -287,12 +379,13 @@ def _fit(model, config, x_train, y_train, x_val, y_val, run_dir, progress, dev, 
             if progress:
                 progress(f"epoch {epoch + 1}/{config.epochs}", b + 1, n_batches)
         model.eval()
-        val_loss = float(F.cross_entropy(_logits(model, x_val), y_val))
+        val_loss = float(F.cross_entropy(_logits(model, x_val), y_val)) if len(y_val) else None
         history.append({"epoch": epoch + 1, "train_loss": float(losses[epoch].mean()), "val_loss": val_loss,
                         "seconds": time.perf_counter() - t})
-        if epoch + 1 in keep:
-            atomic_torch_save(run_dir / "checkpoints" / f"epoch_{epoch + 1}.pt", _cpu_state(model))
-    atomic_torch_save(run_dir / "checkpoints" / "final.pt", _cpu_state(model))
+        if run_paths is not None and epoch + 1 in keep:
+            atomic_torch_save(run_paths.epoch_checkpoint(epoch + 1), _cpu_state(model))
+    if run_paths is not None:
+        atomic_torch_save(run_paths.final_checkpoint, _cpu_state(model))
     return history, {"loss": losses, "margin": margins}
 
 
@@ -304,9 +397,11 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _logits(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(n, K) logits on ``x``'s device, in batches."""
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+def _logits(model, x, batch_size: int = 256) -> torch.Tensor:
+    """(n, K) logits on the model's device, in batches of ``x`` (a tensor or a lazy image source)."""
+    device = next(model.parameters()).device
+    parts = [model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros((0, model.fc.out_features), device=device)
 
 
 def _predict(model, x: torch.Tensor) -> np.ndarray:

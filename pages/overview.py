@@ -4,17 +4,17 @@ import numpy as np
 import streamlit as st
 
 from influence_core.analysis import SIGNALS, detection_metrics
-from pages import ui
+from pages.ui import runs, widgets
 
 st.title("Influence Lens")
 st.markdown("##### Which training images pushed a prediction up or down — and which training labels look wrong?")
 
-run = ui.current_run()
-result = ui.influence(run)
+run = runs.current_run()
+result = runs.influence(run)
 flipped = run.flipped()
 best = result.best_signal
 
-st.markdown(ui.describe_run(run))
+st.markdown(runs.describe_run(run))
 cols = st.columns(4)
 cols[0].metric("Test F1 (macro)", f"{run.metrics['f1_test']:.3f}",
                help="How well the model classifies images it never saw; 1.0 is perfect.")
@@ -22,7 +22,7 @@ cols[1].metric("Training labels flipped", f"{flipped.mean():.0%}",
                help=f"{flipped.sum()} of {len(flipped)} training labels were deliberately set to a wrong class, "
                     "so we can check whether the tool finds them.")
 if flipped.any():
-    found, total = ui.flips_found_at(result, best)
+    found, total = runs.flips_found_at(result, best)
     cols[2].metric("Flips found in the top 10 %", f"{found} of {total}",
                    help=f"Inspect the 10 % most suspicious training images by “{SIGNALS[best].label}”: this many "
                         f"of the flipped labels are among them (random inspection would find about {total // 10}).")
@@ -45,10 +45,10 @@ steps[2].markdown("**3 · Wrong labels stand out.** An image whose label disagre
 
 st.subheader("Most suspicious training images")
 order = np.argsort(-result.signals[best], kind="stable")[:8]
-given = ui.class_names(run, run.labels("train")[order])
-truth = ui.class_names(run, run.true_labels("train")[order])
+given = runs.class_names(run, run.labels("train")[order])
+truth = runs.class_names(run, run.true_labels("train")[order])
 captions = [f"labelled {g}" + (f" · really {t} ✗" if f else " ✓") for g, t, f in zip(given, truth, flipped[order])]
-ui.image_grid(run.images("train")[order], captions, columns=8, size=88)
+widgets.image_grid(run.images("train")[order], captions, columns=8, size=88)
 st.caption(f"Ranked by “{SIGNALS[best].label}”. ✗ marks a label we flipped on purpose.")
 
 st.subheader("Where next")

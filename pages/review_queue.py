@@ -1,18 +1,20 @@
 """Mislabel review: a ranked queue of suspected wrong labels; reviewers mark, keep or skip, shared via SQLite."""
 
+import uuid
+
 import numpy as np
 import streamlit as st
 
 from influence_core.analysis import SIGNALS
 from influence_core.review import ReviewStore
-from pages import ui
+from pages.ui import runs, widgets
 
 PER_PAGE = 10
 
 st.title("Mislabel review")
-run = ui.current_run()
-result = ui.influence(run)
-store = ReviewStore(run.path)
+run = runs.current_run()
+result = runs.influence(run)
+store = ReviewStore.for_run(run)
 ids, labels = run.ids("train"), run.labels("train")
 pred_probs = run.predictions["probs_train"]
 images = run.images("train")
@@ -42,16 +44,16 @@ hide = c1.toggle("Hide decided images", value=False, help="Skipped images stay i
 
 def undo() -> None:
     """Revert this reviewer's latest action (a callback, so the page redraws with it undone)."""
-    undone = store.undo(reviewer)
+    undone = store.undo(reviewer, idempotency_key=uuid.uuid4().hex)
     st.toast(f"Undid “{undone.decision}” on {undone.sample_id}" if undone else "Nothing of yours to undo")
 
 
 c2.button("Undo my last action", icon=":material/undo:", disabled=not reviewer, width="stretch", on_click=undo)
-given_names = dict(zip(ids, ui.class_names(run, labels)))
+given_names = dict(zip(ids, runs.class_names(run, labels)))
 with c3:
-    ui.download_csv(store.decisions_csv(), f"{run.path.name}-review-decisions.csv", "Decisions CSV")
+    widgets.download_csv(store.decisions_csv(), f"{run.path.name}-review-decisions.csv", "Decisions CSV")
 with c4:
-    ui.download_csv(store.corrections_csv(given_names), f"{run.path.name}-corrected-labels.csv", "Corrected labels CSV")
+    widgets.download_csv(store.corrections_csv(given_names), f"{run.path.name}-corrected-labels.csv", "Corrected labels CSV")
 if not reviewer:
     st.info("Type your name above to start reviewing.")
 
@@ -69,7 +71,7 @@ for pos, rank in zip(queue[(page - 1) * PER_PAGE:page * PER_PAGE], ranks[(page -
     current = decisions.get(sid)
     with st.container(border=True, key=f"suspect-{pos}"):
         img, info, action = st.columns([1, 3, 3])
-        img.image(ui.enlarge(images[pos], 96))
+        img.image(widgets.enlarge(images[pos], 96))
         info.markdown(f"**#{rank}** · `{sid}`  \nGiven label **{run.classes[given]}** · model predicts "
                       f"**{run.classes[pred]}** ({pred_probs[pos, pred]:.0%})  \nScore {result.signals[signal][pos]:.3g}")
         if current:
@@ -83,5 +85,5 @@ for pos, rank in zip(queue[(page - 1) * PER_PAGE:page * PER_PAGE], ranks[(page -
         for col, decision, label in buttons:
             if col.button(label, key=f"{decision}-{sid}", disabled=not reviewer, width="stretch",
                           type="primary" if current and current.decision == decision else "secondary"):
-                store.record(sid, decision, reviewer, corrected)
+                store.record(sid, decision, reviewer, corrected, idempotency_key=uuid.uuid4().hex)
                 st.rerun()

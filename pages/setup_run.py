@@ -1,7 +1,6 @@
 """Data & model: the current run's data, training and test quality; train a new run, open one, tune influence."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,8 +9,10 @@ import streamlit as st
 
 from influence_core import TrainConfig, available_classes
 from influence_core.data import DEFAULT_FASHION_MNIST
+from influence_core.influence import Curvature, Damping, Scope
+from influence_core.paths import RunPaths
 from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, InfluenceSettings
-from pages import ui
+from pages.ui import charts, runs, state, widgets
 
 DATASETS = {"Demo: handwritten digits (bundled)": "demo", "Tiny ImageNet folder": "tiny-imagenet",
             "Image folder (one sub-folder per class)": "folder", "Fashion-MNIST (IDX files)": "fashion-mnist"}
@@ -26,13 +27,13 @@ def classes_of(spec: str) -> list[tuple[str, str]]:
 
 
 st.title("Data & model")
-run = ui.current_run()
+run = runs.current_run()
 current, new, open_dir, influence_tab = st.tabs(["This run", "Train a new run", "Open a run directory",
                                                   "Influence settings"])
 
 # --- the current run ------------------------------------------------------------------------------------
 with current:
-    st.markdown(ui.describe_run(run))
+    st.markdown(runs.describe_run(run))
     if run.config["weights"] == "pretrained":
         st.success("The backbone started from ImageNet-pretrained weights (a local file).", icon=":material/check:")
     else:
@@ -48,11 +49,11 @@ with current:
     train_true, images = run.true_labels("train"), run.images("train")
     for start in range(0, run.n_classes, 2):
         cols = st.columns(2)
-        for c, col in zip(range(start, min(start + 2, run.n_classes)), cols):
+        for c, col in zip(range(start, min(start + 2, run.n_classes)), cols, strict=False):
             with col:
                 st.markdown(f"**{run.classes[c]}**")
                 picks = np.flatnonzero(train_true == c)[:6]
-                st.image([ui.enlarge(images[p], 64) for p in picks])
+                st.image([widgets.enlarge(images[p], 64) for p in picks])
 
     left, right = st.columns(2)
     with left:
@@ -60,9 +61,9 @@ with current:
         fig = px.line(history, x="epoch", y="loss", color="curve", markers=True, title="Training and validation loss",
                       color_discrete_map={"train_loss": "#4477aa", "val_loss": "#ee6677"})
         fig.update_layout(height=420, xaxis_dtick=1)
-        ui.chart(fig, key="loss")
+        charts.chart(fig, key="loss")
     with right:
-        ui.chart(ui.confusion_figure(run.metrics["confusion_matrix"], run.classes), key="confusion")
+        charts.chart(charts.confusion_figure(run.metrics["confusion_matrix"], run.classes), key="confusion")
 
 # --- train a new run ------------------------------------------------------------------------------------
 with new:
@@ -72,7 +73,7 @@ with new:
         path = st.text_input("Dataset folder", DEFAULT_PATHS[kind], key=f"path-{kind}")
         spec = f"{kind}:{path}"
     offered = []
-    with ui.errors_shown():
+    with widgets.errors_shown():
         offered = classes_of(spec)
     names = dict(offered)
     picked = st.multiselect(f"Classes (type to search; empty = all {len(offered)})", list(names),
@@ -90,50 +91,53 @@ with new:
     corrupt = c3.slider("Flip this share of training labels (to test detection)", 0.0, 0.4, 0.1, 0.05)
     config = TrainConfig(dataset=spec, classes=picked or None, image_size=size, split=(1 - val - test, val, test),
                          downsample=downsample, epochs=epochs, train_layers=layers, corrupt_fraction=corrupt)
-    target = ui.run_dir_for(config)
-    st.caption(f"Run directory: `{target}`" + (" — already trained, opens at once" if (target / "train_key").is_file()
-                                                 else ""))
+    target = runs.run_dir_for(config)
+    st.caption(f"New run: `{runs.run_ref(target)}`" + (" — already trained, opens at once"
+                                                       if RunPaths(target).train_key.is_file() else ""))
     if st.button("Train and compute influences", type="primary", disabled=not offered):
-        with ui.errors_shown():
-            trained = ui.train_with_progress(config, f"Training on {spec}", target)
-            ui.influence(trained)
-            ui.select_run(trained.path)
+        with widgets.errors_shown():
+            runs.start_training(config, f"Training {runs.run_ref(target)}", target, then=state.settings())
+            runs.select_run(target)
             st.rerun()
 
 # --- open a run computed elsewhere ----------------------------------------------------------------------
 with open_dir:
-    st.markdown("Open a run directory written by `influence-core train` or by this app on another machine.")
-    folder = st.text_input("Run directory", placeholder="/path/to/runs/demo-1a2b3c4d5e")
+    st.markdown("Open a run directory written by `influence-core train` or by this app on another machine. "
+                f"It must lie in the runs folder (`{runs.RUNS_ENV}`) or in one of the folders listed in "
+                f"`{runs.EXTRA_ROOTS_ENV}` when the server started.")
+    folder = st.text_input("Run directory", placeholder="a folder name in the runs folder, or its full path")
     if st.button("Open run", disabled=not folder):
-        with ui.errors_shown():
-            ui.select_run(ui.open_run(Path(folder).expanduser().resolve()).path)
+        with widgets.errors_shown():
+            runs.select_run(runs.open_run_folder(folder).path)
             st.rerun()
 
 # --- influence settings ---------------------------------------------------------------------------------
 with influence_tab:
-    s = ui.settings()
+    s = state.settings()
     c1, c2, c3, c4 = st.columns(4)
     method = c1.selectbox("Method", METHOD_CHOICES, index=METHOD_CHOICES.index(s.method),
                           help="direct: exact inverse (small scopes); cg / lissa: iterative; arnoldi: low rank; "
                                "kfac / ekfac: Kronecker-factored approximations.")
-    scope = c2.radio("Parameters", ["head", "all"], index=["head", "all"].index(s.scope) if s.scope in ("head", "all")
-                     else 0, format_func={"head": "last layer", "all": "whole network"}.get)
-    lam = c3.select_slider("Regularization λ", LAMBDAS, value=min(LAMBDAS, key=lambda v: abs(np.log(v / s.regularization))),
+    scope = c2.radio("Parameters", list(Scope),
+                     index=list(Scope).index(s.scope) if isinstance(s.scope, Scope) else 0,
+                     format_func={Scope.HEAD: "last layer", Scope.ALL: "whole network"}.get)
+    current = Damping.of(s.regularization).value
+    lam = c3.select_slider("Regularization λ", LAMBDAS, value=min(LAMBDAS, key=lambda v: abs(np.log(v / current))),
                            format_func=lambda v: f"{v:g}")
-    curvature = c4.radio("Curvature", ["gauss-newton", "hessian"], index=["gauss-newton", "hessian"].index(s.curvature))
+    curvature = c4.radio("Curvature", list(Curvature), index=list(Curvature).index(s.curvature))
     chosen = InfluenceSettings(method=method, scope=scope, regularization=lam, curvature=curvature)
-    cached = ui.cached_influence(run, chosen) is not None
+    cached = runs.cached_influence(run, chosen) is not None
     st.caption(f"{chosen.describe()} — {'cached for this run' if cached else 'not computed yet for this run'}"
                + (" (the default)" if chosen == DEFAULT_SETTINGS else ""))
     st.caption(chosen.accuracy_note())
     if st.button("Use these settings" + ("" if cached else " and compute"), type="primary",
                  disabled=chosen == s and cached):
-        with ui.errors_shown():
-            ui.influence(run, chosen)
-            st.session_state["settings"] = chosen
+        st.session_state["settings"] = chosen  # every page now uses them (and waits for them while computed)
+        with widgets.errors_shown():
+            runs.influence(run, chosen)
             st.rerun()
-    result = ui.cached_influence(run)
+    result = runs.cached_influence(run)
     if result is not None:
         timings = pd.DataFrame(sorted(result.meta["timings_s"].items()), columns=["step", "seconds"])
-        with st.expander(f"Timings of the current influence result ({ui.settings().describe()})"):
-            ui.table(timings, f"{run.path.name}-influence-timings.csv")
+        with st.expander(f"Timings of the current influence result ({state.settings().describe()})"):
+            widgets.table(timings, f"{run.path.name}-influence-timings.csv")
