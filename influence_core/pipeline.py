@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -77,6 +78,9 @@ class InfluenceSettings:
                                      f"use one of {', '.join(METHOD_CHOICES)}")
         damping = Damping.parse(self.regularization) if isinstance(self.regularization, str) else \
             Damping.of(self.regularization)
+        if not math.isfinite(damping.value):  # Damping refuses λ ≤ 0 and NaN; an infinite λ gives all-zero influences
+            raise InfluenceLensError(f"Regularization λ must be positive and finite, not {damping.value}.",
+                                     "use e.g. 1e-3 (absolute) or rel:0.1 (relative to the curvature)")
         object.__setattr__(self, "regularization", damping if damping.relative_to_mean else damping.value)
         object.__setattr__(self, "scope", parse_scope(self.scope))
         object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
