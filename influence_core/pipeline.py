@@ -246,7 +246,7 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
     ckpts = run.checkpoint_paths() if settings.checkpoints else run.checkpoint_paths()[-1:]
     timings: dict[str, float] = {}
     checkpoint_si = []
-    with run_lock(run.paths, wait=wait), _temporary_entry(run, key) as tmp:
+    with writing_entry(run, key, wait=wait) as tmp:
         if not recompute and InfluencePaths(final).is_complete():  # computed by another process while we waited
             log.info("cached: %s", final)
             return InfluenceResult(run, final)
@@ -299,19 +299,21 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
 
 
 @contextmanager
-def _temporary_entry(run: Run, key: str) -> Iterator[InfluencePaths]:
-    """A fresh ``influence/.tmp-<key>-<pid>`` folder, removed on exit unless renamed into place. Call with the
-    run's lock held: it checks that the run was not retrained meanwhile, and removes the temporary folders of
-    processes that are gone."""
-    run.require_unchanged()
-    remove_orphans(run.paths.influence, TEMP_PREFIX)
-    tmp = run.paths.influence_temp(key, os.getpid())
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield InfluencePaths(tmp)
-    finally:
+def writing_entry(run: Run, key: str, wait: bool = True) -> Iterator[InfluencePaths]:
+    """Hold the run's lock and yield a fresh temporary folder ``influence/.tmp-<key>-<pid>`` for the entry ``key``;
+    the caller renames ``tmp.root`` to ``run.paths.influence_entry(key).root`` when it is complete, else the folder
+    is removed on exit. Also checks that the run was not retrained since ``run`` was opened, and removes the
+    temporary folders of processes that are gone. ``wait=False``: fail at once if another process holds the lock."""
+    with run_lock(run.paths, wait=wait):
+        run.require_unchanged()
+        remove_orphans(run.paths.influence, TEMP_PREFIX)
+        tmp = run.paths.influence_temp(key, os.getpid())
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield InfluencePaths(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass

@@ -91,9 +91,13 @@ def staged_run(paths: RunPaths) -> Iterator[RunPaths]:
     stage.mkdir(parents=True)
     try:
         yield RunPaths(stage)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        _swap_in(stage, paths)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone after the swap; what a failed training or swap left
+
+
+def _swap_in(stage: Path, paths: RunPaths) -> None:
+    """Steps 1-4 (a failure between them is repaired by :func:`recover`)."""
     if paths.root.exists():
         os.replace(paths.root, paths.previous)
         os.replace(stage, paths.root)

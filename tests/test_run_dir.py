@@ -180,6 +180,16 @@ def test_second_writer_waits_with_a_message_or_fails_at_once(old_run):
     assert proc.wait(timeout=300) == 0, "".join(err)
 
 
+def test_influence_refuses_a_run_retrained_since_it_was_opened(old_run):
+    from influence_core.pipeline import compute_influence
+
+    stale = Run(old_run)
+    train(TrainConfig(**SMALL, seed=1), old_run)
+    with pytest.raises(InfluenceLensError, match="retrained by another process"):
+        compute_influence(stale, recompute=True)
+    assert not RunPaths(old_run).influence.exists()  # nothing computed from the old run's tables
+
+
 @pytest.mark.parametrize("damage", ["config from another run", "final.pt deleted"])
 def test_cache_check_compares_against_the_files_on_disk(old_run, tmp_path, damage):
     paths = RunPaths(old_run)
