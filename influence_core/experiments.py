@@ -28,6 +28,7 @@ from .training import TrainConfig, train
 
 # --- names of runs ------------------------------------------------------------------------------------------
 
+
 def run_title(config: TrainConfig, class_names: Sequence[str] | None = None) -> str:
     """A human-readable name: dataset, classes and flip share, e.g. "tiny-imagenet goldfish+lemon 10% flipped".
 
@@ -48,7 +49,8 @@ def run_title(config: TrainConfig, class_names: Sequence[str] | None = None) -> 
         flips = "no flips"
     else:
         flips = f"{config.corrupt_fraction:.0%} flipped" + (
-            f" ({config.corrupt_mode})" if config.corrupt_mode != "random" else "")
+            f" ({config.corrupt_mode})" if config.corrupt_mode != "random" else ""
+        )
     return f"{dataset} {classes} {flips}"
 
 
@@ -57,12 +59,14 @@ def run_dir_name(config: TrainConfig, class_names: Sequence[str] | None = None) 
     8 hex digits of the config's hash so that different settings never share a folder, e.g.
     ``tiny-imagenet-goldfish+lemon-10pct-flipped-3fa9c1e2``."""
     slug = re.sub(r"[^A-Za-z0-9+._-]+", "-", run_title(config, class_names).replace("%", "pct")).strip("-.")
-    settings = dataclasses.asdict(config) | {"split": config.split if isinstance(config.split, str)
-                                             else list(config.split)}
+    settings = dataclasses.asdict(config) | {
+        "split": config.split if isinstance(config.split, str) else list(config.split)
+    }
     return f"{slug}-{stable_hash(settings, length=8)}"
 
 
 # --- the notebook's claim -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class NotebookClaim:
@@ -81,14 +85,17 @@ def notebook_claim(result: InfluenceResult) -> NotebookClaim:
     run = result.run
     flipped = run.flipped()
     if not flipped.any():
-        raise InfluenceLensError("This run has no flipped labels, so the notebook's claim cannot be checked.",
-                                 "start a corruption experiment, or train with --corrupt-fraction 0.1")
+        raise InfluenceLensError(
+            "This run has no flipped labels, so the notebook's claim cannot be checked.",
+            "start a corruption experiment, or train with --corrupt-fraction 0.1",
+        )
     table = corruption_table(result.mean_influence, run.labels("train"), flipped, run.classes)
     auroc = detection_metrics(result.signals["neg_mean_test_influence"], flipped)["auroc"]
     return NotebookClaim(check_notebook_claim(table, auroc, run.corruption["mode"]), table)
 
 
 # --- the corruption experiment ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CorruptionOutcome:
@@ -101,9 +108,15 @@ class CorruptionOutcome:
     claim: NotebookClaim
 
 
-def run_corruption_experiment(base: Run, fraction: float, mode: str, runs_root: str | Path,
-                              settings: InfluenceSettings = DEFAULT_SETTINGS, device: str = "auto",
-                              progress: Progress | None = None) -> CorruptionOutcome:
+def run_corruption_experiment(
+    base: Run,
+    fraction: float,
+    mode: str,
+    runs_root: str | Path,
+    settings: InfluenceSettings = DEFAULT_SETTINGS,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> CorruptionOutcome:
     """Retrain ``base``'s configuration with ``fraction`` of the training labels flipped, recompute influences.
 
     ``mode``: ``random`` (random images) or ``top-influence`` (per class, the images a clean run of the same
@@ -114,20 +127,25 @@ def run_corruption_experiment(base: Run, fraction: float, mode: str, runs_root: 
     top-influence mode (the clean run's training is skipped when ``base`` has no flips).
     """
     if not 0 < fraction < 1:
-        raise InfluenceLensError(f"The share of labels to flip must be between 0 and 1, not {fraction}.",
-                                 "for example 0.1 for 10 %")
+        raise InfluenceLensError(
+            f"The share of labels to flip must be between 0 and 1, not {fraction}.", "for example 0.1 for 10 %"
+        )
     runs_root = Path(runs_root)
     config = dataclasses.replace(TrainConfig.from_run(base), corrupt_fraction=0.0, corrupt_mode="random")
     clean, scores = None, None
     if mode == "top-influence":
         clean_progress = tagged(progress, "clean run")
-        clean = base if not base.flipped().any() else train(config, runs_root / run_dir_name(config, base.classes),
-                                                             device=device, progress=clean_progress)
+        clean = (
+            base
+            if not base.flipped().any()
+            else train(config, runs_root / run_dir_name(config, base.classes), device=device, progress=clean_progress)
+        )
         clean_result = compute_influence(clean, settings, device=device, progress=clean_progress)
         scores = clean_result.mean_influence.tolist()
     flipped_config = dataclasses.replace(config, corrupt_fraction=fraction, corrupt_mode=mode, corrupt_scores=scores)
     flipped_progress = tagged(progress, "flipped run")
-    corrupted = train(flipped_config, runs_root / run_dir_name(flipped_config, base.classes), device=device,
-                      progress=flipped_progress)
+    corrupted = train(
+        flipped_config, runs_root / run_dir_name(flipped_config, base.classes), device=device, progress=flipped_progress
+    )
     result = compute_influence(corrupted, settings, device=device, progress=flipped_progress)
     return CorruptionOutcome(clean, corrupted, result, notebook_claim(result))
