@@ -36,7 +36,7 @@ from .distributed import ClusterSpec
 from .errors import InfluenceLensError
 from .influence import METHODS, Curvature, Damping, InfluenceModel, Method, Scope, ScopeArg, parse_scope, scope_text
 from .paths import TEMP_PREFIX, InfluencePaths
-from .progress import Progress
+from .progress import Progress, tagged
 from .results import (
     COLUMN_BLOCK,
     TOP_K,
@@ -258,7 +258,7 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
             is_final = i == len(ckpts) - 1
             tag = "final" if is_final else ckpt.stem
             model = run.load_model(ckpt)
-            im = settings.influence_model(model, device=device, progress=_tagged(progress, tag))
+            im = settings.influence_model(model, device=device, progress=tagged(progress, tag))
             t = time.perf_counter()
             im.fit(x_train, y_train)
             timings[f"fit_{tag}"] = time.perf_counter() - t
@@ -365,9 +365,3 @@ def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, tra
     idx = torch.as_tensor(list(train_positions), dtype=torch.long)
     return im.saliency(x_test[test_position:test_position + 1], y_test[test_position:test_position + 1],
                        x_train[idx], y_train[idx])
-
-
-def _tagged(progress: Progress | None, tag: str) -> Progress | None:
-    if progress is None:
-        return None
-    return lambda stage, done, total: progress(f"{tag}: {stage}", done, total)
