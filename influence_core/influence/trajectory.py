@@ -155,6 +155,8 @@ class KroneckerEigen:
         """Fit EK-FAC (Gauss-Newton) on ``x``, ``y`` through the influence engine and keep its eigenbases."""
         from .engine import InfluenceModel
 
+        if scope == "head":  # by module name, so that the fitted blocks carry the model's parameter names
+            scope = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
         im = InfluenceModel(model, scope=scope, method="ekfac", batch_size=batch_size, device=device)
         state = im.fit(x, y).state_dict()
         layers = []
