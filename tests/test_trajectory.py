@@ -196,6 +196,16 @@ def _complete(q: torch.Tensor) -> torch.Tensor:
     return torch.cat([q, full[:, q.shape[1]:]], dim=1)
 
 
+def test_source_head_scope_uses_the_models_parameter_names():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2))
+    x, y = torch.randn(12, 2, 4, 4), torch.randint(0, 2, (12,))
+    head = TrajectoryInfluence([model], [0.5], "source", scope="head", device="cpu").fit(x, y)
+    named = TrajectoryInfluence([model], [0.5], "source", scope=["3"], device="cpu").fit(x, y)
+    np.testing.assert_allclose(head.self_influence(x, y), named.self_influence(x, y), rtol=1e-5)
+    np.testing.assert_allclose(head.influences(x[:3], y[:3], x, y), named.influences(x[:3], y[:3], x, y), rtol=1e-5)
+
+
 def test_unrolled_gain_limits():
     lam = torch.tensor([0.0, 1e-12, 1.0, 1e4])
     g = unrolled_gain(2.0)(lam)
