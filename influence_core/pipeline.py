@@ -195,14 +195,16 @@ def cache_key(run: Run, settings: InfluenceSettings) -> str:
 
 def load_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS) -> InfluenceResult | None:
     """The cached result for ``settings``, or None (never computes)."""
-    path = run.path / "influence" / cache_key(run, settings)
-    return InfluenceResult(run, path) if (path / "meta.json").is_file() else None
+    entry = RunPaths(run.path).influence_entry(cache_key(run, settings))
+    return InfluenceResult(run, entry.root) if entry.is_complete() else None
 
 
 def cached_results(run: Run) -> list[InfluenceResult]:
     """Every complete cache entry of the run, newest first."""
-    root = run.path / "influence"
-    entries = [InfluenceResult(run, p) for p in root.iterdir() if (p / "meta.json").is_file()] if root.is_dir() else []
+    root = RunPaths(run.path).influence
+    found = [InfluencePaths(p) for p in root.iterdir()] if root.is_dir() else []
+    # entries of older cache versions (a whole influences.npy) are never read
+    entries = [InfluenceResult(run, e.root) for e in found if e.is_complete() and e.influences.exists()]
     return sorted(entries, key=lambda r: r.meta.get("created", 0), reverse=True)
 
 
@@ -325,7 +327,7 @@ def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, tra
     if state:
         im.load_state_dict(state)
     else:  # iterative methods (cg, lissa) keep no fitted state: they solve against the data again
-        im.fit(x_train, y_train)
+        im.fit(x_train[:], y_train)  # [:] until the engine takes lazy image sources
     idx = torch.as_tensor(list(train_positions), dtype=torch.long)
     return im.saliency(x_test[test_position:test_position + 1], y_test[test_position:test_position + 1],
                        x_train[idx], y_train[idx])
