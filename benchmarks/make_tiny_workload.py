@@ -10,6 +10,7 @@ the same recipe (for cleanlab).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from PIL import Image
 
 from workload import Settings, build_model, save_workload
 
-DATA = Path("/work/shared/data/tiny-imagenet-200/train")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"  # ../shared beside the checkout
+DATA = Path(os.environ.get("TINY_IMAGENET", DEFAULT_DATA)) / "train"
 CLASSES = ("n01443537", "n07749582")  # goldfish, lemon
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

@@ -2,7 +2,7 @@
 harmful for a test image (and a random group), retrain from scratch, and compare the measured change of that
 image's test loss with the change each job's matrix predicts.
 
-    /work/main/.venv/bin/python benchmarks/retrain_fidelity.py RUN_DIR JOBS_DIR OUT_DIR [--n-test-images 3]
+    .venv/bin/python benchmarks/retrain_fidelity.py RUN_DIR JOBS_DIR OUT_DIR [--n-test-images 3]
         [--group-size 20] [--selector ours_ekfac_all] [--fallback-selector ours_direct_head] [--seed 0]
         [--device cpu] [--epochs N  (smoke tests only: overrides the run's epochs)]
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from influence_core import Run, TrainConfig
 from influence_core.errors import InfluenceLensError
 from influence_core.model import build_resnet18
 from influence_core.storage import atomic_write_json, read_json, resolve_device, stable_hash
-from influence_core.training import _fit  # the exact training loop of the run
+from influence_core.training import fit_model  # the exact training loop of the run
 
 KEY_JOBS = ("ours_direct_head", "ours_ekfac_all", "kronfluence_ekfac_all")
 """Jobs shown in the raw table besides the selector (when present)."""
@@ -46,8 +45,8 @@ def per_sample_loss(model, x: torch.Tensor, y: torch.Tensor, dev: torch.device) 
 def retrain(run: Run, config: TrainConfig, removed: np.ndarray, work_dir: Path, dev: torch.device) -> dict:
     """Train from scratch without the training points ``removed`` (indices); {"test_loss": (n_test,), "seconds"}.
 
-    Cached in ``work_dir/result.json``; the model written by ``_fit`` is deleted after measuring."""
-    key = stable_hash("retrain-v2", (run.path / "train_key").read_text().strip(), dataclasses.asdict(config),
+    Cached in ``work_dir/result.json``; the retrained model is not kept."""
+    key = stable_hash("retrain-v2", run.key, dataclasses.asdict(config),
                       np.sort(removed).astype(np.int64))
     cache = work_dir / "result.json"
     if cache.is_file() and (hit := read_json(cache))["key"] == key:
@@ -64,8 +63,7 @@ def retrain(run: Run, config: TrainConfig, removed: np.ndarray, work_dir: Path, 
     if weights != run.config["weights"]:
         raise InfluenceLensError(f"The run was trained from {run.config['weights']} weights, a retrain here would "
                                  f"start from {weights}.", "put the ImageNet weights file in the torch hub cache")
-    _fit(model, config, x.to(dev), y.to(dev), x_te.to(dev), y_te.to(dev), work_dir, None, dev, exclude=exclude)
-    shutil.rmtree(work_dir / "checkpoints")
+    fit_model(model, config, x.to(dev), y.to(dev), x_te.to(dev), y_te.to(dev), exclude=exclude)
     result = {"key": key, "n_removed": int(len(removed)), "seconds": round(time.perf_counter() - t0, 1),
               "test_loss": per_sample_loss(model, x_te, y_te, dev).tolist()}
     atomic_write_json(cache, result)

@@ -1,6 +1,6 @@
 """End-to-end benchmark: train, time Influence Lens against peers, score mislabel detection and fidelity.
 
-    /work/main/.venv/bin/python benchmarks/run.py [--dataset tiny-imagenet:PATH] [--classes goldfish lemon]
+    .venv/bin/python benchmarks/run.py [--dataset tiny-imagenet:PATH] [--classes goldfish lemon]
         [--corrupt-fraction 0.1] [--train-layers all] [--epochs 15] [--image-size 64] [--downsample 1.0]
         [--time-cap 60] [--cv-folds 4] [--cv-epochs N] [--peers pydvl,kronfluence,cleanlab]
         [--peer-fit-examples 64] [--retrain-test-images 3] [--retrain-group-size 20] [--out benchmarks/out/NAME]
@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import platform
 import shlex
 import subprocess
@@ -43,6 +45,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import lds  # noqa: E402
 import peers  # noqa: E402
 import retrain_fidelity  # noqa: E402
 from retrain_fidelity import table  # noqa: E402
@@ -52,7 +55,7 @@ from influence_core import TrainConfig, train  # noqa: E402
 from influence_core.analysis import detection_metrics  # noqa: E402
 from influence_core.model import build_resnet18  # noqa: E402
 from influence_core.pipeline import InfluenceSettings, compute_influence  # noqa: E402
-from influence_core.training import _fit  # noqa: E402  (the exact training loop, reused for the CV folds)
+from influence_core.training import fit_model  # noqa: E402  (the exact training loop, reused for the CV folds)
 
 OUR_JOBS = [("direct", "head", []), ("cg", "head", []), ("arnoldi", "head", ["--option", "rank=100"]),
             ("ekfac", "head", []), ("kfac", "head", []), ("lissa", "head", ["--option", "depth=300"]),
@@ -101,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retrain-test-images", type=int, default=3, help="retraining check; 0 to skip it")
     p.add_argument("--retrain-group-size", type=int, default=20)
     p.add_argument("--skip", default="", help="comma-separated job names to skip, e.g. ours_lissa_head")
+    p.add_argument("--lds-scores", type=Path, default=None,
+                   help="scores.json of `lds.py score` (linear datamodeling score per job) to include in the report")
     p.add_argument("--out", type=Path, default=BENCH / "out" / "default")
     args = p.parse_args(argv)
     args.job_timeout = args.job_timeout or 4 * args.time_cap + 360
@@ -137,7 +142,7 @@ def run_job(name: str, cmd: list[str] | None, out_dir: Path, timeout: float, run
     return record
 
 
-def out_of_fold_probs(run, config: TrainConfig, folds: int, epochs: int, cv_dir: Path) -> np.ndarray:
+def out_of_fold_probs(run, config: TrainConfig, folds: int, epochs: int) -> np.ndarray:
     """(n_train, K) class probabilities, each from a model trained (same recipe, ``epochs``) without its fold."""
     x, y = run.tensors("train")
     x = x[:]  # whole tensor: this workload fits in memory
@@ -148,7 +153,7 @@ def out_of_fold_probs(run, config: TrainConfig, folds: int, epochs: int, cv_dir:
         held = torch.from_numpy(fold_of == k)
         torch.manual_seed(config.seed + k + 1)
         model, _ = build_resnet18(run.n_classes, pretrained=run.config["weights"] == "pretrained")
-        _fit(model, cfg, x[~held], y[~held], x[held], y[held], cv_dir / f"fold_{k}", None, torch.device("cpu"))
+        fit_model(model, cfg, x[~held], y[~held], x[held], y[held])
         model.eval()
         with torch.no_grad():
             probs[held.numpy()] = torch.cat([model(xb).softmax(1) for xb in x[held].split(64)]).numpy()
@@ -253,21 +258,24 @@ def markdown(report: dict) -> str:
         + table(["job", "block", "rel. Frobenius error", "Pearson r (matrix)", "Pearson r (self)"], fid_rows),
         retrain_fidelity.markdown(report["retraining"]) if report.get("retraining") else
         "Retraining check skipped (`--retrain-test-images 0`).",
+        "## Linear datamodeling score (`lds.py`)\n\n" + lds.markdown(report["lds"]) if report.get("lds") else
+        "LDS not included (`--lds-scores`).",
     ]) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(format="[bench %(asctime)s] %(message)s", datefmt="%H:%M:%S")  # the library's status lines
+    logging.getLogger("influence_core").setLevel(logging.INFO)
     t_start = time.perf_counter()
     out = args.out.resolve()
     jobs_dir = out / "jobs"
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = TrainConfig(dataset=args.dataset, classes=args.classes, image_size=args.image_size,
                          downsample=args.downsample, seed=args.seed, epochs=args.epochs,
                          train_layers=args.train_layers, corrupt_fraction=args.corrupt_fraction)
     log("training (cached if unchanged)")
-    run = train(config, out / "run", device="cpu", log=log)
+    run = train(config, out / "run", device="cpu")
     flipped = run.flipped()
 
     wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -279,11 +287,11 @@ def main(argv=None) -> None:
         if "cleanlab" in wanted and not cv_file.is_file():
             log(f"cross-validation: {args.cv_folds} folds × {args.cv_epochs} epochs")
             cv_file.parent.mkdir(parents=True, exist_ok=True)
-            np.save(cv_file, out_of_fold_probs(run, config, args.cv_folds, args.cv_epochs, out / "cv"))
+            np.save(cv_file, out_of_fold_probs(run, config, args.cv_folds, args.cv_epochs))
         pythons = venvs.result()
 
     log("pipeline result (direct, head, with checkpoints)")
-    result = compute_influence(run, InfluenceSettings(regularization=args.regularization), device="cpu", log=log)
+    result = compute_influence(run, InfluenceSettings(regularization=args.regularization), device="cpu")
 
     ours = [sys.executable, str(BENCH / "ours.py"), str(run.path)]
     common = ["--regularization", str(args.regularization)]
@@ -326,13 +334,15 @@ def main(argv=None) -> None:
         retraining = retrain_fidelity.retrain_fidelity(run, jobs_dir, out, n_test_images=args.retrain_test_images,
                                                        group_size=args.retrain_group_size, seed=args.seed, log=log)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+    cpu_info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in cpu_info.splitlines() if line.startswith("model name")),
                platform.processor())
     report = {
         "name": out.name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{cpu}, {len([l for l in open('/proc/cpuinfo') if l.startswith('processor')])} cores",
+        "machine": f"{cpu}, {os.cpu_count()} cores",
         "torch_threads": torch.get_num_threads(),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, "benchmarks/run.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), "benchmarks/run.py",
+                                                      *(argv or sys.argv[1:])]),
         "regularization": args.regularization, "time_cap_s": args.time_cap, "job_timeout_s": args.job_timeout,
         "cv_folds": args.cv_folds, "cv_epochs": args.cv_epochs,
         "run": {"n_train": len(flipped), "n_test": len(run.labels("test")), "n_flipped": int(flipped.sum()),
@@ -343,6 +353,7 @@ def main(argv=None) -> None:
         "detection": detection(result.signals, jobs, jobs_dir, flipped),
         "fidelity": fidelity(jobs, jobs_dir),
         "retraining": retraining,
+        "lds": json.loads(args.lds_scores.read_text()) if args.lds_scores else None,
     }
     report["wall_s"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(report, indent=2, default=float))

@@ -6,11 +6,16 @@ that test point's loss); every suspicion ``score`` is (n_train,) with *higher = 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
+
+if TYPE_CHECKING:
+    from .review import Action
 
 RECALL_FRACTIONS = (0.05, 0.10, 0.20)
 
@@ -46,6 +51,12 @@ SIGNALS: dict[str, Signal] = {s.key: s for s in (
 )}
 
 
+def rank_suspects(scores: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Training positions (≤k,) int64 ordered by descending suspicion ``scores`` (n_train,), ties by position;
+    all of them when ``k`` is None."""
+    return np.argsort(-np.asarray(scores), kind="stable")[:k]
+
+
 def top_k(influence_row: np.ndarray, k: int, candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the ``k`` most helpful and ``k`` most harmful training points for one test point.
 
@@ -53,8 +64,85 @@ def top_k(influence_row: np.ndarray, k: int, candidates: np.ndarray | None = Non
     Returns (helpful (≤k,), harmful (≤k,)), most extreme first.
     """
     pos = np.flatnonzero(candidates) if candidates is not None else np.arange(len(influence_row))
-    order = pos[np.argsort(-influence_row[pos], kind="stable")]
+    order = pos[rank_suspects(influence_row[pos])]
     return order[:k], order[::-1][:k]
+
+
+def training_flags(ids: Sequence[str], label_names: Sequence[str], flipped: np.ndarray,
+                   decisions: Mapping[str, Action] | None = None) -> pd.DataFrame:
+    """One row per training position (index 0..n-1), to mark images wherever a page shows them.
+
+    Columns: id, label (the given label's name), flipped (bool: flipped on purpose by the run),
+    review ('mislabeled', 'keep', 'skip' or '' when not reviewed; from ``ReviewStore.decisions_for``),
+    corrected_label ('' unless marked mislabeled) and marks (one short text of all that, '' for none).
+    """
+    decisions = decisions or {}
+    found = [decisions.get(str(i)) for i in ids]
+    df = pd.DataFrame({"id": list(map(str, ids)), "label": list(label_names), "flipped": np.asarray(flipped, bool),
+                       "review": [a.decision if a else "" for a in found],
+                       "corrected_label": [a.corrected_label or "" if a else "" for a in found]})
+    review_marks = {"mislabeled": "marked mislabeled → {}", "keep": "label kept by review", "skip": "skipped in review",
+                    "": ""}
+    df["marks"] = [" · ".join(m for m in ("flipped" if f else "", review_marks[r].format(c)) if m)
+                   for f, r, c in zip(df["flipped"], df["review"], df["corrected_label"], strict=True)]
+    return df
+
+
+def most_helpful(values: np.ndarray, flags: pd.DataFrame, k: int, candidates: np.ndarray | None = None) -> pd.DataFrame:
+    """The ``k`` training images with the highest ``values`` (n_train,) — e.g. one test row of the influence
+    matrix, or :func:`mean_influence` — as rows of ``flags`` (:func:`training_flags`) with rank (1-based),
+    position and value columns added; ``candidates``: optional (n_train,) bool mask (e.g. one label only)."""
+    return _ranked_rows(values, top_k(values, k, candidates)[0], flags)
+
+
+def most_harmful(values: np.ndarray, flags: pd.DataFrame, k: int, candidates: np.ndarray | None = None) -> pd.DataFrame:
+    """The ``k`` training images with the lowest ``values``, most negative first (see :func:`most_helpful`)."""
+    return _ranked_rows(values, top_k(values, k, candidates)[1], flags)
+
+
+def _ranked_rows(values: np.ndarray, positions: np.ndarray, flags: pd.DataFrame) -> pd.DataFrame:
+    rows = flags.iloc[positions].reset_index(drop=True)
+    rows.insert(0, "rank", np.arange(1, len(positions) + 1))
+    rows.insert(1, "position", positions)
+    rows["value"] = np.asarray(values)[positions]
+    return rows
+
+
+@dataclass(frozen=True)
+class RankingNote:
+    """What a listed ranking of training images really contains, as counts and one honest sentence."""
+
+    n_listed: int
+    n_flipped: int
+    n_marked_mislabeled: int
+    text: str
+
+    @property
+    def has_wrong_labels(self) -> bool:
+        """Whether any listed image is flipped or marked mislabeled (then never call the list clean examples)."""
+        return self.n_flipped > 0 or self.n_marked_mislabeled > 0
+
+
+def describe_ranking(ranked: pd.DataFrame, run_has_flips: bool) -> RankingNote:
+    """Count the flipped and reviewed-mislabeled images of a ranked list (rows of :func:`training_flags`) and
+    say it: e.g. "3 of the 8 images listed have a label flipped on purpose, so this is not a list of clean
+    examples: an image can rank here because its label is wrong." ``run_has_flips``: whether the run flipped
+    any label at all (otherwise nothing can be said about flips)."""
+    n, flipped = len(ranked), int(ranked["flipped"].sum())
+    mislabeled = int((ranked["review"] == "mislabeled").sum())
+    verb = "has" if flipped == 1 else "have"
+    facts = [f"{flipped} of the {n} images listed {verb} a label flipped on purpose" if run_has_flips
+             else "This run flipped no labels on purpose"]
+    if mislabeled:
+        facts.append(f"{mislabeled} {'is' if mislabeled == 1 else 'are'} marked mislabeled by reviewers")
+    text = ", and ".join(facts)
+    if flipped or mislabeled:
+        text += ", so this is not a list of clean examples: an image can rank here because its label is wrong."
+    elif run_has_flips:
+        text += " and none is marked mislabeled by reviewers."
+    else:
+        text += ", and no listed image is marked mislabeled by reviewers."
+    return RankingNote(n, flipped, mislabeled, text)
 
 
 def mean_influence(influences: np.ndarray) -> np.ndarray:
@@ -62,21 +150,30 @@ def mean_influence(influences: np.ndarray) -> np.ndarray:
     return influences.mean(axis=0)
 
 
+def flips_in_top(scores: np.ndarray, flipped: np.ndarray, fraction: float) -> tuple[int, int]:
+    """(flips among the top ``ceil(fraction · n_train)`` training images by ``scores``, flips in total).
+
+    ``scores``: (n_train,) higher = more suspicious; ``flipped``: (n_train,) bool.
+    """
+    flipped = np.asarray(flipped, bool)
+    top = rank_suspects(scores, int(np.ceil(fraction * len(flipped))))
+    return int(flipped[top].sum()), int(flipped.sum())
+
+
 def detection_metrics(scores: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
     """AUROC and the fraction of flips found after inspecting the top 5 / 10 / 20 % by score."""
     flipped = np.asarray(flipped, bool)
     out = {"auroc": float(roc_auc_score(flipped, scores)) if 0 < flipped.sum() < len(flipped) else float("nan")}
-    order = np.argsort(-scores, kind="stable")
     for f in RECALL_FRACTIONS:
-        k = int(np.ceil(f * len(scores)))
-        out[f"recall_at_{round(f * 100)}pct"] = float(flipped[order[:k]].sum() / max(flipped.sum(), 1))
+        found, total = flips_in_top(scores, flipped, f)
+        out[f"recall_at_{round(f * 100)}pct"] = found / max(total, 1)
     return out
 
 
 def detection_curve(scores: np.ndarray, flipped: np.ndarray) -> pd.DataFrame:
     """Fraction of flips found vs fraction of the training set inspected, best score first."""
     flipped = np.asarray(flipped, bool)
-    found = np.cumsum(flipped[np.argsort(-scores, kind="stable")])
+    found = np.cumsum(flipped[rank_suspects(scores)])
     n = len(scores)
     return pd.DataFrame({"inspected": np.arange(1, n + 1) / n, "found": found / max(flipped.sum(), 1)})
 

@@ -12,14 +12,25 @@ Layout (all files written atomically; ``train_key`` is written last and marks a 
     checkpoints/       epoch_<e>.pt (evenly spaced) and final.pt: ResNet18 state_dicts
     influence/<key>/   cached influence results (see :class:`InfluencePaths`)
     reviews.sqlite     the mislabel review store
-    train_key          hash of data ids + labels + config; equal key = cached training
-    .lock              advisory lock held by ``train`` and ``influence`` while they write
+    train_key          hash of data ids + labels + config; equal key = cached training (also in config.json)
+
+Beside the run directory ``<name>`` in its parent folder (see :mod:`influence_core.rundir`)::
+
+    .<name>.lock       advisory lock held by ``train`` and ``influence`` while they write (survives a retrain)
+    .<name>.new-<pid>  a new training being built by process ``pid``; renamed to ``<name>`` when complete
+    .<name>.old        the previous run during the swap; the next call finishes or undoes an interrupted swap
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+TRAIN_KEY_FIELD = "train_key"
+"""The field of ``config.json`` that repeats the ``train_key`` file (both are checked before a cache hit)."""
+TEMP_PREFIX = ".tmp-"
+"""Influence entries are written to ``influence/.tmp-<key>-<pid>`` and renamed into place when complete."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,7 @@ class InfluencePaths:
 
     def is_complete(self) -> bool:
         """Whether the entry was renamed into place (temporary ``.tmp-*`` folders never count)."""
-        return not self.root.name.startswith(".") and self.meta.is_file()
+        return not self.root.name.startswith(TEMP_PREFIX) and self.meta.is_file()
 
 
 @dataclass(frozen=True)
@@ -134,12 +145,20 @@ class RunPaths:
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch}.pt"
 
+    def epoch_checkpoints(self) -> list[Path]:
+        """The intermediate checkpoints on disk, in epoch order."""
+        return sorted(self.checkpoints.glob("epoch_*.pt"), key=lambda p: int(p.stem.removeprefix("epoch_")))
+
     @property
     def influence(self) -> Path:
         return self.root / "influence"
 
     def influence_entry(self, key: str) -> InfluencePaths:
         return InfluencePaths(self.influence / key)
+
+    def influence_temp(self, key: str, pid: int) -> Path:
+        """Where process ``pid`` writes the influence entry ``key`` before renaming it into place."""
+        return self.influence / f"{TEMP_PREFIX}{key}-{pid}"
 
     @property
     def reviews(self) -> Path:
@@ -151,4 +170,29 @@ class RunPaths:
 
     @property
     def lock(self) -> Path:
-        return self.root / ".lock"
+        return self._sibling("lock")
+
+    @property
+    def staging_prefix(self) -> str:
+        """Name prefix of the staging folders ``.<name>.new-<pid>`` beside the run."""
+        return self._sibling("new-").name
+
+    def staging(self, pid: int) -> Path:
+        """The folder in which process ``pid`` builds a new run before swapping it in."""
+        return self._sibling(f"new-{pid}")
+
+    @property
+    def previous(self) -> Path:
+        """Where the old run waits during the swap."""
+        return self._sibling("old")
+
+    def training_outputs(self) -> tuple[Path, ...]:
+        """What a training writes; everything else in the folder (the review store, the user's own files) is
+        carried over to a new training of the same folder."""
+        return (self.config, self.samples, self.corruption, self.history, self.dynamics, self.predictions,
+                self.metrics, self.checkpoints, self.influence, self.train_key)
+
+    def _sibling(self, suffix: str) -> Path:
+        """``.<name>.<suffix>`` in the parent folder (the name of the absolute path, so ``.`` works too)."""
+        absolute = Path(os.path.abspath(self.root))
+        return absolute.parent / f".{absolute.name}.{suffix}"

@@ -33,3 +33,10 @@ class TqdmProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def tagged(progress: Progress | None, tag: str) -> Progress | None:
+    """``progress`` with every stage name prefixed by ``tag`` (``"tag: stage"``); None stays None."""
+    if progress is None:
+        return None
+    return lambda stage, done, total: progress(f"{tag}: {stage}", done, total)

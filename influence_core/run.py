@@ -1,22 +1,13 @@
 """The run directory: everything about one trained model, readable without re-running anything.
 
-Layout (all files written atomically; ``train_key`` is written last and marks a complete training)::
-
-    config.json        dataset spec, classes, split and training settings, weights ("pretrained"/"scratch")
-    samples.csv        id, split (train/val/test), label (as trained, maybe corrupted), true_label, flipped
-    corruption.json    how labels were flipped: {"mode", "fraction", "seed", "flipped": {id: true_label}}
-    history.json       per epoch: train_loss, val_loss, seconds
-    dynamics.npz       loss, margin: (n_epochs, n_train) float32, from each epoch's training pass
-    predictions.npz    probs_train/probs_val/probs_test: (n, n_classes) float32 at the final model
-    metrics.json       f1_test, confusion_matrix, accuracy_test, timings_s, ...
-    checkpoints/       epoch_<e>.pt (evenly spaced) and final.pt: ResNet18 state_dicts
-    influence/<key>/   cached influence results (see influence_core.pipeline)
-    reviews.sqlite     the mislabel review store
-    train_key          hash of data ids + labels + config; equal key = cached training
+Its files are described in :mod:`influence_core.paths`. Opening a :class:`Run` checks that they are there and
+agree (``config.json`` and ``samples.csv`` readable, ``final.pt`` present, one ``samples.csv`` row per column of
+the dynamics and per row of the predictions); anything else is an :class:`InfluenceLensError` with a fix.
 """
 
 from __future__ import annotations
 
+import zipfile
 from functools import cached_property
 from pathlib import Path
 
@@ -28,38 +19,81 @@ from torch import nn
 from .data import ImageSet, ImageView, ModelInputs, load_dataset
 from .errors import InfluenceLensError
 from .model import build_resnet18, load_checkpoint
+from .paths import RunPaths
+from .rundir import try_recover
 from .storage import read_json
 
 SPLITS = ("train", "val", "test")
+SAMPLE_COLUMNS = ("id", "split", "label", "true_label", "flipped")
+CONFIG_KEYS = ("dataset", "classes", "class_keys", "image_size", "weights")
+RETRAIN_FIX = "train the run again with --retrain (its review store is kept)"
 
 
 class Run:
-    """Read access to a finished run directory (see the module docstring for its files)."""
+    """Read access to a finished run directory (files: :class:`~influence_core.paths.RunPaths`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not (self.path / "train_key").is_file():
+        self.paths = RunPaths(self.path)
+        try_recover(self.paths)
+        if not self.paths.train_key.is_file():
             raise InfluenceLensError(
-                f"{self.path} is not a finished run directory (no train_key).",
+                f"{self.path} is not a finished run directory (no {self.paths.train_key.name}).",
                 "train first: influence-core train --dataset SPEC --run-dir DIR",
             )
+        self.key = self.paths.train_key.read_text().strip()
+        """The training key the run was opened with (see :meth:`require_unchanged`)."""
+        if not self.paths.final_checkpoint.is_file():
+            raise InfluenceLensError(f"The run's final checkpoint {self.paths.final_checkpoint} is missing.",
+                                     RETRAIN_FIX)
+        self._check_arrays_match_samples()
+
+    def require_unchanged(self) -> None:
+        """Raise if the folder was retrained since this object opened it (its cached tables would be stale)."""
+        try:
+            current = self.paths.train_key.read_text().strip()
+        except OSError:
+            current = None
+        if current != self.key:
+            raise InfluenceLensError(f"{self.path} was retrained by another process after it was opened here.",
+                                     "open the run again")
+
+    def _check_arrays_match_samples(self) -> None:
+        counts = self.samples["split"].value_counts()
+        expected: dict[str, tuple[int | None, ...]] = {
+            f"{self.paths.predictions.name}:probs_{s}": (int(counts.get(s, 0)), self.n_classes) for s in SPLITS}
+        expected |= {f"{self.paths.dynamics.name}:{k}": (None, int(counts.get("train", 0))) for k in ("loss", "margin")}
+        shapes = _npz_shapes(self.paths.predictions) | _npz_shapes(self.paths.dynamics)
+        for name, want in expected.items():
+            have = shapes.get(name)
+            matches = have is not None and len(have) == len(want) and all(
+                w in (None, h) for w, h in zip(want, have, strict=True))
+            if not matches:
+                raise InfluenceLensError(
+                    f"The rows of {self.paths.samples} no longer match the run's arrays ({name} has shape {have}, "
+                    f"{self.paths.samples.name} implies {tuple('any' if w is None else w for w in want)}).",
+                    f"restore {self.paths.samples.name} or {RETRAIN_FIX}")
 
     # --- metadata --------------------------------------------------------------------------------------
     @cached_property
     def config(self) -> dict:
-        return read_json(self.path / "config.json")
+        cfg = _read_json(self.paths.config)
+        missing = [k for k in CONFIG_KEYS if not isinstance(cfg, dict) or k not in cfg]
+        if missing:
+            raise InfluenceLensError(f"{self.paths.config} lacks {', '.join(missing)}.", RETRAIN_FIX)
+        return cfg
 
     @cached_property
     def metrics(self) -> dict:
-        return read_json(self.path / "metrics.json")
+        return _read_json(self.paths.metrics)
 
     @cached_property
     def history(self) -> list[dict]:
-        return read_json(self.path / "history.json")
+        return _read_json(self.paths.history)
 
     @cached_property
     def corruption(self) -> dict:
-        return read_json(self.path / "corruption.json")
+        return _read_json(self.paths.corruption)
 
     @property
     def classes(self) -> list[str]:
@@ -72,7 +106,14 @@ class Run:
     @cached_property
     def samples(self) -> pd.DataFrame:
         """One row per sample: id, split, label, true_label, flipped, position (index within its split)."""
-        df = pd.read_csv(self.path / "samples.csv", dtype={"id": str})
+        path = self.paths.samples
+        try:
+            df = pd.read_csv(path, dtype={"id": str})
+        except (OSError, ValueError, UnicodeDecodeError) as e:  # pandas' ParserError is a ValueError
+            raise InfluenceLensError(f"Cannot read {path}: {e}", f"restore it or {RETRAIN_FIX}") from e
+        problem = _samples_problem(df, self.n_classes)
+        if problem:
+            raise InfluenceLensError(f"{path} is malformed: {problem}.", f"restore it or {RETRAIN_FIX}")
         df["position"] = df.groupby("split").cumcount()
         return df
 
@@ -97,25 +138,25 @@ class Run:
 
     @cached_property
     def dynamics(self) -> dict[str, np.ndarray]:
-        with np.load(self.path / "dynamics.npz") as f:
+        """loss, margin: (n_epochs, n_train) float32."""
+        with np.load(self.paths.dynamics) as f:
             return {k: f[k] for k in f.files}
 
     @cached_property
     def predictions(self) -> dict[str, np.ndarray]:
-        with np.load(self.path / "predictions.npz") as f:
+        """probs_train / probs_val / probs_test: (n, n_classes) float32."""
+        with np.load(self.paths.predictions) as f:
             return {k: f[k] for k in f.files}
 
     # --- model -----------------------------------------------------------------------------------------
     def checkpoint_paths(self) -> list[Path]:
         """Intermediate checkpoints in epoch order, then ``final.pt``."""
-        ckpt = self.path / "checkpoints"
-        epochs = sorted(ckpt.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-        return epochs + [ckpt / "final.pt"]
+        return [*self.paths.epoch_checkpoints(), self.paths.final_checkpoint]
 
     def load_model(self, checkpoint: str | Path | None = None) -> nn.Module:
         """ResNet18 with the run's weights (``final.pt`` unless given), on the CPU, in eval mode."""
         model, _ = build_resnet18(self.n_classes, pretrained=False)
-        load_checkpoint(model, checkpoint or self.path / "checkpoints" / "final.pt")
+        load_checkpoint(model, checkpoint or self.paths.final_checkpoint)
         return model.eval()
 
     # --- data ------------------------------------------------------------------------------------------
@@ -149,3 +190,42 @@ class Run:
         int64 (as trained on)."""
         positions = self._positions[(self.samples["split"] == split).to_numpy()]
         return ModelInputs(self.dataset.images, positions), torch.tensor(self.labels(split))
+
+
+def _read_json(path: Path):
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as e:  # missing, unreadable, empty or malformed (JSONDecodeError is a ValueError)
+        raise InfluenceLensError(f"Cannot read {path}: {e}.", f"restore it or {RETRAIN_FIX}") from e
+
+
+def _samples_problem(df: pd.DataFrame, n_classes: int) -> str | None:
+    """What is wrong with a ``samples.csv`` table, or None."""
+    missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
+    if missing:
+        return f"missing column(s) {', '.join(missing)}"
+    if not df["split"].isin(SPLITS).all():
+        return f"split must be one of {', '.join(SPLITS)}"
+    for column in ("label", "true_label"):
+        values = pd.to_numeric(df[column], errors="coerce")
+        if values.isna().any() or (values % 1 != 0).any() or not values.between(0, n_classes - 1).all():
+            return f"{column} must be a class index from 0 to {n_classes - 1}"
+    if df["id"].isna().any() or df["id"].duplicated().any():
+        return "ids must be present and unique"
+    return None
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """``"<file name>:<array>"`` → shape for every array of an ``.npz`` file, read from the headers only."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            shapes = {}
+            for member in z.namelist():
+                with z.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    header = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0(f))
+                shapes[f"{path.name}:{member.removesuffix('.npy')}"] = header[0]
+            return shapes
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise InfluenceLensError(f"Cannot read {path}: {e}.", f"restore it or {RETRAIN_FIX}") from e

@@ -1,15 +1,20 @@
 """Train a ResNet18 on a split dataset and write a self-contained, cached run directory.
 
 Two recipes: ``train_layers="head"`` (backbone frozen in eval mode, only ``fc`` learns; the reference
-notebook's) and ``"all"`` (the full network). Adam with cosine learning-rate decay, seeded shuffling, optional horizontal flips.
-Training dynamics — each training sample's loss and margin — are recorded from every epoch's training
-pass (as in area-under-the-margin), at no extra cost.
+notebook's) and ``"all"`` (the full network). Adam with cosine learning-rate decay, seeded shuffling, optional
+horizontal flips. Training dynamics — each training sample's loss and margin — are recorded from every epoch's
+training pass (as in area-under-the-margin), at no extra cost.
+
+:func:`train` is the list of steps load → split → cache key → fit → evaluate → write; :func:`fit_model` is the
+training loop alone (also used for leave-group-out retraining). The run directory is written under its lock and
+swapped in only when complete (:mod:`influence_core.rundir`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +24,27 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, f1_score
+from torch import nn
 
-from .progress import Progress
 from .corruption import flip_random, flip_top_influence
-from .data import ModelInputs, load_dataset, split_dataset
+from .data import ImageSet, ModelInputs, Split, check_image_size, check_split, load_dataset, split_dataset
 from .errors import InfluenceLensError
-from .model import build_resnet18
+from .model import IMAGENET, build_resnet18
+from .paths import TRAIN_KEY_FIELD, RunPaths
+from .progress import Progress
 from .run import Run
-from .storage import atomic_save_npz, atomic_torch_save, atomic_write_bytes, atomic_write_json, resolve_device, stable_hash
+from .rundir import recover, run_lock, staged_run
+from .storage import (
+    atomic_save_npz,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    resolve_device,
+    stable_hash,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,7 +72,7 @@ class TrainConfig:
     corrupt_scores: list[float] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_run(cls, run: Run) -> "TrainConfig":
+    def from_run(cls, run: Run) -> TrainConfig:
         """The config that trained ``run`` (classes by their keys; corruption scores are not kept)."""
         cfg = run.config
         fields = {f.name for f in dataclasses.fields(cls)} - {"corrupt_scores", "weights"}
@@ -63,17 +81,52 @@ class TrainConfig:
             "weights": cfg.get("weights_requested", "auto" if cfg["weights"] == "pretrained" else "scratch")})
 
     def check(self) -> None:
+        """Refuse settings that would fail late or train silently wrong, before any data is read."""
         if self.train_layers not in ("head", "all"):
-            raise InfluenceLensError(f"train_layers must be 'head' or 'all', not {self.train_layers!r}.")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise InfluenceLensError("epochs must be ≥ 1 and batch_size ≥ 2.")
+            raise InfluenceLensError(f"train_layers must be 'head' or 'all', not {self.train_layers!r}.",
+                                     "use head (frozen backbone) or all (full network)")
+        if self.epochs < 1:
+            raise InfluenceLensError(f"epochs must be at least 1, not {self.epochs}.", "for example 10")
+        if self.batch_size < 2:
+            raise InfluenceLensError(f"batch_size must be at least 2 (BatchNorm needs two images), not "
+                                     f"{self.batch_size}.", "for example 64")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InfluenceLensError(f"The learning rate must be a positive number, not {self.lr}.",
+                                     "for example 1e-3")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InfluenceLensError(f"weight_decay must be a number ≥ 0, not {self.weight_decay}.",
+                                     "for example 1e-4, or 0 for none")
         if self.lr_schedule not in ("cosine", "constant"):
-            raise InfluenceLensError(f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}.")
+            raise InfluenceLensError(f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}.",
+                                     "use cosine or constant")
+        if self.n_checkpoints < 0:
+            raise InfluenceLensError(f"The number of kept checkpoints must be ≥ 0, not {self.n_checkpoints}.",
+                                     "for example 4, or 0 to keep only the final model")
+        if self.seed < 0:
+            raise InfluenceLensError(f"The seed must be ≥ 0, not {self.seed}.", "for example 0")
+        if self.classes is not None and len(self.classes) < 2:
+            raise InfluenceLensError(f"A classifier needs at least two classes, not {list(self.classes)}.",
+                                     "name two or more classes, or leave them out for all")
+        check_image_size(self.image_size)
+        check_split(self.split if isinstance(self.split, str) else tuple(self.split), self.downsample)
+        self._check_corruption()
+        if self.weights not in ("auto", "scratch", IMAGENET) and not Path(self.weights).expanduser().is_file():
+            raise InfluenceLensError(f"Pretrained weights file {self.weights} does not exist.",
+                                     f"use auto, scratch, {IMAGENET} (download once) or the path of a ResNet18 "
+                                     "state_dict (.pth)")
+
+    def _check_corruption(self) -> None:
+        if not 0 <= self.corrupt_fraction < 1:
+            raise InfluenceLensError(f"The share of flipped labels must be in [0, 1), not {self.corrupt_fraction}.",
+                                     "for example 0.1 for 10 %, or 0 for none")
         if self.corrupt_mode not in ("random", "top-influence"):
             raise InfluenceLensError(f"Unknown corruption mode {self.corrupt_mode!r}.", "use random or top-influence")
         if self.corrupt_mode == "top-influence" and self.corrupt_fraction > 0 and self.corrupt_scores is None:
             raise InfluenceLensError("top-influence corruption needs influence scores of a clean run.",
-                                     "compute influences on the clean run first and pass its mean test influence")
+                                     "train a clean run with the same data first and pass it with --scores-from")
+        if self.corrupt_scores is not None and not np.isfinite(np.asarray(self.corrupt_scores, float)).all():
+            raise InfluenceLensError("The clean run's influence scores are not all finite numbers.",
+                                     "recompute its influence (influence-core influence --recompute)")
 
 
 def checkpoint_epochs(epochs: int, n_checkpoints: int) -> list[int]:
@@ -85,77 +138,151 @@ def checkpoint_epochs(epochs: int, n_checkpoints: int) -> list[int]:
 
 
 def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrain: bool = False,
-          progress: Progress | None = None, log=print) -> Run:
-    """Train (or return the cached run) and write ``run_dir``. ``log`` receives one-line status messages."""
+          progress: Progress | None = None, wait: bool = True) -> Run:
+    """Train (or return the cached run) and write ``run_dir``; status lines go to this module's logger.
+
+    Holds the run directory's lock while it checks the cache and writes (``wait=False``: fail at once if another
+    process holds it); a previous run in ``run_dir`` is replaced only once the new one is complete."""
     config.check()
-    run_dir = Path(run_dir)
-    timings: dict[str, float] = {}
+    paths = RunPaths(Path(run_dir))
     t0 = time.perf_counter()
+    data = split_data(load_data(config), config)
+    key = training_key(data)
+    timings = {"load_data": time.perf_counter() - t0}
+    with run_lock(paths, wait=wait):
+        recover(paths)
+        if not retrain and holds_training(paths, key):
+            log.info("cached: %s already holds this training (use --retrain to force)", run_dir)
+            return Run(paths.root)
+        dev = resolve_device(device)
+        model, weights = _build_model(data)
+        log.info("weights: %s; device: %s", "ImageNet-pretrained (local file)" if weights == "pretrained"
+                 else "from scratch (no local pretrained weights found)", dev)
+        with staged_run(paths) as stage:
+            x_train, x_val, x_test = (ModelInputs(data.dataset.images, part) for part in data.parts)
+            y_train, y_val = torch.from_numpy(data.y_train).to(dev), torch.from_numpy(data.y_val).to(dev)
+            t1 = time.perf_counter()
+            history, dynamics = fit_model(model, data.config, x_train, y_train, x_val, y_val, run_paths=stage,
+                                          progress=progress)
+            timings["train"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            probs = {name: _predict(model, x) for name, x in (("train", x_train), ("val", x_val), ("test", x_test))}
+            metrics = evaluate(data, probs, history) | {"device": str(dev)}
+            timings["evaluate"] = time.perf_counter() - t2
+            write_run(stage, data, key, weights, history, dynamics, probs, metrics | {"timings_s": timings})
+    log.info("test F1 %.3f, accuracy %.3f; run written to %s", metrics["f1_test"], metrics["accuracy_test"], run_dir)
+    return Run(paths.root)
+
+
+@dataclass
+class TrainingData:
+    """What a training sees: the dataset, its split and the training labels (maybe corrupted).
+
+    ``config`` has its classes and image size resolved (so "goldfish" and "n01443537" train once);
+    ``y_train``: (n_train,) int64 labels as trained on; ``flipped``: positions in the train split whose label was
+    flipped (int64)."""
+
+    config: TrainConfig
+    dataset: ImageSet
+    split: Split
+    y_train: np.ndarray
+    flipped: np.ndarray
+
+    @property
+    def parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Positions into ``dataset`` of the train, val and test samples."""
+        return self.split.train, self.split.val, self.split.test
+
+    @property
+    def y_val(self) -> np.ndarray:
+        return self.dataset.labels[self.split.val]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.dataset.classes)
+
+
+def load_data(config: TrainConfig) -> ImageSet:
+    """Read the dataset the config names; unreadable images are skipped (and logged) or an error."""
     ds = load_dataset(config.dataset, config.classes, config.image_size, config.on_bad_image)
     for rel, reason in ds.skipped:
-        log(f"skipped unreadable image {rel}: {reason}")
+        log.warning("skipped unreadable image %s: %s", rel, reason)
+    return ds
+
+
+def split_data(ds: ImageSet, config: TrainConfig) -> TrainingData:
+    """Seeded stratified split, resolved config, and the corrupted training labels."""
     split = split_dataset(ds.labels, config.split, config.seed, config.downsample, ds.classes, ids=ds.ids)
-    timings["load_data"] = time.perf_counter() - t0
+    resolved = dataclasses.replace(config, classes=list(ds.class_keys), image_size=int(ds.images.shape[1]))
+    y_train, flipped = _corrupt(resolved, ds.labels[split.train], len(ds.classes))
+    return TrainingData(resolved, ds, split, y_train, flipped)
 
-    # the key sees resolved values, so "goldfish" and "n01443537" (or a default size) train once
-    config = dataclasses.replace(config, classes=list(ds.class_keys), image_size=int(ds.images.shape[1]))
-    y_train_true = ds.labels[split.train]
-    y_train, flipped = _corrupt(config, y_train_true, len(ds.classes))
-    key = stable_hash("train-v1", ds.spec, ds.ids, ds.labels, split.train, split.val, split.test, y_train,
-                      _config_dict(config))
-    key_file = run_dir / "train_key"
-    if not retrain and key_file.is_file() and key_file.read_text().strip() == key:
-        log(f"cached: {run_dir} already holds this training (use --retrain to force)")
-        return Run(run_dir)
 
-    dev = resolve_device(device)
+def training_key(data: TrainingData) -> str:
+    """Hash of the data ids, labels, split, training labels and resolved settings: equal key = same training."""
+    ds, split = data.dataset, data.split
+    return stable_hash("train-v1", ds.spec, ds.ids, ds.labels, split.train, split.val, split.test, data.y_train,
+                       _config_dict(data.config))
+
+
+def holds_training(paths: RunPaths, key: str) -> bool:
+    """Whether ``paths`` holds the complete training ``key``: the key file, the key recorded in ``config.json``
+    (written in the same training) and the final checkpoint must all be there."""
+    try:
+        stored = paths.train_key.read_text().strip()
+        config = read_json(paths.config)
+    except (OSError, ValueError):
+        return False
+    return (stored == key and isinstance(config, dict) and config.get(TRAIN_KEY_FIELD) == key
+            and paths.final_checkpoint.is_file() and paths.samples.is_file())
+
+
+def _build_model(data: TrainingData) -> tuple[nn.Module, str]:
+    """Seeded ResNet18 for the data's classes; weights "pretrained" or "scratch"."""
+    config = data.config
     torch.manual_seed(config.seed)
-    model, weights = build_resnet18(len(ds.classes), None if config.weights == "auto" else
+    model, weights = build_resnet18(data.n_classes, None if config.weights == "auto" else
                                     (False if config.weights == "scratch" else config.weights))
-    log(f"weights: {'ImageNet-pretrained (local file)' if weights == 'pretrained' else 'from scratch (no local pretrained weights found)'}; device: {dev}")
     if weights == "scratch" and config.train_layers == "head":
-        log("warning: training only the head on a randomly initialised backbone gives weak features")
+        log.warning("warning: training only the head on a randomly initialised backbone gives weak features")
+    return model, weights
 
-    _reset_run_dir(run_dir)
-    cfg = _config_dict(config) | {"classes": ds.classes, "class_keys": ds.class_keys,
-                                  "image_size": int(ds.images.shape[1]), "weights": weights,
-                                  "weights_requested": config.weights,
-                                  "n_skipped_images": len(ds.skipped)}
-    atomic_write_json(run_dir / "config.json", cfg)
-    _write_samples(run_dir, ds.ids, ds.labels, split, y_train, flipped)
-    atomic_write_json(run_dir / "corruption.json", {
-        "mode": config.corrupt_mode, "fraction": config.corrupt_fraction, "seed": config.seed,
-        "flipped": {ds.ids[split.train[i]]: int(y_train_true[i]) for i in flipped}})
 
-    x_train, x_val, x_test = (ModelInputs(ds.images, s) for s in (split.train, split.val, split.test))
-    t1 = time.perf_counter()
-    history, dynamics = _fit(model, config, x_train, torch.from_numpy(y_train).to(dev), x_val,
-                             torch.from_numpy(ds.labels[split.val]).to(dev), run_dir, progress, dev)
-    timings["train"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    model.eval()
-    probs = {name: _predict(model, x) for name, x in (("train", x_train), ("val", x_val), ("test", x_test))}
-    atomic_save_npz(run_dir / "predictions.npz", **{f"probs_{k}": v for k, v in probs.items()})
-    atomic_save_npz(run_dir / "dynamics.npz", **dynamics)
-    atomic_write_json(run_dir / "history.json", history)
-    y_test = ds.labels[split.test]
+def evaluate(data: TrainingData, probs: dict[str, np.ndarray], history: list[dict]) -> dict:
+    """Test F1 (macro), accuracy, confusion matrix and how many flipped labels were memorised, from the final
+    model's class probabilities ``probs[split]`` (n, K)."""
+    y_test = data.dataset.labels[data.split.test]
     pred_test = probs["test"].argmax(1)
-    timings["evaluate"] = time.perf_counter() - t2
-    metrics = {
+    pred_train = probs["train"].argmax(1)
+    flipped = data.flipped
+    return {
         "f1_test": float(f1_score(y_test, pred_test, average="macro")),
         "accuracy_test": float((pred_test == y_test).mean()),
-        "confusion_matrix": confusion_matrix(y_test, pred_test, labels=range(len(ds.classes))).tolist(),
-        "accuracy_train_given_labels": float((probs["train"].argmax(1) == y_train).mean()),
-        "flips_memorised": float((probs["train"].argmax(1)[flipped] == y_train[flipped]).mean()) if len(flipped) else None,
+        "confusion_matrix": confusion_matrix(y_test, pred_test, labels=range(data.n_classes)).tolist(),
+        "accuracy_train_given_labels": float((pred_train == data.y_train).mean()),
+        "flips_memorised": float((pred_train[flipped] == data.y_train[flipped]).mean()) if len(flipped) else None,
         "epoch_seconds": float(np.mean([h["seconds"] for h in history])),
-        "device": str(dev),
-        "timings_s": timings,
     }
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    atomic_write_bytes(key_file, key.encode())
-    log(f"test F1 {metrics['f1_test']:.3f}, accuracy {metrics['accuracy_test']:.3f}; run written to {run_dir}")
-    return Run(run_dir)
+
+
+def write_run(paths: RunPaths, data: TrainingData, key: str, weights: str, history: list[dict],
+              dynamics: dict[str, np.ndarray], probs: dict[str, np.ndarray], metrics: dict) -> None:
+    """Write every file of a finished training (checkpoints are already there); ``train_key`` last."""
+    ds, config = data.dataset, data.config
+    atomic_write_json(paths.config, _config_dict(config) | {
+        "classes": ds.classes, "class_keys": ds.class_keys, "image_size": int(ds.images.shape[1]),
+        "weights": weights, "weights_requested": config.weights, "n_skipped_images": len(ds.skipped),
+        TRAIN_KEY_FIELD: key})
+    _write_samples(paths, data)
+    y_train_true = ds.labels[data.split.train]
+    atomic_write_json(paths.corruption, {
+        "mode": config.corrupt_mode, "fraction": config.corrupt_fraction, "seed": config.seed,
+        "flipped": {ds.ids[data.split.train[i]]: int(y_train_true[i]) for i in data.flipped}})
+    atomic_save_npz(paths.predictions, **{f"probs_{k}": v for k, v in probs.items()})
+    atomic_save_npz(paths.dynamics, **dynamics)
+    atomic_write_json(paths.history, history)
+    atomic_write_json(paths.metrics, metrics)
+    atomic_write_bytes(paths.train_key, key.encode())
 
 
 def _corrupt(config: TrainConfig, y_true: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,30 +302,33 @@ def _config_dict(config: TrainConfig) -> dict:
     return d
 
 
-def _reset_run_dir(run_dir: Path) -> None:
-    """Remove a previous training's outputs (never the review store) before writing a new one."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_key").unlink(missing_ok=True)
-    for stale in ("checkpoints", "influence"):
-        shutil.rmtree(run_dir / stale, ignore_errors=True)
-    (run_dir / "checkpoints").mkdir()
-
-
-def _write_samples(run_dir, ids, labels, split, y_train, flipped) -> None:
-    parts = []
-    for name, idx in (("train", split.train), ("val", split.val), ("test", split.test)):
-        given = y_train if name == "train" else labels[idx]
+def _write_samples(paths: RunPaths, data: TrainingData) -> None:
+    ds, parts = data.dataset, []
+    for name, idx in zip(("train", "val", "test"), data.parts, strict=True):
+        given = data.y_train if name == "train" else ds.labels[idx]
         is_flipped = np.zeros(len(idx), dtype=bool)
         if name == "train":
-            is_flipped[flipped] = True
-        parts.append(pd.DataFrame({"id": [ids[i] for i in idx], "split": name, "label": given,
-                                   "true_label": labels[idx], "flipped": is_flipped}))
-    atomic_write_bytes(run_dir / "samples.csv", pd.concat(parts).to_csv(index=False).encode())
+            is_flipped[data.flipped] = True
+        parts.append(pd.DataFrame({"id": [ds.ids[i] for i in idx], "split": name, "label": given,
+                                   "true_label": ds.labels[idx], "flipped": is_flipped}))
+    atomic_write_bytes(paths.samples, pd.concat(parts).to_csv(index=False).encode())
 
 
-def _fit(model, config, x_train, y_train, x_val, y_val, run_dir, progress, dev, exclude=None):
-    """Train ``model`` in place; ``exclude (n,) bool`` leaves those training points out of every batch while
-    keeping the full set's shuffling and augmentation draws (leave-group-out retraining: the run minus them)."""
+def fit_model(model: nn.Module, config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
+              x_val: torch.Tensor, y_val: torch.Tensor, *, run_paths: RunPaths | None = None,
+              progress: Progress | None = None, exclude: np.ndarray | None = None,
+              ) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Train ``model`` in place with ``config``'s recipe on the device of ``y_train``.
+
+    ``x_*``: (n, 3, S, S) float32 inputs (tensors or lazy image sources, read batch by batch), ``y_*``: (n,) int64
+    labels on the training device. ``run_paths``: where to
+    write the kept checkpoints and ``final.pt`` (None: write nothing). ``exclude`` (n,) bool leaves those training
+    points out of every batch while keeping the full set's shuffling and augmentation draws (leave-group-out
+    retraining: the run minus them; an all-False mask is bit-identical to None).
+
+    Returns the per-epoch history ``[{"epoch", "train_loss", "val_loss", "seconds"}]`` and the training dynamics
+    ``{"loss", "margin"}``, each (epochs, n) float32 (0 for excluded points)."""
+    dev = y_train.device
     model.to(dev)
     if config.train_layers == "head":
         for name, p in model.named_parameters():
@@ -252,9 +382,10 @@ def _fit(model, config, x_train, y_train, x_val, y_val, run_dir, progress, dev, 
         val_loss = float(F.cross_entropy(_logits(model, x_val), y_val)) if len(y_val) else None
         history.append({"epoch": epoch + 1, "train_loss": float(losses[epoch].mean()), "val_loss": val_loss,
                         "seconds": time.perf_counter() - t})
-        if epoch + 1 in keep:
-            atomic_torch_save(run_dir / "checkpoints" / f"epoch_{epoch + 1}.pt", _cpu_state(model))
-    atomic_torch_save(run_dir / "checkpoints" / "final.pt", _cpu_state(model))
+        if run_paths is not None and epoch + 1 in keep:
+            atomic_torch_save(run_paths.epoch_checkpoint(epoch + 1), _cpu_state(model))
+    if run_paths is not None:
+        atomic_torch_save(run_paths.final_checkpoint, _cpu_state(model))
     return history, {"loss": losses, "margin": margins}
 
 

@@ -1,11 +1,10 @@
 """Test image explorer: pick a test image, see which training images helped or hurt its prediction."""
 
-from pathlib import PurePosixPath
-
 import numpy as np
 import streamlit as st
 
-from influence_core.analysis import top_k
+from influence_core.analysis import describe_ranking, top_k
+from influence_core.display import grouped_histogram, label_groups, pages
 from pages.ui import charts, runs, widgets
 
 PER_PAGE = 24
@@ -17,27 +16,31 @@ st.caption("Influence of a training image on a test image: positive = it helped 
 run = runs.current_run()
 result = runs.influence(run)
 test_true, test_pred = run.labels("test"), runs.predicted(run, "test")
-test_images, train_images = run.images("test"), run.images("train")
 train_labels, train_ids = run.labels("train"), run.ids("train")
 
 # --- pick a test image ----------------------------------------------------------------------------------
-with st.expander("Pick a test image", expanded="test" not in st.session_state):
+# the picker keeps the open/closed state it had when the page was first shown (a changing `expanded` would
+# fold it away on the first click after a test image got selected)
+picker_open = st.session_state.setdefault("explorer_picker_open", "test" not in st.session_state)
+with st.expander("Pick a test image", expanded=picker_open):
     c1, c2 = st.columns([2, 1])
     show = c1.segmented_control("Show", ["all", "misclassified", "one class"], default="misclassified")
-    chosen_class = c2.selectbox("Class", run.classes, disabled=show != "one class")
+    chosen_class = c2.selectbox("Class (type to search)", range(run.n_classes), format_func=run.classes.__getitem__,
+                                disabled=show != "one class")
     mask = {"all": np.ones(len(test_true), bool), "misclassified": test_true != test_pred,
-            "one class": test_true == run.classes.index(chosen_class)}.get(show or "all")
+            "one class": test_true == chosen_class}[show or "all"]
     candidates = np.flatnonzero(mask)
     if len(candidates) == 0:
         st.info("No test image matches; showing all.")
         candidates = np.arange(len(test_true))
-    n_pages = int(np.ceil(len(candidates) / PER_PAGE))
+    n_pages = pages(len(candidates), PER_PAGE)
     page = st.number_input(f"Page (of {n_pages})", 1, n_pages, 1) if n_pages > 1 else 1
     shown = candidates[(page - 1) * PER_PAGE:page * PER_PAGE]
-    captions = [f"✓ {run.classes[t]}" if t == p else f"✗ {run.classes[t]} → {run.classes[p]}"
-                for t, p in zip(test_true[shown], test_pred[shown])]
-    clicked = widgets.image_grid(test_images[shown], captions, columns=8, size=80, button="Inspect", key="test-grid",
-                            selected=widgets.index_of(shown, st.session_state.get("test")))
+    captions = [f"✓ {run.classes[t]}" if t == p else f"✗ {run.classes[t]}, predicted {run.classes[p]}"
+                for t, p in zip(test_true[shown], test_pred[shown], strict=True)]
+    clicked = widgets.image_grid(runs.images_at(run, "test", shown), captions, columns=8, size=80,
+                                 button="Inspect", key="test-grid",
+                                 selected=widgets.index_of(shown, st.session_state.get("test")))
     if clicked is not None:
         st.session_state["test"] = int(shown[clicked])
         st.session_state.pop("train_pick", None)
@@ -51,47 +54,66 @@ if not 0 <= test < len(test_true):
 # --- the chosen test image ------------------------------------------------------------------------------
 row = result.row(test)
 probs = run.predictions["probs_test"][test]
+true_label, predicted_label = int(test_true[test]), int(test_pred[test])
 left, right = st.columns([1, 3])
 with left:
-    ok = test_true[test] == test_pred[test]
-    st.image(widgets.enlarge(test_images[test], 220))
+    st.image(widgets.enlarge(runs.images_at(run, "test", [test])[0], 220))
     st.markdown(f"**Test image #{test}** · `{run.ids('test')[test]}`")
-    st.markdown(f"True label **{run.classes[test_true[test]]}**, predicted **{run.classes[test_pred[test]]}** "
-                f"({probs.max():.0%}) {'✓' if ok else '✗'}")
+    st.markdown(f"True label **{run.classes[true_label]}**, predicted **{run.classes[predicted_label]}** "
+                f"({probs.max():.0%}) {'✓' if true_label == predicted_label else '✗'}")
 with right:
-    charts.chart(charts.influence_histogram(row, runs.class_names(run, train_labels),
-                                    "Influence of every training image on this test image",
-                                    "influence on this test image"), key="hist")
+    codes, groups = label_groups(train_labels, run.classes,
+                                 [(true_label, "this test image's label"), (predicted_label, "predicted")])
+    hist = grouped_histogram(row, codes, groups)
+    charts.chart(charts.influence_histogram(hist, "Influence of every training image on this test image, "
+                                            "by training label", "influence on this test image"), key="hist")
+    st.caption(" ".join(filter(None, ["Training images grouped by the label they were trained with.",
+                                      hist.outliers_note()])))
 
 # --- most helpful and most harmful training images --------------------------------------------------------
 c1, c2 = st.columns(2)
 k = c1.slider("How many training images", 1, 16, 8)
-same = c2.toggle(f"Same label as the test image ({run.classes[test_true[test]]}) only", value=False)
-helpful, harmful = top_k(row, k, train_labels == test_true[test] if same else None)
+same = c2.toggle(f"Same label as the test image ({run.classes[true_label]}) only", value=False)
+if same:  # a label filter needs the whole row; otherwise the stored top-k lists answer at once
+    helpful, harmful = top_k(row, k, train_labels == true_label)
+else:
+    helpful, harmful = result.top_helpful(test, k)[0], result.top_harmful(test, k)[0]
+flipped = run.flipped()
 
 
 def ranked(title: str, positions: np.ndarray, key: str) -> None:
-    """One row of training images with influence, label and id; a click selects one for the saliency view."""
+    """One row of training images with captions and flags; its saliency view opens right under it."""
     st.markdown(f"**{title}**")
-    caps = [f"{widgets.fmt(row[p])} · {run.classes[train_labels[p]]} · {PurePosixPath(train_ids[p]).name}" for p in positions]
-    picked = widgets.image_grid(train_images[positions], caps, columns=8, size=80, button="Saliency", key=key,
-                           selected=widgets.index_of(positions, st.session_state.get("train_pick")))
+    flags = runs.flags_at(run, positions)
+    st.caption(describe_ranking(flags, bool(flipped.any())).text)
+    caps = widgets.training_captions(run, positions, flags, row[positions], "influence")
+    pick = st.session_state.get("train_pick")
+    picked = widgets.image_grid(runs.images_at(run, "train", positions), caps, columns=8, size=80,
+                                button="Saliency", key=key, selected=widgets.index_of(positions, pick))
     if picked is not None:
-        st.session_state["train_pick"] = int(positions[picked])
+        pick = st.session_state["train_pick"] = int(positions[picked])
+    if pick is not None and pick in positions:
+        saliency_panel(pick, key)
+
+
+def saliency_panel(pick: int, key: str) -> None:
+    """The saliency map of training image ``pick`` for the test image, over the image or beside it."""
+    with st.container(border=True):
+        c1, c2 = st.columns([1, 2])
+        with c1:
+            st.markdown(f"**Saliency of training image `{train_ids[pick]}`** (trained as "
+                        f"{run.classes[train_labels[pick]]}, influence {widgets.fmt(row[pick])}) on test image "
+                        f"#{test}")
+            overlay = st.toggle("Overlay on the image", value=True, key=f"{key}-overlay")
+            st.caption("Red pixels: brightening them would make this training image *more* helpful for the test "
+                       "image; blue: less helpful.")
+        with c2, st.spinner("Computing the saliency map…"):
+            sal = runs.saliency(run, test, pick)
+            charts.chart(charts.saliency_figure(runs.images_at(run, "train", [pick])[0], sal, overlay),
+                         key=f"{key}-saliency")
 
 
 ranked("Most helpful training images (support the true label)", helpful, "helpful")
 ranked("Most harmful training images (push towards a wrong prediction)", harmful, "harmful")
-
-# --- saliency of one training image ---------------------------------------------------------------------
-pick = st.session_state.get("train_pick")
-if pick is None:
+if st.session_state.get("train_pick") is None:
     st.info("Click **Saliency** under a training image to see which of its pixels carry its influence.")
-else:
-    with st.spinner("Computing the saliency map…"):
-        sal = runs.saliency(run, test, pick)
-    charts.chart(charts.saliency_figure(train_images[pick], sal,
-                                f"Training image {train_ids[pick]} (label {run.classes[train_labels[pick]]}, "
-                                f"influence {widgets.fmt(row[pick])}) on test image #{test}"), key="saliency")
-    st.caption("Red pixels: brightening them would make this training image *more* helpful for the test image; "
-               "blue: less helpful.")

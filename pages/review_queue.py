@@ -1,5 +1,7 @@
 """Mislabel review: a ranked queue of suspected wrong labels; reviewers mark, keep or skip, shared via SQLite."""
 
+import uuid
+
 import numpy as np
 import streamlit as st
 
@@ -12,7 +14,7 @@ PER_PAGE = 10
 st.title("Mislabel review")
 run = runs.current_run()
 result = runs.influence(run)
-store = ReviewStore(run.path)
+store = ReviewStore.for_run(run)
 ids, labels = run.ids("train"), run.labels("train")
 pred_probs = run.predictions["probs_train"]
 images = run.images("train")
@@ -42,7 +44,7 @@ hide = c1.toggle("Hide decided images", value=False, help="Skipped images stay i
 
 def undo() -> None:
     """Revert this reviewer's latest action (a callback, so the page redraws with it undone)."""
-    undone = store.undo(reviewer)
+    undone = store.undo(reviewer, idempotency_key=uuid.uuid4().hex)
     st.toast(f"Undid “{undone.decision}” on {undone.sample_id}" if undone else "Nothing of yours to undo")
 
 
@@ -83,5 +85,5 @@ for pos, rank in zip(queue[(page - 1) * PER_PAGE:page * PER_PAGE], ranks[(page -
         for col, decision, label in buttons:
             if col.button(label, key=f"{decision}-{sid}", disabled=not reviewer, width="stretch",
                           type="primary" if current and current.decision == decision else "secondary"):
-                store.record(sid, decision, reviewer, corrected)
+                store.record(sid, decision, reviewer, corrected, idempotency_key=uuid.uuid4().hex)
                 st.rerun()

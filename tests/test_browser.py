@@ -59,7 +59,7 @@ def browser():
 @pytest.fixture(scope="module")
 def server(demo_run, runs_root):
     """``streamlit run app.py`` on a free port against the demo run with its influences: (base URL, run name)."""
-    compute_influence(demo_run, DEFAULT_SETTINGS, log=lambda _: None)
+    compute_influence(demo_run, DEFAULT_SETTINGS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -113,7 +113,7 @@ def settle(tab) -> None:
 
 def suspect(demo_run, rank: int) -> tuple[int, str]:
     """Training position and id of the suspect at ``rank`` (0-based) in the default review queue."""
-    result = compute_influence(demo_run, DEFAULT_SETTINGS, log=lambda _: None)
+    result = compute_influence(demo_run, DEFAULT_SETTINGS)
     pos = int(np.argsort(-result.signals[result.best_signal], kind="stable")[rank])
     return pos, demo_run.ids("train")[pos]
 
@@ -170,7 +170,7 @@ def test_review_decision_persists_after_reload(browser, server, demo_run):
     tab.reload()
     tab.locator(f".st-key-suspect-{pos}").get_by_text("label kept by ann").wait_for()
     tab.screenshot(path=SHOTS / "review-after-reload.png", full_page=True)
-    assert ReviewStore(demo_run.path).decisions_for([sid])[sid].reviewer == "ann"
+    assert ReviewStore.for_run(demo_run).decisions_for([sid])[sid].reviewer == "ann"
     context.close()
 
 
@@ -189,7 +189,7 @@ def test_two_reviewers_at_once_lose_nothing(browser, server, demo_run):
             clicked.append((name, pos))
         for name, pos in clicked:
             tabs[name].locator(f".st-key-suspect-{pos}").get_by_text(f"by {name}").wait_for()
-    found = ReviewStore(demo_run.path).decisions_for(expected)
+    found = ReviewStore.for_run(demo_run).decisions_for(expected)
     assert {sid: (a.reviewer, a.decision) for sid, a in found.items()} == expected
     settle(tabs["cat"])
     tabs["cat"].screenshot(path=SHOTS / "review-two-reviewers.png", full_page=True)

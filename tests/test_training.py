@@ -31,17 +31,17 @@ def test_run_directory_is_self_contained(demo_run):
 
 def test_second_identical_call_hits_cache_and_changes_retrain(runs_root):
     config = TrainConfig(dataset="demo", classes=["0", "1"], downsample=0.3, image_size=16, epochs=1)
-    first = train(config, runs_root / "cache", log=lambda _: None)
+    first = train(config, runs_root / "cache")
     final = first.path / "checkpoints" / "final.pt"
     stamp = final.stat().st_mtime_ns
     t = time.perf_counter()
-    train(config, runs_root / "cache", log=lambda _: None)
+    train(config, runs_root / "cache")
     assert time.perf_counter() - t < 5 and final.stat().st_mtime_ns == stamp
     changed = TrainConfig(**{**config.__dict__, "corrupt_fraction": 0.1})  # a changed label retrains
-    train(changed, runs_root / "cache", log=lambda _: None)
+    train(changed, runs_root / "cache")
     assert final.stat().st_mtime_ns != stamp and Run(runs_root / "cache").flipped().sum() > 0
     stamp = final.stat().st_mtime_ns
-    train(changed, runs_root / "cache", retrain=True, log=lambda _: None)
+    train(changed, runs_root / "cache", retrain=True)
     assert final.stat().st_mtime_ns != stamp
 
 
@@ -49,7 +49,7 @@ def test_config_rebuilt_from_a_run_hits_its_cache(demo_run):
     config = TrainConfig.from_run(demo_run)
     assert config.corrupt_fraction == 0.1 and config.image_size == 16
     stamp = (demo_run.path / "checkpoints" / "final.pt").stat().st_mtime_ns
-    train(config, demo_run.path, log=lambda _: None)
+    train(config, demo_run.path)
     assert (demo_run.path / "checkpoints" / "final.pt").stat().st_mtime_ns == stamp
 
 
@@ -72,14 +72,14 @@ def test_wrong_or_broken_checkpoint_is_a_clear_error(tmp_path):
 def test_nan_loss_stops_with_advice(tmp_path):
     config = TrainConfig(dataset="demo", classes=["0", "1"], downsample=0.3, image_size=16, epochs=2, lr=1e30)
     with pytest.raises(InfluenceLensError, match="lower the learning rate"):
-        train(config, tmp_path / "nan", log=lambda _: None)
+        train(config, tmp_path / "nan")
     assert not (tmp_path / "nan" / "train_key").exists()  # an unfinished run is never taken as cached
 
 
 def test_head_recipe_freezes_the_backbone(runs_root):
     config = TrainConfig(dataset="demo", classes=["3", "8"], downsample=0.3, image_size=16, epochs=1,
                          train_layers="head")
-    run = train(config, runs_root / "head", log=lambda _: None)
+    run = train(config, runs_root / "head")
     torch.manual_seed(0)
     reference, _ = build_resnet18(2, pretrained=False)
     trained = run.load_model()
@@ -101,10 +101,10 @@ def test_local_pretrained_weights_are_used_and_bad_ones_refused(tmp_path):
         build_resnet18(2, pretrained=tmp_path / "missing.pth")
 
 
-def test_leave_group_out_fit_keeps_the_full_sets_batches(demo_run, tmp_path):
-    """``_fit(exclude=...)``: an empty mask reproduces the plain fit bit for bit; a mask keeps the removed points
+def test_leave_group_out_fit_keeps_the_full_sets_batches(demo_run):
+    """``fit_model(exclude=...)``: an empty mask reproduces the plain fit bit for bit; a mask keeps the removed points
     out of every batch (their recorded losses stay 0) while the others see the same order and flips."""
-    from influence_core.training import _fit
+    from influence_core.training import fit_model
 
     x, y = demo_run.tensors("train")
     x_te, y_te = demo_run.tensors("test")
@@ -113,7 +113,7 @@ def test_leave_group_out_fit_keeps_the_full_sets_batches(demo_run, tmp_path):
     def fit(exclude):
         torch.manual_seed(0)
         model, _ = build_resnet18(demo_run.n_classes, False)
-        _, dynamics = _fit(model, config, x, y, x_te, y_te, tmp_path, None, torch.device("cpu"), exclude=exclude)
+        _, dynamics = fit_model(model, config, x, y, x_te, y_te, exclude=exclude)
         return model.state_dict(), dynamics["loss"]
 
     plain, plain_loss = fit(None)

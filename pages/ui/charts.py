@@ -1,4 +1,8 @@
-"""Plotly figures of the pages, in one style (``chart`` draws any figure with the app's template)."""
+"""Plotly figures of the pages, in one style (``chart`` draws any figure with the app's template).
+
+Every figure gets its numbers ready-made (counts, curves, tables from ``influence_core``): a chart never sends
+one point per training image to the browser, so the pages stay fast on 100,000 training images.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,66 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
+from plotly.subplots import make_subplots
+
+from influence_core.display import GroupedHistogram, top_confusions
 
 COLORS = px.colors.qualitative.Safe
 GOOD, BAD = "#1a9850", "#d73027"
+MAX_HEATMAP_CLASSES = 20  # above this the confusion view lists the largest confusions instead of a matrix
+LOSS_NAMES = {"train_loss": "training loss", "val_loss": "validation loss"}
 
 
 def chart(fig: go.Figure, key: str | None = None) -> None:
-    fig.update_layout(template="plotly_white", margin=dict(l=10, r=10, t=50 if fig.layout.title.text else 20, b=10))
+    top = 50 + 20 * str(fig.layout.title.text or "").count("<br>") if fig.layout.title.text else 20
+    fig.update_layout(template="plotly_white", margin=dict(l=10, r=10, t=top, b=10))
     st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
 
 
-def influence_histogram(values: np.ndarray, labels: list[str], title: str, x_title: str) -> go.Figure:
-    """Overlaid histograms of ``values`` coloured by training label."""
-    df = pd.DataFrame({x_title: values, "training label": labels})
-    fig = px.histogram(df, x=x_title, color="training label", barmode="overlay", nbins=60, opacity=0.65,
-                       title=title, color_discrete_sequence=COLORS,
-                       category_orders={"training label": sorted(set(labels), key=_natural)})
+def influence_histogram(h: GroupedHistogram, title: str, x_title: str) -> go.Figure:
+    """Small multiples: one histogram per group (shared bins and x-axis, own y-scale), never overlaid colours."""
+    n = len(h.groups)
+    cols = 1 if n <= 4 else 2
+    rows = -(-n // cols)
+    totals = h.counts.sum(1) + h.below + h.above
+    titles = [f"{g} — {int(t):,} images" for g, t in zip(h.groups, totals, strict=True)]
+    fig = make_subplots(rows, cols, shared_xaxes="all", subplot_titles=titles, vertical_spacing=min(0.3 / rows, 0.12),
+                        horizontal_spacing=0.06)
+    centres, widths = (h.edges[1:] + h.edges[:-1]) / 2, np.diff(h.edges)
+    for i, (group, counts) in enumerate(zip(h.groups, h.counts, strict=True)):
+        fig.add_bar(x=centres, y=counts, width=widths, name=group, marker_color=COLORS[i % len(COLORS)],
+                    hovertemplate=f"{group}<br>%{{x:.3g}}: %{{y}} images<extra></extra>", row=i // cols + 1,
+                    col=i % cols + 1)
     fig.add_vline(x=0, line_dash="dot", line_color="grey")
-    fig.update_layout(yaxis_title="training images", height=380, legend_title_text="training label")
+    fig.update_xaxes(range=[h.edges[0], h.edges[-1]])
+    for c in range(1, cols + 1):
+        fig.update_xaxes(title_text=x_title, row=rows, col=c)
+    fig.update_yaxes(title_text="images", col=1)
+    fig.update_annotations(font_size=12)
+    fig.update_layout(title=title, height=130 + 150 * rows, showlegend=False, bargap=0)
     return fig
 
 
-def _natural(name: str):
-    return (0, int(name)) if name.isdigit() else (1, name)
+def loss_curve_figure(history: list[dict]) -> go.Figure:
+    """Training and validation loss per epoch, with human names in the legend (``history.json`` rows)."""
+    df = pd.DataFrame(history).melt("epoch", list(LOSS_NAMES), "curve", "loss").replace({"curve": LOSS_NAMES})
+    fig = px.line(df, x="epoch", y="loss", color="curve", markers=True, title="Training and validation loss",
+                  color_discrete_map={"training loss": "#4477aa", "validation loss": "#ee6677"})
+    fig.update_layout(height=420, xaxis_dtick=1, legend=dict(title_text="", orientation="h", y=-0.2))
+    return fig
 
 
-def confusion_figure(matrix: list[list[int]], classes: list[str]) -> go.Figure:
+def confusion_figure(matrix: list[list[int]], classes: list[str], k: int = 15) -> go.Figure:
+    """The confusion matrix as a heatmap, or with many classes the ``k`` largest confusions as bars."""
+    if len(classes) > MAX_HEATMAP_CLASSES:
+        top = top_confusions(matrix, classes, k).iloc[::-1]
+        fig = go.Figure(go.Bar(x=top["test images"], y=top["true"] + " → " + top["predicted"], orientation="h",
+                               marker_color=BAD, customdata=top["share of true class"],
+                               hovertemplate="%{y}: %{x} test images (%{customdata:.0%} of the true class)"
+                                             "<extra></extra>"))
+        fig.update_layout(title=f"Largest confusions (true → predicted), {len(top)} of {len(classes)}² cells",
+                          xaxis_title="test images", height=max(300, 60 + 24 * len(top)))
+        return fig
     fig = px.imshow(np.asarray(matrix), x=classes, y=classes, text_auto=True, color_continuous_scale="Blues",
                     labels=dict(x="predicted", y="true", color="test images"), title="Confusion matrix (test set)")
     fig.update_xaxes(type="category", side="bottom")
@@ -41,18 +79,55 @@ def confusion_figure(matrix: list[list[int]], classes: list[str]) -> go.Figure:
     return fig
 
 
-def saliency_figure(image: np.ndarray, saliency: np.ndarray, title: str) -> go.Figure:
-    """The training image beside its signed saliency map (red: more helpful if brighter, blue: less)."""
-    from plotly.subplots import make_subplots
+def detection_figure(curves: dict[str, pd.DataFrame], max_points: int = 400) -> go.Figure:
+    """Share of flips found vs share of training images inspected (``analysis.detection_curve`` frames by name),
+    each curve thinned to ``max_points`` evenly spaced points (its last point kept)."""
+    fig = go.Figure()
+    for i, (name, d) in enumerate(curves.items()):
+        keep = np.unique(np.linspace(0, len(d) - 1, min(len(d), max_points)).round().astype(int))
+        fig.add_scatter(x=d["inspected"].to_numpy()[keep], y=d["found"].to_numpy()[keep], mode="lines", name=name,
+                        line_color=COLORS[i % len(COLORS)])
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="random order", line=dict(dash="dot", color="grey"))
+    ticks = dict(tickformat=".0%", tickvals=np.linspace(0, 1, 6), range=[-0.01, 1.02])
+    fig.update_layout(title="Share of flipped labels found<br>vs share of training images inspected",
+                      xaxis=dict(title="training images inspected", **ticks),
+                      yaxis=dict(title="flipped labels found", **ticks), height=380 + 22 * len(curves),
+                      legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0))
+    return fig
 
+
+def clean_vs_flipped_figure(values: np.ndarray, labels: list[str], flipped: np.ndarray, order: list[str]) -> go.Figure:
+    """Box plots of ``values`` (n,) for clean and flipped training points by given label (``order``: labels drawn)."""
+    df = pd.DataFrame({"label": labels, "mean influence": values, "points": np.where(flipped, "flipped", "clean")})
+    df = df[df["label"].isin(order)]
+    fig = px.box(df, x="label", y="mean influence", color="points", points="outliers",
+                 color_discrete_map={"clean": GOOD, "flipped": BAD},
+                 category_orders={"label": order, "points": ["clean", "flipped"]},
+                 title="Mean influence on the test set of clean and flipped training images, by given label")
+    fig.add_hline(y=0, line_dash="dot", line_color="grey")
+    fig.update_xaxes(type="category")
+    fig.update_layout(height=420, legend=dict(title_text="", orientation="h", yanchor="bottom", y=1.0, x=1,
+                                              xanchor="right"))
+    return fig
+
+
+def saliency_figure(image: np.ndarray, saliency: np.ndarray, overlay: bool = True) -> go.Figure:
+    """The training image with its signed saliency map (red: more helpful if brighter, blue: less).
+
+    ``image``: (S, S, 3) uint8; ``saliency``: (S, S). ``overlay``: the map drawn semi-transparent over the image,
+    else beside it.
+    """
     limit = float(np.abs(saliency).max()) or 1.0
-    fig = make_subplots(1, 2, subplot_titles=("training image", "saliency (perturbation influence)"),
-                        horizontal_spacing=0.08)
-    fig.add_trace(go.Image(z=image), 1, 1)
-    fig.add_trace(go.Heatmap(z=saliency, colorscale="RdBu_r", zmin=-limit, zmax=limit, colorbar=dict(len=0.9)),
-                  1, 2)
-    fig.update_yaxes(autorange="reversed", scaleanchor="x2", row=1, col=2)
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False)
-    fig.update_layout(title=title, height=380, margin=dict(l=10, r=10, t=70, b=10))
+    heat = dict(z=saliency, colorscale="RdBu_r", zmin=-limit, zmax=limit, colorbar=dict(len=0.9, thickness=12))
+    if overlay:
+        fig = go.Figure([go.Image(z=image), go.Heatmap(**heat, opacity=0.6)])
+        fig.update_yaxes(autorange="reversed", scaleanchor="x")
+    else:
+        fig = make_subplots(1, 2, subplot_titles=("training image", "saliency"), horizontal_spacing=0.06)
+        fig.add_trace(go.Image(z=image), 1, 1)
+        fig.add_trace(go.Heatmap(**heat), 1, 2)
+        fig.update_yaxes(autorange="reversed", scaleanchor="x2", row=1, col=2)
+    fig.update_xaxes(showticklabels=False, showgrid=False)
+    fig.update_yaxes(showticklabels=False, showgrid=False)
+    fig.update_layout(height=320)
     return fig

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from contextlib import contextmanager
+from pathlib import PurePosixPath
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from influence_core import InfluenceLensError
+from influence_core import InfluenceLensError, Run
+from influence_core.display import pages
+from influence_core.jobs import user_error
 
-from .runs import DEMO_CONFIG, list_runs, resolve_ref, run_dir_for, run_ref, runs_root, select_run
+from .runs import DEMO_CONFIG, RUNS_ENV, job_registry, list_runs, resolve_ref, run_dir_for, run_ref, select_run
 from .state import settings
+
+log = logging.getLogger(__name__)
 
 
 def run_picker() -> None:
@@ -21,12 +28,29 @@ def run_picker() -> None:
     current = st.session_state.get("run") or demo
     refs = list(dict.fromkeys([current, demo] + [run_ref(p) for p in list_runs()]))
     refs.sort(key=lambda r: r != demo)
-    choice = st.selectbox("Run", refs, index=refs.index(current), help=f"Runs live under {runs_root()}",
+    choice = st.selectbox("Run", refs, index=refs.index(current),
+                          help=f"Runs of the server's runs folder (`{RUNS_ENV}`) and its extra run folders",
                           format_func=lambda r: f"{r} (demo)" if r == demo else r)
     if choice != current:
         select_run(resolve_ref(choice))
         st.rerun()
     st.caption(f"Influence: {settings().describe()}")
+
+
+def running_jobs() -> None:
+    """One line per job running on the server (training, influences), refreshed every 2 s until all have ended;
+    then the app reruns once to show their results."""
+    if job_registry().running():
+        _running_jobs()
+
+
+@st.fragment(run_every=2.0)
+def _running_jobs() -> None:
+    jobs = job_registry().running()
+    if not jobs:
+        st.rerun(scope="app")
+    for job in jobs:
+        st.caption(f":material/hourglass_top: {job.description}: {job.describe_progress()}")
 
 
 def show_error(e: InfluenceLensError) -> None:
@@ -35,11 +59,18 @@ def show_error(e: InfluenceLensError) -> None:
 
 @contextmanager
 def errors_shown():
-    """Show an :class:`InfluenceLensError` raised inside the block where it happened; the page goes on."""
+    """Show a problem raised inside the block where it happened, as one clear message; the page goes on.
+
+    An :class:`InfluenceLensError` shows as is; an ``OSError`` or SQLite error (a read-only or full disk, a
+    broken review store) as :func:`~influence_core.jobs.user_error` words it, without server paths; the full
+    exception goes to the server log."""
     try:
         yield
     except InfluenceLensError as e:
         show_error(e)
+    except (OSError, sqlite3.Error) as e:
+        log.exception("shown to the user as a clear error")
+        show_error(user_error(e))
 
 
 def download_csv(df: pd.DataFrame | str, file_name: str, label: str = "Download CSV", key: str | None = None) -> None:
@@ -83,3 +114,35 @@ def index_of(positions: np.ndarray, position: int | None) -> int | None:
 def fmt(value: float) -> str:
     """A signed influence value, short: +1,234 or +0.0123."""
     return f"{value:+,.0f}" if abs(value) >= 100 else f"{value:+.3g}"
+
+
+def training_captions(run: Run, positions: np.ndarray, flags: pd.DataFrame, values: np.ndarray,
+                      value_name: str = "influence") -> list[str]:
+    """Captions saying what each number is, with flipped and reviewed marks, for training images.
+
+    ``positions``: (k,) training positions; ``flags``: their ``runs.flags_at`` rows; ``values``: (k,) the ranked
+    value, shown first. E.g. "influence +801 · trained as 8 (really 3) · id 60.png · ⚑ flipped".
+    """
+    true = run.true_labels("train")[positions]
+    captions = []
+    for row, t, value in zip(flags.itertuples(), true, values, strict=True):
+        really = f" (really {run.classes[t]})" if row.flipped else ""
+        text = f"{value_name} {fmt(value)} · trained as {row.label}{really} · id {PurePosixPath(row.id).name}"
+        captions.append(text + (f" · ⚑ {row.marks}" if row.marks else ""))
+    return captions
+
+
+ROW_PX = 35  # height of one st.dataframe row: a page of a paged table shows all its rows without scrolling
+
+
+def paged_table(df: pd.DataFrame, file_name: str, per_page: int = 50, key: str = "table", **kwargs) -> None:
+    """One page of ``df`` at a time (page number above it) and a CSV download of all rows, written on click."""
+    n_pages = pages(len(df), per_page)
+    page = 1
+    if n_pages > 1:
+        page = st.number_input(f"Page (of {n_pages:,}; {per_page} of {len(df):,} rows each)", 1, n_pages, 1,
+                               key=f"{key}-page")
+    rows = df.iloc[(page - 1) * per_page:page * per_page]
+    st.dataframe(rows, hide_index=True, width="stretch", height=ROW_PX * (len(rows) + 1) + 3, **kwargs)
+    st.download_button("Download CSV (all rows)", lambda: df.to_csv(index=False), file_name=file_name,
+                       mime="text/csv", key=f"dl-{file_name}", icon=":material/download:", on_click="ignore")

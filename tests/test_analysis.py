@@ -1,0 +1,76 @@
+"""Rankings, the flags that mark training images wherever they are listed, and honest descriptions of a list."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from influence_core.analysis import (
+    describe_ranking,
+    detection_metrics,
+    flips_in_top,
+    most_harmful,
+    most_helpful,
+    rank_suspects,
+    training_flags,
+)
+from influence_core.review import Action
+
+IDS = ["a", "b", "c", "d", "e", "f"]
+LABELS = ["cat", "cat", "dog", "dog", "cat", "dog"]
+FLIPPED = np.array([False, True, False, False, True, False])
+MEAN = np.array([0.5, 0.9, -0.2, 0.1, -0.7, 0.9])
+
+
+def decision(sample_id: str, decision: str, corrected: str | None = None) -> Action:
+    return Action(1, sample_id, decision, corrected, "ann", "2026-01-01")
+
+
+def test_rank_suspects_orders_by_score_with_ties_by_position():
+    scores = np.array([0.1, 3.0, 2.0, 3.0, -1.0])
+    assert rank_suspects(scores).tolist() == [1, 3, 2, 0, 4]
+    assert rank_suspects(scores, 2).tolist() == [1, 3]
+
+
+def test_flips_in_top_counts_what_detection_metrics_reports():
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0])
+    flipped = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 1], bool)
+    assert flips_in_top(scores, flipped, 0.1) == (1, 3)  # ceil(0.1 * 10) = 1 image inspected
+    assert flips_in_top(scores, flipped, 0.3) == (2, 3)
+    assert detection_metrics(scores, flipped)["recall_at_20pct"] == pytest.approx(1 / 3)
+
+
+def test_flags_mark_flipped_and_reviewed_images():
+    flags = training_flags(IDS, LABELS, FLIPPED, {"b": decision("b", "mislabeled", "dog"), "c": decision("c", "keep"),
+                                                  "zzz": decision("zzz", "skip")})
+    assert flags["marks"].tolist() == ["", "flipped · marked mislabeled → dog", "label kept by review", "",
+                                       "flipped", ""]
+    assert flags["review"].tolist() == ["", "mislabeled", "keep", "", "", ""]
+    assert flags["corrected_label"].tolist() == ["", "dog", "", "", "", ""]
+
+
+def test_most_helpful_and_harmful_carry_the_flags():
+    flags = training_flags(IDS, LABELS, FLIPPED)
+    helpful = most_helpful(MEAN, flags, 3)
+    assert helpful["id"].tolist() == ["b", "f", "a"] and helpful["rank"].tolist() == [1, 2, 3]
+    assert helpful["position"].tolist() == [1, 5, 0] and helpful["value"].tolist() == [0.9, 0.9, 0.5]
+    assert helpful["flipped"].tolist() == [True, False, False]
+    cats = np.array([label == "cat" for label in LABELS])
+    assert most_helpful(MEAN, flags, 8, candidates=cats)["id"].tolist() == ["b", "a", "e"]
+    assert most_harmful(MEAN, flags, 2, candidates=cats)["id"].tolist() == ["e", "a"]
+
+
+def test_a_list_with_flipped_images_is_never_described_as_clean_examples():
+    """The demo's "Highest mean influence — the clearest examples" listed flipped images (issue 10 item 11)."""
+    flags = training_flags(IDS, LABELS, FLIPPED, {"a": decision("a", "mislabeled", "dog")})
+    note = describe_ranking(most_helpful(MEAN, flags, 4), run_has_flips=True)
+    assert (note.n_listed, note.n_flipped, note.n_marked_mislabeled) == (4, 1, 1) and note.has_wrong_labels
+    assert note.text == ("1 of the 4 images listed has a label flipped on purpose, and 1 is marked mislabeled by "
+                         "reviewers, so this is not a list of clean examples: an image can rank here because its "
+                         "label is wrong.")
+    clean = describe_ranking(most_helpful(MEAN, flags, 1, candidates=(MEAN > 0) & (MEAN < 0.2)),
+                             run_has_flips=True)
+    assert clean.n_listed == 1 and not clean.has_wrong_labels
+    assert clean.text.startswith("0 of the 1 images listed have a label flipped on purpose and none")
+    unknown = describe_ranking(most_harmful(MEAN, training_flags(IDS, LABELS, np.zeros(6, bool)), 2), False)
+    assert unknown.text.startswith("This run flipped no labels on purpose") and not unknown.has_wrong_labels

@@ -1,0 +1,100 @@
+"""The numbers behind the app's charts (influence_core.display) and the chart functions that draw them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from influence_core.analysis import corruption_table, detection_metrics
+from influence_core.display import (
+    ALL,
+    OTHERS,
+    check_notebook_claim,
+    grouped_histogram,
+    label_groups,
+    top_confusions,
+)
+from pages.ui import charts
+
+
+def test_histogram_range_leaves_out_a_few_huge_values_and_counts_them():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(10_000), [5_000.0, -8_000.0, 9_000.0]])
+    codes = np.arange(len(values)) % 2
+    h = grouped_histogram(values, codes, ["a", "b"])
+    assert h.edges[-1] < 10 and h.edges[0] > -10  # the three outliers do not stretch the x-range
+    assert (h.above.sum(), h.below.sum()) == (2, 1)
+    assert h.counts.sum() + h.n_outside == len(values)
+    assert list(h.counts.sum(1) + h.below + h.above) == [np.sum(codes == 0), np.sum(codes == 1)]
+    assert "3 extreme values" in h.outliers_note() and "2 above" in h.outliers_note()
+
+
+def test_histogram_keeps_everything_without_outliers_and_shows_zero():
+    values = np.linspace(1.0, 2.0, 500)
+    h = grouped_histogram(values, np.zeros(500, int), ["only"])
+    assert h.n_outside == 0 and h.outliers_note() == ""
+    assert h.edges[0] == 0.0 and h.edges[-1] == 2.0  # 0 (helpful/harmful border) always in range
+
+
+def test_label_groups_feature_own_and_predicted_label_and_pool_the_rest():
+    classes = [f"c{i}" for i in range(200)]
+    labels = np.arange(1000) % 200
+    codes, names = label_groups(labels, classes, [(7, "this test image's label"), (3, "predicted")])
+    assert names == ["c7 (this test image's label)", "c3 (predicted)", OTHERS]
+    assert list(np.bincount(codes)) == [5, 5, 990]
+    codes, names = label_groups(labels, classes, [(7, "own"), (7, "predicted")])  # right prediction: one group
+    assert names == ["c7 (own)", OTHERS]
+    codes, names = label_groups(labels, classes, [])
+    assert names == [ALL] and set(codes) == {0}
+
+
+def test_top_confusions_lists_the_largest_off_diagonal_cells():
+    m = np.diag([50, 40, 30, 20])
+    m[0, 2], m[3, 1], m[1, 0] = 9, 4, 7
+    top = top_confusions(m, ["a", "b", "c", "d"], k=10)
+    assert list(zip(top["true"], top["predicted"], top["test images"], strict=True)) == [
+        ("a", "c", 9), ("b", "a", 7), ("d", "b", 4)]
+    assert np.isclose(top["share of true class"].iloc[0], 9 / 59)
+
+
+def test_confusion_view_switches_to_top_confusions_with_many_classes():
+    classes = [f"c{i}" for i in range(200)]
+    m = np.eye(200, dtype=int) * 5
+    m[np.arange(200), (np.arange(200) + 1) % 200] = np.arange(200) % 7
+    fig = charts.confusion_figure(m.tolist(), classes, k=15)
+    assert len(fig.data) == 1 and fig.data[0].type == "bar" and len(fig.data[0].y) == 15
+    assert charts.confusion_figure(np.eye(10, dtype=int).tolist(), classes[:10]).data[0].type == "heatmap"
+
+
+def test_loss_curve_legend_uses_human_names():
+    fig = charts.loss_curve_figure([{"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "seconds": 1.0},
+                                    {"epoch": 2, "train_loss": 1.0, "val_loss": 1.5, "seconds": 1.0}])
+    assert {t.name for t in fig.data} == {"training loss", "validation loss"}
+
+
+def test_detection_chart_ends_at_100_percent_with_the_legend_below():
+    n = 10_000
+    curve = pd.DataFrame({"inspected": np.arange(1, n + 1) / n, "found": np.linspace(0, 1, n)})
+    fig = charts.detection_figure({"signal": curve})
+    assert fig.layout.xaxis.tickvals[-1] == 1.0 and fig.layout.xaxis.range[1] >= 1.0
+    assert fig.layout.legend.y < 0  # under the plot, not over the curves
+    assert len(fig.data[0].x) <= 400 and fig.data[0].x[-1] == 1.0
+
+
+def _claim(n_per_label: int, flipped_mean: float, seed: int = 0, mode: str = "random"):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(4), n_per_label)
+    flipped = rng.random(len(labels)) < 0.2
+    mean = rng.standard_normal(len(labels)) + flipped * flipped_mean
+    table = corruption_table(mean, labels, flipped, ["a", "b", "c", "d"])
+    return check_notebook_claim(table, detection_metrics(-mean, flipped)["auroc"], mode)
+
+
+def test_notebook_claim_verdict_follows_the_runs_numbers():
+    held = _claim(200, -3.0)
+    assert held.verdict == "held" and held.auroc > 0.9 and (held.labels_held, held.labels_tested) == (4, 4)
+    failed = _claim(200, +1.0)
+    assert failed.verdict == "did not hold" and failed.labels_held == 0 and failed.auroc < 0.5
+    assert "did not hold" in failed.summary() and f"AUROC {failed.auroc:.2f}" in failed.summary()
+    assert "at random" in failed.implication()
+    assert "by construction" in _claim(200, -3.0, mode="top-influence").implication()

@@ -1,0 +1,103 @@
+"""The linear datamodeling score (benchmarks/lds.py) on synthetic cases whose answer is known."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location("lds", Path(__file__).resolve().parents[1] / "benchmarks" / "lds.py")
+lds_module = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(lds_module)
+
+
+@pytest.fixture(scope="module")
+def datamodel():
+    """A linear datamodel: 80 models on random halves of 300 training points, 40 test points, small noise."""
+    rng = np.random.default_rng(0)
+    n_models, n_train, n_test = 80, 300, 40
+    theta = rng.normal(size=(n_test, n_train))
+    masks = rng.random((n_models, n_train)) < 0.5
+    measured = masks @ theta.T + 0.01 * rng.normal(size=(n_models, n_test))
+    return theta, masks, measured
+
+
+def test_true_datamodel_scores_one(datamodel):
+    theta, masks, measured = datamodel
+    r = lds_module.lds(theta, masks, measured)
+    assert r["lds"] > 0.99 and r["n_test"] == 40 and r["n_models"] == 80
+    assert r["se"] < 0.01
+
+
+def test_sign_flip_scores_minus_one(datamodel):
+    theta, masks, measured = datamodel
+    assert lds_module.lds(-theta, masks, measured)["lds"] < -0.99
+
+
+def test_shuffled_influences_score_zero(datamodel):
+    theta, masks, measured = datamodel
+    shuffled = theta[:, np.random.default_rng(1).permutation(theta.shape[1])]
+    r = lds_module.lds(shuffled, masks, measured)
+    assert abs(r["lds"]) < 3 * r["se"] + 0.05
+
+
+def test_per_test_spearman_matches_scipy(datamodel):
+    from scipy.stats import spearmanr
+
+    theta, masks, measured = datamodel
+    noisy = theta + np.random.default_rng(2).normal(scale=3.0, size=theta.shape)
+    r = lds_module.lds(noisy, masks, measured)
+    expected = [spearmanr(masks @ noisy[t], measured[:, t]).statistic for t in range(theta.shape[0])]
+    np.testing.assert_allclose(r["per_test"], expected, atol=1e-12)
+    assert 0.2 < r["lds"] < 0.95  # a partly right matrix scores in between
+
+
+def test_constant_test_point_is_left_out(datamodel):
+    theta, masks, measured = datamodel
+    measured = measured.copy()
+    measured[:, 0] = 1.0
+    r = lds_module.lds(theta, masks, measured)
+    assert np.isnan(r["per_test"][0]) and r["n_test"] == 39
+
+
+def test_scoring_takes_seconds():
+    rng = np.random.default_rng(0)
+    masks = rng.random((100, 880)) < 0.5
+    t = time.perf_counter()
+    lds_module.lds(rng.normal(size=(110, 880)), masks, rng.normal(size=(100, 110)))
+    assert time.perf_counter() - t < 2.0
+
+
+def test_margin_is_logit_minus_logsumexp_of_others():
+    logits = np.array([[2.0, 0.0, 1.0], [0.5, 0.5, 3.0]])
+    y = np.array([0, 2])
+    expected = [2.0 - np.log(np.exp(0.0) + np.exp(1.0)), 3.0 - np.log(2 * np.exp(0.5))]
+    np.testing.assert_allclose(lds_module.true_label_margin(logits, y), expected, rtol=1e-12)
+
+
+def test_subsets_are_seeded_halves():
+    a, b = lds_module.subset_indices(3, 880, 0.5), lds_module.subset_indices(4, 880, 0.5)
+    assert len(a) == 440 and len(np.unique(a)) == 440 and (np.diff(a) > 0).all()
+    np.testing.assert_array_equal(a, lds_module.subset_indices(3, 880, 0.5))
+    assert not np.array_equal(a, b)
+
+
+def test_measured_file_round_trip(tmp_path):
+    from influence_core.measured import load_measured, measured_for
+
+    assert load_measured(tmp_path / "absent.json") is None
+    assert measured_for("ekfac", "all", tmp_path / "absent.json") is None
+    scores = {job: {"margin": {"lds": lds, "se": 0.02}, "magnitude": {"slope": slope}}
+              for job, lds, slope in (("ours_ekfac_all", 0.2, 0.01), ("ours_ekfac_all_lambda0.1", 0.3, 0.1),
+                                      ("tracin_all", 0.25, None), ("ours_direct_head", 0.1, 5.0))}
+    result = {"n_models": 50, "scores": scores, "workload": {"classes": ["n01443537", "n07749582"],
+                                                             "image_size": 32, "epochs": 15, "corrupt_fraction": 0.1}}
+    lds_module.write_measured(result, tmp_path / "measured.json")
+    table = load_measured(tmp_path / "measured.json")
+    assert set(table) == {("ekfac", "all"), ("tracin", "all"), ("direct", "head")}  # λ-scan rows stay out
+    m = measured_for("ekfac", "all", tmp_path / "measured.json")
+    assert (m.lds, m.lds_se, m.n_models, m.job) == (0.2, 0.02, 50, "ours_ekfac_all")
+    assert "LDS 0.20 ± 0.02 (50 retrained models" in m.describe() and "×100" in m.describe()
