@@ -223,10 +223,11 @@ def load_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS) -> 
 
 
 def cached_results(run: Run) -> list[InfluenceResult]:
-    """Every complete cache entry of the run, newest first (temporary folders of a computation never count)."""
+    """Every complete cache entry of the run, newest first (temporary folders of a computation and entries of
+    older cache versions, with a whole ``influences.npy``, never count)."""
     root = run.paths.influence
-    folders = root.iterdir() if root.is_dir() else []
-    entries = [InfluenceResult(run, p) for p in folders if InfluencePaths(p).is_complete()]
+    found = [InfluencePaths(p) for p in root.iterdir()] if root.is_dir() else []
+    entries = [InfluenceResult(run, e.root) for e in found if e.is_complete() and e.influences.exists()]
     return sorted(entries, key=lambda r: r.meta.get("created", 0), reverse=True)
 
 
