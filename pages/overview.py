@@ -1,16 +1,14 @@
 """Overview: what Influence Lens is, what this run is, its key numbers and where to click next."""
 
-import numpy as np
 import streamlit as st
 
-from influence_core.analysis import SIGNALS, detection_metrics
+from influence_core.analysis import SIGNALS, detection_metrics, rank_suspects
 from pages.ui import runs, widgets
-
-st.title("Influence Lens")
-st.markdown("##### Which training images pushed a prediction up or down — and which training labels look wrong?")
 
 run = runs.current_run()
 result = runs.influence(run)
+st.title("Influence Lens")
+st.markdown("##### Which training images pushed a prediction up or down — and which training labels look wrong?")
 flipped = run.flipped()
 best = result.best_signal
 
@@ -44,12 +42,14 @@ steps[2].markdown("**3 · Wrong labels stand out.** An image whose label disagre
                   "labels at the top of a review queue.")
 
 st.subheader("Most suspicious training images")
-order = np.argsort(-result.signals[best], kind="stable")[:8]
-given = runs.class_names(run, run.labels("train")[order])
+order = rank_suspects(result.signals[best], 8)
 truth = runs.class_names(run, run.true_labels("train")[order])
-captions = [f"labelled {g}" + (f" · really {t} ✗" if f else " ✓") for g, t, f in zip(given, truth, flipped[order])]
-widgets.image_grid(run.images("train")[order], captions, columns=8, size=88)
-st.caption(f"Ranked by “{SIGNALS[best].label}”. ✗ marks a label we flipped on purpose.")
+flags = runs.flags_at(run, order)
+captions = [f"labelled {g}" + (f" · really {t} ✗" if f else " ✓") + (f" · reviewed: {r}" if r else "")
+            for g, t, f, r in zip(flags["label"], truth, flags["flipped"], flags["review"], strict=True)]
+widgets.image_grid(runs.images_at(run, "train", order), captions, columns=8, size=88)
+st.caption(f"Ranked by “{SIGNALS[best].label}”. ✗ marks a label we flipped on purpose; review decisions are shown "
+           "under each image.")
 
 st.subheader("Where next")
 links = st.columns(3)

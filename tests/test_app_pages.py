@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from influence_core.analysis import rank_suspects
+from influence_core.paths import RunPaths
 from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
 from influence_core.review import ReviewStore
 
@@ -219,7 +223,7 @@ def test_whole_test_set_page_lists_every_training_image(app, demo_run):
 
 
 def test_review_queue_records_and_undoes(app, demo_run, demo_result):
-    order = np.argsort(-demo_result.signals[demo_result.best_signal], kind="stable")
+    order = rank_suspects(demo_result.signals[demo_result.best_signal])
     queue = [demo_run.ids("train")[p] for p in order[:int(np.ceil(0.1 * len(order)))]]
     store = ReviewStore.for_run(demo_run)
     sid = next(i for i in queue if i not in store.decisions_for(queue))  # other tests may have reviewed some
@@ -236,6 +240,36 @@ def test_review_queue_records_and_undoes(app, demo_run, demo_result):
     next(b for b in at.button if b.label == "Undo my last action").click().run()
     assert store.decisions_for([sid]) == {}
     assert at.progress[0].text.startswith(f"Reviewed {before} of {len(queue)}")
+
+
+def test_review_keeps_the_reviewer_and_the_recorded_correction_after_a_reload(app, demo_run, demo_result):
+    """The name rides in the URL, the relabel box shows the recorded correction (not the model's suggestion)
+    and explains its pre-filled value, each click stores an idempotency key, and flipped images are marked."""
+    ids, classes = demo_run.ids("train"), demo_run.classes
+    first_page = rank_suspects(demo_result.signals[demo_result.best_signal], 10)
+    store = ReviewStore.for_run(demo_run)
+    pos = next(int(p) for p in first_page if ids[p] not in store.decisions_for([ids[p] for p in first_page]))
+    sid = ids[pos]
+    at = app("review_queue")
+    at.text_input[0].input("bea").run()
+    assert at.query_params["reviewer"] in ("bea", ["bea"])
+    box = at.selectbox(key=f"label-{sid}")
+    assert "Pre-filled with" in box.help
+    wanted = next(c for c in classes if c not in (classes[demo_run.labels("train")[pos]], box.value))
+    box.set_value(wanted).run()
+    at.button(key=f"mislabeled-{sid}").click().run()
+    action = store.decisions_for([sid])[sid]
+    assert (action.decision, action.corrected_label, action.reviewer) == ("mislabeled", wanted, "bea")
+    with closing(sqlite3.connect(RunPaths(demo_run.path).reviews)) as con:
+        assert con.execute("SELECT idempotency_key FROM actions WHERE id = ?", (action.id,)).fetchone()[0]
+
+    reloaded = app("review_queue", reviewer="bea")  # a new session on the same link
+    assert reloaded.text_input[0].value == "bea" and not reloaded.button(key=f"keep-{sid}").disabled
+    assert reloaded.selectbox(key=f"label-{sid}").value == wanted
+    assert "correction bea recorded" in reloaded.selectbox(key=f"label-{sid}").help
+    captions = [i.caption for img in reloaded.get("image") for i in img.proto.imgs]
+    flipped_shown = demo_run.flipped()[first_page].sum()
+    assert sum("flipped" in c for c in captions) == flipped_shown and any("marked mislabeled" in c for c in captions)
 
 
 def test_corruption_lab_shows_the_notebook_table(app, demo_run):

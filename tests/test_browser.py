@@ -14,11 +14,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from influence_core.analysis import rank_suspects
 from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
 from influence_core.review import ReviewStore
 
@@ -56,16 +57,15 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
-def server(demo_run, runs_root):
-    """``streamlit run app.py`` on a free port against the demo run with its influences: (base URL, run name)."""
-    compute_influence(demo_run, DEFAULT_SETTINGS)
+@contextmanager
+def serve(runs_root: Path, log_name: str = "streamlit.log"):
+    """A freshly started ``streamlit run app.py`` on a free port over ``runs_root``: yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, INFLUENCE_LENS_RUNS=str(runs_root))
     SHOTS.mkdir(exist_ok=True)
-    log = open(SHOTS / "streamlit.log", "wb")
+    log = open(SHOTS / log_name, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
                              "--server.port", str(port), "--browser.gatherUsageStats", "false",
                              "--server.fileWatcherType", "none"],
@@ -80,11 +80,19 @@ def server(demo_run, runs_root):
                 time.sleep(0.5)
         else:
             pytest.fail("streamlit did not start within 60 s")
-        yield base, demo_run.path.name
+        yield base
     finally:
         proc.terminate()
         proc.wait(20)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(demo_run, runs_root):
+    """``streamlit run app.py`` on a free port against the demo run with its influences: (base URL, run name)."""
+    compute_influence(demo_run, DEFAULT_SETTINGS)
+    with serve(runs_root) as base:
+        yield base, demo_run.path.name
 
 
 def url(server: tuple[str, str], page: str) -> str:
@@ -114,7 +122,7 @@ def settle(tab) -> None:
 def suspect(demo_run, rank: int) -> tuple[int, str]:
     """Training position and id of the suspect at ``rank`` (0-based) in the default review queue."""
     result = compute_influence(demo_run, DEFAULT_SETTINGS)
-    pos = int(np.argsort(-result.signals[result.best_signal], kind="stable")[rank])
+    pos = int(rank_suspects(result.signals[result.best_signal])[rank])
     return pos, demo_run.ids("train")[pos]
 
 
@@ -169,6 +177,7 @@ def test_review_decision_persists_after_reload(browser, server, demo_run):
     tab.locator(f".st-key-suspect-{pos}").get_by_text("label kept").wait_for()
     tab.reload()
     tab.locator(f".st-key-suspect-{pos}").get_by_text("label kept by ann").wait_for()
+    assert tab.get_by_role("textbox", name="Your name").input_value() == "ann"  # the name is in the URL
     tab.screenshot(path=SHOTS / "review-after-reload.png", full_page=True)
     assert ReviewStore.for_run(demo_run).decisions_for([sid])[sid].reviewer == "ann"
     context.close()
@@ -195,3 +204,64 @@ def test_two_reviewers_at_once_lose_nothing(browser, server, demo_run):
     tabs["cat"].screenshot(path=SHOTS / "review-two-reviewers.png", full_page=True)
     for tab in tabs.values():
         tab.context.close()
+
+
+def no_error_but(tab, text: str) -> None:
+    """The page shows ``text`` in an error box, and no traceback nor "Page not found"."""
+    tab.locator('[data-testid="stAlertContentError"]').get_by_text(text).first.wait_for()
+    assert tab.locator('[data-testid="stException"]').count() == 0
+    assert tab.get_by_text("Page not found").count() == 0
+
+
+def test_a_deep_link_into_a_fresh_server_runs_inside_the_app(browser, demo_run, runs_root):
+    """The first request of a new server is a link to the review page: it shows in the app's frame."""
+    compute_influence(demo_run, DEFAULT_SETTINGS)
+    with serve(runs_root, "streamlit-fresh.log") as base:
+        tab = browser.new_context(viewport=VIEWPORT).new_page()
+        tab.set_default_timeout(120_000)
+        tab.goto(f"{base}/review_queue?run={demo_run.path.name}&reviewer=dee")
+        tab.get_by_text("Rank suspects by").first.wait_for()
+        settle(tab)
+        assert tab.get_by_text("Page not found").count() == 0
+        assert tab.get_by_test_id("stSidebarNav").get_by_text("Mislabel review").count() == 1  # app.py's frame
+        assert tab.get_by_role("textbox", name="Your name").input_value() == "dee"  # app.py read the URL
+        tab.screenshot(path=SHOTS / "deep-link-fresh-server.png", full_page=True)
+        tab.context.close()
+
+
+def test_links_outside_the_runs_root_are_refused(browser, server, runs_root, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(runs_root / server[1], elsewhere, ignore=shutil.ignore_patterns("influence", "reviews.sqlite*"))
+    before = sorted(p.name for p in elsewhere.rglob("*"))
+    context = browser.new_context(viewport=VIEWPORT)
+    for ref in (str(elsewhere), f"../{elsewhere.name}"):
+        for page in ("", "review_queue"):
+            tab = context.new_page()
+            tab.set_default_timeout(120_000)
+            tab.goto(f"{server[0]}/{page}?run={ref}")
+            no_error_but(tab, "outside the folders the app may open")
+            assert str(tmp_path) not in tab.locator('[data-testid="stMain"]').inner_text()
+            tab.close()
+    assert sorted(p.name for p in elsewhere.rglob("*")) == before  # nothing computed or created there
+    context.close()
+
+
+def test_keyboard_shortcuts_decide_on_the_focused_suspect(browser, server, demo_run):
+    ids = demo_run.ids("train")
+    result = compute_influence(demo_run, DEFAULT_SETTINGS)
+    first_page = rank_suspects(result.signals[result.best_signal], 10)
+    decided = ReviewStore.for_run(demo_run).decisions_for([ids[p] for p in first_page])
+    first = next(i for i, p in enumerate(first_page[:-1]) if ids[p] not in decided)  # the initial focus
+    focused, target = int(first_page[first]), int(first_page[first + 1])
+    context = browser.new_context(viewport=VIEWPORT)
+    tab = open_page(context, server, "review_queue?reviewer=kim", "Rank suspects by")
+    tab.locator("h1").first.click()  # focus on the page, not in a text box
+    tab.keyboard.press("n")  # focus moves from the first undecided suspect to the next one ...
+    settle(tab)
+    tab.keyboard.press("k")  # ... and k keeps its label
+    tab.locator(f".st-key-suspect-{target}").get_by_text("label kept by kim").wait_for()
+    store = ReviewStore.for_run(demo_run)
+    assert store.decisions_for([ids[target]])[ids[target]].reviewer == "kim"
+    assert ids[focused] not in store.decisions_for([ids[focused]])
+    tab.screenshot(path=SHOTS / "review-keyboard.png", full_page=True)
+    context.close()

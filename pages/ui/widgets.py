@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from contextlib import contextmanager
@@ -51,6 +52,34 @@ def _running_jobs() -> None:
         st.rerun(scope="app")
     for job in jobs:
         st.caption(f":material/hourglass_top: {job.description}: {job.describe_progress()}")
+
+
+_SHORTCUTS_JS = """<script>
+(() => {
+  const bindings = %s;  // key -> [container key, button label]
+  const onKey = (e) => {
+    const t = e.target, tag = (t && t.tagName) || "";
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || ["INPUT", "TEXTAREA", "SELECT"].includes(tag)
+        || (t && t.isContentEditable) || !(e.key in bindings)) return;
+    const [container, label] = bindings[e.key];
+    const box = document.querySelector(".st-key-" + container);
+    const button = box && [...box.querySelectorAll("button")].find((b) => b.innerText.trim() === label);
+    if (button && !button.disabled) { e.preventDefault(); button.click(); }
+  };
+  if (window.__influenceLensKeys) document.removeEventListener("keydown", window.__influenceLensKeys);
+  window.__influenceLensKeys = onKey;
+  document.addEventListener("keydown", onKey);
+})();
+</script>"""
+
+
+def keyboard_shortcuts(bindings: dict[str, tuple[str, str]]) -> None:
+    """Keys that click buttons, as annotation tools have them: ``{key: (container key, button label)}`` presses
+    the button showing ``label`` inside the ``st.container(key=...)``. Ignored while typing in a text box.
+
+    Streamlit has no key events; a small script (``st.html`` with JavaScript) listens in the page, replacing
+    the listener of the previous run."""
+    st.html(_SHORTCUTS_JS % json.dumps(bindings), unsafe_allow_javascript=True)
 
 
 def show_error(e: InfluenceLensError) -> None:
