@@ -1,33 +1,26 @@
 """Influence Lens in the browser: ``streamlit run app.py`` opens on the bundled demo.
 
 Multipage app (``st.navigation``); each page in ``pages/`` only lays out, shared helpers are in ``pages/ui/``.
-The page, the run and the selected test image live in the URL, so a link reopens the same view.
+The page, the run, the selected test image and the reviewer live in the URL, so a link reopens the same view.
+Every problem a page meets (bad input, a refused link, an unreadable or read-only run folder, a broken review
+store) is shown as one clear message; the full exception goes to the server log only.
 """
 
 import streamlit as st
 
-from influence_core import InfluenceLensError
-from pages.ui import state, widgets
+from pages.ui import navigation, state, widgets
 
 st.set_page_config(page_title="Influence Lens", page_icon=":material/center_focus_strong:", layout="wide")
 
-PAGES = [
-    st.Page("pages/overview.py", title="Overview", icon=":material/home:", default=True),
-    st.Page("pages/setup_run.py", title="Data & model", icon=":material/tune:"),
-    st.Page("pages/explorer.py", title="Test image explorer", icon=":material/image_search:"),
-    st.Page("pages/test_set.py", title="Whole test set", icon=":material/bar_chart:"),
-    st.Page("pages/review_queue.py", title="Mislabel review", icon=":material/fact_check:"),
-    st.Page("pages/corruption_lab.py", title="Corruption lab", icon=":material/science:"),
-]
-
 state.read_url()
-page = st.navigation(PAGES)
-with st.sidebar:
+page = st.navigation(navigation.app_pages())
+with st.sidebar, widgets.errors_shown():
     widgets.run_picker()
+    widgets.running_jobs()
     st.caption("Charts: the camera icon above each chart downloads it as PNG. Tables have CSV buttons.")
+state.write_url()  # now too: a page may stop early (e.g. while a job runs) and the link must name its run
 try:
-    page.run()
-except InfluenceLensError as e:
-    widgets.show_error(e)
+    with navigation.framed(), widgets.errors_shown():
+        page.run()
 finally:
     state.write_url()

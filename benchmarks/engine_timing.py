@@ -5,7 +5,7 @@
 
 ``--synthetic N M`` uses an untrained ResNet18 (2 classes) on N training / M test random 64 px images, so the
 timing needs no data (e.g. on a GPU machine); ``--run`` uses a trained run's final checkpoint and split.
-``--check K`` also recomputes the first K columns of the matrix and K self-influences through per-sample
+``--check K`` also recomputes the first K × K corner of the matrix and K self-influences through per-sample
 gradients + ``solve`` in parameter space and prints the relative difference (for methods scored in an
 eigenbasis, K-FAC/EK-FAC, this checks that path on the device). Prints one JSON line.
 """
@@ -20,14 +20,16 @@ import torch
 import torchvision
 
 from influence_core import Run
-from influence_core.influence import InfluenceModel
+from influence_core.influence import METHODS, InfluenceModel, Method, Scope, parse_scope
+from influence_core.influence.ops import flatten, per_sample_grads
 from influence_core.storage import resolve_device
 
 
 def data(args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if args.run:
         run = Run(args.run)
-        return run.load_model(), *run.tensors("train"), *run.tensors("test")
+        (x, y), (xt, yt) = run.tensors("train"), run.tensors("test")
+        return run.load_model(), x[:], y, xt[:], yt  # whole tensors: this run fits in memory
     n, m = args.synthetic
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -40,8 +42,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None)
     p.add_argument("--synthetic", type=int, nargs=2, default=(880, 110), metavar=("N_TRAIN", "N_TEST"))
-    p.add_argument("--method", default="ekfac")
-    p.add_argument("--scope", default="all")
+    p.add_argument("--method", choices=list(METHODS), default="ekfac")
+    p.add_argument("--scope", type=parse_scope, default=Scope.ALL, help="head | all | comma-separated module names")
     p.add_argument("--device", default="auto")
     p.add_argument("--regularization", type=float, default=1e-3)
     p.add_argument("--check", type=int, default=0)
@@ -58,27 +60,25 @@ def main() -> None:
             torch.cuda.synchronize()
         return out, round(time.perf_counter() - t, 3)
 
-    im = InfluenceModel(model, scope=args.scope, method=args.method, device=device,
+    im = InfluenceModel(model, method=Method.named(args.method), scope=args.scope, device=device,
                         regularization=args.regularization)
     _, fit_s = timed(lambda: im.fit(x, y))
     factors, factors_s = timed(lambda: im.test_factors(xt, yt))
-    matrix, matrix_s = timed(lambda: im.influences(factors, x, y))
-    self_inf, self_s = timed(lambda: im.self_influence(x, y))
+    matrix, matrix_s = timed(lambda: im.influences_from_factors(factors))
+    self_inf, self_s = timed(lambda: im.self_influence())
     record = {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "method": args.method, "scope": args.scope, "n_train": len(x), "n_test": len(xt),
+              "method": args.method, "scope": str(args.scope), "n_train": len(x), "n_test": len(xt),
               "fit_s": fit_s, "test_factors_s": factors_s, "influences_s": matrix_s, "self_influence_s": self_s}
     if device.type == "cuda":
         record["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    if args.check:
+    if args.check:  # per-sample gradients + solve in parameter space, on the images themselves (not head scope)
         k = args.check
-        in_basis = type(im)._in_basis
-        type(im)._in_basis = property(lambda self: False)  # force per-sample gradients + solve
-        try:
-            ref = im.influences(im.test_factors(xt, yt), x[:k], y[:k])
-            ref_self = im.self_influence(x[:k], y[:k])
-        finally:
-            type(im)._in_basis = in_basis
-        record["check_rel_err_matrix"] = float(np.linalg.norm(matrix[:, :k] - ref) / np.linalg.norm(ref))
+        grads = [per_sample_grads(im.block_model_, im.params_, a.to(device), b.to(device))
+                 for a, b in ((xt[:k], yt[:k]), (x[:k], y[:k]))]
+        solved = [flatten(im.inverse_.solve(g, im.regularization)) for g in grads]
+        ref = (solved[0] @ flatten(grads[1]).T).cpu().numpy()
+        ref_self = (solved[1] * flatten(grads[1])).sum(1).cpu().numpy()
+        record["check_rel_err_matrix"] = float(np.linalg.norm(matrix[:k, :k] - ref) / np.linalg.norm(ref))
         record["check_rel_err_self"] = float(np.linalg.norm(self_inf[:k] - ref_self) / np.linalg.norm(ref_self))
     print(json.dumps(record))
 

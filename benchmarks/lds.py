@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from influence_core import TrainConfig, train
+from influence_core import Run, TrainConfig, train, training
 from influence_core.model import build_resnet18
 from influence_core.paths import RunPaths
 from influence_core.storage import atomic_save_npz, atomic_write_json, read_json, stable_hash
@@ -71,10 +72,9 @@ def subset_indices(model_index: int, n_train: int, fraction: float) -> np.ndarra
     return np.sort(rng.choice(n_train, int(round(fraction * n_train)), replace=False)).astype(np.int64)
 
 
-def fit_model(model, config: TrainConfig, x_train, y_train, x_val, y_val, work_dir: Path, dev) -> None:
-    """The product's training loop (one wrapper, so that its public name is changed in one place)."""
-    from influence_core.training import _fit
-    _fit(model, config, x_train, y_train, x_val, y_val, work_dir, None, dev)
+def fit_model(model, config: TrainConfig, x_train, y_train, x_val, y_val) -> None:
+    """The product's training loop, writing nothing (one wrapper, so that a change of its API is one line)."""
+    training.fit_model(model, config, x_train, y_train, x_val, y_val)
 
 
 @torch.no_grad()
@@ -82,6 +82,12 @@ def logits_of(model, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """(n, K) float32 logits of ``model`` in eval mode."""
     model.eval()
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).float().numpy()
+
+
+def materialised(run: Run, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``(k, 3, S, S)`` float32 and labels ``(k,)`` of one split of ``run``, decoded at once."""
+    x, y = run.tensors(split)
+    return x[:], y
 
 
 def true_label_margin(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -100,15 +106,32 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     return F.cross_entropy(t, torch.as_tensor(y), reduction="none").numpy()
 
 
+def claim(path: Path) -> bool:
+    """Atomically claim one model for this process (several workers share the list); a claim whose process
+    is gone is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(path.read_text() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            path.write_text(str(os.getpid()))
+            return True
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
 def train_models(args: argparse.Namespace) -> Path:
     """Train the full-data run, then every subset model of this worker that is not on disk yet."""
     torch.set_num_threads(args.threads)
     config = workload_config(args)
     root = workload_dir(config, args.fraction, args.out)
-    run = train(config, root / "run", device="cpu", log=log.info)
-    x_train, y_train = run.tensors("train")
-    x_val, y_val = run.tensors("val")
-    x_test, _ = run.tensors("test")
+    run_dir = root / "run"  # the workload folder is keyed by the recipe: a finished run in it is this recipe's
+    run = Run(run_dir) if RunPaths(run_dir).train_key.is_file() else train(config, run_dir, device="cpu")
+    (x_train, y_train), (x_val, y_val), (x_test, _) = (materialised(run, s) for s in ("train", "val", "test"))
     atomic_write_json(root / "workload.json", {
         "recipe": dataclasses.asdict(config), "fraction": args.fraction, "subset_seed": SUBSET_SEED,
         "n_train": len(y_train), "n_test": len(x_test), "run_train_key": RunPaths(run.path).train_key.read_text()})
@@ -116,16 +139,14 @@ def train_models(args: argparse.Namespace) -> Path:
     order = range(worker, args.models, n_workers)
     for m in reversed(order) if args.reverse else order:
         target = root / "models" / f"model_{m:03d}.npz"
-        if target.is_file():
+        if target.is_file() or not claim(root / "models" / f".claim_{m:03d}"):
             continue
         subset = subset_indices(m, len(y_train), args.fraction)
         model_config = dataclasses.replace(config, seed=m, n_checkpoints=0)
-        work = root / "models" / f".work_{m:03d}"
         t0 = time.perf_counter()
         torch.manual_seed(m)  # as influence_core.training.train: seed, then build
         model, _ = build_resnet18(run.n_classes, False)
-        fit_model(model, model_config, x_train[subset], y_train[subset], x_val, y_val, work, torch.device("cpu"))
-        shutil.rmtree(work, ignore_errors=True)
+        fit_model(model, model_config, x_train[subset], y_train[subset], x_val, y_val)
         atomic_save_npz(target, subset=subset, seed=np.int64(m), test_logits=logits_of(model, x_test),
                         train_logits=logits_of(model, x_train), seconds=np.float64(time.perf_counter() - t0))
         log.info("model %d: %.0f s", m, time.perf_counter() - t0)
@@ -191,12 +212,99 @@ def lds(influences: np.ndarray, masks: np.ndarray, measured: np.ndarray) -> dict
 
 
 def score(measurements: Measurements, influences: np.ndarray) -> dict:
-    """LDS of one matrix against the margin and against minus the loss (JSON-able, without per-test values)."""
+    """LDS of one matrix against the margin and against minus the loss (JSON-able, without per-test values);
+    a matrix with fewer rows than test points covers the first ones."""
     out = {}
+    rows = len(influences)  # a matrix over the first test points only is scored on those
     for target, measured in (("margin", measurements.margins), ("loss", -measurements.losses)):
-        r = lds(influences, measurements.masks, measured)
+        r = lds(influences, measurements.masks, measured[:, :rows])
         out[target] = {k: v for k, v in r.items() if k != "per_test"}
     return out
+
+
+def magnitude(measurements: Measurements, influences: np.ndarray, full_losses: np.ndarray) -> dict:
+    """How well the matrix's scale matches: for every model m and test point t, the measured loss change
+    ``loss_m[t] − loss_full[t]`` against the predicted ``Σ_{i∉S_m} I[t, i] / n_train`` (removing the half left out).
+    Least-squares slope through the origin (1 = calibrated) and Pearson r, pooled over (m, t)."""
+    n_train = measurements.masks.shape[1]
+    predicted = (~measurements.masks).astype(np.float64) @ np.asarray(influences, np.float64).T / n_train
+    measured = (measurements.losses - full_losses[None, :])[:, :len(influences)]
+    pred, meas = predicted.ravel(), measured.ravel()
+    return {"slope": float(pred @ meas / (pred @ pred)) if pred.any() else None,
+            "pearson": float(np.corrcoef(pred, meas)[0, 1]) if pred.std() > 0 else None}
+
+
+def score_all(root: Path) -> dict:
+    """LDS (margin and loss) and magnitude of every matrix in ``root/matrices``; written to ``scores.json``."""
+    run = Run(root / "run")
+    y_test = run.labels("test")
+    measurements = Measurements.collect(root, y_test)
+    full_losses = cross_entropy(np.log(np.clip(run.predictions["probs_test"], 1e-30, None)), y_test)
+    scores = {}
+    for path in sorted((root / "matrices").glob("*.npy")):
+        matrix = np.load(path)
+        t = time.perf_counter()
+        scores[path.stem] = score(measurements, matrix) | {
+            "magnitude": magnitude(measurements, matrix, full_losses),
+            "scoring_seconds": round(time.perf_counter() - t, 3)}
+    result = {"n_models": int(len(measurements.masks)), "seeds": measurements.seeds.tolist(), "scores": scores,
+              "workload": read_json(root / "workload.json")["recipe"]}
+    atomic_write_json(root / "scores.json", result)
+    return result
+
+
+def markdown(result: dict) -> str:
+    """One table row per matrix, best margin LDS first."""
+    rows = sorted(result["scores"].items(), key=lambda kv: -np.nan_to_num(kv[1]["margin"]["lds"], nan=-9))
+    lines = ["| job | LDS (margin) ± s.e. | LDS (loss) ± s.e. | slope measured/predicted Δloss | Pearson |",
+             "| --- | --- | --- | --- | --- |"]
+    for job, s in rows:
+        mag = s["magnitude"]
+        lines.append(f"| {job} | {s['margin']['lds']:.3f} ± {s['margin']['se']:.3f} | "
+                     f"{s['loss']['lds']:.3f} ± {s['loss']['se']:.3f} | "
+                     f"{'–' if mag['slope'] is None else format(mag['slope'], '.3g')} | "
+                     f"{'–' if mag['pearson'] is None else format(mag['pearson'], '.2f')} |")
+    return f"M = {result['n_models']} models\n\n" + "\n".join(lines) + "\n"
+
+
+def job_method_scope(job: str) -> tuple[str, str] | None:
+    """``ours_ekfac_all`` → (ekfac, all), ``tracin_all`` → (tracin, all); None for λ-scan variants."""
+    if "_lambda" in job:
+        return None
+    parts = job.removeprefix("ours_").rsplit("_", 1)
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def write_measured(result: dict, path: Path, bench_results: Path | None = None) -> dict:
+    """``benchmarks/measured.json`` (format in ``influence_core/measured.py``) from the LDS scores, with the
+    cost (× floor) and fidelity to exact ``direct`` on the head of ``benchmarks/run.py``'s results.json if given."""
+    import subprocess
+
+    report = json.loads(bench_results.read_text()) if bench_results and bench_results.is_file() else None
+    recipe = result["workload"]
+    methods = {}
+    for job, s in result["scores"].items():
+        key = job_method_scope(job)
+        if key is None:
+            continue
+        entry = {"job": job, "lds": round(s["margin"]["lds"], 4), "lds_se": round(s["margin"]["se"], 4),
+                 "slope": s["magnitude"]["slope"], "cost_x_floor": None, "fidelity": None}
+        if report and job in report.get("jobs", {}):
+            matrix = report["jobs"][job].get("matrix") or {}
+            if "seconds_full" in matrix:
+                entry["cost_x_floor"] = round(matrix["seconds_full"] / report["floor"]["forward_backward_s"], 2)
+            fid = report.get("fidelity", {}).get(job)
+            if fid:
+                entry["fidelity"] = f"rel. err {fid['rel_frobenius']:.2g} vs exact direct (head)"
+        methods["/".join(key)] = entry
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=BENCH).stdout.strip()
+    data = {"workload": f"{' vs '.join(recipe['classes'])}, {recipe['image_size']} px, ResNet18 from scratch, "
+                        f"{recipe['epochs']} epochs, {recipe['corrupt_fraction']:.0%} flipped labels",
+            "n_models": result["n_models"], "commit": commit,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "methods": methods}
+    atomic_write_json(path, data)
+    return data
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -223,9 +331,18 @@ def main(argv=None) -> None:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--reverse", action="store_true",
                    help="train this worker's models last to first (a second process meets the first in the middle)")
+    sc = sub.add_parser("score", help="score every matrix in <workload>/matrices (seconds)")
+    add_workload_options(sc)
+    sc.add_argument("--measured", type=Path, default=None, help="also write this measured.json for the app")
+    sc.add_argument("--bench-results", type=Path, default=None, help="benchmarks/run.py results.json (costs)")
     a = p.parse_args(argv)
     if a.command == "train":
         train_models(a)
+    else:
+        result = score_all(workload_dir(workload_config(a), a.fraction, a.out))
+        print(markdown(result))
+        if a.measured:
+            write_measured(result, a.measured, a.bench_results)
 
 
 if __name__ == "__main__":

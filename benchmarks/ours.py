@@ -25,28 +25,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from workload import capped_loop, environment, peak_memory, pipeline_record, stage_record, write_result
 
 from influence_core import Run
-from influence_core.influence import InfluenceModel, TestFactors
+from influence_core.influence import METHODS, InfluenceFactors, InfluenceModel, Method, Scope
 
-METHODS = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac")
-CHUNKS = {"head": (None, None), "all": (None, 64)}
+CHUNKS = {Scope.HEAD: (None, None), Scope.ALL: (None, 64)}
 """(test, train) points per capped step; ``None`` = one step over all points (head scope is fast, and the
-head's backbone features are cached per tensor object, so slicing would re-run the backbone; test factors
+head's training features are computed once in ``fit``, so slicing would re-run the backbone; test factors
 are solved in one call, as the product does)."""
 
 
-def rows(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """``x[a:b]``, or ``x`` itself when that is everything (keeps the feature cache hit)."""
-    return x if (a, b) == (0, len(x)) else x[a:b]
+def training_rows(x: torch.Tensor, y: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(x[a:b], y[a:b])``, or ``(None, None)`` — the fitted training set, features cached — for all of it."""
+    return (None, None) if (a, b) == (0, len(x)) else (x[a:b], y[a:b])
 
 
 def floor(run: Run, batch_size: int) -> dict:
     """Seconds of one forward and one forward+backward pass over train+test (eval mode)."""
     model = run.load_model()
-    x = torch.cat([run.tensors("train")[0], run.tensors("test")[0]])
+    x = torch.cat([run.tensors("train")[0][:], run.tensors("test")[0][:]])
     y = torch.cat([run.tensors("train")[1], run.tensors("test")[1]])
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -66,31 +64,32 @@ def influence(run: Run, method: str, scope: str, regularization: float, cap: flo
     """(record, influence (k, j), self_influence (s,)) of one method and scope on the final checkpoint."""
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
+    x_train, x_test = x_train[:], x_test[:]  # whole tensors: this workload fits in memory
     t0 = time.perf_counter()
-    im = InfluenceModel(run.load_model(), scope=scope, method=method, regularization=regularization,
-                        device="cpu", batch_size=batch_size, **options)
+    im = InfluenceModel(run.load_model(), method=Method.named(method, **options), scope=scope,
+                        regularization=regularization, device="cpu", batch_size=batch_size)
     im.fit(x_train, y_train)
     fit_s = time.perf_counter() - t0
-    test_chunk, train_chunk = (c or n for c, n in zip(CHUNKS[scope], (len(x_test), len(x_train))))
+    test_chunk, train_chunk = (c or n for c, n in zip(CHUNKS[scope], (len(x_test), len(x_train)), strict=True))
 
     factors = []
 
     def factor_step(a: int, b: int) -> np.ndarray:
-        factors.append(im.test_factors(rows(x_test, a, b), rows(y_test, a, b)))
+        factors.append(im.test_factors(x_test[a:b], y_test[a:b]))
         return np.zeros(b - a)
 
     done, factors_s = capped_loop(factor_step, len(x_test), test_chunk, cap)
 
-    joined = TestFactors.join(factors)  # one pass over the training gradients for all test points
+    joined = InfluenceFactors.join(factors)  # one pass over the training gradients for all test points
 
     def score_step(a: int, b: int) -> np.ndarray:
-        return im.influences(joined, rows(x_train, a, b), rows(y_train, a, b)).T  # (b - a, k)
+        return im.influences_from_factors(joined, *training_rows(x_train, y_train, a, b)).T  # (b - a, k)
 
     scores, scores_s = capped_loop(score_step, len(x_train), train_chunk, cap)
-    self_inf, self_s = capped_loop(lambda a, b: im.self_influence(rows(x_train, a, b), rows(y_train, a, b)),
+    self_inf, self_s = capped_loop(lambda a, b: im.self_influence(*training_rows(x_train, y_train, a, b)),
                                    len(x_train), train_chunk, cap)
     record = {
-        "n_params": sum(p.numel() for p in im.params.values()),
+        "n_params": sum(p.numel() for p in im.params_.values()),
         "matrix": pipeline_record(fit_s, factors=stage_record(len(done), len(x_test), factors_s),
                                   scores=stage_record(len(scores), len(x_train), scores_s)),
         "self_influence": pipeline_record(fit_s, self=stage_record(len(self_inf), len(x_train), self_s)),
@@ -112,7 +111,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--method", choices=(*METHODS, "floor"), default="direct")
-    parser.add_argument("--scope", choices=("head", "all"), default="head")
+    parser.add_argument("--scope", choices=list(Scope), type=Scope, default=Scope.HEAD)
     parser.add_argument("--regularization", type=float, default=1e-3)
     parser.add_argument("--time-cap", type=float, default=600.0, help="seconds per capped stage")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -53,6 +53,7 @@ def retrain(run: Run, config: TrainConfig, removed: np.ndarray, work_dir: Path, 
         return hit | {"cached": True}
     x, y = run.tensors("train")
     x_te, y_te = run.tensors("test")
+    x, x_te = x[:], x_te[:]  # whole tensors: this workload fits in memory
     exclude = np.zeros(len(y), bool)
     exclude[removed] = True
     pretrained = run.config["weights"] == "pretrained" and (True if config.weights == "auto" else config.weights)
@@ -115,7 +116,8 @@ def retrain_fidelity(run: Run, jobs_dir, out_dir, selector: str = "ours_ekfac_al
         r = retrain(run, config, removed, out_dir / "retrain" / name, dev)
         losses[name], seconds[name] = np.asarray(r["test_loss"]), r["seconds"]
         log(f"retrain {i}/{len(plan)} {name}: " + ("cached" if r["cached"] else f"{r['seconds']:.0f} s"))
-    original = per_sample_loss(run.load_model(), *run.tensors("test"), dev)
+    x_te, y_te = run.tensors("test")
+    original = per_sample_loss(run.load_model(), x_te[:], y_te, dev)
 
     rows = []
     for t, kind, g in groups:

@@ -45,6 +45,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import lds  # noqa: E402
 import peers  # noqa: E402
 import retrain_fidelity  # noqa: E402
 from retrain_fidelity import table  # noqa: E402
@@ -103,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retrain-test-images", type=int, default=3, help="retraining check; 0 to skip it")
     p.add_argument("--retrain-group-size", type=int, default=20)
     p.add_argument("--skip", default="", help="comma-separated job names to skip, e.g. ours_lissa_head")
+    p.add_argument("--lds-scores", type=Path, default=None,
+                   help="scores.json of `lds.py score` (linear datamodeling score per job) to include in the report")
     p.add_argument("--out", type=Path, default=BENCH / "out" / "default")
     args = p.parse_args(argv)
     args.job_timeout = args.job_timeout or 4 * args.time_cap + 360
@@ -142,6 +145,7 @@ def run_job(name: str, cmd: list[str] | None, out_dir: Path, timeout: float, run
 def out_of_fold_probs(run, config: TrainConfig, folds: int, epochs: int) -> np.ndarray:
     """(n_train, K) class probabilities, each from a model trained (same recipe, ``epochs``) without its fold."""
     x, y = run.tensors("train")
+    x = x[:]  # whole tensor: this workload fits in memory
     probs = np.zeros((len(y), run.n_classes), np.float32)
     fold_of = np.random.default_rng(config.seed).permutation(len(y)) % folds
     cfg = dataclasses.replace(config, epochs=epochs, n_checkpoints=0)
@@ -254,6 +258,8 @@ def markdown(report: dict) -> str:
         + table(["job", "block", "rel. Frobenius error", "Pearson r (matrix)", "Pearson r (self)"], fid_rows),
         retrain_fidelity.markdown(report["retraining"]) if report.get("retraining") else
         "Retraining check skipped (`--retrain-test-images 0`).",
+        "## Linear datamodeling score (`lds.py`)\n\n" + lds.markdown(report["lds"]) if report.get("lds") else
+        "LDS not included (`--lds-scores`).",
     ]) + "\n"
 
 
@@ -303,6 +309,7 @@ def main(argv=None) -> None:
     if wanted:
         x_train, y_train = run.tensors("train")
         x_test, y_test = run.tensors("test")
+        x_train, x_test = x_train[:], x_test[:]  # whole tensors: this workload fits in memory
         tensors = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
                    "is_corrupted": torch.from_numpy(flipped.copy())}
         if "cleanlab" in wanted:
@@ -346,6 +353,7 @@ def main(argv=None) -> None:
         "detection": detection(result.signals, jobs, jobs_dir, flipped),
         "fidelity": fidelity(jobs, jobs_dir),
         "retraining": retraining,
+        "lds": json.loads(args.lds_scores.read_text()) if args.lds_scores else None,
     }
     report["wall_s"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(report, indent=2, default=float))

@@ -1,17 +1,23 @@
-"""``influence-core``: train, compute influences and report, from the command line.
+"""influence-core: train, compute influences and report, from the command line.
 
-Every user-fixable problem prints one ``error:`` message with its fix (exit code 2), never a traceback.
+Every user-fixable problem prints one line ``error: <problem> Fix: <fix>`` (exit code 2), never a traceback;
+a full disk, read-only file system or missing permission is one of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 
 from .errors import InfluenceLensError
 from .progress import TqdmProgress
+from .storage import check_output_dir, write_error
+
+DATA_SELECTION = {"dataset": "demo", "classes": None, "split": (0.8, 0.1, 0.1), "seed": 0, "downsample": 1.0}
+"""The ``train`` options that decide which samples land in the training set, with their defaults."""
 
 NO_WAIT_HELP = ("fail at once if another process is writing the run directory "
                 "(default: wait for it, with a message)")
@@ -20,13 +26,25 @@ NO_WAIT_HELP = ("fail at once if another process is writing the run directory "
 def _train(args) -> None:
     from .training import TrainConfig, train
 
+    check_output_dir(args.run_dir)
+    clean = _clean_run(args)
+    selection = _data_selection(args, clean)
     config = TrainConfig(
-        dataset=args.dataset, classes=args.classes, image_size=args.image_size, split=tuple(args.split),
-        downsample=args.downsample, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        **selection, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay, train_layers=args.train_layers, augment_flip=not args.no_flip,
-        n_checkpoints=args.checkpoints, corrupt_fraction=args.corrupt_fraction, weights=args.weights,
-        on_bad_image=args.on_bad_image)
+        n_checkpoints=args.checkpoints, corrupt_fraction=args.corrupt_fraction, corrupt_mode=args.corrupt_mode,
+        weights=args.weights, on_bad_image=args.on_bad_image)
+    if clean is not None:
+        from .corruption import clean_run_scores
+
+        dataclasses.replace(config, corrupt_mode="random").check()  # cheap checks before the clean run's influence
+        bar = TqdmProgress()
+        try:
+            scores = clean_run_scores(clean, device=args.device, progress=bar)
+        finally:
+            bar.close()
+        config = dataclasses.replace(config, corrupt_scores=scores.tolist())
     bar = TqdmProgress()
     try:
         train(config, args.run_dir, device=args.device, retrain=args.retrain, progress=bar, wait=not args.no_wait)
@@ -34,11 +52,66 @@ def _train(args) -> None:
         bar.close()
 
 
+def _clean_run(args):
+    """The run given by ``--scores-from`` (only with ``--corrupt-mode top-influence``), or None."""
+    from .run import Run
+
+    if args.scores_from is None:
+        return None
+    if args.corrupt_mode != "top-influence":
+        raise InfluenceLensError("--scores-from is only used by --corrupt-mode top-influence.",
+                                 "add --corrupt-mode top-influence, or leave --scores-from out")
+    return Run(args.scores_from)
+
+
+def _data_selection(args, clean) -> dict:
+    """``DATA_SELECTION`` from the options given, else from the clean run (whose training set top-influence
+    corruption must reuse, sample for sample), else the defaults."""
+    given = {name: getattr(args, name) for name in DATA_SELECTION if getattr(args, name) is not None}
+    given = given | ({"split": _split_arg(given["split"])} if "split" in given else {})
+    if clean is None:
+        return DATA_SELECTION | given
+    cfg = clean.config
+    inherited = {"dataset": cfg["dataset"], "classes": cfg["class_keys"],
+                 "split": cfg["split"] if isinstance(cfg["split"], str) else tuple(cfg["split"]),
+                 "seed": cfg["seed"], "downsample": cfg["downsample"]}
+    for name, value in given.items():
+        if name == "classes":
+            same = _lower(value) in (_lower(cfg["class_keys"]), _lower(cfg["classes"]))
+        else:
+            same = value == inherited[name]
+        if not same:
+            raise InfluenceLensError(
+                f"--{name} {value} differs from the clean run {clean.path} ({inherited[name]}): top-influence "
+                "corruption flips the clean run's own training samples.",
+                f"leave --{name} out; with --scores-from the data selection comes from the clean run")
+    return inherited
+
+
+def _lower(names: list[str]) -> list[str]:
+    return [n.strip().lower() for n in names]
+
+
+def _split_arg(values: list[str]) -> tuple[float, float, float] | str:
+    """``--split official`` or three fractions."""
+    if values == ["official"]:
+        return "official"
+    try:
+        fractions = tuple(float(v) for v in values)
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3:
+        raise InfluenceLensError(f"--split takes three fractions or 'official', not {' '.join(values)}.",
+                                 "for example --split 0.8 0.1 0.1, or --split official for fashion-mnist")
+    return fractions  # type: ignore[return-value]
+
+
 def _influence(args) -> None:
+    from .influence import parse_scope
     from .pipeline import InfluenceSettings, compute_influence
     from .run import Run
 
-    settings = InfluenceSettings(method=args.method, scope=args.scope, regularization=args.regularization,
+    settings = InfluenceSettings(method=args.method, scope=parse_scope(args.scope), regularization=args.regularization,
                                  curvature=args.curvature)
     cluster = None
     if args.scheduler is not None or args.workers is not None:
@@ -55,12 +128,12 @@ def _influence(args) -> None:
 
 
 def _report(args) -> None:
-    from .report import run_report
+    from .report import run_report, to_json
     from .run import Run
 
     report = run_report(Run(args.run_dir))
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(to_json(report))
         return
     for key, value in report.items():
         print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
@@ -74,13 +147,14 @@ def _classes(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .influence import Curvature, Damping, scope_text
     from .pipeline import DEFAULT_SETTINGS, METHOD_CHOICES
 
     p = argparse.ArgumentParser(prog="influence-core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or fetch from the cache) a ResNet18 and write a run directory")
-    t.add_argument("--dataset", default="demo",
+    t.add_argument("--dataset",
                    help="demo | tiny-imagenet:PATH | folder:PATH | fashion-mnist:PATH (default: demo)")
     t.add_argument("--classes", nargs="+", metavar="NAME",
                    help="classes by id, name (unique prefix) or index; default: all")
@@ -89,20 +163,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-layers", choices=["head", "all"], default="all",
                    help="head: frozen backbone, train fc only; all: full network (default)")
     t.add_argument("--corrupt-fraction", type=float, default=0.0, help="flip this fraction of training labels")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--corrupt-mode", choices=["random", "top-influence"], default="random",
+                   help="random: flip random labels; top-influence: per class, flip the points with the highest "
+                        "mean test influence in the clean run given by --scores-from (the reference notebook's)")
+    t.add_argument("--scores-from", metavar="CLEAN_RUN_DIR",
+                   help="clean run (no flips) whose default influence ranks the points for top-influence "
+                        "(computed if missing); its dataset, classes, split, seed and downsampling are reused")
+    t.add_argument("--seed", type=int, help="seed of the split, shuffling and flips (default: 0)")
     t.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
     t.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
     t.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
     t.add_argument("--image-size", type=int, help="side in pixels (default: 64 for images, 32 for digits)")
-    t.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
-    t.add_argument("--downsample", type=float, default=1.0, help="keep this fraction of each class")
+    t.add_argument("--split", nargs="+", metavar="FRACTION",
+                   help="TRAIN VAL TEST fractions (default: 0.8 0.1 0.1), or 'official' (the dataset's own "
+                        "train/test parts, no val)")
+    t.add_argument("--downsample", type=float, help="keep this fraction of each class (default: 1)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--checkpoints", type=int, default=4, help="evenly spaced checkpoints kept during training")
     t.add_argument("--weights", default="auto",
-                   help="auto (ImageNet weights from the torch hub cache if present) | scratch | PATH")
+                   help="auto (ImageNet weights from the torch hub cache if present) | scratch | imagenet "
+                        "(torchvision's ImageNet weights, downloaded once into the torch hub cache) | PATH")
     t.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
     t.add_argument("--on-bad-image", choices=["skip", "error"], default="skip",
                    help="skip unreadable images (listed) or stop at the first")
@@ -111,13 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("influence", help="compute and cache influences for a run")
     i.add_argument("--run-dir", required=True)
     i.add_argument("--method", choices=METHOD_CHOICES, default=DEFAULT_SETTINGS.method)
-    i.add_argument("--scope", default=DEFAULT_SETTINGS.scope,
+    i.add_argument("--scope", default=scope_text(DEFAULT_SETTINGS.scope),
                    help="head | all | comma-separated module names (e.g. layer4.1.conv2,fc)")
-    i.add_argument("--regularization", type=float, default=DEFAULT_SETTINGS.regularization, help="λ in (H + λI)⁻¹")
-    i.add_argument("--curvature", choices=["gauss-newton", "hessian"], default=DEFAULT_SETTINGS.curvature)
+    i.add_argument("--regularization", default=str(Damping.of(DEFAULT_SETTINGS.regularization)),
+                   help="λ in (H + λI)⁻¹: a number (absolute, e.g. 1e-3) or rel:FRACTION (FRACTION × the mean "
+                        "curvature eigenvalue of each block, e.g. rel:0.1)")
+    i.add_argument("--curvature", choices=list(Curvature), type=Curvature, default=DEFAULT_SETTINGS.curvature)
     i.add_argument("--device", default="auto")
     i.add_argument("--recompute", action="store_true", help="ignore the influence cache")
-                                   recompute=args.recompute, wait=not args.no_wait, cluster=cluster)
+    i.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
+    i.add_argument("--scheduler", metavar="ADDRESS",
+                   help="score on this Dask cluster (tcp://HOST:8786; run dir on a shared file system)")
+    i.add_argument("--workers", type=int, metavar="N", help="score on a local Dask cluster of N worker processes")
     i.set_defaults(func=_influence)
 
     r = sub.add_parser("report", help="summarise a run (metrics, detection, timings)")
@@ -151,12 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except InfluenceLensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
+    except OSError as e:  # a write outside the atomic helpers (a folder, numpy output) on a full or read-only disk
+        error = write_error(e)
+        if error is None:
+            raise
+        return _fail(error)
     except KeyboardInterrupt:
         print("interrupted: finished files are kept, nothing half-written was saved", file=sys.stderr)
         return 130
     return 0
+
+
+def _fail(error: InfluenceLensError) -> int:
+    """Print ``error`` as one line on stderr; the exit code of a user-fixable problem."""
+    fix = f" Fix: {error.fix}" if error.fix else ""
+    print(f"error: {error.problem}{fix}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Sneaker", "Bag", "Ankle boot"]
 DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 DEFAULT_IMAGE_SIZE = {"demo": 32, "fashion-mnist": 32, "tiny-imagenet": 64, "folder": 64}
+MIN_IMAGE_SIZE = 8  # ResNet18 halves the image 5 times; below 8 px its deeper layers see a single pixel
 BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we report, not a grey half-image
@@ -164,6 +165,7 @@ def load_dataset(spec: str, classes: list[str] | None = None, image_size: int | 
     ``on_bad_image``: ``"skip"`` drops unreadable files (listed in ``ImageSet.skipped``), ``"error"`` stops.
     """
     kind, path = parse_spec(spec)
+    check_image_size(image_size)
     size = image_size or DEFAULT_IMAGE_SIZE[kind]
     if on_bad_image not in ("skip", "error"):
         raise InfluenceLensError(f"on_bad_image must be 'skip' or 'error', not {on_bad_image!r}.")
@@ -193,18 +195,47 @@ def available_classes(spec: str) -> list[tuple[str, str]]:
     return [(d.name, d.name) for d in _class_dirs(root)]
 
 
-def split_dataset(labels: np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                  seed: int = 0, downsample: float = 1.0, classes: list[str] | None = None) -> Split:
-    """Stratified, seeded split of positions ``0..n-1``; ``downsample`` keeps that fraction per class first."""
-    from sklearn.model_selection import train_test_split
+def check_image_size(image_size: int | None) -> None:
+    """``None`` (the dataset's default) or a side of at least :data:`MIN_IMAGE_SIZE` pixels."""
+    if image_size is not None and not image_size >= MIN_IMAGE_SIZE:
+        raise InfluenceLensError(f"Image size {image_size} is too small: the side must be at least "
+                                 f"{MIN_IMAGE_SIZE} pixels.", "leave it out for the dataset's default (32 or 64)")
 
-    fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise InfluenceLensError(f"Split fractions {fractions} must be three positive numbers summing to 1.",
+
+def check_split(fractions: tuple[float, ...] | str, downsample: float = 1.0) -> None:
+    """Three positive split fractions summing to 1 (or ``"official"``), and a downsampling ratio in (0, 1]."""
+    if isinstance(fractions, str):
+        if fractions != "official":
+            raise InfluenceLensError(f"Unknown split {fractions!r}.", "use three fractions or 'official'")
+    elif len(fractions) != 3 or not all(f > 0 for f in fractions) or not abs(sum(fractions) - 1) <= 1e-6:
+        raise InfluenceLensError(f"Split fractions {tuple(fractions)} must be three positive numbers summing to 1.",
                                  "for example 0.8 0.1 0.1")
     if not 0 < downsample <= 1:
-        raise InfluenceLensError(f"Downsampling ratio {downsample} must be in (0, 1].")
+        raise InfluenceLensError(f"Downsampling ratio {downsample} must be in (0, 1].",
+                                 "for example 0.5 to keep half of each class, 1 for all")
+
+
+def split_dataset(labels: np.ndarray, fractions: tuple[float, float, float] | str = (0.8, 0.1, 0.1),
+                  seed: int = 0, downsample: float = 1.0, classes: list[str] | None = None,
+                  ids: list[str] | None = None) -> Split:
+    """Stratified, seeded split of positions ``0..n-1``; ``downsample`` keeps that fraction per class first.
+
+    ``fractions="official"`` keeps the dataset's own train / test parts (read from ``ids``: Fashion-MNIST's
+    60,000 ``train:`` / 10,000 ``t10k:`` images, tiny-imagenet's ``train/`` / ``val/`` folders) with no
+    validation part; ``downsample`` then keeps that fraction of each class within each part.
+    A classifier needs two classes: labels of a single class are refused.
+    """
+    from sklearn.model_selection import train_test_split
+
+    fractions = fractions if isinstance(fractions, str) else tuple(float(f) for f in fractions)
+    check_split(fractions, downsample)
+    if isinstance(fractions, str):
+        return _official_split(np.asarray(labels), fractions, seed, downsample, ids)
     labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        name = f" ({classes[int(labels[0])]})" if classes and len(labels) else ""
+        raise InfluenceLensError(f"The data holds a single class{name}; a classifier needs at least two.",
+                                 "choose two or more classes, or add a second class folder")
     rng = np.random.default_rng(seed)
     keep = []
     for c in np.unique(labels):
@@ -298,6 +329,36 @@ class ImageCache:
             compact.unlink(missing_ok=True)
         atomic_write_json(self.index_path, {"kept": kept, "skipped": skipped})
         log.info("cached %d images in %s", len(kept), self.images_path)
+
+
+def _official_split(labels: np.ndarray, name: str, seed: int, downsample: float, ids: list[str] | None) -> Split:
+    if name != "official":
+        raise InfluenceLensError(f"Unknown split {name!r}.", "give three fractions (0.8 0.1 0.1) or 'official'")
+    if not 0 < downsample <= 1:
+        raise InfluenceLensError(f"Downsampling ratio {downsample} must be in (0, 1].")
+    part = np.array([_official_part(i) for i in ids or []])
+    if ids is None or not len(part) or (part == "").any() or not (part == "test").any():
+        raise InfluenceLensError("This dataset has no official train / test split.",
+                                 "use it with fashion-mnist or tiny-imagenet, or give fractions: --split 0.8 0.1 0.1")
+    rng = np.random.default_rng(seed)
+    chosen = {}
+    for which in ("train", "test"):
+        keep = []
+        for c in np.unique(labels):
+            members = np.flatnonzero((labels == c) & (part == which))
+            k = int(round(downsample * len(members)))
+            keep.append(rng.choice(members, size=k, replace=False) if k < len(members) else members)
+        chosen[which] = np.sort(np.concatenate(keep))
+    return Split(chosen["train"], np.zeros(0, dtype=np.int64), chosen["test"])
+
+
+def _official_part(sample_id: str) -> str:
+    """``train`` / ``test`` for ids of datasets with an official split, else ``""``."""
+    if sample_id.startswith(("train:", "train/")):
+        return "train"
+    if sample_id.startswith(("t10k:", "val/")):
+        return "test"
+    return ""
 
 
 # --- class selection -------------------------------------------------------------------------------------

@@ -125,8 +125,7 @@ def score_on_cluster(spec: ClusterSpec, scorer, paths, blocks: list[tuple[int, i
     cpu_factors = replace(factors, factors={k: v.cpu() for k, v in factors.factors.items()},
                           scales=None if factors.scales is None else {k: v.cpu() for k, v in factors.scales.items()})
     payload = WorkerPayload(model, {"scope": im.scope, "method": im.method, "curvature": im.curvature,
-                                    "regularization": im.regularization, "batch_size": im.batch_size,
-                                    **im.method_options},
+                                    "regularization": im.regularization, "batch_size": im.batch_size},
                             {k: v.cpu() for k, v in state.items()}, replace(scorer, im=None, factors=cpu_factors))
     with connect(spec) as client:
         log.info("scoring %d blocks on %s", len(blocks), spec.describe())
@@ -135,5 +134,5 @@ def score_on_cluster(spec: ClusterSpec, scorer, paths, blocks: list[tuple[int, i
                    for a, b in blocks]
         for future in as_completed(futures):
             yield future.result()
-    im.model.to(im.device)
+    im.model.to(im.device_)
 

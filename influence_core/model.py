@@ -1,7 +1,10 @@
-"""torchvision ResNet18 with the right number of outputs; ImageNet weights only from local files."""
+"""torchvision ResNet18 with the right number of outputs; ImageNet weights from local files, downloaded on request."""
 
 from __future__ import annotations
 
+import socket
+import urllib.error
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -10,7 +13,15 @@ from torch import nn
 
 from .errors import InfluenceLensError
 
-HUB_WEIGHTS_NAME = "resnet18-f37072fd.pth"  # the file torchvision's ResNet18_Weights.IMAGENET1K_V1 caches
+IMAGENET = "imagenet"
+"""The ``pretrained`` / ``--weights`` value that downloads torchvision's ImageNet weights if not cached."""
+IMAGENET_WEIGHTS = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+DOWNLOAD_TIMEOUT_S = 15.0  # per network operation: offline, the download fails at once instead of hanging
+
+
+def hub_weights_path() -> Path:
+    """Where torchvision caches :data:`IMAGENET_WEIGHTS` (``$TORCH_HOME/hub/checkpoints/resnet18-….pth``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
 
 
 def find_pretrained_weights(path: str | Path | None = None) -> Path | None:
@@ -19,20 +30,56 @@ def find_pretrained_weights(path: str | Path | None = None) -> Path | None:
         p = Path(path).expanduser()
         if not p.is_file():
             raise InfluenceLensError(f"Pretrained weights file {p} does not exist.",
-                                     "give the path of a ResNet18 state_dict (.pth), or leave it empty to train from scratch")
+                                     "give the path of a ResNet18 state_dict (.pth), or leave it empty to train "
+                                     "from scratch")
         return p
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / HUB_WEIGHTS_NAME
+    cached = hub_weights_path()
     return cached if cached.is_file() else None
+
+
+def fetch_imagenet_weights() -> Path:
+    """torchvision's ImageNet ResNet18 weights in the torch hub cache, downloaded by torchvision once if missing.
+
+    Offline (or on any network error) this fails within :data:`DOWNLOAD_TIMEOUT_S` with an error naming
+    ``--weights PATH`` and the cache path, where a copy fetched elsewhere can be put.
+    """
+    cached = hub_weights_path()
+    if not cached.is_file():
+        try:
+            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+                IMAGENET_WEIGHTS.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            raise InfluenceLensError(
+                f"Cannot download the ImageNet ResNet18 weights from {IMAGENET_WEIGHTS.url}: "
+                f"{getattr(e, 'reason', None) or e}.",
+                f"fetch that file elsewhere and pass it with --weights PATH, or copy it to {cached}") from e
+    return cached
+
+
+@contextmanager
+def _socket_timeout(seconds: float):
+    """A default socket timeout for the duration of the block (torch.hub's download sets none of its own)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def build_resnet18(num_classes: int, pretrained: str | Path | None | bool = None) -> tuple[nn.Module, str]:
     """ResNet18 with a ``num_classes``-way ``fc`` head, and ``"pretrained"`` or ``"scratch"``.
 
-    ``pretrained``: a weights path, ``True``/``None`` to look in the torch hub cache, ``False`` for scratch.
-    Nothing is ever downloaded.
+    ``pretrained``: a weights path, ``True``/``None`` to look in the torch hub cache, ``False`` for scratch,
+    :data:`IMAGENET` to download torchvision's weights into the hub cache when missing (the only download).
     """
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
-    source = None if pretrained is False else find_pretrained_weights(None if pretrained in (True, None) else pretrained)
+    if pretrained is False:
+        return model, "scratch"
+    if pretrained == IMAGENET:
+        source: Path | None = fetch_imagenet_weights()
+    else:
+        source = find_pretrained_weights(None if pretrained in (True, None) else pretrained)
     if source is None:
         return model, "scratch"
     state = load_state_dict(source)

@@ -27,6 +27,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+TRAIN_KEY_FIELD = "train_key"
+"""The field of ``config.json`` that repeats the ``train_key`` file (both are checked before a cache hit)."""
 TEMP_PREFIX = ".tmp-"
 """Influence entries are written to ``influence/.tmp-<key>-<pid>`` and renamed into place when complete."""
 

@@ -33,6 +33,7 @@ import numpy as np
 from .analysis import SIGNALS, cross_entropy
 from .distributed import ClusterSpec
 from .errors import InfluenceLensError
+from .influence import METHODS, Curvature, Damping, InfluenceModel, Method, Scope, ScopeArg, parse_scope, scope_text
 from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress
 from .results import (
@@ -53,7 +54,7 @@ from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json,
 
 log = logging.getLogger(__name__)
 
-METHOD_CHOICES = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac")
+METHOD_CHOICES = tuple(METHODS)
 CACHE_VERSION = "influence-v3"  # bump when the engine's results or curvature.pt format change
 DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Finding wrong labels")
 
@@ -62,26 +63,34 @@ DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Findi
 class InfluenceSettings:
     """What decides an influence result (besides the run itself)."""
 
-    method: str = "direct"
-    scope: str = "head"
-    regularization: float = 1e-3
-    curvature: str = "gauss-newton"
+    method: str = "direct"  # a key of METHODS (default options)
+    scope: ScopeArg = Scope.HEAD
+    regularization: float | Damping = 1e-3  # a float is an absolute λ; Damping.relative(f) scales with the curvature
+    curvature: Curvature = Curvature.GAUSS_NEWTON
     checkpoints: bool = True  # also self-influence at every kept checkpoint (TracIn-style signal)
 
     def __post_init__(self):
-        if self.method not in METHOD_CHOICES:
+        """Checks every choice and stores it typed (text such as ``"layer4.1.conv2,fc"`` or ``"rel:0.1"`` is read
+        here); an absolute λ is kept as a plain float so the cache key of the defaults stays what it was."""
+        if self.method not in METHODS:
             raise InfluenceLensError(f"Unknown influence method {self.method!r}.",
                                      f"use one of {', '.join(METHOD_CHOICES)}")
-        if not self.regularization > 0:
-            raise InfluenceLensError(f"Regularization λ must be positive, not {self.regularization}.",
-                                     "for example 1e-3")
+        damping = Damping.parse(self.regularization) if isinstance(self.regularization, str) else \
+            Damping.of(self.regularization)
+        object.__setattr__(self, "regularization", damping if damping.relative_to_mean else damping.value)
+        object.__setattr__(self, "scope", parse_scope(self.scope))
+        object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
+        Method.named(self.method).check_curvature(self.curvature)
 
-    def scope_arg(self) -> str | list[str]:
-        """``head`` / ``all`` as is, anything else as a list of module names."""
-        return self.scope if self.scope in ("head", "all") else [s.strip() for s in self.scope.split(",") if s.strip()]
+    def influence_model(self, model, device: str = "auto", progress: Progress | None = None) -> InfluenceModel:
+        """The (unfitted) engine for these settings."""
+        return InfluenceModel(model, method=Method.named(self.method), scope=self.scope,
+                              regularization=self.regularization, curvature=self.curvature, device=device,
+                              progress=progress)
 
     def describe(self) -> str:
-        return f"{self.method}, scope {self.scope}, λ={self.regularization:g}, {self.curvature}"
+        return (f"{self.method}, scope {scope_text(self.scope)}, λ={Damping.of(self.regularization)}, "
+                f"{self.curvature.value}")
 
     def accuracy_note(self) -> str:
         """How exact these settings are, with the error measured by ``benchmarks/run.py`` (see RESULTS.md)."""
@@ -227,8 +236,6 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
     (:mod:`.results`), here or, with ``cluster``, on the Dask workers it names (:mod:`.distributed`). Peak
     memory: the fitted curvature and test factors plus one block (``n_test × 4096`` float32) and the images of
     one engine batch."""
-    from .influence import InfluenceModel
-
     key = cache_key(run, settings)
     final = run.paths.influence_entry(key).root
     if not recompute and InfluencePaths(final).is_complete():
@@ -239,18 +246,17 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
     ckpts = run.checkpoint_paths() if settings.checkpoints else run.checkpoint_paths()[-1:]
     timings: dict[str, float] = {}
     checkpoint_si = []
-    with run_lock(run.paths, wait=wait), _temporary_entry(run, key) as tmp:
+    with writing_entry(run, key, wait=wait) as tmp:
         if not recompute and InfluencePaths(final).is_complete():  # computed by another process while we waited
             log.info("cached: %s", final)
             return InfluenceResult(run, final)
         for i, ckpt in enumerate(ckpts):
             is_final = i == len(ckpts) - 1
             tag = "final" if is_final else ckpt.stem
-            im = InfluenceModel(run.load_model(ckpt), scope=settings.scope_arg(), method=settings.method,
-                                curvature=settings.curvature, regularization=settings.regularization,
-                                device=device, progress=_tagged(progress, tag))
+            model = run.load_model(ckpt)
+            im = settings.influence_model(model, device=device, progress=_tagged(progress, tag))
             t = time.perf_counter()
-            im.fit(x_train[:], y_train)  # [:] until the engine takes lazy image sources
+            im.fit(x_train, y_train)
             timings[f"fit_{tag}"] = time.perf_counter() - t
             t = time.perf_counter()
             if not is_final:
@@ -258,7 +264,7 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
                                                      for a, b in column_blocks(len(y_train))]))
                 timings[f"self_influence_{tag}"] = time.perf_counter() - t
                 continue
-            factors = im.test_factors(x_test[:], y_test)  # [:] until the engine takes lazy image sources
+            factors = im.test_factors(x_test, y_test)
             timings["test_factors"] = time.perf_counter() - t
             t = time.perf_counter()
             scorer = BlockScorer(im, factors, x_train, y_train, y_test.numpy(), run.n_classes)
@@ -284,7 +290,7 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
         atomic_write_json(tmp.meta, {
             "settings": dataclasses.asdict(settings), "checkpoints": [p.name for p in ckpts],
             "n_train": len(y_train), "n_test": len(y_test), "timings_s": timings, "created": time.time(),
-            "device": str(im.device), "workers": cluster.describe() if cluster else None,
+            "device": str(im.device_), "workers": cluster.describe() if cluster else None,
             "matrix": {"dtype": "float32", "format": "zarr", "column_block": COLUMN_BLOCK, "top_k": TOP_K}})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp.root, final)
@@ -293,19 +299,21 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
 
 
 @contextmanager
-def _temporary_entry(run: Run, key: str) -> Iterator[InfluencePaths]:
-    """A fresh ``influence/.tmp-<key>-<pid>`` folder, removed on exit unless renamed into place. Call with the
-    run's lock held: it checks that the run was not retrained meanwhile, and removes the temporary folders of
-    processes that are gone."""
-    run.require_unchanged()
-    remove_orphans(run.paths.influence, TEMP_PREFIX)
-    tmp = run.paths.influence_temp(key, os.getpid())
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield InfluencePaths(tmp)
-    finally:
+def writing_entry(run: Run, key: str, wait: bool = True) -> Iterator[InfluencePaths]:
+    """Hold the run's lock and yield a fresh temporary folder ``influence/.tmp-<key>-<pid>`` for the entry ``key``;
+    the caller renames ``tmp.root`` to ``run.paths.influence_entry(key).root`` when it is complete, else the folder
+    is removed on exit. Also checks that the run was not retrained since ``run`` was opened, and removes the
+    temporary folders of processes that are gone. ``wait=False``: fail at once if another process holds the lock."""
+    with run_lock(run.paths, wait=wait):
+        run.require_unchanged()
+        remove_orphans(run.paths.influence, TEMP_PREFIX)
+        tmp = run.paths.influence_temp(key, os.getpid())
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield InfluencePaths(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
@@ -327,7 +335,7 @@ class BlockScorer:
     def score(self, paths: InfluencePaths, start: int, stop: int) -> BlockSummary:
         """Write ``I[:, start:stop]`` into ``paths``' matrix; return the block's summaries (incl. self-influence)."""
         x, y = self.x_train[start:stop], self.y_train[start:stop]
-        block = self.im.influences(self.factors, x, y)
+        block = self.im.influences_from_factors(self.factors, x, y)
         open_matrix(paths, mode="r+")[:, start:stop] = block
         return summarise_block(block, start, self.test_labels, self.n_classes, self.im.self_influence(x, y))
 
@@ -341,11 +349,8 @@ def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, tra
     """
     import torch
 
-    from .influence import InfluenceModel
-
     result = compute_influence(run, settings, device=device)
-    im = InfluenceModel(run.load_model(), scope=settings.scope_arg(), method=settings.method,
-                        curvature=settings.curvature, regularization=settings.regularization, device=device)
+    im = settings.influence_model(run.load_model(), device=device)
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
     state = torch.load(result.files.curvature, weights_only=True)

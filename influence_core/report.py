@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
 from .analysis import SIGNALS, detection_metrics
 from .pipeline import DEFAULT_SETTINGS, cached_results, load_influence
 from .run import Run
@@ -44,3 +48,18 @@ def run_report(run: Run) -> dict:
         report["detection_best"] = max(report["detection"], key=lambda k: report["detection"][k]["auroc"])
         report["signal_labels"] = {k: SIGNALS[k].label for k in report["detection"]}
     return report
+
+
+def to_json(report: dict) -> str:
+    """``report`` as strict JSON: NaN and ±inf (an undefined AUROC, a broken timing) become ``null``."""
+    return json.dumps(_finite_or_none(report), indent=2, allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value

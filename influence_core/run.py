@@ -60,7 +60,8 @@ class Run:
 
     def _check_arrays_match_samples(self) -> None:
         counts = self.samples["split"].value_counts()
-        expected = {f"{self.paths.predictions.name}:probs_{s}": (int(counts.get(s, 0)),) for s in SPLITS}
+        expected: dict[str, tuple[int | None, ...]] = {
+            f"{self.paths.predictions.name}:probs_{s}": (int(counts.get(s, 0)), self.n_classes) for s in SPLITS}
         expected |= {f"{self.paths.dynamics.name}:{k}": (None, int(counts.get("train", 0))) for k in ("loss", "margin")}
         shapes = _npz_shapes(self.paths.predictions) | _npz_shapes(self.paths.dynamics)
         for name, want in expected.items():

@@ -91,9 +91,13 @@ def staged_run(paths: RunPaths) -> Iterator[RunPaths]:
     stage.mkdir(parents=True)
     try:
         yield RunPaths(stage)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        _swap_in(stage, paths)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone after the swap; what a failed training or swap left
+
+
+def _swap_in(stage: Path, paths: RunPaths) -> None:
+    """Steps 1-4 (a failure between them is repaired by :func:`recover`)."""
     if paths.root.exists():
         os.replace(paths.root, paths.previous)
         os.replace(stage, paths.root)
@@ -115,6 +119,15 @@ def _finish_swap(paths: RunPaths) -> None:
             log.warning("%s already exists in the new run; the old one is kept as %s", entry.name, target.name)
         os.replace(entry, target)
     shutil.rmtree(old.root)
+
+
+def finished_runs(root: Path) -> list[Path]:
+    """Finished run directories directly under ``root``, newest training first. Hidden folders (a training being
+    built, a run waiting in a swap) never count."""
+    if not root.is_dir():
+        return []
+    found = [RunPaths(p) for p in root.iterdir() if not p.name.startswith(".") and RunPaths(p).train_key.is_file()]
+    return [p.root for p in sorted(found, key=lambda p: p.train_key.stat().st_mtime, reverse=True)]
 
 
 def remove_orphans(folder: Path, prefix: str) -> None:

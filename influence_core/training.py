@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +27,10 @@ from sklearn.metrics import confusion_matrix, f1_score
 from torch import nn
 
 from .corruption import flip_random, flip_top_influence
-from .data import ImageSet, Split, load_dataset, split_dataset
+from .data import ImageSet, ModelInputs, Split, check_image_size, check_split, load_dataset, split_dataset
 from .errors import InfluenceLensError
-from .model import build_resnet18
-from .paths import RunPaths
+from .model import IMAGENET, build_resnet18
+from .paths import TRAIN_KEY_FIELD, RunPaths
 from .progress import Progress
 from .run import Run
 from .rundir import recover, run_lock, staged_run
@@ -53,7 +54,7 @@ class TrainConfig:
     dataset: str = "demo"
     classes: list[str] | None = None
     image_size: int | None = None
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split: tuple[float, float, float] | str = (0.8, 0.1, 0.1)  # or "official" (see data.split_dataset)
     downsample: float = 1.0
     seed: int = 0
     epochs: int = 10
@@ -76,21 +77,56 @@ class TrainConfig:
         cfg = run.config
         fields = {f.name for f in dataclasses.fields(cls)} - {"corrupt_scores", "weights"}
         return cls(**{k: cfg[k] for k in fields if k in cfg} | {
-            "classes": cfg["class_keys"], "split": tuple(cfg["split"]),
+            "classes": cfg["class_keys"], "split": cfg["split"] if isinstance(cfg["split"], str) else tuple(cfg["split"]),
             "weights": cfg.get("weights_requested", "auto" if cfg["weights"] == "pretrained" else "scratch")})
 
     def check(self) -> None:
+        """Refuse settings that would fail late or train silently wrong, before any data is read."""
         if self.train_layers not in ("head", "all"):
-            raise InfluenceLensError(f"train_layers must be 'head' or 'all', not {self.train_layers!r}.")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise InfluenceLensError("epochs must be ≥ 1 and batch_size ≥ 2.")
+            raise InfluenceLensError(f"train_layers must be 'head' or 'all', not {self.train_layers!r}.",
+                                     "use head (frozen backbone) or all (full network)")
+        if self.epochs < 1:
+            raise InfluenceLensError(f"epochs must be at least 1, not {self.epochs}.", "for example 10")
+        if self.batch_size < 2:
+            raise InfluenceLensError(f"batch_size must be at least 2 (BatchNorm needs two images), not "
+                                     f"{self.batch_size}.", "for example 64")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InfluenceLensError(f"The learning rate must be a positive number, not {self.lr}.",
+                                     "for example 1e-3")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InfluenceLensError(f"weight_decay must be a number ≥ 0, not {self.weight_decay}.",
+                                     "for example 1e-4, or 0 for none")
         if self.lr_schedule not in ("cosine", "constant"):
-            raise InfluenceLensError(f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}.")
+            raise InfluenceLensError(f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}.",
+                                     "use cosine or constant")
+        if self.n_checkpoints < 0:
+            raise InfluenceLensError(f"The number of kept checkpoints must be ≥ 0, not {self.n_checkpoints}.",
+                                     "for example 4, or 0 to keep only the final model")
+        if self.seed < 0:
+            raise InfluenceLensError(f"The seed must be ≥ 0, not {self.seed}.", "for example 0")
+        if self.classes is not None and len(self.classes) < 2:
+            raise InfluenceLensError(f"A classifier needs at least two classes, not {list(self.classes)}.",
+                                     "name two or more classes, or leave them out for all")
+        check_image_size(self.image_size)
+        check_split(self.split if isinstance(self.split, str) else tuple(self.split), self.downsample)
+        self._check_corruption()
+        if self.weights not in ("auto", "scratch", IMAGENET) and not Path(self.weights).expanduser().is_file():
+            raise InfluenceLensError(f"Pretrained weights file {self.weights} does not exist.",
+                                     f"use auto, scratch, {IMAGENET} (download once) or the path of a ResNet18 "
+                                     "state_dict (.pth)")
+
+    def _check_corruption(self) -> None:
+        if not 0 <= self.corrupt_fraction < 1:
+            raise InfluenceLensError(f"The share of flipped labels must be in [0, 1), not {self.corrupt_fraction}.",
+                                     "for example 0.1 for 10 %, or 0 for none")
         if self.corrupt_mode not in ("random", "top-influence"):
             raise InfluenceLensError(f"Unknown corruption mode {self.corrupt_mode!r}.", "use random or top-influence")
         if self.corrupt_mode == "top-influence" and self.corrupt_fraction > 0 and self.corrupt_scores is None:
             raise InfluenceLensError("top-influence corruption needs influence scores of a clean run.",
-                                     "compute influences on the clean run first and pass its mean test influence")
+                                     "train a clean run with the same data first and pass it with --scores-from")
+        if self.corrupt_scores is not None and not np.isfinite(np.asarray(self.corrupt_scores, float)).all():
+            raise InfluenceLensError("The clean run's influence scores are not all finite numbers.",
+                                     "recompute its influence (influence-core influence --recompute)")
 
 
 def checkpoint_epochs(epochs: int, n_checkpoints: int) -> list[int]:
@@ -108,7 +144,7 @@ def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrai
     Holds the run directory's lock while it checks the cache and writes (``wait=False``: fail at once if another
     process holds it); a previous run in ``run_dir`` is replaced only once the new one is complete."""
     config.check()
-    paths = RunPaths(run_dir)
+    paths = RunPaths(Path(run_dir))
     t0 = time.perf_counter()
     data = split_data(load_data(config), config)
     key = training_key(data)
@@ -123,7 +159,7 @@ def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrai
         log.info("weights: %s; device: %s", "ImageNet-pretrained (local file)" if weights == "pretrained"
                  else "from scratch (no local pretrained weights found)", dev)
         with staged_run(paths) as stage:
-            x_train, x_val, x_test = (data.dataset.tensors(part).to(dev) for part in data.parts)
+            x_train, x_val, x_test = (ModelInputs(data.dataset.images, part) for part in data.parts)
             y_train, y_val = torch.from_numpy(data.y_train).to(dev), torch.from_numpy(data.y_val).to(dev)
             t1 = time.perf_counter()
             history, dynamics = fit_model(model, data.config, x_train, y_train, x_val, y_val, run_paths=stage,
@@ -176,7 +212,7 @@ def load_data(config: TrainConfig) -> ImageSet:
 
 def split_data(ds: ImageSet, config: TrainConfig) -> TrainingData:
     """Seeded stratified split, resolved config, and the corrupted training labels."""
-    split = split_dataset(ds.labels, config.split, config.seed, config.downsample, ds.classes)
+    split = split_dataset(ds.labels, config.split, config.seed, config.downsample, ds.classes, ids=ds.ids)
     resolved = dataclasses.replace(config, classes=list(ds.class_keys), image_size=int(ds.images.shape[1]))
     y_train, flipped = _corrupt(resolved, ds.labels[split.train], len(ds.classes))
     return TrainingData(resolved, ds, split, y_train, flipped)
@@ -197,7 +233,7 @@ def holds_training(paths: RunPaths, key: str) -> bool:
         config = read_json(paths.config)
     except (OSError, ValueError):
         return False
-    return (stored == key and isinstance(config, dict) and config.get("train_key") == key
+    return (stored == key and isinstance(config, dict) and config.get(TRAIN_KEY_FIELD) == key
             and paths.final_checkpoint.is_file() and paths.samples.is_file())
 
 
@@ -236,7 +272,7 @@ def write_run(paths: RunPaths, data: TrainingData, key: str, weights: str, histo
     atomic_write_json(paths.config, _config_dict(config) | {
         "classes": ds.classes, "class_keys": ds.class_keys, "image_size": int(ds.images.shape[1]),
         "weights": weights, "weights_requested": config.weights, "n_skipped_images": len(ds.skipped),
-        "train_key": key})
+        TRAIN_KEY_FIELD: key})
     _write_samples(paths, data)
     y_train_true = ds.labels[data.split.train]
     atomic_write_json(paths.corruption, {
@@ -260,7 +296,7 @@ def _corrupt(config: TrainConfig, y_true: np.ndarray, n_classes: int) -> tuple[n
 
 def _config_dict(config: TrainConfig) -> dict:
     d = dataclasses.asdict(config)
-    d["split"] = list(config.split)
+    d["split"] = config.split if isinstance(config.split, str) else list(config.split)
     if d["corrupt_scores"] is not None:
         d["corrupt_scores"] = stable_hash(np.asarray(d["corrupt_scores"], dtype=np.float64))
     return d
@@ -282,16 +318,17 @@ def fit_model(model: nn.Module, config: TrainConfig, x_train: torch.Tensor, y_tr
               x_val: torch.Tensor, y_val: torch.Tensor, *, run_paths: RunPaths | None = None,
               progress: Progress | None = None, exclude: np.ndarray | None = None,
               ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Train ``model`` in place with ``config``'s recipe on the device of ``x_train``.
+    """Train ``model`` in place with ``config``'s recipe on the device of ``y_train``.
 
-    ``x_*``: (n, 3, S, S) float32 inputs, ``y_*``: (n,) int64 labels, all on one device. ``run_paths``: where to
+    ``x_*``: (n, 3, S, S) float32 inputs (tensors or lazy image sources, read batch by batch), ``y_*``: (n,) int64
+    labels on the training device. ``run_paths``: where to
     write the kept checkpoints and ``final.pt`` (None: write nothing). ``exclude`` (n,) bool leaves those training
     points out of every batch while keeping the full set's shuffling and augmentation draws (leave-group-out
     retraining: the run minus them; an all-False mask is bit-identical to None).
 
     Returns the per-epoch history ``[{"epoch", "train_loss", "val_loss", "seconds"}]`` and the training dynamics
     ``{"loss", "margin"}``, each (epochs, n) float32 (0 for excluded points)."""
-    dev = x_train.device
+    dev = y_train.device
     model.to(dev)
     if config.train_layers == "head":
         for name, p in model.named_parameters():
@@ -322,8 +359,7 @@ def fit_model(model: nn.Module, config: TrainConfig, x_train: torch.Tensor, y_tr
                     if schedule is not None:
                         schedule.step()
                     continue
-            idx_t = torch.from_numpy(idx).to(dev)
-            x, y = x_train[idx_t], y_train[idx_t]
+            x, y = x_train[idx].to(dev), y_train[torch.from_numpy(idx).to(dev)]
             if flip is not None:
                 x = torch.where(flip.to(dev)[:, None, None, None], x.flip(3), x)
             logits = model(x)
@@ -343,7 +379,7 @@ def fit_model(model: nn.Module, config: TrainConfig, x_train: torch.Tensor, y_tr
             if progress:
                 progress(f"epoch {epoch + 1}/{config.epochs}", b + 1, n_batches)
         model.eval()
-        val_loss = float(F.cross_entropy(_logits(model, x_val), y_val))
+        val_loss = float(F.cross_entropy(_logits(model, x_val), y_val)) if len(y_val) else None
         history.append({"epoch": epoch + 1, "train_loss": float(losses[epoch].mean()), "val_loss": val_loss,
                         "seconds": time.perf_counter() - t})
         if run_paths is not None and epoch + 1 in keep:
@@ -361,9 +397,11 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _logits(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(n, K) logits on ``x``'s device, in batches."""
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+def _logits(model, x, batch_size: int = 256) -> torch.Tensor:
+    """(n, K) logits on the model's device, in batches of ``x`` (a tensor or a lazy image source)."""
+    device = next(model.parameters()).device
+    parts = [model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros((0, model.fc.out_features), device=device)
 
 
 def _predict(model, x: torch.Tensor) -> np.ndarray:

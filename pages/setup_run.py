@@ -1,7 +1,6 @@
 """Data & model: the current run's data, training and test quality; train a new run, open one, tune influence."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,6 +9,8 @@ import streamlit as st
 
 from influence_core import TrainConfig, available_classes
 from influence_core.data import DEFAULT_FASHION_MNIST
+from influence_core.influence import Curvature, Damping, Scope
+from influence_core.paths import RunPaths
 from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, InfluenceSettings
 from pages.ui import charts, runs, state, widgets
 
@@ -48,7 +49,7 @@ with current:
     train_true, images = run.true_labels("train"), run.images("train")
     for start in range(0, run.n_classes, 2):
         cols = st.columns(2)
-        for c, col in zip(range(start, min(start + 2, run.n_classes)), cols):
+        for c, col in zip(range(start, min(start + 2, run.n_classes)), cols, strict=False):
             with col:
                 st.markdown(f"**{run.classes[c]}**")
                 picks = np.flatnonzero(train_true == c)[:6]
@@ -91,22 +92,23 @@ with new:
     config = TrainConfig(dataset=spec, classes=picked or None, image_size=size, split=(1 - val - test, val, test),
                          downsample=downsample, epochs=epochs, train_layers=layers, corrupt_fraction=corrupt)
     target = runs.run_dir_for(config)
-    st.caption(f"Run directory: `{target}`" + (" — already trained, opens at once" if (target / "train_key").is_file()
-                                                 else ""))
+    st.caption(f"New run: `{runs.run_ref(target)}`" + (" — already trained, opens at once"
+                                                       if RunPaths(target).train_key.is_file() else ""))
     if st.button("Train and compute influences", type="primary", disabled=not offered):
         with widgets.errors_shown():
-            trained = runs.train_with_progress(config, f"Training on {spec}", target)
-            runs.influence(trained)
-            runs.select_run(trained.path)
+            runs.start_training(config, f"Training {runs.run_ref(target)}", target, then=state.settings())
+            runs.select_run(target)
             st.rerun()
 
 # --- open a run computed elsewhere ----------------------------------------------------------------------
 with open_dir:
-    st.markdown("Open a run directory written by `influence-core train` or by this app on another machine.")
-    folder = st.text_input("Run directory", placeholder="/path/to/runs/demo-1a2b3c4d5e")
+    st.markdown("Open a run directory written by `influence-core train` or by this app on another machine. "
+                f"It must lie in the runs folder (`{runs.RUNS_ENV}`) or in one of the folders listed in "
+                f"`{runs.EXTRA_ROOTS_ENV}` when the server started.")
+    folder = st.text_input("Run directory", placeholder="a folder name in the runs folder, or its full path")
     if st.button("Open run", disabled=not folder):
         with widgets.errors_shown():
-            runs.select_run(runs.open_run(Path(folder).expanduser().resolve()).path)
+            runs.select_run(runs.open_run_folder(folder).path)
             st.rerun()
 
 # --- influence settings ---------------------------------------------------------------------------------
@@ -116,11 +118,13 @@ with influence_tab:
     method = c1.selectbox("Method", METHOD_CHOICES, index=METHOD_CHOICES.index(s.method),
                           help="direct: exact inverse (small scopes); cg / lissa: iterative; arnoldi: low rank; "
                                "kfac / ekfac: Kronecker-factored approximations.")
-    scope = c2.radio("Parameters", ["head", "all"], index=["head", "all"].index(s.scope) if s.scope in ("head", "all")
-                     else 0, format_func={"head": "last layer", "all": "whole network"}.get)
-    lam = c3.select_slider("Regularization λ", LAMBDAS, value=min(LAMBDAS, key=lambda v: abs(np.log(v / s.regularization))),
+    scope = c2.radio("Parameters", list(Scope),
+                     index=list(Scope).index(s.scope) if isinstance(s.scope, Scope) else 0,
+                     format_func={Scope.HEAD: "last layer", Scope.ALL: "whole network"}.get)
+    current = Damping.of(s.regularization).value
+    lam = c3.select_slider("Regularization λ", LAMBDAS, value=min(LAMBDAS, key=lambda v: abs(np.log(v / current))),
                            format_func=lambda v: f"{v:g}")
-    curvature = c4.radio("Curvature", ["gauss-newton", "hessian"], index=["gauss-newton", "hessian"].index(s.curvature))
+    curvature = c4.radio("Curvature", list(Curvature), index=list(Curvature).index(s.curvature))
     chosen = InfluenceSettings(method=method, scope=scope, regularization=lam, curvature=curvature)
     cached = runs.cached_influence(run, chosen) is not None
     st.caption(f"{chosen.describe()} — {'cached for this run' if cached else 'not computed yet for this run'}"
@@ -128,9 +132,9 @@ with influence_tab:
     st.caption(chosen.accuracy_note())
     if st.button("Use these settings" + ("" if cached else " and compute"), type="primary",
                  disabled=chosen == s and cached):
+        st.session_state["settings"] = chosen  # every page now uses them (and waits for them while computed)
         with widgets.errors_shown():
             runs.influence(run, chosen)
-            st.session_state["settings"] = chosen
             st.rerun()
     result = runs.cached_influence(run)
     if result is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,27 @@ def app(demo_run, demo_result, runs_root, monkeypatch):
     return open_page
 
 
+def finish_jobs(at: AppTest) -> AppTest:
+    """Wait for the app's background jobs (training, influences), then run the page again."""
+    from pages.ui.runs import job_registry
+
+    for job in job_registry().running():
+        assert job.wait(300), job
+    return at.run()
+
+
+def copy_run(run_path: Path, dest: Path, influences: bool = True) -> Path:
+    """A fresh copy of a finished run folder at ``dest`` (without its cached influences unless ``influences``)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(run_path, dest, ignore=shutil.ignore_patterns(*(() if influences else ("influence",)),
+                                                                   "reviews.sqlite*"))
+    return dest
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
 def metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
 
@@ -63,15 +85,119 @@ def test_setup_page_shows_quality_and_weights(app, demo_run):
     assert any(c.value.startswith("Approximate: influence functions assume") for c in at.caption)
 
 
-def test_setup_page_opens_a_run_directory(app, demo_run, tmp_path):
+def test_setup_page_opens_a_run_directory_inside_the_roots_only(app, demo_run, runs_root, tmp_path):
     at = app("setup_run")
-    folder = next(t for t in at.text_input if t.label == "Run directory")
-    folder.input(str(tmp_path)).run()
-    next(b for b in at.button if b.label == "Open run").click().run()
-    assert "not a finished run directory" in at.error[0].value and "Fix:" in at.error[0].value
-    folder.input(str(demo_run.path)).run()
-    next(b for b in at.button if b.label == "Open run").click().run()
-    assert not at.error and at.session_state["run"] == demo_run.path.name
+
+    def open_folder(typed: str) -> None:
+        next(t for t in at.text_input if t.label == "Run directory").input(typed).run()
+        next(b for b in at.button if b.label == "Open run").click().run()
+
+    open_folder(str(tmp_path))
+    assert "outside the folders the app may open" in at.error[0].value and "Fix:" in at.error[0].value
+    assert str(tmp_path) not in at.error[0].value
+    (runs_root / "not-a-run").mkdir(exist_ok=True)
+    open_folder("not-a-run")
+    assert "not a finished run" in at.error[0].value and "Fix:" in at.error[0].value
+    assert str(runs_root) not in at.error[0].value
+    for typed in (str(demo_run.path), demo_run.path.name):
+        open_folder(typed)
+        assert not at.error and at.session_state["run"] == demo_run.path.name
+
+
+def outside_links(runs_root: Path, outside: Path) -> list[str]:
+    """Links that name ``outside`` (a folder beside the runs root): absolute, with ``..``, through a symlink."""
+    link = runs_root / f"link-to-{outside.name}"
+    if not link.is_symlink():
+        link.symlink_to(outside, target_is_directory=True)
+    return [str(outside), f"../{outside.name}", f"x/../../{outside.name}", link.name, f"~/{outside.name}"]
+
+
+def test_links_cannot_reach_runs_outside_the_roots(demo_run, runs_root, monkeypatch):
+    """A finished run beside the runs root (influences not computed) stays untouched whatever the link says."""
+    outside = runs_root.parent / "elsewhere"
+    if not outside.exists():
+        copy_run(demo_run.path, outside, influences=False)
+    before = files_under(outside)
+    monkeypatch.setenv("INFLUENCE_LENS_RUNS", str(runs_root))
+    for ref in outside_links(runs_root, outside):
+        for page in (None, "review_queue"):
+            at = AppTest.from_file(str(APP), default_timeout=60)
+            at.query_params["run"] = ref
+            at.run()
+            if page:
+                at.switch_page(f"pages/{page}.py").run()
+            assert not at.exception, (ref, at.exception)
+            assert "outside the folders the app may open" in at.error[0].value, ref
+            assert str(runs_root.parent) not in at.error[0].value
+    assert files_under(outside) == before
+
+
+def test_extra_roots_open_runs_by_link(demo_run, demo_result, runs_root, tmp_path, monkeypatch):
+    extra = tmp_path / "gpu-runs"
+    copy_run(demo_run.path, extra / "from-the-gpu")
+    monkeypatch.setenv("INFLUENCE_LENS_RUNS", str(runs_root))
+    monkeypatch.setenv("INFLUENCE_LENS_EXTRA_ROOTS", str(extra))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["run"] = "from-the-gpu"
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert metric(at, "Test F1 (macro)") == f"{demo_run.metrics['f1_test']:.3f}"
+
+
+@pytest.mark.parametrize("page", [None, "review_queue"])
+def test_an_unwritable_run_folder_is_a_clear_error(demo_run, runs_root, monkeypatch, page):
+    """A run whose influence/ cannot be created (a file in its place, as on a read-only mount): no traceback."""
+    run = copy_run(demo_run.path, runs_root / f"unwritable-{page}", influences=False)
+    (run / "influence").write_text("not a folder")
+    monkeypatch.setenv("INFLUENCE_LENS_RUNS", str(runs_root))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["run"] = run.name
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+    finish_jobs(at)
+    assert not at.exception, at.exception
+    assert "could not be read or written" in at.error[0].value and "Fix:" in at.error[0].value
+    assert str(runs_root) not in at.error[0].value
+
+
+def test_a_broken_review_store_is_a_clear_error(demo_run, demo_result, runs_root, monkeypatch):
+    run = copy_run(demo_run.path, runs_root / "broken-store")
+    (run / "reviews.sqlite").mkdir()  # sqlite cannot open a folder
+    monkeypatch.setenv("INFLUENCE_LENS_RUNS", str(runs_root))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["run"] = run.name
+    at.run()
+    at.switch_page("pages/review_queue.py").run()
+    assert not at.exception, at.exception
+    assert "review store" in at.error[0].value and "Fix:" in at.error[0].value
+    assert str(runs_root) not in at.error[0].value
+
+
+def test_training_goes_on_in_the_background_across_pages(demo_run, runs_root, monkeypatch):
+    """Train from the Data & model page, leave for another page: the job goes on, its progress shows there,
+    the URL names the new run by dataset, classes and flip share, and the run opens once done."""
+    monkeypatch.setenv("INFLUENCE_LENS_RUNS", str(runs_root))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.query_params["run"] = demo_run.path.name
+    at.run()
+    at.switch_page("pages/setup_run.py").run()
+    next(s for s in at.slider if s.label == "Use this share of the images").set_value(0.1)
+    next(s for s in at.slider if s.label == "Epochs").set_value(1)
+    next(s for s in at.select_slider if s.label == "Image size (px)").set_value(16)
+    next(s for s in at.slider if s.label.startswith("Flip this share")).set_value(0.2)
+    at.run()
+    next(b for b in at.button if b.label == "Train and compute influences").click().run()
+    assert not at.exception, at.exception
+    ref = at.session_state["run"]
+    assert ref.startswith("digits-all-classes-20pct-flipped-") and at.query_params["run"] in (ref, [ref])
+    assert any("runs on the server" in p.text for p in at.progress)  # the page shows the job
+    at.switch_page("pages/test_set.py").run()  # leave: the job goes on and shows here too
+    assert not at.exception, at.exception
+    finish_jobs(at)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(at.dataframe[0].value) > 0
+    assert (runs_root / ref / "train_key").is_file()
 
 
 def test_explorer_shows_top_k_for_the_test_image_in_the_url(app, demo_run):
@@ -125,7 +251,7 @@ def test_a_missing_run_is_a_clear_error(demo_run, runs_root, monkeypatch):
     at.query_params["run"] = "no-such-run"
     at.run()
     assert not at.exception
-    assert "not a finished run directory" in at.error[0].value
+    assert "not a finished run" in at.error[0].value
 
 
 @pytest.mark.parametrize("page", [None, "setup_run", "explorer", "test_set", "review_queue", "corruption_lab"])

@@ -116,3 +116,15 @@ def test_label_flips_are_recorded_and_always_change_the_label():
     scores = np.arange(120, dtype=float)
     new, flipped = flip_top_influence(labels, scores, 0.25, 3)
     assert all(set(flipped[labels[flipped] == c]) == set(np.flatnonzero(labels == c)[-10:]) for c in range(3))
+
+
+def test_a_single_class_and_bad_sizes_or_splits_are_refused():
+    with pytest.raises(InfluenceLensError, match=r"single class \(3\); a classifier needs at least two"):
+        split_dataset(np.full(30, 0), classes=["3"])
+    for size in (0, -5, 7):
+        with pytest.raises(InfluenceLensError, match=f"Image size {size} is too small"):
+            load_dataset("demo", image_size=size)
+    with pytest.raises(InfluenceLensError, match="three positive numbers"):
+        split_dataset(np.repeat([0, 1], 20), (0.8, 0.1, float("nan")))
+    with pytest.raises(InfluenceLensError, match="Downsampling ratio nan"):
+        split_dataset(np.repeat([0, 1], 20), downsample=float("nan"))

@@ -9,20 +9,21 @@ influence function linearises: the test loss should change by ``I(z_i, z_test) /
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
-from _influence_helpers import digits, frozen_backbone_classifier, single_thread, train_head  # noqa: F401
 
-from influence_core.influence import InfluenceModel
+from influence_core.influence import Direct, InfluenceModel
 
 LAMBDA = 1e-2
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_head_influence_predicts_leave_one_out():
+def test_head_influence_predicts_leave_one_out(digits, frozen_backbone_classifier, train_head):
     x_train, y_train, x_test, y_test = digits(200, 40, classes=10)
     model, feats_train = frozen_backbone_classifier(x_train, y_train, LAMBDA)
-    im = InfluenceModel(model, scope="head", method="direct", regularization=LAMBDA, device="cpu",
+    im = InfluenceModel(model, method=Direct(), scope="head", regularization=LAMBDA, device="cpu",
                         batch_size=64).fit(x_train, y_train)
-    infl = im.influences(im.test_factors(x_test, y_test), x_train, y_train)
+    infl = im.influences(x_test, y_test)
     n = len(y_train)
 
     feats_test = model[:-1](x_test).detach().double()

@@ -17,17 +17,17 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from influence_core.errors import InfluenceLensError
-from influence_core.influence.base import METHODS
-from influence_core.influence.kfac import EKFAC, KFAC  # noqa: F401  (registration)
+from influence_core.influence import Curvature, Damping, InfluenceModel, Method
+from influence_core.influence.kfac import inverse as kfac_inverse
+from influence_core.influence.ops import per_sample_grads
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _fit(method: str, model, params, batches, n, progress=None, **options):
+    """A fitted K-FAC / EK-FAC inverse (Gauss-Newton) for ``params``."""
+    return Method.named(method, **options).inverse(Curvature.GAUSS_NEWTON).fit(model, params, batches, n, progress)
 
 
 def _digits(channels: int = 0):
@@ -148,9 +148,8 @@ def test_exact_for_linear_layer_with_constant_predictions(method):
 
     results = []
     for size in (100, 256):
-        inv = METHODS[method](regularization=lam, curvature="gauss-newton").fit(
-            model, params, _batches(x, y, size), len(x))
-        out = _flat(inv.solve(_unflat(v, params)), list(params)).double()
+        inv = _fit(method, model, params, _batches(x, y, size), len(x))
+        out = _flat(inv.solve(_unflat(v, params), Damping.of(lam)), list(params)).double()
         print(f"{method} batch {size}: relative error {_rel(out, expected):.2e}")
         assert _rel(out, expected) <= 1e-4
         results.append(out)
@@ -166,10 +165,10 @@ def test_sampled_labels_approximate_the_exact_output_curvature():
     params = dict(model.eval().named_parameters())
     torch.manual_seed(1)
     v = _unflat(torch.randn(3, 650), params)
-    exact = _flat(METHODS["kfac"](regularization=1e-2).fit(model, params, _batches(x, y, 256), len(x)).solve(v),
-                  list(params))
-    runs = [_flat(METHODS["kfac"](regularization=1e-2, labels="sampled", label_samples=4, seed=5)
-                  .fit(model, params, _batches(x, y, 256), len(x)).solve(v), list(params)) for _ in range(2)]
+    lam = Damping.of(1e-2)
+    exact = _flat(_fit("kfac", model, params, _batches(x, y, 256), len(x)).solve(v, lam), list(params))
+    runs = [_flat(_fit("kfac", model, params, _batches(x, y, 256), len(x), labels="sampled", label_samples=4, seed=5)
+                  .solve(v, lam), list(params)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     assert 1e-4 < _rel(runs[0], exact) < 0.1
 
@@ -190,8 +189,8 @@ def test_influences_correlate_with_exact_gauss_newton(cnn_setup, method, thresho
     g_te = _per_sample_grads(model, params, x_te, y_te).double()
     exact = g_te @ torch.linalg.solve(gn + lam * torch.eye(len(gn), dtype=torch.float64), g_tr.T)  # (40, 400)
 
-    inv = METHODS[method](regularization=lam).fit(model, params, _batches(x_tr, y_tr, 64), len(x_tr))
-    approx = g_te @ _flat(inv.solve(_unflat(g_tr, params)), list(params)).double().T
+    inv = _fit(method, model, params, _batches(x_tr, y_tr, 64), len(x_tr))
+    approx = g_te @ _flat(inv.solve(_unflat(g_tr, params), Damping.of(lam)), list(params)).double().T
     corr = float(np.corrcoef(approx.flatten().numpy(), exact.flatten().numpy())[0, 1])
     baseline = float(np.corrcoef((g_te @ g_tr.T).flatten().numpy(), exact.flatten().numpy())[0, 1])
     print(f"{method}: Pearson {corr:.4f} (plain gradient dot product: {baseline:.4f})")
@@ -200,24 +199,25 @@ def test_influences_correlate_with_exact_gauss_newton(cnn_setup, method, thresho
 
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
-def test_set_regularization_and_state_dict_round_trip(cnn_setup, method):
+def test_another_lambda_and_state_dict_round_trip(cnn_setup, method):
+    """One fit serves every λ (a solve at 0.1 after one at 1e-3 equals a fresh fit's); the state round-trips."""
     model, params, x_tr, y_tr, *_ = cnn_setup
     torch.manual_seed(2)
     v = _unflat(torch.randn(4, sum(p.numel() for p in params.values())), params)
     batches = _batches(x_tr, y_tr, 128)
+    small, large = Damping.of(1e-3), Damping.of(0.1)
 
-    inv = METHODS[method](regularization=1e-3).fit(model, params, batches, len(x_tr))
-    before = inv.solve(v)
-    inv.set_regularization(0.1)
-    refit = METHODS[method](regularization=0.1).fit(model, params, batches, len(x_tr))
-    after, expected = inv.solve(v), refit.solve(v)
+    inv = _fit(method, model, params, batches, len(x_tr))
+    before = inv.solve(v, small)
+    refit = _fit(method, model, params, batches, len(x_tr))
+    after, expected = inv.solve(v, large), refit.solve(v, large)
     for n in params:
         torch.testing.assert_close(after[n], expected[n], rtol=1e-6, atol=1e-9)
         assert not torch.allclose(after[n], before[n])
 
-    loaded = METHODS[method](regularization=0.1)
+    loaded = Method.named(method).inverse(Curvature.GAUSS_NEWTON)
     loaded.load_state_dict({k: t.clone() for k, t in inv.state_dict().items()})
-    again = loaded.solve(v)
+    again = loaded.solve(v, large)
     for n in params:
         assert torch.equal(again[n], after[n])
 
@@ -226,16 +226,14 @@ def test_set_regularization_and_state_dict_round_trip(cnn_setup, method):
 def test_ekfac_eigenvalues_are_the_exact_curvature_in_the_kronecker_basis(monkeypatch, rotate_first):
     """EK-FAC's Λ_jk must equal ((Q_G ⊗ Q_A)ᵀ GN (Q_G ⊗ Q_A))_jk,jk exactly: checks the conv per-sample gradients
     (stride, padding, dilation, bias column) through both ways of forming them. Only the conv is in ``params``."""
-    from influence_core.influence import kfac
-
-    monkeypatch.setattr(kfac, "_rotate_first", lambda *args: rotate_first)
+    monkeypatch.setattr(kfac_inverse, "_rotate_first", lambda *args: rotate_first)
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2), nn.ReLU(), nn.Flatten(),
                           nn.Linear(3 * 5 * 5, 4)).eval()
     x, y = torch.randn(37, 2, 9, 9), torch.randint(0, 4, (37,))
     params = {"0.weight": model[0].weight, "0.bias": model[0].bias}
-    inv = METHODS["ekfac"]().fit(model, params, _batches(x, y, 10), len(x))
-    (f,) = inv._fitted
+    inv = _fit("ekfac", model, params, _batches(x, y, 10), len(x))
+    (f,) = inv.layers
     gn = _exact_gn(model, params, x)  # over [vec W (54), b (3)]
     cols = torch.arange(54).reshape(3, 18)
     order = torch.cat([cols, torch.arange(54, 57)[:, None]], dim=1).flatten()  # [W | b] row-major -> flat index
@@ -251,38 +249,57 @@ def test_eigenbasis_scores_equal_parameter_space_solves(cnn_setup, monkeypatch, 
     """The engine's eigenbasis path (coordinates straight from hooks, completed bases) must give the same
     influences and self-influences as per-sample gradients + ``solve`` in parameter space. 12 training points
     in uneven chunks of 5 leave the fc input factor rank-deficient (Gram path, basis completion)."""
-    from influence_core.influence import InfluenceModel, kfac
-
-    monkeypatch.setattr(kfac, "_rotate_first", lambda *args: rotate_first)
+    monkeypatch.setattr(kfac_inverse, "_rotate_first", lambda *args: rotate_first)
     model, _, x_tr, y_tr, x_te, y_te = cnn_setup
     x_tr, y_tr = x_tr[:12], y_tr[:12]
-    im = InfluenceModel(model, scope=scope, method=method, regularization=1e-2, batch_size=5).fit(x_tr, y_tr)
+    im = InfluenceModel(model, method=Method.named(method), scope=scope, regularization=1e-2, batch_size=5)
+    im.fit(x_tr, y_tr)
     if scope == "all":
-        assert not next(f for f in im.inverse._fitted if f.weight_name == "fc.weight").full_rank
+        assert not next(f for f in im.inverse_.layers if f.weight_name == "fc.weight").full_rank
     factors = im.test_factors(x_te, y_te)
     assert factors.in_basis
     # self-influence of points outside the fit set reaches the complement of the fitted bases (1/λ there)
-    basis = im.influences(factors, x_tr, y_tr), im.self_influence(x_tr, y_tr), im.self_influence(x_te, y_te)
+    basis = im.influences_from_factors(factors), im.self_influence(), im.self_influence(x_te, y_te)
 
-    monkeypatch.setattr(InfluenceModel, "_in_basis", property(lambda self: False))
-    reference = (im.influences(im.test_factors(x_te, y_te), x_tr, y_tr), im.self_influence(x_tr, y_tr),
-                 im.self_influence(x_te, y_te))
-    for got, want in zip(basis, reference):
-        assert _rel(torch.from_numpy(got), torch.from_numpy(want)) <= 2e-5
+    block_model = im.block_model_
+    inputs = (lambda x: block_model_inputs(im, x)) if scope == "head" else (lambda x: x)
+    g_tr = per_sample_grads(block_model, im.params_, inputs(x_tr), y_tr)
+    g_te = per_sample_grads(block_model, im.params_, inputs(x_te), y_te)
+    solved_te = im.inverse_.solve(g_te, im.regularization)
+    solved_tr = im.inverse_.solve(g_tr, im.regularization)
+    names = list(im.params_)
+    reference = (_flat(solved_te, names) @ _flat(g_tr, names).T, (_flat(solved_tr, names) * _flat(g_tr, names)).sum(1),
+                 (_flat(solved_te, names) * _flat(g_te, names)).sum(1))
+    for got, want in zip(basis, reference, strict=True):
+        assert _rel(torch.from_numpy(got), want) <= 2e-5
     assert (basis[1] > 0).all()
+
+
+def block_model_inputs(im: InfluenceModel, x: torch.Tensor) -> torch.Tensor:
+    """The head's inputs (backbone features) for images ``x``."""
+    captured = []
+    handle = im.block_model_.register_forward_hook(lambda m, args, out: captured.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            im.model(x)
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def test_refuses_hessian_and_unsupported_layers():
     with pytest.raises(InfluenceLensError, match="Gauss-Newton"):
-        METHODS["ekfac"](regularization=1e-3, curvature="hessian")
+        Method.named("ekfac").inverse(Curvature.HESSIAN)
+    with pytest.raises(InfluenceLensError, match="Gauss-Newton"):
+        InfluenceModel(nn.Linear(2, 2), method=Method.named("kfac"), curvature="hessian")
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).eval()
     x, y = torch.randn(5, 4), torch.zeros(5, dtype=torch.int64)
     with pytest.raises(InfluenceLensError, match="BatchNorm1d"):
-        METHODS["kfac"]().fit(model, dict(model.named_parameters()), _batches(x, y, 5), 5)
+        _fit("kfac", model, dict(model.named_parameters()), _batches(x, y, 5), 5)
     # a subset of the parameters: only the last layer is tracked
     params = {"2.weight": model[2].weight}
-    inv = METHODS["kfac"]().fit(model, params, _batches(x, y, 2), 5)
-    out = inv.solve({"2.weight": torch.randn(3, 2, 3)})
+    inv = _fit("kfac", model, params, _batches(x, y, 2), 5)
+    out = inv.solve({"2.weight": torch.randn(3, 2, 3)}, Damping.of(1e-3))
     assert out["2.weight"].shape == (3, 2, 3)
 
 
@@ -296,11 +313,11 @@ def test_resnet18_smoke():
     y = torch.randint(0, 2, (24,))
     stages = []
     start = time.perf_counter()
-    inv = METHODS["ekfac"](regularization=1e-3, dtype="float32").fit(model, params, _batches(x, y, 10), len(x),
-                                                     progress=lambda s, d, t: stages.append((s, d, t)))
+    inv = _fit("ekfac", model, params, _batches(x, y, 10), len(x), progress=lambda s, d, t: stages.append((s, d, t)),
+               dtype="float32")
     fit_seconds = time.perf_counter() - start
     g = {n: torch.randn(2, *p.shape) for n, p in params.items()}
-    out = inv.solve(g)
+    out = inv.solve(g, Damping.of(1e-3))
     print(f"resnet18 ekfac fit (float32 factors): {fit_seconds:.2f} s for 24 samples")
     assert set(out) == set(params)
     assert all(out[n].shape == g[n].shape and torch.isfinite(out[n]).all() for n in params)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _influence_helpers import digits, rel_err, single_thread, trained_cnn  # noqa: F401  (autouse fixture)
 from torch import nn
 
 from influence_core.errors import InfluenceLensError
-from influence_core.influence import METHODS, InfluenceModel
+from influence_core.influence import Direct, InfluenceModel, Method
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 LAMBDA = 0.1  # H + λI is positive definite for both curvatures here, and lissa converges in ~20 steps
 BATCH = 40
@@ -21,7 +22,7 @@ CURVATURES = ["gauss-newton", "hessian"]
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(digits, trained_cnn):
     torch.manual_seed(0)
     x_train, y_train, x_test, y_test = digits(103, 12, classes=3)
     model = trained_cnn(x_train, y_train, channels=1, classes=3)
@@ -30,9 +31,9 @@ def setup():
 
 def matrix(setup, method, curvature, batch_size=BATCH, **options):
     model, x_train, y_train, x_test, y_test = setup
-    im = InfluenceModel(model, scope="all", method=method, curvature=curvature, regularization=LAMBDA,
-                        device="cpu", batch_size=batch_size, **options).fit(x_train, y_train)
-    return im.influences(im.test_factors(x_test, y_test), x_train, y_train)
+    im = InfluenceModel(model, scope="all", method=Method.named(method, **options), curvature=curvature,
+                        regularization=LAMBDA, device="cpu", batch_size=batch_size).fit(x_train, y_train)
+    return im.influences(x_test, y_test)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def brute_force(model, x_train, y_train, x_test, y_test, curvature):
 
     def as_dict(t):
         out, start = {}, 0
-        for n, s in zip(names, sizes):
+        for n, s in zip(names, sizes, strict=True):
             out[n] = t[start:start + s.numel()].view(s)
             start += s.numel()
         return out
@@ -67,7 +68,7 @@ def brute_force(model, x_train, y_train, x_test, y_test, curvature):
 
     def grads(x, y):
         rows = []
-        for xi, yi in zip(x, y):
+        for xi, yi in zip(x, y, strict=True):
             t = theta.clone().requires_grad_(True)
             loss = nn.functional.cross_entropy(logits(t, xi[None]), yi[None])
             rows.append(torch.autograd.grad(loss, t)[0])
@@ -79,7 +80,7 @@ def brute_force(model, x_train, y_train, x_test, y_test, curvature):
 
 
 @pytest.mark.parametrize("curvature", CURVATURES)
-def test_direct_equals_brute_force(setup, direct, curvature):
+def test_direct_equals_brute_force(setup, direct, curvature, rel_err):
     expected = brute_force(*setup, curvature)
     assert rel_err(direct[curvature], expected) <= 1e-4
 
@@ -90,12 +91,12 @@ def test_direct_equals_brute_force(setup, direct, curvature):
     ("arnoldi", dict(rank=10_000), 1e-3),  # full rank: exact up to round-off
     ("lissa", dict(depth=200, tol=1e-4), 5e-2),
 ])
-def test_method_matches_direct(setup, direct, curvature, method, options, tol):
+def test_method_matches_direct(setup, direct, curvature, method, options, tol, rel_err):
     assert rel_err(matrix(setup, method, curvature, **options), direct[curvature]) <= tol
 
 
 @pytest.mark.parametrize("curvature", CURVATURES)
-def test_independent_of_batch_size(setup, direct, curvature):
+def test_independent_of_batch_size(setup, direct, curvature, rel_err):
     """Chunking must not change the curvature (an uneven last chunk weighs by its size)."""
     for batch_size in (16, 103):
         assert rel_err(matrix(setup, "direct", curvature, batch_size=batch_size), direct[curvature]) <= 1e-4
@@ -103,9 +104,8 @@ def test_independent_of_batch_size(setup, direct, curvature):
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
 def test_kfac_family_runs_through_engine(setup, direct, method):
-    """Approximate methods (owned and tested elsewhere): they plug in and agree in direction with ``direct``."""
-    if method not in METHODS:
-        pytest.skip(f"{method} is not registered")
+    """Approximate methods (tested against exact curvature in test_influence_kfac): they plug in and agree in
+    direction with ``direct``."""
     result = matrix(setup, method, "gauss-newton")
     assert result.shape == direct["gauss-newton"].shape and np.isfinite(result).all()
     assert np.corrcoef(result.ravel(), direct["gauss-newton"].ravel())[0, 1] > 0.5
@@ -113,31 +113,31 @@ def test_kfac_family_runs_through_engine(setup, direct, method):
 
 def test_direct_refuses_large_blocks(setup):
     model, x_train, y_train, *_ = setup
-    im = InfluenceModel(model, scope="all", method="direct", device="cpu", max_params=50)
+    im = InfluenceModel(model, scope="all", method=Direct(max_params=50), device="cpu")
     with pytest.raises(InfluenceLensError, match="cg"):
         im.fit(x_train, y_train)
 
 
-def test_scope_list_and_head_agree(setup):
+def test_scope_list_and_head_agree(setup, rel_err):
     """The head scope (closed form on cached features) equals naming the head module on the full model."""
     model, x_train, y_train, x_test, y_test = setup
     out = []
     for scope in ("head", ["fc"]):
-        im = InfluenceModel(model, scope=scope, method="direct", regularization=LAMBDA, device="cpu",
+        im = InfluenceModel(model, scope=scope, method=Direct(), regularization=LAMBDA, device="cpu",
                             batch_size=BATCH).fit(x_train, y_train)
-        out.append(im.influences(im.test_factors(x_test, y_test), x_train, y_train))
+        out.append(im.influences(x_test, y_test, x_train, y_train))
     assert rel_err(out[0], out[1]) <= 1e-4
 
 
-def test_large_factors_are_stored_compressed(setup, direct, monkeypatch):
+def test_large_factors_are_stored_compressed(setup, direct, monkeypatch, rel_err):
     """Blocks whose test factors exceed the memory budget keep them as scaled float16: same influences."""
     from influence_core.influence import engine
 
     assert engine.factor_budget(torch.device("cpu")) >= engine.FACTOR_BYTES
     monkeypatch.setattr(engine, "factor_budget", lambda device: 0)
     model, x_train, y_train, x_test, y_test = setup
-    im = InfluenceModel(model, scope="all", method="direct", regularization=LAMBDA, device="cpu",
+    im = InfluenceModel(model, scope="all", method=Direct(), regularization=LAMBDA, device="cpu",
                         batch_size=BATCH).fit(x_train, y_train)
     factors = im.test_factors(x_test, y_test)
     assert factors.scales is not None and all(f.dtype == torch.float16 for f in factors.factors.values())
-    assert rel_err(im.influences(factors, x_train, y_train), direct["gauss-newton"]) <= 2e-3
+    assert rel_err(im.influences_from_factors(factors), direct["gauss-newton"]) <= 2e-3

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _influence_helpers import digits, single_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
-from influence_core.influence import InfluenceModel
+from influence_core.influence import Direct, InfluenceModel
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def smooth_cnn(classes: int = 3) -> nn.Module:
@@ -19,10 +20,10 @@ def smooth_cnn(classes: int = 3) -> nn.Module:
 
 
 @pytest.mark.parametrize("scope", ["head", "all"])
-def test_saliency_is_the_pixel_gradient_of_influence(scope):
+def test_saliency_is_the_pixel_gradient_of_influence(scope, digits):
     x_train, y_train, x_test, y_test = digits(60, 1, classes=3)
     x_train, x_test = x_train.repeat(1, 3, 1, 1), x_test.repeat(1, 3, 1, 1)
-    im = InfluenceModel(smooth_cnn(), scope=scope, method="direct", regularization=0.1, device="cpu",
+    im = InfluenceModel(smooth_cnn(), method=Direct(), scope=scope, regularization=0.1, device="cpu",
                         batch_size=16).fit(x_train, y_train)
     chosen = torch.arange(5)
     sal = im.saliency(x_test, y_test, x_train[chosen], y_train[chosen])
@@ -32,8 +33,8 @@ def test_saliency_is_the_pixel_gradient_of_influence(scope):
     factors = im.test_factors(x_test, y_test)
     u = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(0))
     step = 1e-2 * u[:, None].expand(-1, 3, -1, -1)  # the same direction in every channel
-    plus = im.influences(factors, x_train[chosen] + step, y_train[chosen])[0].astype(np.float64)
-    minus = im.influences(factors, x_train[chosen] - step, y_train[chosen])[0].astype(np.float64)
+    plus = im.influences_from_factors(factors, x_train[chosen] + step, y_train[chosen])[0].astype(np.float64)
+    minus = im.influences_from_factors(factors, x_train[chosen] - step, y_train[chosen])[0].astype(np.float64)
     finite_difference = (plus - minus) / 2e-2
     predicted = (sal.astype(np.float64) * u.numpy()).sum((1, 2))
     assert np.linalg.norm(predicted - finite_difference) <= 1e-2 * np.linalg.norm(finite_difference)

@@ -83,3 +83,21 @@ def test_subsets_are_seeded_halves():
     assert len(a) == 440 and len(np.unique(a)) == 440 and (np.diff(a) > 0).all()
     np.testing.assert_array_equal(a, lds_module.subset_indices(3, 880, 0.5))
     assert not np.array_equal(a, b)
+
+
+def test_measured_file_round_trip(tmp_path):
+    from influence_core.measured import load_measured, measured_for
+
+    assert load_measured(tmp_path / "absent.json") is None
+    assert measured_for("ekfac", "all", tmp_path / "absent.json") is None
+    scores = {job: {"margin": {"lds": lds, "se": 0.02}, "magnitude": {"slope": slope}}
+              for job, lds, slope in (("ours_ekfac_all", 0.2, 0.01), ("ours_ekfac_all_lambda0.1", 0.3, 0.1),
+                                      ("tracin_all", 0.25, None), ("ours_direct_head", 0.1, 5.0))}
+    result = {"n_models": 50, "scores": scores, "workload": {"classes": ["n01443537", "n07749582"],
+                                                             "image_size": 32, "epochs": 15, "corrupt_fraction": 0.1}}
+    lds_module.write_measured(result, tmp_path / "measured.json")
+    table = load_measured(tmp_path / "measured.json")
+    assert set(table) == {("ekfac", "all"), ("tracin", "all"), ("direct", "head")}  # λ-scan rows stay out
+    m = measured_for("ekfac", "all", tmp_path / "measured.json")
+    assert (m.lds, m.lds_se, m.n_models, m.job) == (0.2, 0.02, 50, "ours_ekfac_all")
+    assert "LDS 0.20 ± 0.02 (50 retrained models" in m.describe() and "×100" in m.describe()

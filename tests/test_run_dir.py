@@ -19,7 +19,7 @@ import torch
 from influence_core import InfluenceLensError, Run, TrainConfig, train
 from influence_core.paths import RunPaths
 from influence_core.review import ReviewStore
-from influence_core.rundir import run_lock
+from influence_core.rundir import finished_runs, run_lock
 
 CLI = [sys.executable, "-m", "influence_core.cli"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +140,13 @@ def test_a_crash_in_the_middle_of_the_swap_is_repaired(old_run, tmp_path):
     assert siblings(old_run) == []
 
 
+def test_run_listing_never_shows_a_run_being_built_or_swapped(old_run):
+    paths = RunPaths(old_run)
+    for hidden in (paths.staging(1), paths.previous):
+        shutil.copytree(old_run, hidden)
+    assert finished_runs(old_run.parent) == [old_run]
+
+
 # --- 2. one writer per run directory --------------------------------------------------------------------------
 def test_two_train_processes_into_one_directory_never_mix(tmp_path):
     run_dir = tmp_path / "run"
@@ -171,6 +178,16 @@ def test_second_writer_waits_with_a_message_or_fails_at_once(old_run):
         time.sleep(1)
         assert proc.poll() is None  # still waiting while the lock is held
     assert proc.wait(timeout=300) == 0, "".join(err)
+
+
+def test_influence_refuses_a_run_retrained_since_it_was_opened(old_run):
+    from influence_core.pipeline import compute_influence
+
+    stale = Run(old_run)
+    train(TrainConfig(**SMALL, seed=1), old_run)
+    with pytest.raises(InfluenceLensError, match="retrained by another process"):
+        compute_influence(stale, recompute=True)
+    assert not RunPaths(old_run).influence.exists()  # nothing computed from the old run's tables
 
 
 @pytest.mark.parametrize("damage", ["config from another run", "final.pt deleted"])
@@ -278,9 +295,9 @@ def test_cli_reports_a_damaged_run_in_one_line(old_run, case):
 def test_run_file_names_are_spelled_only_in_paths_py():
     names = {"config.json", "samples.csv", "corruption.json", "history.json", "dynamics.npz", "predictions.npz",
              "metrics.json", "final.pt", "train_key", "meta.json", "influences.npy", "self_influence.npy",
-             "checkpoint_self_influence.npy", "curvature.pt", '"checkpoints"', '"influence"'}
+             "checkpoint_self_influence.npy", "curvature.pt", "reviews.sqlite"}
     for module in ("training", "run", "pipeline", "report", "cli", "rundir"):
         text = (ROOT / "influence_core" / f"{module}.py").read_text()
         code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(("#", "```")))
-        found = sorted(n for n in names if re.search(rf"[\"']{re.escape(n.strip(chr(34)))}[\"']", code))
+        found = sorted(n for n in names if re.search(rf"[\"']{re.escape(n)}[\"']", code))
         assert found == [], f"{module}.py spells {found}; use influence_core.paths"

@@ -9,75 +9,144 @@ Conventions used by every method (and stated in the README):
 * Influence ``I(z, z_test) = ∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(z)``; positive = helpful (removing ``z`` raises the
   test loss by about ``I / n``). Self-influence is ``I(z, z)``.
 
+A *method* is a small frozen configuration (:class:`Method`: ``Direct()``, ``CG(maxiter=50)``, ``EKFAC()``, …)
+that builds a fresh :class:`InverseCurvature` for every fit; ``λ`` is not part of either: it is passed to each
+solve as a :class:`~.choices.Damping`, so it lives in one place (the engine).
+
 A *block* is a named set of parameters (``dict[str, nn.Parameter]``); gradients for a block travel as
 ``dict[str, Tensor]`` with a leading batch axis: ``grads[name]`` has shape ``(k, *param.shape)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..errors import InfluenceLensError
 from ..progress import Progress  # progress(stage, done, total)
+from .choices import Curvature, Damping
+from .ops import (
+    SOLVE_BYTES,
+    Batches,
+    Grads,
+    concat,
+    curvature_matvec,
+    detached,
+    hutchinson_mean_eigenvalue,
+    rows_per_chunk,
+    split,
+)
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-"""``(x, y)``: inputs ``(b, ...)`` float32 and labels ``(b,)`` int64, on the engine's device."""
+FLOAT32_RESOLUTION = 1e-6
+"""Smallest usable ``λ`` relative to the largest eigenvalue of its block: gradients and curvature products are
+float32 (relative error ~``6e-8``), and the solve amplifies that error by the condition number
+``(μ_max + λ)/λ``; below this ratio the influences are dominated by rounding (see the README)."""
 
 
-Grads = dict[str, torch.Tensor]
+@dataclass(frozen=True)
+class BlockScale:
+    """Size of one block's curvature: ``mean`` eigenvalue (``trace/p``) and the ``top`` one (``None``: unknown or
+    not asked for)."""
+
+    mean: float | None
+    top: float | None = None
 
 
-class InverseCurvature(ABC):
-    """``(H + λI)⁻¹`` for one parameter block: fit the curvature once, then solve for many vectors.
+@dataclass(frozen=True)
+class Method:
+    """A configured inverse-curvature method; subclasses are frozen dataclasses whose fields are its options.
 
     Subclasses register themselves in :data:`METHODS` under their ``name``.
     """
 
-    name: str = ""
-    supports: tuple[str, ...] = ("gauss-newton", "hessian")
-
-    def __init__(self, regularization: float = 1e-3, curvature: str = "gauss-newton", **options):
-        if curvature not in self.supports:
-            from ..errors import InfluenceLensError
-
-            raise InfluenceLensError(
-                f"Method {self.name!r} does not support curvature {curvature!r}.",
-                f"use one of {', '.join(self.supports)}",
-            )
-        self.regularization = float(regularization)
-        self.curvature = curvature
-        self.options = options
+    name: ClassVar[str] = ""
+    supports: ClassVar[tuple[Curvature, ...]] = (Curvature.GAUSS_NEWTON, Curvature.HESSIAN)
+    inverse_class: ClassVar[type[InverseCurvature]]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.name:
             METHODS[cls.name] = cls
 
+    @classmethod
+    def named(cls, name: str, **options) -> Method:
+        """The method registered as ``name`` with ``options`` (unknown names and options are clear errors)."""
+        if name not in METHODS:
+            raise InfluenceLensError(f"Unknown influence method {name!r}.", f"use one of {', '.join(METHODS)}")
+        method = METHODS[name]
+        fields = {f.name for f in dataclasses.fields(method)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise InfluenceLensError(f"Unknown option(s) for method {name!r}: {', '.join(unknown)}.",
+                                     f"use any of {', '.join(sorted(fields)) or '(none)'}")
+        return method(**options)
+
+    def check_curvature(self, curvature: Curvature) -> None:
+        if curvature not in self.supports:
+            raise InfluenceLensError(f"Method {self.name!r} does not support curvature {curvature.value!r}.",
+                                     f"use one of {', '.join(self.supports)}")
+
+    def inverse(self, curvature: Curvature) -> InverseCurvature:
+        """A new, unfitted inverse of this method for ``curvature``."""
+        self.check_curvature(curvature)
+        return self.inverse_class(self, curvature)
+
+
+def positive(owner: str, **values: float | None) -> None:
+    """Refuse options that must be positive (clear error at construction)."""
+    for key, value in values.items():
+        if value is not None and not value > 0:
+            raise InfluenceLensError(f"{owner} option {key} must be positive, got {value!r}.",
+                                     f"use {owner}({key}=...) with a positive value")
+
+
+class InverseCurvature(ABC):
+    """``(H + λI)⁻¹`` for one parameter block: fit the curvature once, then solve for many vectors and any ``λ``."""
+
+    def __init__(self, method: Method, curvature: Curvature):
+        self.method = method
+        self.curvature = curvature
+
     @abstractmethod
-    def fit(
-        self,
-        model: nn.Module,
-        params: dict[str, nn.Parameter],
-        batches: Callable[[], Iterable[Batch]],
-        n_samples: int,
-        progress: Progress | None = None,
-    ) -> "InverseCurvature":
+    def fit(self, model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, n_samples: int,
+            progress: Progress | None = None) -> InverseCurvature:
         """Fit the curvature of the mean training loss w.r.t. ``params``.
 
-        ``batches()`` returns a fresh iterator over the training set in chunks (call it once per pass);
-        ``n_samples`` is the number of training samples it yields in total. ``model`` is in eval mode.
+        ``n_samples`` is the number of training samples ``batches()`` yields in total. ``model`` is in eval mode.
         """
 
     @abstractmethod
-    def solve(self, grads: Grads) -> Grads:
+    def solve(self, grads: Grads, damping: Damping) -> Grads:
         """Return ``(H + λI)⁻¹ g`` for each of the ``k`` vectors in ``grads`` (same shapes)."""
 
-    def set_regularization(self, value: float) -> None:
-        """Change ``λ``; methods with a fitted eigendecomposition reuse it instead of refitting."""
-        self.regularization = float(value)
+    @abstractmethod
+    def block_scales(self, with_mean: bool) -> dict[str, BlockScale]:
+        """The curvature's scale per block of this method; the mean eigenvalue (what relative damping is relative
+        to) only ``with_mean`` (matrix-free methods estimate it with extra passes over the data)."""
+
+    def block_regularization(self, damping: Damping) -> dict[str, float]:
+        """``λ`` per block; refuses a ``λ`` below :data:`FLOAT32_RESOLUTION` × the block's top eigenvalue."""
+        out = {}
+        for block, scale in self.block_scales(with_mean=damping.relative_to_mean).items():
+            lam = damping.resolve(scale.mean)
+            if not math.isfinite(lam) or lam <= 0:
+                raise InfluenceLensError(f"Block {block!r} has no curvature to take λ relative to (λ = {lam:g}).",
+                                         "use an absolute regularization, e.g. 1e-3")
+            if scale.top is not None and lam < FLOAT32_RESOLUTION * scale.top:
+                raise InfluenceLensError(
+                    f"λ = {lam:.3g} is below what float32 gradients resolve for block {block or '(all)'!r}, whose "
+                    f"largest curvature eigenvalue is {scale.top:.3g} (condition number "
+                    f"{(scale.top + lam) / lam:.2g}); influences would be rounding noise.",
+                    f"use regularization ≥ {FLOAT32_RESOLUTION * scale.top:.2g}, or relative damping (e.g. rel:0.1)")
+            out[block] = lam
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Fitted tensors, for the on-disk cache (empty when the method keeps nothing worth caching)."""
@@ -85,7 +154,8 @@ class InverseCurvature(ABC):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
-            raise NotImplementedError(f"{type(self).__name__} cannot load a cached state")
+            raise InfluenceLensError(f"Method {self.method.name!r} cannot load a cached state.",
+                                     "delete the cache and fit again")
 
 
 class EigenbasisInverse(InverseCurvature):
@@ -103,9 +173,58 @@ class EigenbasisInverse(InverseCurvature):
         """``(block, r)`` per block: coordinates ``r (b, ...)`` of each sample's loss gradient in the basis."""
 
     @abstractmethod
-    def inverse_diagonal(self) -> dict[str, torch.Tensor]:
+    def inverse_diagonal(self, damping: Damping) -> dict[str, torch.Tensor]:
         """``d`` per block, shaped like one sample's coordinates: ``1 / (eigenvalue + λ)``."""
 
 
-METHODS: dict[str, type[InverseCurvature]] = {}
-"""Method name → class; filled as method modules are imported."""
+class IterativeInverse(InverseCurvature):
+    """Base of the methods that solve against the training data at every call (``cg``, ``lissa``).
+
+    :meth:`fit` keeps the data (nothing is cached on disk); :meth:`solve` iterates ``rhs_chunk`` stacked
+    right-hand sides at a time (default: as many as fit ``SOLVE_BYTES`` per vector) through
+    :meth:`solve_chunk`, which subclasses implement with :meth:`curvature_product`.
+    Relative damping uses ``trace(H)/p`` estimated with Rademacher probes (:func:`.ops.hutchinson_mean_eigenvalue`).
+    """
+
+    rhs_chunk: int | None = None
+
+    def keep_data(self, model, params, batches, n_samples, progress) -> None:
+        self.data = (model, params, batches, n_samples)
+        self.progress = progress  # subclasses also report their solve iterations through it
+        self.mean_eigenvalue: float | None = None
+
+    def curvature_product(self, vectors: Grads) -> Grads:
+        """``H v`` (without ``λ``) for each stacked vector: one pass over the training set."""
+        model, params, batches, n_samples = self.fitted_data()
+        return curvature_matvec(model, params, batches, n_samples, self.curvature, vectors)
+
+    def fitted_data(self):
+        if not hasattr(self, "data"):
+            raise InfluenceLensError(f"Method {self.method.name!r} has no training data to solve against.",
+                                     f"call fit() ({self.method.name} keeps no cached state)")
+        return self.data
+
+    def block_scales(self, with_mean: bool) -> dict[str, BlockScale]:
+        if with_mean and self.mean_eigenvalue is None:
+            self.mean_eigenvalue = hutchinson_mean_eigenvalue(self.curvature_product, detached(self.fitted_data()[1]))
+        return {"": BlockScale(self.mean_eigenvalue, self.top_eigenvalue())}
+
+    def top_eigenvalue(self) -> float | None:
+        """The largest eigenvalue of ``H`` when the method knows it (for the float32 check), else ``None``."""
+        return None
+
+    def solve(self, grads: Grads, damping: Damping) -> Grads:
+        params = self.fitted_data()[1]
+        (lam,) = self.block_regularization(damping).values()
+        k = next(iter(grads.values())).shape[0]
+        size = self.rhs_chunk or rows_per_chunk(params, k, SOLVE_BYTES)
+        return concat([self.solve_chunk(part, lam) for part in split(grads, size)])
+
+    @abstractmethod
+    def solve_chunk(self, b: Grads, lam: float) -> Grads:
+        """``(H + λI)⁻¹ b`` for one group of stacked right-hand sides."""
+
+
+METHODS: dict[str, type[Method]] = {}
+"""Method name → configuration class; filled as method modules are imported (``direct``, ``cg``, ``lissa``,
+``arnoldi``, ``kfac``, ``ekfac``)."""

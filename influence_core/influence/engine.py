@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -15,11 +16,23 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from ..errors import InfluenceLensError
+from ..progress import Progress
 from ..storage import resolve_device
-from .base import METHODS, Batch, EigenbasisInverse, Grads, InverseCurvature, Progress
-from .ops import (CURVATURES, GRAD_CHUNK_BYTES, SOLVE_BYTES, concat, detached, iter_per_sample_grads, row_dot,
-                  rows_per_chunk, split)
-
+from .base import EigenbasisInverse, InverseCurvature, Method
+from .choices import Curvature, Damping, Scope, ScopeArg, parse_scope
+from .direct import Direct
+from .ops import (
+    GRAD_CHUNK_BYTES,
+    SOLVE_BYTES,
+    Batches,
+    Grads,
+    concat,
+    detached,
+    iter_per_sample_grads,
+    row_dot,
+    rows_per_chunk,
+    split,
+)
 
 FACTOR_BYTES = 2**30
 """Test factors stay float32 up to this many bytes, or a third of the device's available memory if that is more;
@@ -40,22 +53,33 @@ def factor_budget(device: torch.device) -> int:
     return max(FACTOR_BYTES, available // 3)
 
 
+class ImageSource(Protocol):
+    """Images that need not be in memory at once: ``len(x)`` and ``x[a:b]`` → float32 ``(b − a, C, H, W)``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+
+
+Images = torch.Tensor | ImageSource
+
+
 @dataclass
-class TestFactors:
+class InfluenceFactors:
     """``(H + λI)⁻¹ ∇ℓ(z_test)`` for ``n`` test points: ``factors[name]`` has shape ``(n, *param.shape)``.
 
     With ``in_basis`` (methods that are diagonal in a per-layer eigenbasis, :class:`EigenbasisInverse`) the
     keys are the method's blocks and the values the solved vectors' coordinates in that basis.
-    Computed once by :meth:`InfluenceModel.test_factors`; tied to the regularization it was solved with.
+    Computed once by :meth:`InfluenceModel.test_factors`; tied to the damping it was solved with.
     Blocks over :func:`factor_budget` (``all`` scope on a ResNet: 45 MB per test point) are stored as float16
-    values in ``[-1, 1]`` times ``scales[name]`` ``(n,)`` (relative precision ~5e-4); read them with :meth:`rows`.
+    values in ``[-1, 1]`` times ``scales[name]`` ``(n,)``; read them with :meth:`rows`. That changed a
+    whole-network influence matrix by 1.5e-3 (relative, measured; see the README).
     """
 
     factors: Grads
-    regularization: float
+    damping: Damping
     scales: dict[str, torch.Tensor] | None = None
     in_basis: bool = False
-    __test__ = False  # not a pytest test class, despite the name
 
     def __len__(self) -> int:
         return next(iter(self.factors.values())).shape[0]
@@ -67,21 +91,20 @@ class TestFactors:
         return part if self.scales is None else part * self.scales[name][start:stop, None]
 
     @classmethod
-    def join(cls, parts: list["TestFactors"]) -> "TestFactors":
+    def join(cls, parts: list[InfluenceFactors]) -> InfluenceFactors:
         """Test factors of consecutive test chunks (computed apart, e.g. on several workers) as one block."""
         first = parts[0]
-        if any(p.regularization != first.regularization or p.in_basis != first.in_basis
+        if any(p.damping != first.damping or p.in_basis != first.in_basis
                or (p.scales is None) != (first.scales is None) for p in parts):
             raise InfluenceLensError("These test factors were computed with different settings.",
                                      "compute every chunk with the same influence model")
-        scales = concat([p.scales for p in parts]) if first.scales is not None else None
-        return cls(concat([p.factors for p in parts]), first.regularization, scales, first.in_basis)
+        scales = concat([p.scales for p in parts if p.scales is not None]) if first.scales is not None else None
+        return cls(concat([p.factors for p in parts]), first.damping, scales, first.in_basis)
 
     @staticmethod
     def compress(factors: Grads) -> tuple[Grads, dict[str, torch.Tensor]]:
         scales = {n: f.reshape(f.shape[0], -1).abs().amax(1).clamp_min(1e-30) for n, f in factors.items()}
-        shape = lambda f: (-1,) + (1,) * (f.dim() - 1)  # noqa: E731
-        return {n: (f / scales[n].view(shape(f))).half() for n, f in factors.items()}, scales
+        return {n: (f / scales[n].view((-1,) + (1,) * (f.dim() - 1))).half() for n, f in factors.items()}, scales
 
 
 @contextmanager
@@ -110,160 +133,183 @@ def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
         raise InfluenceLensError(f"The model ({type(model).__name__}) has no nn.Linear layer to use as its head.",
-                                 "use a classifier that ends in an nn.Linear layer")
+                                 "use scope 'all' or a list of module names, or a classifier that ends in nn.Linear")
     return found[-1]
 
 
+DEFAULT_METHOD = Direct()
+
+
 class InfluenceModel:
-    """Influence functions ``I(z, z_test) = ∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(z)`` for an image classifier.
+    """Influence functions ``I(z, z_test) = ∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(z)`` for an image classifier, shaped like a
+    scikit-learn estimator: the constructor only stores its parameters, :meth:`fit` builds the fitted state
+    (trailing-underscore attributes), and anything else before :meth:`fit` is a clear not-fitted error.
 
-    ``scope`` picks the parameters: ``"head"`` (the last ``nn.Linear``, on cached backbone features — the
-    backbone runs once per image set), ``"all"`` (every Conv2d and Linear weight and bias) or a list of
-    module names (their parameters). ``method`` is a key of :data:`METHODS` (``direct``, ``cg``, ``lissa``,
-    ``arnoldi``, ``kfac``, ``ekfac``); ``method_options`` go to its constructor.
-    ``regularization`` is ``λ``; ``curvature`` is ``"gauss-newton"`` or ``"hessian"``. ``progress(stage,
-    done, total)`` is called during long loops (stages: ``features``, the method's own fit stages, ``test factors``,
-    ``influences``, ``self-influence``, ``saliency``). The model is moved to ``device`` and kept in eval mode.
+    * ``method``: a configured method (``Direct()``, ``CG(maxiter=50)``, ``LiSSA()``, ``Arnoldi(rank=50)``,
+      ``KFAC()``, ``EKFAC()``; by name: ``Method.named("ekfac")``).
+    * ``scope``: ``"head"`` (the last ``nn.Linear``, on backbone features computed once per image set),
+      ``"all"`` (every Conv2d and Linear weight and bias) or module names (their parameters).
+    * ``regularization``: ``λ``, a float (absolute) or a :class:`Damping` (e.g. ``Damping.relative(0.1)``).
+    * ``curvature``: ``"gauss-newton"`` or ``"hessian"``.
+    * ``progress(stage, done, total)`` is called during long loops (stages: ``features``, the method's own fit
+      stages, ``test factors``, ``influences``, ``self-influence``, ``saliency``).
 
-    Computations run in full float32 on CUDA (TF32 off, see :func:`full_fp32`). Inputs are ``x (n, C, H, W)``
-    float32 and ``y (n,)`` int64 tensors (CPU is fine); they are streamed to the device in chunks of
-    ``batch_size``. Head features are cached per tensor object, so pass the same
-    ``x_train`` tensor to ``fit``, ``influences`` and ``self_influence`` to run the backbone once.
+    :meth:`fit` moves the model to ``device`` and puts it in eval mode. Computations run in full float32 on CUDA
+    (TF32 off, see :func:`full_fp32`). Images ``x`` are a float32 ``(n, C, H, W)`` tensor or an
+    :class:`ImageSource` (never materialised: streamed to the device in chunks of ``batch_size``); labels ``y``
+    are ``(n,)`` integers. Where ``x``/``y`` are optional, ``None`` means the training set given to :meth:`fit`
+    (for the head scope its features were computed there, so the backbone does not run again).
     """
 
-    def __init__(self, model: nn.Module, scope: str | list[str] = "head", method: str = "direct",
-                 curvature: str = "gauss-newton", regularization: float = 1e-3, device: str | torch.device = "auto",
-                 batch_size: int = 64, progress: Progress | None = None, **method_options):
-        if method not in METHODS:
-            raise InfluenceLensError(f"Unknown influence method {method!r}.",
-                                     f"use one of {', '.join(sorted(METHODS))}")
-        if curvature not in CURVATURES:
-            raise InfluenceLensError(f"Unknown curvature {curvature!r}.", f"use one of {', '.join(CURVATURES)}")
-        if not regularization > 0:
-            raise InfluenceLensError(f"regularization must be positive, got {regularization!r}.", "use e.g. 1e-3")
+    def __init__(self, model: nn.Module, method: Method = DEFAULT_METHOD,
+                 scope: ScopeArg | str | Sequence[str] = Scope.HEAD, regularization: float | Damping = 1e-3,
+                 curvature: Curvature | str = Curvature.GAUSS_NEWTON, device: str | torch.device = "auto",
+                 batch_size: int = 64, progress: Progress | None = None):
+        if not isinstance(method, Method):
+            raise InfluenceLensError(f"method must be a configured method object, got {method!r}.",
+                                     "pass e.g. EKFAC() or Method.named('ekfac')")
         if int(batch_size) < 1:
             raise InfluenceLensError(f"batch_size must be at least 1, got {batch_size!r}.", "use e.g. 64")
-        self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
-        self.scope, self.method, self.curvature = scope, method, curvature
-        self.regularization, self.batch_size, self.progress = float(regularization), int(batch_size), progress
-        self.method_options = method_options
-        self.head_name, self.head = _last_linear(self.model)
-        self.params, self.full_names = self._select_params(scope)
-        self.inverse: InverseCurvature = METHODS[method](regularization=regularization, curvature=curvature,
-                                                         **method_options)
-        self._fitted = False
-        self._feature_cache: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        self.model, self.method, self.scope = model, method, parse_scope(scope)
+        self.regularization = Damping.of(regularization)
+        self.curvature = Curvature.parse(curvature)
+        method.check_curvature(self.curvature)
+        self.device, self.batch_size, self.progress = device, int(batch_size), progress
 
-    # ----------------------------------------------------------------- scope
-    def _select_params(self, scope) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
-        """The block's parameters (names as the block's model sees them) and their names in the full model."""
-        if scope == "head":
-            params = dict(self.head.named_parameters())
-            return params, {n: f"{self.head_name}.{n}" if self.head_name else n for n in params}
+    # ----------------------------------------------------------------- fitted state
+    def _prepare(self) -> None:
+        """Device, eval mode and the scope's parameters: the part of the fitted state that needs no data."""
+        self.device_ = resolve_device(self.device)
+        self.model.to(self.device_).eval()
+        if self.scope == Scope.HEAD:
+            self.head_name_, head = _last_linear(self.model)
+            self.block_model_: nn.Module = head
+            self.params_ = dict(head.named_parameters())
+            self.full_names_ = {n: f"{self.head_name_}.{n}" if self.head_name_ else n for n in self.params_}
+        else:
+            self.block_model_ = self.model
+            self.params_ = self._scope_params()
+            self.full_names_ = {n: n for n in self.params_}
+        self.inverse_: InverseCurvature = self.method.inverse(self.curvature)
+
+    def _scope_params(self) -> dict[str, nn.Parameter]:
         modules = dict(self.model.named_modules())
-        if scope == "all":
+        if self.scope == Scope.ALL:
             chosen = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        elif isinstance(scope, (list, tuple)) and scope and all(isinstance(n, str) for n in scope):
-            missing = [n for n in scope if n not in modules]
+        else:
+            missing = [n for n in self.scope if n not in modules]
             if missing:
                 examples = ", ".join(n for n in list(modules)[1:6])
                 raise InfluenceLensError(f"Scope names modules the model does not have: {', '.join(missing)}.",
                                          f"use module names from model.named_modules(), e.g. {examples}")
-            chosen = list(scope)
-        else:
-            raise InfluenceLensError(f"Unknown scope {scope!r}.", "use 'head', 'all' or a list of module names")
-        params = {}
+            chosen = list(self.scope)
+        params: dict[str, nn.Parameter] = {}
         for name in chosen:
             for pname, p in modules[name].named_parameters(prefix=name, recurse=True):
                 params.setdefault(pname, p)
         if not params:
-            raise InfluenceLensError(f"Scope {scope!r} selects no parameters.", "pick modules that have weights")
-        return params, {n: n for n in params}
+            raise InfluenceLensError(f"Scope {self.scope!r} selects no parameters.", "pick modules that have weights")
+        return params
+
+    def _require_fitted(self) -> None:
+        if not hasattr(self, "fitted_"):
+            raise InfluenceLensError("This InfluenceModel is not fitted yet.",
+                                     "call fit(x_train, y_train) (or load_state_dict) first")
 
     @property
-    def _block_model(self) -> nn.Module:
-        return self.head if self.scope == "head" else self.model
-
-    @property
-    def _in_basis(self) -> bool:
+    def in_basis_(self) -> bool:
         """Whether influences are scored in the method's eigenbasis (see :class:`EigenbasisInverse`)."""
-        return isinstance(self.inverse, EigenbasisInverse)
+        return isinstance(self.inverse_, EigenbasisInverse)
+
+    def block_regularization(self) -> dict[str, float]:
+        """The ``λ`` each block of the fitted method uses (relative damping resolved): block → λ."""
+        self._require_fitted()
+        return self.inverse_.block_regularization(self.regularization)
 
     # ----------------------------------------------------------------- data
-    def _check(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate inputs (every public call passes here, so it also re-asserts eval mode)."""
-        self.model.eval()
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
-        if x.dim() != 4 or not x.is_floating_point():
-            raise InfluenceLensError(f"Images must be a float tensor of shape (n, C, H, W), got {tuple(x.shape)} "
-                                     f"{x.dtype}.", "pass x as float32 (n, C, H, W)")
+    def _check(self, x: Images, y) -> tuple[Images, torch.Tensor]:
+        """Validate images and labels without reading more than one image."""
+        if isinstance(x, torch.Tensor):
+            first = x[:1]
+        elif hasattr(x, "__len__") and hasattr(x, "__getitem__"):
+            first = x[0:1] if len(x) else torch.empty(0, 1, 1, 1)
+        else:
+            raise InfluenceLensError(f"Images must be a float tensor (n, C, H, W) or an image source with len() and "
+                                     f"slicing, got {type(x).__name__}.", "pass x as float32 (n, C, H, W)")
+        if not isinstance(first, torch.Tensor) or first.dim() != 4 or not first.is_floating_point():
+            shape = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
+            raise InfluenceLensError(f"Images must be float (n, C, H, W), got {shape} "
+                                     f"{getattr(first, 'dtype', '')}.", "pass x as float32 (n, C, H, W)")
+        y = torch.as_tensor(y)
         if y.dim() != 1 or len(y) != len(x) or y.dtype not in (torch.int64, torch.int32):
             raise InfluenceLensError(f"Labels must be an integer tensor of shape ({len(x)},), got {tuple(y.shape)} "
                                      f"{y.dtype}.", "pass y as int64 (n,)")
         return x, y.long()
 
+    def _block_data(self, x: Images | None, y) -> tuple[Images, torch.Tensor]:
+        """What the block's model takes (images, or head features ``(n, d)`` on the device) and labels."""
+        self._require_fitted()
+        if x is None and y is None:
+            if not hasattr(self, "train_inputs_"):
+                raise InfluenceLensError("This influence model was loaded from a state, not fitted on a training set.",
+                                         "pass the training images and labels explicitly")
+            return self.train_inputs_, self.y_train_
+        if x is None or y is None:
+            raise InfluenceLensError("Pass both x and y, or neither (the training set).", "pass x and y together")
+        x, y = self._check(x, y)
+        return (self._features(x) if self.scope == Scope.HEAD else x), y
+
     def _chunks(self, n: int) -> Iterator[slice]:
         for start in range(0, n, self.batch_size):
             yield slice(start, min(start + self.batch_size, n))
 
-    def _inputs(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
-        """What the block's model takes for ``x[rows]``, on the device: images, or head features ``(b, d)``."""
-        if self.scope == "head":
-            return self._features(x)[rows]
-        return x[rows].to(self.device, torch.float32)
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """Head inputs ``(n, d)`` for images ``x``; the backbone runs once per tensor (cached by identity)."""
-        for ref, version, feats in self._feature_cache:
-            if ref is x and ref._version == version:
-                return feats
+    def _features(self, x: Images) -> torch.Tensor:
+        """Head inputs ``(n, d)`` on the device for images ``x`` (one backbone pass, in chunks)."""
         captured = []
-        handle = self.head.register_forward_hook(lambda m, inp, out: captured.append((inp[0].detach(), out.detach())))
+        head = self.block_model_
+        handle = head.register_forward_hook(lambda m, inp, out: captured.append((inp[0].detach(), out.detach())))
         parts = []
         try:
             with torch.no_grad():
                 for i, rows in enumerate(self._chunks(len(x))):
-                    logits = self.model(x[rows].to(self.device, torch.float32))
+                    logits = self.model(x[rows].to(self.device_, torch.float32))
                     feats, head_out = captured.pop()
                     if i == 0 and not torch.allclose(head_out, logits, atol=1e-5, rtol=1e-4):
                         raise InfluenceLensError(
-                            f"The model's output is not the output of its last nn.Linear ({self.head_name!r}); "
+                            f"The model's output is not the output of its last nn.Linear ({self.head_name_!r}); "
                             "the head scope needs logits = head(features).",
                             "use scope 'all' or a list of module names")
                     parts.append(feats.reshape(len(feats), -1))
                     self._report("features", rows.stop, len(x))
         finally:
             handle.remove()
-        feats = torch.cat(parts)
-        self._feature_cache = self._feature_cache[-2:] + [(x, x._version, feats)]
-        return feats
+        return torch.cat(parts)
 
-    def _batches(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], Iterator[Batch]]:
+    def _batches(self, x: Images, y: torch.Tensor) -> Batches:
         def batches():
             for rows in self._chunks(len(x)):
-                yield self._inputs(x, rows), y[rows].to(self.device)
+                yield x[rows].to(self.device_, torch.float32), y[rows].to(self.device_)
         return batches
 
-    def _grads(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> Iterator[tuple[slice, Grads]]:
+    def _grads(self, x: Images, y: torch.Tensor, stage: str) -> Iterator[tuple[slice, Grads]]:
         """Per-sample gradients ``∇ℓ_i`` of the block, in memory-bounded chunks: ``(rows, grads)``."""
-        for rows in self._chunks(len(x)):
-            inputs, labels = self._inputs(x, rows), y[rows].to(self.device)
-            for sub, g in iter_per_sample_grads(self._block_model, self.params, inputs, labels):
+        for rows, (inputs, labels) in zip(self._chunks(len(x)), self._batches(x, y)(), strict=True):
+            for sub, g in iter_per_sample_grads(self.block_model_, self.params_, inputs, labels):
                 yield slice(rows.start + sub.start, rows.start + sub.stop), g
             self._report(stage, rows.stop, len(x))
 
-    def _basis_grads(self, x: torch.Tensor, y: torch.Tensor, stage: str):
+    def _basis_grads(self, x: Images, y: torch.Tensor, stage: str):
         """Per chunk ``(rows, blocks)``: ``blocks`` yields ``(block, coordinates (b, ...))`` in the eigenbasis."""
-        for rows in self._chunks(len(x)):
-            yield rows, self.inverse.basis_grads(self._block_model, self.params, self._inputs(x, rows),
-                                                 y[rows].to(self.device))
+        inverse = self.inverse_
+        assert isinstance(inverse, EigenbasisInverse)
+        for rows, (inputs, labels) in zip(self._chunks(len(x)), self._batches(x, y)(), strict=True):
+            yield rows, inverse.basis_grads(self.block_model_, self.params_, inputs, labels)
             self._report(stage, rows.stop, len(x))
 
-    def _grad_groups(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> Iterator[tuple[slice, Grads]]:
+    def _grad_groups(self, x: Images, y: torch.Tensor, stage: str) -> Iterator[tuple[slice, Grads]]:
         """Like :meth:`_grads`, but merged into groups as large as one batched solve takes (for a linear head:
         hundreds of rows, so an iterative method makes one pass per iteration for all of them)."""
-        target = rows_per_chunk(self.params, len(x), SOLVE_BYTES)
+        target = rows_per_chunk(self.params_, len(x), SOLVE_BYTES)
         pending: list[tuple[slice, Grads]] = []
         for rows, g in self._grads(x, y, stage):
             pending.append((rows, g))
@@ -277,45 +323,44 @@ class InfluenceModel:
         if self.progress:
             self.progress(stage, done, total)
 
-    def _require_fitted(self) -> None:
-        if not self._fitted:
-            raise InfluenceLensError("The influence model is not fitted yet.", "call fit(x_train, y_train) first")
-
     # ----------------------------------------------------------------- public API
     @_fp32
-    def fit(self, x_train, y_train) -> "InfluenceModel":
+    def fit(self, x_train: Images, y_train) -> InfluenceModel:
         """Fit ``(H + λI)⁻¹`` on the training set ``x_train (n, C, H, W)``, ``y_train (n,)``."""
         x, y = self._check(x_train, y_train)
         if len(x) == 0:
             raise InfluenceLensError("The training set is empty.", "pass at least one training image")
-        self.inverse.fit(self._block_model, self.params, self._batches(x, y), len(x), self.progress)
-        self._fitted = True
+        self._prepare()
+        self.train_inputs_ = self._features(x) if self.scope == Scope.HEAD else x
+        self.y_train_ = y
+        self.inverse_.fit(self.block_model_, self.params_, self._batches(self.train_inputs_, y), len(x), self.progress)
+        self.fitted_ = True
         return self
 
     def _solve(self, grads: Grads) -> Grads:
         """Solve for ``k`` stacked vectors in memory-bounded groups of rows."""
-        size = rows_per_chunk(self.params, next(iter(grads.values())).shape[0], SOLVE_BYTES)
-        return concat([self.inverse.solve(part) for part in split(grads, size)])
+        size = rows_per_chunk(self.params_, next(iter(grads.values())).shape[0], SOLVE_BYTES)
+        return concat([self.inverse_.solve(part, self.regularization) for part in split(grads, size)])
 
     @_fp32
-    def test_factors(self, x_test, y_test) -> TestFactors:
+    def test_factors(self, x_test: Images, y_test) -> InfluenceFactors:
         """``(H + λI)⁻¹ ∇ℓ(z_test)`` for every test point, solved once (right-hand sides batched as memory
         allows; test gradients are streamed, never all held at once)."""
-        self._require_fitted()
-        x, y = self._check(x_test, y_test)
-        compress = len(x) * 4 * sum(p.numel() for p in self.params.values()) > factor_budget(self.device)
+        x, y = self._block_data(x_test, y_test)
+        compress = len(x) * 4 * sum(p.numel() for p in self.params_.values()) > factor_budget(self.device_)
         parts, scales = [], []
         for solved in self._solved(x, y, "test factors"):
             if compress:
-                solved, scale = TestFactors.compress(solved)
+                solved, scale = InfluenceFactors.compress(solved)
                 scales.append(scale)
             parts.append(solved)
-        return TestFactors(concat(parts), self.regularization, concat(scales) if compress else None, self._in_basis)
+        return InfluenceFactors(concat(parts), self.regularization, concat(scales) if compress else None,
+                                self.in_basis_)
 
-    def _solved(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> Iterator[Grads]:
-        """``(H + λI)⁻¹ ∇ℓ_i`` chunk by chunk, in parameter space or (``_in_basis``) as eigenbasis coordinates."""
-        if self._in_basis:
-            inverse = self.inverse.inverse_diagonal()
+    def _solved(self, x: Images, y: torch.Tensor, stage: str) -> Iterator[Grads]:
+        """``(H + λI)⁻¹ ∇ℓ_i`` chunk by chunk, in parameter space or (``in_basis_``) as eigenbasis coordinates."""
+        if isinstance(self.inverse_, EigenbasisInverse):
+            inverse = self.inverse_.inverse_diagonal(self.regularization)
             for _, blocks in self._basis_grads(x, y, stage):
                 yield {key: r * inverse[key] for key, r in blocks}
         else:
@@ -323,11 +368,11 @@ class InfluenceModel:
                 yield self._solve(g)
 
     @_fp32
-    def influences(self, factors: TestFactors, x_train, y_train) -> np.ndarray:
-        """``I[t, i] = F_tᵀ ∇ℓ(z_i)``: ``(n_test, n_train)`` float32, positive = helpful (removing ``z_i``
-        raises test point ``t``'s loss by about ``I[t, i] / n_train``). Training gradients are streamed."""
+    def influences_from_factors(self, factors: InfluenceFactors, x: Images | None = None, y=None) -> np.ndarray:
+        """``I[t, i] = F_tᵀ ∇ℓ(z_i)``: ``(n_test, n)`` float32, positive = helpful (removing ``z_i`` raises test
+        point ``t``'s loss by about ``I[t, i] / n_train``). ``x``/``y`` default to the training set; streamed."""
         self._check_factors(factors)
-        x, y = self._check(x_train, y_train)
+        x, y = self._block_data(x, y)
         k = len(factors)
         out = torch.zeros(k, len(x), dtype=torch.float32)
         if factors.in_basis:
@@ -342,14 +387,17 @@ class InfluenceModel:
                     out[start:start + step, rows] += (factors.rows(n, start, start + step) @ gn).cpu()
         return out.numpy()
 
+    def influences(self, x_test: Images, y_test, x: Images | None = None, y=None) -> np.ndarray:
+        """:meth:`test_factors` then :meth:`influences_from_factors`: ``(n_test, n)`` float32."""
+        return self.influences_from_factors(self.test_factors(x_test, y_test), x, y)
+
     @_fp32
-    def self_influence(self, x_train, y_train) -> np.ndarray:
-        """``I(z_i, z_i) = ∇ℓ_iᵀ (H + λI)⁻¹ ∇ℓ_i`` for every training point: ``(n,)`` float32."""
-        self._require_fitted()
-        x, y = self._check(x_train, y_train)
+    def self_influence(self, x: Images | None = None, y=None) -> np.ndarray:
+        """``I(z_i, z_i) = ∇ℓ_iᵀ (H + λI)⁻¹ ∇ℓ_i`` for every point (default: the training set): ``(n,)`` float32."""
+        x, y = self._block_data(x, y)
         out = torch.empty(len(x), dtype=torch.float32)
-        if self._in_basis:
-            inverse = self.inverse.inverse_diagonal()
+        if isinstance(self.inverse_, EigenbasisInverse):
+            inverse = self.inverse_.inverse_diagonal(self.regularization)
             for rows, blocks in self._basis_grads(x, y, "self-influence"):
                 out[rows] = sum((r.square() * inverse[key]).flatten(1).sum(1) for key, r in blocks).cpu()
         else:
@@ -358,25 +406,24 @@ class InfluenceModel:
         return out.numpy()
 
     @_fp32
-    def saliency(self, x_test, y_test, x_train, y_train) -> np.ndarray:
+    def saliency(self, x_test: Images, y_test, x_train: Images, y_train) -> np.ndarray:
         """Perturbation influence ``∂I(z_i, z_test)/∂x_i`` summed (signed) over colour channels: ``(k, H, W)``.
 
         Positive at a pixel means brightening that pixel in all channels makes ``z_i`` more helpful for
         ``z_test``. ``x_test``/``y_test`` hold one test point (``(1, C, H, W)`` or ``(C, H, W)``); the test
         factor is a constant and the gradient goes back through ``∇_θ ℓ(z_i)`` (double backward).
         """
-        x_test, y_test = torch.as_tensor(x_test), torch.as_tensor(y_test)
-        if x_test.dim() == 3:
-            x_test, y_test = x_test[None], y_test.reshape(1)
+        self._require_fitted()
+        if isinstance(x_test, torch.Tensor) and x_test.dim() == 3:
+            x_test, y_test = x_test[None], torch.as_tensor(y_test).reshape(1)
         x_test, y_test = self._check(x_test, y_test)
         if len(x_test) != 1:
             raise InfluenceLensError(f"saliency takes one test point, got {len(x_test)}.", "pass x_test[i:i+1]")
-        self._require_fitted()
-        (_, g), = self._grads(x_test, y_test, "test factors")
+        (_, g), = self._grads(*self._block_data(x_test, y_test), "test factors")
         solved = self._solve(g)  # in parameter space: the double backward runs through parameter gradients
         x, y = self._check(x_train, y_train)
-        full_params = {self.full_names[n]: p for n, p in detached(self.params).items()}
-        test_factor = {self.full_names[n]: solved[n][0] for n in self.params}
+        full_params = {self.full_names_[n]: p for n, p in detached(self.params_).items()}
+        test_factor = {self.full_names_[n]: solved[n][0] for n in self.params_}
 
         def influence_sum(images, labels):
             def loss(p):
@@ -385,42 +432,42 @@ class InfluenceModel:
             return sum((g[n] * test_factor[n]).sum() for n in g)
 
         out = []
-        for rows in self._chunks(len(x)):
+        for rows, (images, labels) in zip(self._chunks(len(x)), self._batches(x, y)(), strict=True):
             with torch.no_grad():  # torch.func still differentiates; no graph towards the other parameters
-                pixels = grad(influence_sum)(x[rows].to(self.device, torch.float32), y[rows].to(self.device))
+                pixels = grad(influence_sum)(images, labels)
             out.append(pixels.sum(1).cpu())
             self._report("saliency", rows.stop, len(x))
         return torch.cat(out).numpy().astype(np.float32)
 
-    def set_regularization(self, value: float) -> None:
-        """Change ``λ``; ``direct`` and ``arnoldi`` reuse their decomposition, nothing is refitted."""
-        if not value > 0:
-            raise InfluenceLensError(f"regularization must be positive, got {value!r}.", "use e.g. 1e-3")
-        self.regularization = float(value)
-        self.inverse.set_regularization(value)
+    def set_regularization(self, value: float | Damping) -> None:
+        """Change ``λ``; nothing is refitted (test factors computed before must be computed again)."""
+        self.regularization = Damping.of(value)
 
-    def _check_factors(self, factors: TestFactors) -> None:
+    def _check_factors(self, factors: InfluenceFactors) -> None:
         self._require_fitted()
-        if not isinstance(factors, TestFactors):
-            raise InfluenceLensError("influences() takes the TestFactors returned by test_factors().",
+        if not isinstance(factors, InfluenceFactors):
+            raise InfluenceLensError("influences_from_factors() takes the InfluenceFactors of test_factors().",
                                      "call F = im.test_factors(x_test, y_test) first")
-        if factors.in_basis != self._in_basis:
+        if factors.in_basis != self.in_basis_:
             raise InfluenceLensError("These test factors come from an influence model with another method.",
                                      "call test_factors() on this influence model")
-        if factors.regularization != self.regularization:
+        if factors.damping != self.regularization:
             raise InfluenceLensError(
-                f"These test factors were solved with λ = {factors.regularization:g}, but λ is now "
-                f"{self.regularization:g}.", "call test_factors() again after set_regularization()")
+                f"These test factors were solved with λ = {factors.damping}, but λ is now {self.regularization}.",
+                "call test_factors() again after set_regularization()")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The fitted curvature tensors of the method (empty for ``cg``/``lissa``, which keep none)."""
         self._require_fitted()
-        return self.inverse.state_dict()
+        return self.inverse_.state_dict()
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore a fitted curvature from :meth:`state_dict` instead of calling :meth:`fit`."""
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> InfluenceModel:
+        """Restore a fitted curvature from :meth:`state_dict` instead of calling :meth:`fit` (influences then take
+        the training images explicitly)."""
         if not state:
-            raise InfluenceLensError(f"Method {self.method!r} keeps no cached curvature state.",
+            raise InfluenceLensError(f"Method {self.method.name!r} keeps no cached curvature state.",
                                      "call fit(x_train, y_train) instead of load_state_dict()")
-        self.inverse.load_state_dict({k: v.to(self.device) for k, v in state.items()})
-        self._fitted = True
+        self._prepare()
+        self.inverse_.load_state_dict({k: v.to(self.device_) for k, v in state.items()})
+        self.fitted_ = True
+        return self

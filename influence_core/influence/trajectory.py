@@ -49,7 +49,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..errors import InfluenceLensError
-from ..paths import InfluencePaths, RunPaths
+from ..paths import InfluencePaths
 from ..progress import Progress
 from ..storage import atomic_write_json, file_hash, resolve_device, stable_hash
 
@@ -154,8 +154,9 @@ class KroneckerEigen:
             device: torch.device) -> KroneckerEigen:
         """Fit EK-FAC (Gauss-Newton) on ``x``, ``y`` through the influence engine and keep its eigenbases."""
         from .engine import InfluenceModel
+        from .kfac import EKFAC
 
-        im = InfluenceModel(model, scope=scope, method="ekfac", batch_size=batch_size, device=device)
+        im = InfluenceModel(model, scope=scope, method=EKFAC(), batch_size=batch_size, device=device)
         state = im.fit(x, y).state_dict()
         layers = []
         for key in sorted({k.rpartition("|")[0] for k in state}):
@@ -311,20 +312,23 @@ class TrajectorySettings:
 
 def compute_trajectory(run, settings: TrajectorySettings = TrajectorySettings(), device: str = "auto",
                        progress: Progress | None = None, recompute: bool = False) -> InfluencePaths:
-    """Compute (or fetch) a trajectory method's results for ``run`` (an ``influence_core.Run``) and cache them
-    in ``run_dir/influence/<key>/`` with the files of :class:`~influence_core.paths.InfluencePaths`:
-    ``influences.npy`` (n_test, n_train), ``self_influence.npy`` (n_train,), ``checkpoint_self_influence.npy``
-    (n_segments, n_train: each segment's term), ``meta.json``. Written to a temporary folder, then renamed."""
+    """Compute (or fetch) a trajectory method's results for ``run`` (an ``influence_core.Run``) and cache them in
+    ``run_dir/influence/<key>/`` in the format of ``influence_core.pipeline`` (zarr matrix, summaries,
+    ``self_influence.npy``; ``checkpoint_self_influence.npy`` holds each segment's term, (n_segments, n_train)),
+    so that ``pipeline.InfluenceResult(run, path)`` reads it. Written to a temporary folder, then renamed; the
+    caller holds the run's lock (as ``pipeline.compute_influence`` does)."""
+    from ..results import SummaryBuilder, column_blocks, create_matrix, summarise_block, write_histograms
+
     segments = run_segments(run)
     samples = run.samples[run.samples["split"].isin(["train", "test"])]
     key = stable_hash(CACHE_VERSION, [file_hash(s.checkpoint) for s in segments], samples["id"].tolist(),
                       samples["label"].to_numpy(), samples["split"].tolist(), dataclasses.asdict(settings))
-    paths = RunPaths(run.path).influence_entry(key)
+    paths = run.paths.influence_entry(key)
     if not recompute and paths.is_complete():
         return paths
-    x_train, y_train = run.tensors("train")
-    x_test, y_test = run.tensors("test")
-    tmp = InfluencePaths(paths.root.parent / f".tmp-{key}-{os.getpid()}")
+    x_train, y_train = (t[:] for t in run.tensors("train"))
+    x_test, y_test = (t[:] for t in run.tensors("test"))
+    tmp = InfluencePaths(run.paths.influence_temp(key, os.getpid()))
     shutil.rmtree(tmp.root, ignore_errors=True)
     tmp.root.mkdir(parents=True)
     try:
@@ -338,9 +342,15 @@ def compute_trajectory(run, settings: TrajectorySettings = TrajectorySettings(),
         segment_si = ti.segment_self_influence(x_train, y_train)
         timings["self_influence"] = time.perf_counter() - t
         t = time.perf_counter()
-        np.save(tmp.influences, ti.influences(x_test, y_test, x_train, y_train))
+        matrix = ti.influences(x_test, y_test, x_train, y_train)
         timings["test_x_train_matrix"] = time.perf_counter() - t
-        np.save(tmp.self_influence, segment_si.sum(0))
+        create_matrix(tmp, *matrix.shape)[:] = matrix
+        summaries = SummaryBuilder(*matrix.shape, run.n_classes)
+        self_influence = segment_si.sum(0)
+        for a, b in column_blocks(matrix.shape[1]):
+            summaries.add(summarise_block(matrix[:, a:b], a, y_test.numpy(), run.n_classes, self_influence[a:b]))
+        summaries.write(tmp)
+        write_histograms(tmp, y_train.numpy(), run.n_classes)
         np.save(tmp.checkpoint_self_influence, segment_si)
         atomic_write_json(tmp.meta, {
             "settings": dataclasses.asdict(settings) | {"kind": "trajectory"},

@@ -1,19 +1,27 @@
-"""Runs for the app: where they live, opening them (cached), training and influences with progress bars."""
+"""Runs for the app: where they may live, opening them (cached), and training and influences as background jobs.
+
+Runs are named in links and in the session by a *run reference*: a relative path under the runs root
+(``INFLUENCE_LENS_RUNS``, default ``runs/``) or under one of the extra roots (``INFLUENCE_LENS_EXTRA_ROOTS``,
+separated by ``os.pathsep``). Anything else (an absolute path, ``..``, a symlink leading out of the roots) is
+refused with a message that names no server folder, before anything is read, computed or created there.
+
+Training and influence computations run in the server's :class:`~influence_core.jobs.JobRegistry` (one per
+process), so they go on when the page is left; a page that needs their result shows their progress instead.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from influence_core import InfluenceLensError, Run, TrainConfig, train
-from influence_core.analysis import training_flags
-from influence_core.data import parse_spec
+from influence_core.analysis import rank_suspects, training_flags
+from influence_core.experiments import run_dir_name
+from influence_core.jobs import Job, JobRegistry
 from influence_core.paths import RunPaths
 from influence_core.pipeline import (
     InfluenceResult,
@@ -23,43 +31,71 @@ from influence_core.pipeline import (
     saliency_maps,
 )
 from influence_core.review import Action, ReviewStore
-from influence_core.storage import stable_hash
 
+from .navigation import require_frame
 from .state import settings
 
 RUNS_ENV = "INFLUENCE_LENS_RUNS"
+EXTRA_ROOTS_ENV = "INFLUENCE_LENS_EXTRA_ROOTS"
 DEMO_CONFIG = TrainConfig(dataset="demo", image_size=16, downsample=0.5, epochs=5, corrupt_fraction=0.1,
                           n_checkpoints=2)  # ~900 digits, test F1 ≈ 0.85
 
 
+def outside_roots() -> InfluenceLensError:
+    """The refusal of a run outside the roots; it names no server folder."""
+    return InfluenceLensError(
+        "This run is outside the folders the app may open.",
+        f"pick a run from the sidebar list; the app only opens runs under its runs folder ({RUNS_ENV}) and the "
+        f"folders listed in {EXTRA_ROOTS_ENV} when the server starts")
+
+
 def runs_root() -> Path:
+    """Where new runs go and plain run references point: ``$INFLUENCE_LENS_RUNS`` or ``runs/``, resolved."""
     return Path(os.environ.get(RUNS_ENV, "runs")).expanduser().resolve()
 
 
-def run_dir_for(config: TrainConfig) -> Path:
-    """``<runs root>/<dataset name>-<hash of the config>``: one directory per training config."""
-    kind, path = parse_spec(config.dataset)
-    name = kind if not path else f"{kind}-{Path(path).name}"
-    cfg = dataclasses.asdict(config) | {"split": list(config.split)}
-    return runs_root() / f"{name}-{stable_hash(cfg, length=10)}"
+def run_roots() -> list[Path]:
+    """The runs root, then the extra roots of ``$INFLUENCE_LENS_EXTRA_ROOTS``: the only folders runs come from."""
+    extra = [Path(p).expanduser().resolve() for p in os.environ.get(EXTRA_ROOTS_ENV, "").split(os.pathsep) if p]
+    return list(dict.fromkeys([runs_root(), *extra]))
+
+
+def confine(path: Path) -> Path:
+    """``path`` with symlinks resolved if it lies inside one of :func:`run_roots`, else refused."""
+    resolved = Path(path).expanduser().resolve()
+    if any(resolved.is_relative_to(root) for root in run_roots()):
+        return resolved
+    raise outside_roots()
 
 
 def run_ref(path: Path) -> str:
-    """How a run appears in the URL: its name under the runs root, else its absolute path."""
-    path = Path(path).resolve()
-    return path.name if path.parent == runs_root() else str(path)
+    """How the run at ``path`` (inside the roots) appears in links: its path relative to the first root holding it."""
+    resolved = confine(path)
+    root = next(r for r in run_roots() if resolved.is_relative_to(r))
+    return resolved.relative_to(root).as_posix()
 
 
 def resolve_ref(ref: str) -> Path:
-    path = Path(ref).expanduser()
-    return path if path.is_absolute() else runs_root() / ref
+    """The folder a run reference names (see the module docstring); refused unless it stays inside the roots."""
+    parts = PurePath(ref).parts
+    if not ref or PurePath(ref).is_absolute() or ref.startswith("~") or ".." in parts:
+        raise outside_roots()
+    candidates = [root / ref for root in run_roots()]
+    return confine(next((c for c in candidates if c.is_dir()), candidates[0]))
+
+
+def run_dir_for(config: TrainConfig) -> Path:
+    """``<runs root>/<run_dir_name(config)>``: one readable directory per training config (dataset, classes, flip
+    share and a hash of the whole config)."""
+    return runs_root() / run_dir_name(config)
 
 
 def list_runs() -> list[Path]:
-    """Finished runs under the runs root, newest first."""
-    root = runs_root()
-    found = [p for p in root.iterdir() if (p / "train_key").is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: (p / "train_key").stat().st_mtime, reverse=True)
+    """Finished runs directly under each root (symlinks leading out of the roots left out), newest first."""
+    roots = run_roots()
+    found = {p.resolve() for root in roots if root.is_dir() for p in root.iterdir() if RunPaths(p).train_key.is_file()}
+    inside = [p for p in found if any(p.is_relative_to(root) for root in roots)]
+    return sorted(inside, key=lambda p: RunPaths(p).train_key.stat().st_mtime, reverse=True)
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -68,22 +104,92 @@ def _open_run(path: str, mtime: float) -> Run:
 
 
 def open_run(path: str | Path) -> Run:
-    """A :class:`Run`, cached until its training is replaced (keyed on path and ``train_key`` mtime)."""
-    key_file = Path(path) / "train_key"
+    """A :class:`Run` inside the roots, cached until its training is replaced (keyed on ``train_key``'s mtime)."""
+    path = confine(Path(path))
+    key_file = RunPaths(path).train_key
     if not key_file.is_file():
-        raise InfluenceLensError(f"{path} is not a finished run directory (no train_key file).",
-                                 "pick a folder written by Influence Lens training, or train a new run")
-    return _open_run(str(Path(path).resolve()), key_file.stat().st_mtime)
+        raise InfluenceLensError(f"The run {run_ref(path)!r} is not a finished run (it holds no train_key file).",
+                                 "pick a run written by Influence Lens training, or train a new run")
+    return _open_run(str(path), key_file.stat().st_mtime)
+
+
+def open_run_folder(folder: str) -> Run:
+    """The run in ``folder`` as typed on the Data & model page: a full path, or a path relative to the runs
+    root; it must lie inside the roots like any other run."""
+    path = Path(folder.strip()).expanduser()
+    return open_run(path if path.is_absolute() else runs_root() / path)
+
+
+# --- background jobs --------------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def job_registry() -> JobRegistry:
+    """The server's one job registry: jobs outlive the page and the session that started them."""
+    return JobRegistry()
+
+
+def _training_key(run_dir: Path) -> str:
+    return f"train:{run_dir}"
+
+
+def start_training(config: TrainConfig, label: str, run_dir: Path | None = None,
+                   then: InfluenceSettings | None = None) -> Path:
+    """Train ``config`` into ``run_dir`` (default :func:`run_dir_for`) in the background, then compute the
+    influences ``then`` if given; returns the run folder at once (open it with :func:`finished_run`)."""
+    run_dir = confine(run_dir or run_dir_for(config))
+
+    def work(progress) -> None:
+        run = train(config, run_dir, progress=progress)
+        if then is not None:
+            compute_influence(run, then, progress=progress)
+
+    job_registry().submit(_training_key(run_dir), work, label)
+    return run_dir
+
+
+def show_job(job: Job) -> None:
+    """A progress bar of ``job`` that refreshes itself every second and reruns the app once the job ends."""
+
+    @st.fragment(run_every=1.0)
+    def progress() -> None:
+        if job.status != "running":
+            st.rerun(scope="app")
+        st.progress(job.fraction, text=f"{job.description}: {job.describe_progress()} · "
+                                       "runs on the server; you may leave this page and come back")
+
+    progress()
+
+
+def _settled(key: str) -> None:
+    """Return once no job runs under ``key``: a running one is shown and the page stops there; a failed one
+    raises its error once (the next visit tries again)."""
+    registry = job_registry()
+    job = registry.get(key)
+    if job is None:
+        return
+    if job.status == "running":
+        show_job(job)
+        st.stop()
+    registry.forget(key)
+    if job.error is not None:
+        raise job.error
+
+
+def finished_run(run_dir: Path) -> Run:
+    """The run in ``run_dir`` once its training job (if any) has finished; meanwhile its progress (page stops)."""
+    _settled(_training_key(confine(run_dir)))
+    return open_run(run_dir)
 
 
 def current_run() -> Run:
-    """The run the session looks at: the one chosen (or in the URL), else the demo, trained on first use."""
-    ref = st.session_state.get("run")
-    if ref:
-        return open_run(resolve_ref(ref))
-    run = train_with_progress(DEMO_CONFIG, "Preparing the demo: training a ResNet18 on handwritten digits")
-    st.session_state["run"] = run_ref(run.path)
-    return run
+    """The run the session looks at: the one chosen (or in the URL), else the demo, trained on first use.
+
+    Every page starts with it, so it first makes sure the page runs inside ``app.py`` (:mod:`.navigation`)."""
+    require_frame()
+    demo = run_ref(run_dir_for(DEMO_CONFIG))
+    ref = st.session_state.setdefault("run", demo)
+    if ref == demo:
+        return train_with_progress(DEMO_CONFIG, "Preparing the demo: training a ResNet18 on handwritten digits")
+    return finished_run(resolve_ref(ref))
 
 
 def select_run(path: Path) -> None:
@@ -92,32 +198,18 @@ def select_run(path: Path) -> None:
     st.session_state.pop("test", None)
 
 
-class StatusProgress:
-    """A ``progress(stage, done, total)`` callback drawing one progress bar (redrawn at most 5 times a second)."""
-
-    def __init__(self):
-        self.bar = st.progress(0.0, text="starting…")
-        self._last = 0.0
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last > 0.2 or done >= total:
-            self._last = now
-            self.bar.progress(min(done / max(total, 1), 1.0), text=f"{stage} — {done}/{total}")
-
-
 def train_with_progress(config: TrainConfig, label: str, run_dir: Path | None = None) -> Run:
-    """Train (or fetch the cached run) inside an ``st.status`` box with a progress bar and a log."""
-    run_dir = run_dir or run_dir_for(config)
-    if (run_dir / "train_key").is_file() and (run_dir / "config.json").is_file():
-        try:  # identical config → the directory already holds it (the name is the config's hash)
-            return open_run(run_dir)
-        except InfluenceLensError:
-            pass
-    with st.status(label, expanded=True) as status:
-        run = train(config, run_dir, progress=StatusProgress())
-        status.update(label=f"{label} — done", state="complete", expanded=False)
-    return run
+    """The run of ``config``: opened at once when already trained, else trained in the background (with the
+    current influence settings computed after it) while this page shows the progress and stops."""
+    run_dir = confine(run_dir or run_dir_for(config))
+    if not RunPaths(run_dir).train_key.is_file() and job_registry().get(_training_key(run_dir)) is None:
+        start_training(config, label, run_dir, then=settings())
+    return finished_run(run_dir)
+
+
+def _trained_at(run: Run) -> float:
+    """When ``run``'s training was written (``train_key`` mtime): part of every in-memory cache key."""
+    return RunPaths(run.path).train_key.stat().st_mtime
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
@@ -127,26 +219,28 @@ def _cache_key(path: str, mtime: float, s: InfluenceSettings) -> str:
 
 @st.cache_resource(max_entries=8, show_spinner=False)
 def _result(path: str, key: str) -> InfluenceResult:
-    return InfluenceResult(open_run(path), Path(path) / "influence" / key)
+    return InfluenceResult(open_run(path), RunPaths(Path(path)).influence_entry(key).root)
 
 
 def cached_influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult | None:
     """The cached influence result of ``run`` (held in memory), or None without computing anything."""
     s = s or settings()
-    key = _cache_key(str(run.path), (run.path / "train_key").stat().st_mtime, s)
-    return _result(str(run.path), key) if (run.path / "influence" / key / "meta.json").is_file() else None
+    key = _cache_key(str(run.path), _trained_at(run), s)
+    return _result(str(run.path), key) if RunPaths(run.path).influence_entry(key).is_complete() else None
 
 
 def influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult:
-    """The influence result of ``run``, computed inside an ``st.status`` box when not cached yet."""
+    """The influence result of ``run``; when not cached yet it is computed in the background while this page
+    shows the progress and stops (every page asking for it meanwhile shows the same job)."""
     s = s or settings()
     found = cached_influence(run, s)
     if found is not None:
         return found
-    label = f"Computing influences ({s.describe()})"
-    with st.status(label, expanded=True) as status:
-        compute_influence(run, s, progress=StatusProgress())
-        status.update(label=f"{label} — done", state="complete", expanded=False)
+    key = f"influence:{run.path}:{_cache_key(str(run.path), _trained_at(run), s)}"
+    if job_registry().get(key) is None:
+        job_registry().submit(key, lambda progress: compute_influence(run, s, progress=progress),
+                              f"Computing influences ({s.describe()})")
+    _settled(key)
     return cached_influence(run, s)
 
 
@@ -157,7 +251,7 @@ def _saliency(path: str, mtime: float, s: InfluenceSettings, test: int, train_po
 
 def saliency(run: Run, test: int, train_position: int) -> np.ndarray:
     """(S, S) signed saliency of one training image for one test image (cached)."""
-    return _saliency(str(run.path), (run.path / "train_key").stat().st_mtime, settings(), test, train_position)
+    return _saliency(str(run.path), _trained_at(run), settings(), test, train_position)
 
 
 def describe_run(run: Run) -> str:
@@ -183,7 +277,7 @@ def flips_found_at(result: InfluenceResult, signal: str, fraction: float = 0.1) 
     """(flips among the top ``fraction`` of training images by ``signal``, flips in total)."""
     flipped = result.run.flipped()
     k = int(np.ceil(fraction * len(flipped)))
-    top = np.argsort(-result.signals[signal], kind="stable")[:k]
+    top = rank_suspects(result.signals[signal], k)
     return int(flipped[top].sum()), int(flipped.sum())
 
 
@@ -194,7 +288,7 @@ def _split_rows(path: str, mtime: float, split: str) -> np.ndarray:
 
 def images_at(run: Run, split: str, positions: np.ndarray) -> np.ndarray:
     """(k, S, S, 3) uint8 display images of the samples at ``positions`` within ``split`` (copies only those)."""
-    rows = _split_rows(str(run.path), (run.path / "train_key").stat().st_mtime, split)
+    rows = _split_rows(str(run.path), _trained_at(run), split)
     return run.dataset.images[rows[np.asarray(positions, dtype=np.int64)]]
 
 

@@ -1,7 +1,8 @@
 """Session state shared through the URL: the run, the selected test image and the influence settings.
 
-Session state keys: ``run`` (a run reference: a name under the runs root or an absolute path),
-``settings`` (:class:`InfluenceSettings`), ``test`` (selected test position), ``reviewer``.
+Session state keys: ``run`` (a run reference: a path relative to a run root, see :mod:`.runs`),
+``settings`` (:class:`InfluenceSettings`), ``test`` (selected test position), ``reviewer`` (the name review
+decisions are saved under; in the URL so that a reload or a bookmark keeps it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from influence_core.pipeline import (
     InfluenceSettings,
 )
 
-URL_KEYS = ("run", "test")
+URL_KEYS = ("run", "test", "reviewer")
 
 
 def settings() -> InfluenceSettings:
@@ -21,7 +22,7 @@ def settings() -> InfluenceSettings:
 
 
 def read_url() -> None:
-    """Copy ``run`` and ``test`` from the URL into the session once, so a shared link reopens the same view."""
+    """Copy ``run``, ``test`` and ``reviewer`` from the URL into the session once, so a link reopens the same view."""
     if st.session_state.get("_url_read"):
         return
     st.session_state["_url_read"] = True
@@ -30,13 +31,15 @@ def read_url() -> None:
         st.session_state["run"] = params["run"]
     if params.get("test", "").isdigit():
         st.session_state["test"] = int(params["test"])
+    if params.get("reviewer", "").strip():
+        st.session_state["reviewer"] = params["reviewer"].strip()
 
 
 def write_url() -> None:
-    """Mirror the session's ``run`` and ``test`` into the URL (page switches clear it)."""
+    """Mirror the session's ``run``, ``test`` and ``reviewer`` into the URL (page switches clear it)."""
     for key in URL_KEYS:
         value = st.session_state.get(key)
-        if value is None:
+        if value is None or value == "":
             st.query_params.pop(key, None)
         elif st.query_params.get(key) != str(value):
             st.query_params[key] = str(value)

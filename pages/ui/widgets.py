@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from contextlib import contextmanager
 from pathlib import PurePosixPath
 
@@ -12,9 +14,12 @@ from PIL import Image
 
 from influence_core import InfluenceLensError, Run
 from influence_core.display import pages
+from influence_core.jobs import user_error
 
-from .runs import DEMO_CONFIG, list_runs, resolve_ref, run_dir_for, run_ref, runs_root, select_run
+from .runs import DEMO_CONFIG, RUNS_ENV, job_registry, list_runs, resolve_ref, run_dir_for, run_ref, select_run
 from .state import settings
+
+log = logging.getLogger(__name__)
 
 
 def run_picker() -> None:
@@ -23,12 +28,29 @@ def run_picker() -> None:
     current = st.session_state.get("run") or demo
     refs = list(dict.fromkeys([current, demo] + [run_ref(p) for p in list_runs()]))
     refs.sort(key=lambda r: r != demo)
-    choice = st.selectbox("Run", refs, index=refs.index(current), help=f"Runs live under {runs_root()}",
+    choice = st.selectbox("Run", refs, index=refs.index(current),
+                          help=f"Runs of the server's runs folder (`{RUNS_ENV}`) and its extra run folders",
                           format_func=lambda r: f"{r} (demo)" if r == demo else r)
     if choice != current:
         select_run(resolve_ref(choice))
         st.rerun()
     st.caption(f"Influence: {settings().describe()}")
+
+
+def running_jobs() -> None:
+    """One line per job running on the server (training, influences), refreshed every 2 s until all have ended;
+    then the app reruns once to show their results."""
+    if job_registry().running():
+        _running_jobs()
+
+
+@st.fragment(run_every=2.0)
+def _running_jobs() -> None:
+    jobs = job_registry().running()
+    if not jobs:
+        st.rerun(scope="app")
+    for job in jobs:
+        st.caption(f":material/hourglass_top: {job.description}: {job.describe_progress()}")
 
 
 def show_error(e: InfluenceLensError) -> None:
@@ -37,11 +59,18 @@ def show_error(e: InfluenceLensError) -> None:
 
 @contextmanager
 def errors_shown():
-    """Show an :class:`InfluenceLensError` raised inside the block where it happened; the page goes on."""
+    """Show a problem raised inside the block where it happened, as one clear message; the page goes on.
+
+    An :class:`InfluenceLensError` shows as is; an ``OSError`` or SQLite error (a read-only or full disk, a
+    broken review store) as :func:`~influence_core.jobs.user_error` words it, without server paths; the full
+    exception goes to the server log."""
     try:
         yield
     except InfluenceLensError as e:
         show_error(e)
+    except (OSError, sqlite3.Error) as e:
+        log.exception("shown to the user as a clear error")
+        show_error(user_error(e))
 
 
 def download_csv(df: pd.DataFrame | str, file_name: str, label: str = "Download CSV", key: str | None = None) -> None:

@@ -1,0 +1,118 @@
+"""Influence matrices of every method of ours on the LDS workload's full-data run, for ``lds.py score``.
+
+    PYTHONPATH=. /work/main/.venv/bin/python benchmarks/lds_methods.py WORKLOAD_DIR [--jobs a,b,...] [--threads 1]
+
+Each job writes ``WORKLOAD_DIR/matrices/<job>.npy`` ((n_test, n_train) float32, positive = helpful) and
+``<job>.json`` (seconds, settings) atomically, and is skipped when its matrix exists (resumable). Jobs: every
+influence-function method on the head (exact curvature), EK-FAC/K-FAC on the whole network with a λ scan, and
+the trajectory methods of ``influence_core.influence.trajectory`` (TracInCP on the whole network and the head,
+SOURCE on the head; ``grad_dot_all`` = TracInCP on the final checkpoint alone, a plain gradient dot product).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from lds import materialised
+
+from influence_core import Run
+from influence_core.influence.trajectory import TrajectoryInfluence, run_segments
+from influence_core.storage import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+LAMBDAS_ALL = (1e-3, 1e-2, 1e-1, 1.0)
+"""Absolute damping values scanned for EK-FAC on the whole network (one fit, one test-factor solve per λ)."""
+HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {"rank": 100}, "lissa": {"depth": 300}}
+"""Method → options (as benchmarks/run.py: Arnoldi keeps 100 of the head's directions, LiSSA runs 300 steps)."""
+
+
+def engine_matrices(run: Run, method: str, scope: str, lambdas: tuple[float, ...], options: dict) -> dict:
+    """``{λ: (n_test, n_train) matrix}`` from one fit of the influence engine at the final checkpoint."""
+    from influence_core.influence import InfluenceModel
+
+    (x_train, y_train), (x_test, y_test) = materialised(run, "train"), materialised(run, "test")
+    im = InfluenceModel(run.load_model(), scope=scope, method=method, regularization=lambdas[0], device="cpu",
+                        **options)
+    im.fit(x_train, y_train)
+    out = {}
+    for lam in lambdas:
+        im.set_regularization(lam)
+        out[lam] = im.influences(im.test_factors(x_test, y_test), x_train, y_train)
+    return out
+
+
+def trajectory_matrix(run: Run, method: str, scope: str, last_only: bool = False,
+                      n_test: int | None = None) -> np.ndarray:
+    """TracInCP / SOURCE over the run's kept checkpoints (or the final one alone), for the first ``n_test``
+    test points (all if None): on the whole network every pair costs a parameter-sized dot product."""
+    segments = run_segments(run)[-1:] if last_only else run_segments(run)
+    x_train, y_train = materialised(run, "train")
+    x_test, y_test = (t[:n_test] for t in materialised(run, "test"))
+    ti = TrajectoryInfluence([run.load_model(s.checkpoint) for s in segments], [s.lr_sum for s in segments],
+                             method, scope, device="cpu", test_chunk=16)
+    return ti.fit(x_train, y_train).influences(x_test, y_test, x_train, y_train)
+
+
+def jobs(run: Run) -> dict:
+    """Job name → callable returning ``{job name: matrix}`` (one fit may give several λ)."""
+    out = {f"ours_{m}_head": (lambda m=m, o=o: {f"ours_{m}_head": engine_matrices(run, m, "head", (1e-3,), o)[1e-3]})
+           for m, o in HEAD_JOBS.items()}
+    for method in ("ekfac", "kfac"):
+        lambdas = LAMBDAS_ALL if method == "ekfac" else (1e-3,)
+        out[f"ours_{method}_all"] = lambda method=method, lambdas=lambdas: {
+            _lambda_job(method, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, {}).items()}
+    out["tracin_all"] = lambda: {"tracin_all": trajectory_matrix(run, "tracin", "all")}
+    out["tracin_all_first22"] = lambda: {"tracin_all_first22": trajectory_matrix(run, "tracin", "all", n_test=22)}
+    out["source_all_first22"] = lambda: {"source_all_first22": trajectory_matrix(run, "source", "all", n_test=22)}
+    out["tracin_head"] = lambda: {"tracin_head": trajectory_matrix(run, "tracin", "head")}
+    out["source_head"] = lambda: {"source_head": trajectory_matrix(run, "source", "head")}
+    out["grad_dot_all"] = lambda: {"grad_dot_all": trajectory_matrix(run, "tracin", "all", last_only=True)}
+    out["source_all"] = lambda: {"source_all": trajectory_matrix(run, "source", "all")}
+    return out
+
+
+def _lambda_job(method: str, lam: float) -> str:
+    return f"ours_{method}_all" + ("" if lam == 1e-3 else f"_lambda{lam:g}")
+
+
+def save_matrix(directory: Path, name: str, matrix: np.ndarray, record: dict) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(matrix, np.float32))
+    atomic_write_bytes(directory / f"{name}.npy", buf.getvalue())
+    atomic_write_json(directory / f"{name}.json", record)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[lds-methods %(asctime)s] %(message)s", stream=sys.stdout)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("workload_dir", type=Path)
+    p.add_argument("--jobs", default="", help="comma-separated job names (default: every job)")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    run = Run(a.workload_dir / "run")
+    table = jobs(run)
+    chosen = [j for j in a.jobs.split(",") if j] or list(table)
+    out_dir = a.workload_dir / "matrices"
+    for job in chosen:
+        if (out_dir / f"{job}.npy").is_file():
+            log.info("%s: cached", job)
+            continue
+        t = time.perf_counter()
+        results = table[job]()
+        seconds = time.perf_counter() - t
+        for name, matrix in results.items():
+            save_matrix(out_dir, name, matrix, {"job": job, "seconds_whole_job": round(seconds, 1),
+                                                "threads": a.threads, "shared_machine": True})
+        log.info("%s: %.0f s", job, seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The choices an influence computation offers, each defined once: curvatures, scopes and damping.
+
+The CLI, the app and the benchmarks read their option lists from here (methods: :data:`.base.METHODS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ..errors import InfluenceLensError
+
+
+class Curvature(StrEnum):
+    """Which matrix ``H`` approximates the curvature of the mean training loss."""
+
+    GAUSS_NEWTON = "gauss-newton"
+    """``(1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i``: positive semi-definite (for softmax + CE: the Fisher)."""
+    HESSIAN = "hessian"
+    """``(1/n) Σ_i ∇²ℓ_i``: exact, but indefinite away from a minimum."""
+
+    @classmethod
+    def parse(cls, value: str) -> Curvature:
+        try:
+            return cls(value)
+        except ValueError:
+            raise InfluenceLensError(f"Unknown curvature {value!r}.", f"use one of {', '.join(cls)}") from None
+
+
+class Scope(StrEnum):
+    """Which parameters influence is taken over (besides an explicit tuple of module names)."""
+
+    HEAD = "head"
+    """The last ``nn.Linear`` of the model, on backbone features computed once per image set."""
+    ALL = "all"
+    """Every ``nn.Conv2d`` and ``nn.Linear`` weight and bias."""
+
+
+ScopeArg = Scope | tuple[str, ...]
+"""A scope: :class:`Scope` or the names of modules (as in ``model.named_modules()``) whose parameters count."""
+
+
+def parse_scope(value: str | Sequence[str]) -> ScopeArg:
+    """``"head"`` / ``"all"`` → :class:`Scope`; a sequence of module names, or a comma-separated string of them
+    (``"layer4.1.conv2,fc"``), → tuple of names."""
+    if isinstance(value, Scope):
+        return value
+    if isinstance(value, str):
+        if value in Scope.__members__.values():
+            return Scope(value)
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    names = tuple(value)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise InfluenceLensError(f"Unknown scope {value!r}.",
+                                 f"use {' or '.join(repr(s.value) for s in Scope)} or a list of module names")
+    return names
+
+
+def scope_text(scope: ScopeArg) -> str:
+    """The scope as one line of text (inverse of :func:`parse_scope`)."""
+    return scope.value if isinstance(scope, Scope) else ",".join(scope)
+
+
+@dataclass(frozen=True)
+class Damping:
+    """``λ`` of ``(H + λI)⁻¹``, absolute or relative to the curvature's scale.
+
+    * ``Damping.absolute(1e-3)``: ``λ = 1e-3`` for every block.
+    * ``Damping.relative(0.1)``: ``λ_b = 0.1 × mean eigenvalue of block b`` (Kronfluence's heuristic). The blocks
+      are the method's: one per Linear/Conv2d layer for ``kfac``/``ekfac``, the whole scope for the others (whose
+      mean eigenvalue is ``trace(H)/p``, exact for ``direct``, estimated for the matrix-free methods).
+
+    ``value`` is λ or the fraction. Written as text (CLI, app): ``"1e-3"`` or ``"rel:0.1"`` (:meth:`parse`).
+    """
+
+    value: float
+    relative_to_mean: bool = False
+
+    def __post_init__(self):
+        if not float(self.value) > 0:
+            raise InfluenceLensError(f"regularization must be positive, got {self.value!r}.",
+                                     "use e.g. 1e-3 (absolute) or rel:0.1 (relative to the curvature)")
+        object.__setattr__(self, "value", float(self.value))
+
+    @classmethod
+    def absolute(cls, value: float) -> Damping:
+        return cls(value)
+
+    @classmethod
+    def relative(cls, fraction: float) -> Damping:
+        """``λ_b = fraction × mean eigenvalue of block b``."""
+        return cls(fraction, relative_to_mean=True)
+
+    @classmethod
+    def of(cls, value: float | Damping) -> Damping:
+        """A float is an absolute λ."""
+        return value if isinstance(value, Damping) else cls(value)
+
+    @classmethod
+    def parse(cls, text: str) -> Damping:
+        """``"1e-3"`` (absolute) or ``"rel:0.1"`` (relative)."""
+        relative = text.strip().startswith("rel:")
+        try:
+            value = float(text.strip()[4:] if relative else text)
+        except ValueError:
+            raise InfluenceLensError(f"Cannot read regularization {text!r}.",
+                                     "use a number (e.g. 1e-3) or rel:FRACTION (e.g. rel:0.1)") from None
+        return cls(value, relative)
+
+    def __str__(self) -> str:
+        return f"rel:{self.value:g}" if self.relative_to_mean else f"{self.value:g}"
+
+    def resolve(self, mean_eigenvalue: float | None) -> float:
+        """λ for a block whose curvature has this mean eigenvalue (needed only when relative)."""
+        if not self.relative_to_mean:
+            return self.value
+        if mean_eigenvalue is None:
+            raise InfluenceLensError("Relative damping needs the curvature's mean eigenvalue, which this fitted "
+                                     "state does not have.", "fit again, or use an absolute regularization")
+        return self.value * mean_eigenvalue

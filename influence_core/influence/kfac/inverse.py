@@ -1,0 +1,397 @@
+"""K-FAC and eigenvalue-corrected K-FAC (EK-FAC) inverse curvature for the layer types of :mod:`.layers`.
+
+Conventions (on top of those in :mod:`.base`):
+
+* **Curvature.** Only the Gauss-Newton matrix ``H = (1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i`` of the mean
+  cross-entropy is approximated (for softmax + CE it equals the true Fisher). The Hessian has no Kronecker
+  factorisation here, so ``curvature="hessian"`` is refused.
+* **Output curvature, option ``labels``.** ``"exact"``: the *pseudo-gradients* ``s_k = √μ_k u_k`` of the logits
+  are back-propagated, ``(μ_k, u_k)`` the nonzero eigenpairs of each sample's ``diag p − p pᵀ``; since
+  ``Σ_k s_k s_kᵀ = diag p − p pᵀ`` this reproduces the GN exactly with ``C − 1`` backward passes per chunk (the
+  curvature's null direction ``1`` is dropped: one pass for a binary problem). ``"sampled"``: ``label_samples`` labels
+  ``y ~ p`` per sample, back-propagating ``(p − e_y)/√m`` (Monte-Carlo Fisher, unbiased, noisy).
+  ``"auto"`` (default): exact when the model has at most 16 classes, sampled otherwise.
+* **Blocks.** One block per tracked module; weight and bias form one matrix ``[W | b]`` of shape
+  ``(out, d)`` with ``d = in·kh·kw (+1)`` (a constant-1 column is appended to the layer inputs for the bias).
+  The curvature is block-diagonal across layers.
+* **Weighting.** Every sum runs over samples (and label columns) and is divided by ``n_samples`` once at
+  the end; chunk means are never averaged, so the chunk size does not change the result.
+* **Spatial convention (Conv2d, and Linear on inputs with extra axes).** With ``T`` positions per sample
+  (unfolded patches ``a_t``, output gradients ``g_t``) the factors are
+  ``A = (1/n) Σ_i (1/T) Σ_t a_t a_tᵀ`` (mean over positions) and ``G = (1/n) Σ_i Σ_t g_t g_tᵀ`` (sum over
+  positions), i.e. Grosse & Martens' KFC under spatial homogeneity and spatially uncorrelated derivatives.
+  For ``T = 1`` (a plain Linear layer) this is ordinary K-FAC, exact when the output curvature does not
+  depend on the sample (see the tests).
+* **K-FAC.** ``A = Q_A diag(λ_A) Q_Aᵀ``, ``G = Q_G diag(λ_G) Q_Gᵀ``; ``H_layer ≈ (Q_G ⊗ Q_A) diag(λ_G ⊗ λ_A) (…)ᵀ``.
+* **EK-FAC.** Same eigenbases, eigenvalues replaced by the second moments of the true per-sample (per label
+  column) gradients ``G_i = Σ_t g_t a_tᵀ`` in that basis: ``Λ_jk = (1/n) Σ_i Σ_c ((Q_Gᵀ G_ic Q_A)_jk)²``
+  (George et al. 2018). Per-sample gradients exist for one layer and one chunk at a time only.
+* **Solve.** ``(H + λI)⁻¹ V = Q_G [(Q_Gᵀ V Q_A) / (Λ + λ)] Q_Aᵀ`` per layer, batched over the leading axis;
+  relative damping takes ``λ`` per layer from the mean of that layer's ``Λ`` (over all ``out·d`` directions).
+* **Influences in the eigenbasis** (:meth:`KFACInverse.basis_grads`). The engine scores ``r_tᵀ diag(1/(Λ+λ)) r_i``
+  with ``r_i = Q_Gᵀ ∇_W ℓ_i Q_A`` taken straight from the hooks: ``(g_i Q_G)ᵀ (a_i Q_A)`` for ``g_i (T, out)``,
+  ``a_i (T, d)``, rank ≤ ``T``, so a layer with a small feature map (ResNet's last stage: ``T = 4`` at 64 px)
+  never forms a parameter-sized per-sample gradient nor multiplies one by ``Q_A``. Done in the input's
+  precision (float32) with bases completed to square matrices (eigenvalue 0 on the complement).
+* **Rank-deficient factors.** When a factor has seen fewer rows than half its size (few samples, small
+  feature maps) it is eigendecomposed through its Gram matrix; ``Q`` then has fewer columns than rows, the
+  curvature is exactly zero on the orthogonal complement and the solve adds ``(V − Q_G Q_Gᵀ V Q_A Q_Aᵀ)/λ``.
+* Factors are accumulated and decomposed in ``dtype`` (option; default ``"auto"``: float64 for blocks of at most
+  ``2**20`` parameters, float32 above — a ResNet18's ``all`` scope fits 3× faster, and EK-FAC re-fits its
+  eigenvalues in whatever basis float32 gives). Influences in the eigenbasis are computed in float32.
+* **Hooks.** Forward hooks record each tracked module's input and output (the model continues with a clone
+  of the output, so in-place ops downstream cannot corrupt it); output gradients ``g`` come from
+  ``torch.autograd.grad`` of ``logitsᵀ s`` w.r.t. those outputs, one call per output-curvature column.
+  Progress stages: ``"<name>: factors"`` and ``"<name>: eigenvalue correction"`` (samples),
+  ``"<name>: eigendecomposition"`` (layers).
+
+Accuracy: exact (to float64 rounding) for one Linear layer with sample-independent output curvature; the
+EK-FAC eigenvalues are exactly the diagonal of the true GN block in the Kronecker eigenbasis. Elsewhere
+both are approximations (block-diagonal across layers; Kronecker within a layer), which degrade as the
+model's predictions become confident and, for K-FAC, when conv derivatives are spatially correlated.
+Cost: a solve costs ``O(out·d·(out + d))`` per vector and layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ...errors import InfluenceLensError
+from ...progress import Progress
+from ..base import BlockScale, EigenbasisInverse, Grads, Method
+from ..choices import Curvature, Damping
+from ..ops import Batches
+from .factors import Covariance, LayerFactors, sandwich
+from .layers import TrackedLayer, column_grads, hooked, tracked_layers
+
+EXACT_MAX_CLASSES = 16
+"""``labels="auto"``: exact output curvature up to this many classes, one sampled label per example above."""
+PER_SAMPLE_BUDGET = 1 << 24
+"""Elements of rotated per-sample gradients held at once (per layer)."""
+ACTIVATION_CACHE = 1 << 26
+"""Elements of rotated layer inputs kept across label columns (EK-FAC pass)."""
+AUTO_FLOAT64_PARAMS = 1 << 20
+"""``dtype="auto"``: float64 factors up to this many parameters in the block, float32 above."""
+
+
+@dataclass(frozen=True)
+class KFAC(Method):
+    """K-FAC: ``H ≈ ⊕_layers A ⊗ G`` (block-diagonal over tracked layers), inverted via eigenbases.
+
+    * ``labels``: output curvature, ``"exact"``, ``"sampled"`` or ``"auto"`` (see the module docstring).
+    * ``label_samples``: labels drawn per example for ``"sampled"``; ``seed``: their random seed.
+    * ``dtype``: factor precision, ``"auto"``, ``"float64"`` or ``"float32"``.
+
+    One pass over the data (EK-FAC: two).
+    """
+
+    name = "kfac"
+    supports = (Curvature.GAUSS_NEWTON,)
+    labels: Literal["auto", "exact", "sampled"] = "auto"
+    label_samples: int = 1
+    seed: int = 0
+    dtype: Literal["auto", "float64", "float32"] = "auto"
+
+    def __post_init__(self):
+        if self.labels not in ("auto", "exact", "sampled"):
+            raise InfluenceLensError(f"Unknown labels option {self.labels!r}.", "use 'auto', 'exact' or 'sampled'")
+        if not int(self.label_samples) >= 1:
+            raise InfluenceLensError(f"label_samples must be at least 1, got {self.label_samples}.", "use e.g. 1")
+        if self.dtype not in ("auto", "float64", "float32"):
+            raise InfluenceLensError(f"Unknown dtype {self.dtype!r}.", "use 'auto', 'float64' or 'float32'")
+
+    def check_curvature(self, curvature: Curvature) -> None:
+        if curvature != Curvature.GAUSS_NEWTON:
+            raise InfluenceLensError(
+                f"Method {self.name!r} approximates the Gauss-Newton (Fisher) matrix only; curvature "
+                f"{curvature.value!r} has no Kronecker-factored form.",
+                "use curvature='gauss-newton', or a method that supports 'hessian' (direct, cg, lissa, arnoldi)")
+
+
+@dataclass(frozen=True)
+class EKFAC(KFAC):
+    """EK-FAC: K-FAC eigenbases with eigenvalues fitted to the per-sample gradients (a second data pass).
+
+    Same options as :class:`KFAC`.
+    """
+
+    name = "ekfac"
+
+
+class KFACInverse(EigenbasisInverse):
+    """The fitted inverse of :class:`KFAC` / :class:`EKFAC`: ``layers``, one :class:`.LayerFactors` per block."""
+
+    method: KFAC
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, n_samples: int,
+            progress: Progress | None = None) -> KFACInverse:
+        """Covariances → eigendecomposition → (EK-FAC) eigenvalue correction, over ``batches()``."""
+        if n_samples < 1:
+            raise InfluenceLensError("The training set is empty.", "pass at least one training sample")
+        tracked = tracked_layers(model, params)
+        self.dtype = torch.float64 if self.method.dtype == "float64" else torch.float32
+        if self.method.dtype == "auto" and sum(p.numel() for p in params.values()) <= AUTO_FLOAT64_PARAMS:
+            self.dtype = torch.float64
+        self.generator: torch.Generator | None = None
+        pass_ = _DataPass(model, tracked, batches, n_samples, progress, self._columns)
+        with hooked(tracked):
+            covariances = self._covariances(tracked, pass_)
+            self.layers = self._eigendecompose(tracked, covariances, n_samples, progress)
+            if isinstance(self.method, EKFAC):
+                self._correct_eigenvalues(tracked, pass_)
+        return self
+
+    def _covariances(self, tracked: list[TrackedLayer], pass_: _DataPass) -> list[tuple[Covariance, Covariance]]:
+        """``Σ a aᵀ / T`` and ``Σ g gᵀ`` per layer (unnormalised; see the spatial convention)."""
+        covs = [(Covariance(layer.in_dim), Covariance(layer.out_dim)) for layer in tracked]
+
+        def accumulate(logits, columns):
+            for layer, (cov_a, _) in zip(tracked, covs, strict=True):
+                a = layer.activations(self.dtype)
+                cov_a.add(a.reshape(-1, a.shape[-1]) / math.sqrt(a.shape[1]))
+            for grads in column_grads(tracked, logits, columns):
+                for layer, g, (_, cov_g) in zip(tracked, grads, covs, strict=True):
+                    rows = layer.output_grads(g, self.dtype)
+                    cov_g.add(rows.reshape(-1, rows.shape[-1]))
+
+        pass_.run(f"{self.method.name}: factors", accumulate)
+        return covs
+
+    def _eigendecompose(self, tracked, covariances, n_samples, progress) -> list[LayerFactors]:
+        """K-FAC's eigenvalues ``λ_G ⊗ λ_A`` in the covariances' eigenbases."""
+        layers = []
+        stage = f"{self.method.name}: eigendecomposition"
+        for i, (layer, (cov_a, cov_g)) in enumerate(zip(tracked, covariances, strict=True)):
+            if progress:
+                progress(stage, i, len(tracked))
+            device = next(layer.module.parameters()).device
+            q_a, l_a = cov_a.eig(n_samples, self.dtype, device)
+            q_g, l_g = cov_g.eig(n_samples, self.dtype, device)
+            layers.append(LayerFactors(layer.weight_name, layer.bias_name,
+                                       tuple(layer.module.weight.shape) if layer.weight_name else (),
+                                       q_a, q_g, l_g[:, None] * l_a[None, :]))
+            covariances[i] = None  # free the dense covariance before the next layer's eigendecomposition
+        if progress:
+            progress(stage, len(tracked), len(tracked))
+        return layers
+
+    def _correct_eigenvalues(self, tracked: list[TrackedLayer], pass_: _DataPass) -> None:
+        """EK-FAC: ``Λ_jk = (1/n) Σ_i Σ_c ((Q_Gᵀ G_ic Q_A)_jk)²`` from the true per-sample gradients."""
+        sums = [torch.zeros_like(f.eigenvalues) for f in self.layers]
+
+        def correct(logits, columns):
+            cache: dict[int, torch.Tensor] = {}  # layer inputs reused across label columns
+            budget = ACTIVATION_CACHE
+            for grads in column_grads(tracked, logits, columns):
+                for i, (layer, g_out, f) in enumerate(zip(tracked, grads, self.layers, strict=True)):
+                    g = layer.output_grads(g_out, self.dtype)  # (b, T, out)
+                    rotate_first = _rotate_first(g.shape[1], f, len(columns))
+                    a = cache.get(i)
+                    if a is None:  # (b, T, r_A) rotated, or (b, T, d)
+                        a = layer.rotated_inputs(f.q_a) if rotate_first else layer.activations(self.dtype)
+                        if len(columns) > 1 and a.numel() <= budget:
+                            cache[i] = a
+                            budget -= a.numel()
+                    if rotate_first and g.shape[1] == 1:  # Σ_i (g_i ⊗ a_i)² without forming them
+                        sums[i].addmm_(((g @ f.q_g)[:, 0] ** 2).T, a[:, 0] ** 2)
+                        continue
+                    for rot in _rotated_per_sample(g, a, f, rotate_first):
+                        sums[i].add_((rot ** 2).sum(0))
+
+        pass_.run(f"{self.method.name}: eigenvalue correction", correct)
+        for f, total in zip(self.layers, sums, strict=True):
+            f.eigenvalues = total / pass_.n_samples
+
+    def _columns(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        """Square-root columns ``s`` of the output curvature, ``Σ s sᵀ = diag p − p pᵀ`` (or a sample of it)."""
+        p = torch.softmax(logits.double(), dim=1)
+        n_classes = p.shape[1]
+        mode = self.method.labels
+        if mode == "auto":
+            mode = "exact" if n_classes <= EXACT_MAX_CLASSES else "sampled"
+        if mode == "exact":
+            if n_classes == 1:
+                return [torch.zeros_like(logits)]
+            # ascending eigenvalues of a PSD matrix with null vector 1: the first is 0 and is dropped
+            evals, vecs = torch.linalg.eigh(torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+            roots = evals[:, 1:].clamp_min(0).sqrt()
+            return [(vecs[:, :, k + 1] * roots[:, k:k + 1]).to(logits.dtype) for k in range(n_classes - 1)]
+        if self.generator is None:
+            self.generator = torch.Generator(device=logits.device).manual_seed(self.method.seed)
+        m = self.method.label_samples
+        y = torch.multinomial(p, m, replacement=True, generator=self.generator)  # (b, m)
+        cols = []
+        for j in range(m):
+            s = p.clone()
+            s[torch.arange(len(p), device=p.device), y[:, j]] -= 1
+            cols.append((s / math.sqrt(m)).to(logits.dtype))
+        return cols
+
+    # ------------------------------------------------------------------ damping and solve
+    def block_scales(self, with_mean: bool) -> dict[str, BlockScale]:
+        return {f.key: BlockScale(f.mean_eigenvalue, float(f.eigenvalues.max())) for f in self.layers}
+
+    def solve(self, grads: Grads, damping: Damping) -> Grads:
+        """``(H + λI)⁻¹ g`` per layer block; ``grads[name]`` is ``(k, *param.shape)``, output likewise."""
+        known = {n for f in self.layers for n in (f.weight_name, f.bias_name) if n is not None}
+        extra, missing = set(grads) - known, known - set(grads)
+        if extra or missing:
+            raise ValueError(f"solve() got gradients for parameters {sorted(extra)} that were not fitted"
+                             f" and lacks {sorted(missing)}")
+        lams = self.block_regularization(damping)
+        out: Grads = {}
+        for f in self.layers:
+            lam = lams[f.key]
+            ref = next(grads[n] for n in (f.weight_name, f.bias_name) if n is not None)
+            k, device, dtype = ref.shape[0], ref.device, ref.dtype
+            parts = []
+            if f.weight_name is not None:
+                parts.append(grads[f.weight_name].reshape(k, f.q_g.shape[0], -1))
+            if f.bias_name is not None:
+                parts.append(grads[f.bias_name].reshape(k, -1, 1))
+            v = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+            v = v.to(device=f.q_a.device, dtype=f.q_a.dtype)
+            rot = sandwich(f.q_g.T, v, f.q_a)  # (k, r_G, r_A)
+            if f.full_rank:
+                x = sandwich(f.q_g, rot / (f.eigenvalues + lam), f.q_a.T)
+            else:  # zero curvature on the complement of the fitted subspace: there the solve is v / λ
+                x = sandwich(f.q_g, rot * (1 / (f.eigenvalues + lam) - 1 / lam), f.q_a.T) + v / lam
+            x = x.to(device=device, dtype=dtype)
+            if f.weight_name is not None:
+                out[f.weight_name] = x[..., : x.shape[2] - (f.bias_name is not None)].reshape(k, *f.weight_shape)
+            if f.bias_name is not None:
+                out[f.bias_name] = x[..., -1].contiguous()
+        return {name: out[name] for name in grads}
+
+    # ------------------------------------------------------------------ eigenbasis
+    def basis_grads(self, model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor,
+                    y: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """Per layer block ``key``: ``Q_Gᵀ [∇_W ℓ_i | ∇_b ℓ_i] Q_A`` for each sample, ``(b, out, d)`` in ``x``'s
+        precision (complete bases), from one forward and one backward pass with hooks."""
+        tracked = tracked_layers(model, params)
+        by_key = {f.key: f for f in self.layers}
+        if {layer.key for layer in tracked} != set(by_key):
+            raise ValueError(f"basis_grads() got layers {sorted(layer.key for layer in tracked)} but fitted "
+                             f"{sorted(by_key)}")
+        dtype = x.dtype
+        with hooked(tracked), torch.enable_grad():
+            logits = model(x)
+            residual = torch.softmax(logits.detach(), dim=1)  # ∂ Σ_i CE_i / ∂ logits = p − e_y
+            residual[torch.arange(len(y), device=y.device), y] -= 1
+            grads = next(column_grads(tracked, logits, [residual]))
+            for layer, g_out in zip(tracked, grads, strict=True):
+                f = by_key[layer.key].completed(dtype)
+                g = layer.output_grads(g_out, dtype)
+                if _rotate_first(g.shape[1], f, 1):
+                    yield layer.key, (g @ f.q_g).transpose(1, 2) @ layer.rotated_inputs(f.q_a)
+                else:
+                    yield layer.key, torch.cat(list(_rotated_per_sample(g, layer.activations(dtype), f, False)))
+
+    def inverse_diagonal(self, damping: Damping) -> dict[str, torch.Tensor]:
+        """``1 / (Λ + λ)`` per layer block ``(out, d)`` (float32; complement directions: ``1/λ``)."""
+        lams = self.block_regularization(damping)
+        return {f.key: 1 / (f.completed(torch.float32).eigenvalues + lams[f.key]) for f in self.layers}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``"<weight name>|<bias name>|<field>"`` → tensor; fields ``Q_A``, ``Q_G``, ``eigenvalues``,
+        ``weight_shape``."""
+        state = {}
+        for f in self.layers:
+            state[f"{f.key}|Q_A"] = f.q_a
+            state[f"{f.key}|Q_G"] = f.q_g
+            state[f"{f.key}|eigenvalues"] = f.eigenvalues
+            state[f"{f.key}|weight_shape"] = torch.tensor(f.weight_shape, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            prefix, _, fname = key.rpartition("|")
+            groups.setdefault(prefix, {})[fname] = value
+        layers = []
+        for prefix, t in groups.items():
+            if set(t) != {"Q_A", "Q_G", "eigenvalues", "weight_shape"} or prefix.count("|") != 1:
+                raise InfluenceLensError(f"The cached {self.method.name} state is incomplete or from another method.",
+                                         "delete the cache and fit again")
+            w, b = prefix.split("|")
+            layers.append(LayerFactors(w or None, b or None, tuple(int(s) for s in t["weight_shape"].tolist()),
+                                       t["Q_A"], t["Q_G"], t["eigenvalues"]))
+        self.layers = layers
+
+
+KFAC.inverse_class = KFACInverse
+
+
+@dataclass
+class _DataPass:
+    """One pass over the training data with hooks: forward, then ``on_batch(logits, output-curvature columns)``."""
+
+    model: nn.Module
+    layers: list[TrackedLayer]
+    batches: Batches
+    n_samples: int
+    progress: Progress | None
+    columns: Callable[[torch.Tensor], list[torch.Tensor]]
+
+    def run(self, stage: str, on_batch: Callable[[torch.Tensor, list[torch.Tensor]], None]) -> None:
+        done = 0
+        for x, _y in self.batches():
+            for layer in self.layers:
+                layer.clear()
+            with torch.enable_grad():
+                logits = self.model(x)
+                if logits.dim() != 2:
+                    raise InfluenceLensError(f"K-FAC needs logits of shape (b, classes), got {tuple(logits.shape)}.",
+                                             "use a classifier that returns (b, C) logits")
+                silent = [layer.module_name or "<model>" for layer in self.layers if not layer.inputs]
+                if silent:
+                    raise InfluenceLensError(
+                        f"Module(s) {', '.join(silent)} were not called through their forward(), so K-FAC "
+                        "cannot see their inputs.", "limit the scope to modules called as module(x)")
+                on_batch(logits, self.columns(logits.detach()))
+            for layer in self.layers:
+                layer.clear()
+            done += x.shape[0]
+            if self.progress:
+                self.progress(stage, done, self.n_samples)
+        if done != self.n_samples:
+            raise ValueError(f"batches() yielded {done} samples but n_samples={self.n_samples}")
+
+
+def _rotate_first(t: int, f: LayerFactors, n_columns: int) -> bool:
+    """Whether rotating inputs/output gradients before forming per-sample gradients is cheaper (per sample)."""
+    (d, r_a), (out, r_g) = f.q_a.shape, f.q_g.shape
+    if t == 1:
+        return True
+    rotate = t * d * r_a + n_columns * t * r_g * (out + r_a)
+    per_sample = n_columns * (t * out * d + min(out * d * r_a + r_g * out * r_a, r_g * out * d + r_g * d * r_a))
+    return rotate <= per_sample
+
+
+def _rotated_per_sample(g: torch.Tensor, a: torch.Tensor, f: LayerFactors,
+                        rotate_first: bool) -> Iterator[torch.Tensor]:
+    """Per-sample gradients ``Q_Gᵀ (Σ_t g_t a_tᵀ) Q_A`` ``(s, r_G, r_A)`` for consecutive sub-chunks of the batch.
+
+    ``g (b, T, out)`` output gradients; ``rotate_first``: ``a (b, T, r_A)`` inputs already rotated
+    (:meth:`.layers.TrackedLayer.rotated_inputs`) and ``g`` is rotated before the sum over positions (cheap when
+    ``T`` is small);
+    else ``a (b, T, d)`` raw inputs, per-sample gradients ``(s, out, d)`` are formed and then rotated.
+    """
+    if rotate_first:
+        g = g @ f.q_g
+        step = max(1, PER_SAMPLE_BUDGET // max(1, g.shape[2] * a.shape[2]))
+        for start in range(0, g.shape[0], step):
+            yield g[start:start + step].transpose(1, 2) @ a[start:start + step]
+        return
+    step = max(1, PER_SAMPLE_BUDGET // max(1, g.shape[2] * a.shape[2]))
+    for start in range(0, g.shape[0], step):
+        per_sample = g[start:start + step].transpose(1, 2) @ a[start:start + step]  # (s, out, d)
+        yield sandwich(f.q_g.T, per_sample, f.q_a)

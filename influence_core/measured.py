@@ -1,0 +1,74 @@
+"""Measured accuracy and cost of each influence method, as data written by the benchmarks.
+
+``benchmarks/lds.py score --measured benchmarks/measured.json`` writes the file; the app shows
+:meth:`MethodMeasurement.describe` next to each method's name. Format::
+
+    {"workload": "goldfish vs lemon, 880 train / 110 test, 32 px, ResNet18 from scratch, 15 epochs, 10 % flips",
+     "n_models": M, "commit": "abc1234", "created": "2026-11-29T17:00:00Z",
+     "methods": {"<method>/<scope>": {"job": "ours_ekfac_all", "lds": 0.21, "lds_se": 0.02,
+                                      "slope": 0.01 | null, "cost_x_floor": 31.0 | null,
+                                      "fidelity": "rel. err 1.6 vs direct (head)" | null}}}
+
+``lds``: linear datamodeling score (mean over test points of the Spearman correlation between the margins of
+M models retrained on random halves of the training set and the sums of the method's influences over each half);
+``slope``: measured over predicted loss change on those halves (1 = calibrated magnitudes); ``cost_x_floor``: time
+to the full test × train matrix in multiples of one forward+backward pass (``benchmarks/run.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MEASURED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "measured.json"
+"""Where the benchmark writes its measurements in a checkout (absent in an installed package)."""
+
+
+@dataclass(frozen=True)
+class MethodMeasurement:
+    """What the benchmark measured for one method and scope."""
+
+    method: str
+    scope: str
+    job: str
+    lds: float
+    lds_se: float
+    workload: str
+    n_models: int
+    slope: float | None = None
+    cost_x_floor: float | None = None
+    fidelity: str | None = None
+
+    def describe(self) -> str:
+        """One line for the app, e.g. ``LDS 0.21 ± 0.02 (50 retrained models, goldfish vs lemon …)``."""
+        parts = [f"LDS {self.lds:.2f} ± {self.lds_se:.2f} ({self.n_models} retrained models; {self.workload})"]
+        if self.slope is not None:
+            parts.append(f"magnitudes ×{1 / self.slope:.3g} the measured loss changes" if self.slope > 0
+                         else "predicted loss changes have the wrong sign on average")
+        if self.cost_x_floor is not None:
+            parts.append(f"{self.cost_x_floor:.3g}× a forward+backward pass")
+        if self.fidelity:
+            parts.append(self.fidelity)
+        return "Measured: " + "; ".join(parts) + "."
+
+
+def load_measured(path: str | Path | None = None) -> dict[tuple[str, str], MethodMeasurement] | None:
+    """``(method, scope) → measurement`` from ``path`` (default :data:`MEASURED_FILE`), or None when absent."""
+    path = Path(path) if path else MEASURED_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    out = {}
+    for key, m in data["methods"].items():
+        method, _, scope = key.partition("/")
+        out[(method, scope)] = MethodMeasurement(method, scope, m["job"], m["lds"], m["lds_se"], data["workload"],
+                                                 data["n_models"], m.get("slope"), m.get("cost_x_floor"),
+                                                 m.get("fidelity"))
+    return out
+
+
+def measured_for(method: str, scope: str, path: str | Path | None = None) -> MethodMeasurement | None:
+    """The measurement of one method and scope, or None (no file, or not measured)."""
+    table = load_measured(path)
+    return None if table is None else table.get((method, scope))
