@@ -182,11 +182,6 @@ def describe_ranking(ranked: pd.DataFrame, run_has_flips: bool) -> RankingNote:
     return RankingNote(n, flipped, mislabeled, text)
 
 
-def mean_influence(influences: np.ndarray) -> np.ndarray:
-    """(n_train,) mean influence of each training point over the test set."""
-    return influences.mean(axis=0)
-
-
 def flips_in_top(scores: np.ndarray, flipped: np.ndarray, fraction: float) -> tuple[int, int]:
     """(flips among the top ``ceil(fraction · n_train)`` training images by ``scores``, flips in total).
 
