@@ -11,7 +11,7 @@ from influence_core.analysis import (
     detection_metrics,
     top_k,
 )
-from influence_core.experiments import HELD, check_notebook_claim, run_corruption_experiment
+from influence_core.experiments import notebook_claim, run_corruption_experiment
 from influence_core.pipeline import InfluenceResult, InfluenceSettings
 from pages.ui import charts, runs, state, widgets
 
@@ -77,9 +77,9 @@ st.caption(f"Run `{runs.run_ref(run.path)}` · test F1 {run.metrics['f1_test']:.
 mean = result.mean_influence
 labels = run.labels("train")
 metrics, curves = detection(str(result.path), result)
-claim = check_notebook_claim(mean, labels, flipped, run.classes, run.corruption["mode"], run.corruption["fraction"])
-box = st.success if claim.verdict == HELD else st.warning  # a failed claim is a finding, not an app error
-box(f"{claim.summary}\n\n{claim.implication}", icon=":material/fact_check:")
+claim = notebook_claim(result)
+box = st.success if claim.check.verdict == "held" else st.warning  # a failed claim is a finding, not an app error
+box(f"{claim.check.summary()}\n\n{claim.check.implication()}", icon=":material/fact_check:")
 table = claim.table
 
 # --- clean vs flipped, by label --------------------------------------------------------------------------
@@ -88,8 +88,8 @@ shown = st.multiselect("Labels in the chart (type to search; default: the ten wi
                        default=most_flipped[:10])
 charts.chart(charts.clean_vs_flipped_figure(mean, runs.class_names(run, labels), flipped, shown or most_flipped[:10]),
              key="box")
-st.markdown("**Mean influence per label** (the reference notebook's table; difference = clean − flipped; held: "
-            "whether the flipped images have the lower mean in that label)")
+st.markdown("**Mean influence per label** (the reference notebook's table; difference = clean − flipped: positive "
+            "where the flipped images have the lower mean, as the claim says)")
 widgets.paged_table(table, f"{run.path.name}-corruption-table.csv", per_page=20, key="corruption-table",
                     column_config={c: st.column_config.NumberColumn(format="%.4g") for c in
                                    ("mean_clean", "mean_corrupted", "difference")})
