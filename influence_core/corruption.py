@@ -59,7 +59,6 @@ def clean_run_scores(clean: Run, device: str = "auto", progress: Progress | None
     Uses the run's cached default influence entry, computing it if missing. ``clean`` must have no flipped
     labels: the notebook ranks points by their influence in a clean model.
     """
-    from .analysis import mean_influence
     from .pipeline import DEFAULT_SETTINGS, compute_influence
 
     n_flipped = int(clean.flipped().sum())
@@ -67,7 +66,7 @@ def clean_run_scores(clean: Run, device: str = "auto", progress: Progress | None
         raise InfluenceLensError(f"{clean.path} is not a clean run: {n_flipped} of its training labels are flipped.",
                                  "train a run without --corrupt-fraction and take the scores from it")
     result = compute_influence(clean, DEFAULT_SETTINGS, device=device, progress=progress)
-    return mean_influence(result.influences).astype(np.float64)
+    return result.mean_influence.astype(np.float64)
 
 
 def _check(fraction: float, n_classes: int) -> None:

@@ -167,7 +167,7 @@ def test_top_influence_flips_the_clean_runs_most_influential_points(clean_run, t
     assert code == 0, err
     clean, flipped = Run(clean_run), Run(flip_dir)
     assert flipped.corruption["mode"] == "top-influence" and flipped.ids("train") == clean.ids("train")
-    mean = load_influence(clean).influences.mean(0)
+    mean = load_influence(clean).mean_influence
     labels = clean.labels("train")
     expected = set()
     for c in (0, 1):
