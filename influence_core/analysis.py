@@ -124,7 +124,7 @@ def training_flags(
 
 def most_helpful(values: np.ndarray, flags: pd.DataFrame, k: int, candidates: np.ndarray | None = None) -> pd.DataFrame:
     """The ``k`` training images with the highest ``values`` (n_train,) — e.g. one test row of the influence
-    matrix, or :func:`mean_influence` — as rows of ``flags`` (:func:`training_flags`) with rank (1-based),
+    matrix, or ``InfluenceResult.mean_influence`` — as rows of ``flags`` (:func:`training_flags`) with rank (1-based),
     position and value columns added; ``candidates``: optional (n_train,) bool mask (e.g. one label only)."""
     return _ranked_rows(values, top_k(values, k, candidates)[0], flags)
 
