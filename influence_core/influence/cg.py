@@ -19,8 +19,11 @@ class CG(Method):
 
     * ``tol``: a column stops once its relative residual ``‖r‖/‖g‖ ≤ tol``.
     * ``maxiter``: iterations at most; columns that did not reach ``tol`` raise a warning.
-    * ``preconditioner``: ``"jacobi"`` uses ``diag(F) + λ`` with ``F = (1/n) Σ ∇ℓ_i ∇ℓ_iᵀ`` (the empirical
-      Fisher, one per-sample-gradient pass in ``fit``); ``"none"`` (default) is plain CG.
+    * ``preconditioner``: ``"none"`` (default) is plain CG; ``"jacobi"`` uses ``diag(F) + λ`` with
+      ``F = (1/n) Σ ∇ℓ_i ∇ℓ_iᵀ`` (the empirical Fisher, one per-sample-gradient pass in ``fit``). Measured on a
+      shared machine at λ = 1e-3 against float64 truth: trained ResNet18 head (goldfish/lemon, 440 images) after
+      100 iterations 2.3e-5 plain vs 3.3e-4 Jacobi (50: 6.4e-3 vs 1.8e-2); trained 1,370-parameter CNN at
+      tol 1e-5 both 5.8e-5 / 5.7e-5.
     * ``rhs_chunk``: columns iterated together (default: as many as fit 96 MiB per stacked vector).
 
     ``H + λI`` must be positive definite on the Krylov space; with ``curvature="hessian"`` away from a
