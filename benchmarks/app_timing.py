@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,9 +40,10 @@ def main() -> None:
     p.add_argument("--tests", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    os.environ.setdefault("INFLUENCE_LENS_RUNS", str(args.run.resolve().parent))  # the app opens runs under it
     sys.path.insert(0, str(ROOT))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=1800)
-    at.query_params["run"] = str(args.run.resolve())
+    at.query_params["run"] = args.run.resolve().name  # a reference relative to INFLUENCE_LENS_RUNS
     report: dict = {"run": str(args.run), "first_load_s": timed(at.run), "pages_s": {}, "pick_test_s": []}
     errors = []
     for page in PAGES:
