@@ -96,7 +96,7 @@ for col, (name, delta) in zip(nav, step.items(), strict=False):
             st.rerun()
 nav[2].caption("Keyboard: **m** mislabeled · **k** keep · **s** skip on the focused suspect (▶), **n** / **p** "
                "next / previous (not while typing in a box).")
-widgets.keyboard_shortcuts({key: (f"suspect-{focus}", label) for label, key in DECISIONS.values()}
+widgets.keyboard_shortcuts({key: ("review-focus", label) for label, key in DECISIONS.values()}
                            | {name[0]: (f"review-{name}", name.capitalize()) for name in step})
 
 flags = runs.flags_at(run, shown)
@@ -121,7 +121,8 @@ for pos, rank, marks in zip(shown, shown_ranks, flags["marks"], strict=True):
         corrected = action.selectbox("Correct label", others, index=others.index(default), key=f"label-{sid}",
                                      help=f"Pre-filled with {why}; change it before pressing Mislabeled. "
                                           "Keep and Skip ignore it.")
-        for col, (decision, (label, key)) in zip(action.columns(3), DECISIONS.items(), strict=True):
+        buttons = action.container(key="review-focus") if pos == focus else action  # where m / k / s press
+        for col, (decision, (label, key)) in zip(buttons.columns(3), DECISIONS.items(), strict=True):
             if col.button(label, key=f"{decision}-{sid}", disabled=not reviewer, width="stretch",
                           help=f"Shortcut: {key} (on the focused suspect)",
                           type="primary" if current and current.decision == decision else "secondary"):
