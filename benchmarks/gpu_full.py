@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from influence_core import results  # noqa: E402
-from influence_core.influence import InfluenceModel  # noqa: E402
+from influence_core.influence import EKFAC, InfluenceModel  # noqa: E402
 from influence_core.paths import InfluencePaths  # noqa: E402
 from influence_core.pipeline import InfluenceSettings, compute_influence  # noqa: E402
 from influence_core.training import TrainConfig, train  # noqa: E402
@@ -59,11 +59,11 @@ def amp_error(run, tests: int = 32) -> float:
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
     b = min(results.COLUMN_BLOCK, len(y_train))
-    im = InfluenceModel(run.load_model(), scope="all", method="ekfac", device="cuda").fit(x_train[:b], y_train[:b])
+    im = InfluenceModel(run.load_model(), method=EKFAC(), scope="all", device="cuda").fit(x_train[:b], y_train[:b])
     factors = im.test_factors(x_test[:tests], y_test[:tests])
-    exact = im.influences(factors, x_train[:b], y_train[:b])
+    exact = im.influences_from_factors(factors, x_train[:b], y_train[:b])
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        mixed = im.influences(factors, x_train[:b], y_train[:b])
+        mixed = im.influences_from_factors(factors, x_train[:b], y_train[:b])
     return float(np.abs(mixed - exact).max() / np.abs(exact).max())
 
 
@@ -71,11 +71,11 @@ def whole_network(run, n_tests: int, out: Path, amp: bool) -> dict:
     """Whole-network EK-FAC influences of the first ``n_tests`` test points on every training point."""
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
-    im = InfluenceModel(run.load_model(), scope="all", method="ekfac", device="cuda")
+    im = InfluenceModel(run.load_model(), method=EKFAC(), scope="all", device="cuda")
     t = time.perf_counter()
-    im.fit(x_train[:], y_train)  # [:] until the engine takes lazy image sources
+    im.fit(x_train, y_train)
     fit_s = time.perf_counter() - t
-    group = max(1, GROUP_BYTES // (4 * sum(p.numel() for p in im.params.values())))
+    group = max(1, GROUP_BYTES // (4 * sum(p.numel() for p in im.params_.values())))
     paths = InfluencePaths(out / "whole")
     paths.root.mkdir(parents=True, exist_ok=True)
     matrix = results.create_matrix(paths, n_tests, len(y_train))
@@ -84,7 +84,7 @@ def whole_network(run, n_tests: int, out: Path, amp: bool) -> dict:
         factors = im.test_factors(x_test[rows], y_test[rows])
         for a, b in results.column_blocks(len(y_train)):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                matrix[rows, a:b] = im.influences(factors, x_train[a:b], y_train[a:b])
+                matrix[rows, a:b] = im.influences_from_factors(factors, x_train[a:b], y_train[a:b])
         print(f"whole network: test points {rows.start}-{rows.stop} done", flush=True)
     return {"fit_s": fit_s, "tests_per_group": group, "amp": amp}
 

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 LAMBDAS_ALL = (1e-3, 1e-2, 1e-1, 1.0)
 """Absolute damping values scanned for EK-FAC on the whole network (one fit, one test-factor solve per λ)."""
+ALL_OPTIONS = {"dtype": "float32"}
+"""Whole-network K-FAC/EK-FAC factors in float32: at 16 px the float64 eigensolver failed to converge on a
+rank-deficient layer-input factor (``linalg.eigh`` error 1325948, engine default dtype "auto")."""
 HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {"rank": 100}, "lissa": {"depth": 300}}
 """Method → options (as benchmarks/run.py: Arnoldi keeps 100 of the head's directions, LiSSA runs 300 steps)."""
 
@@ -67,7 +70,7 @@ def jobs(run: Run) -> dict:
     for method in ("ekfac", "kfac"):
         lambdas = LAMBDAS_ALL if method == "ekfac" else (1e-3,)
         out[f"ours_{method}_all"] = lambda method=method, lambdas=lambdas: {
-            _lambda_job(method, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, {}).items()}
+            _lambda_job(method, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, ALL_OPTIONS).items()}
     out["tracin_all"] = lambda: {"tracin_all": trajectory_matrix(run, "tracin", "all")}
     out["tracin_all_first22"] = lambda: {"tracin_all_first22": trajectory_matrix(run, "tracin", "all", n_test=22)}
     out["source_all_first22"] = lambda: {"source_all_first22": trajectory_matrix(run, "source", "all", n_test=22)}

@@ -2,7 +2,8 @@
 
 Plain library (no Streamlit): data loading and label corruption (:mod:`.data`, :mod:`.corruption`), cached
 ResNet18 training (:mod:`.training`, :mod:`.run`), influence functions (:mod:`.influence`, :mod:`.pipeline`),
-analysis (:mod:`.analysis`), the review store (:mod:`.review`) and the CLI (:mod:`.cli`).
+analysis (:mod:`.analysis`), corruption experiments and the notebook's claim (:mod:`.experiments`), the review store
+(:mod:`.review`) and the CLI (:mod:`.cli`).
 """
 
 from .data import ImageSet, Split, available_classes, load_dataset, split_dataset

@@ -29,26 +29,47 @@ class Signal:
     explanation: str
 
 
-SIGNALS: dict[str, Signal] = {s.key: s for s in (
-    Signal("mean_loss", "High loss during training",
-           "The given label's cross-entropy averaged over every epoch's training pass. A flipped label "
-           "disagrees with what the image looks like, so it stays hard to fit for many epochs, even if the "
-           "final model memorises it in the end. Best measured signal (see README), hence the default."),
-    Signal("checkpoint_self_influence", "Self-influence over training (TracIn-style)",
-           "Self-influence I(z, z) summed over the checkpoints kept during training. A flipped label is "
-           "hard to fit, so it has a large, self-reinforcing gradient for most of training, even if the "
-           "final model has memorised it."),
-    Signal("mean_margin", "Low margin during training",
-           "Minus the mean margin (logit of the given label minus the best other logit) over all "
-           "epochs' training passes: points whose given label the model kept disagreeing with."),
-    Signal("self_influence", "Self-influence (final model)",
-           "I(z, z) at the final model: how much the point supports its own prediction. High for "
-           "atypical or mislabeled points, but weak once the model has memorised the flips."),
-    Signal("neg_mean_test_influence", "Harmful to the test set",
-           "Minus the mean influence over all test images: points whose removal would lower the test loss."),
-    Signal("training_loss", "Training loss (baseline)",
-           "Cross-entropy of the given label at the final model: the obvious baseline."),
-)}
+SIGNALS: dict[str, Signal] = {
+    s.key: s
+    for s in (
+        Signal(
+            "mean_loss",
+            "High loss during training",
+            "The given label's cross-entropy averaged over every epoch's training pass. A flipped label "
+            "disagrees with what the image looks like, so it stays hard to fit for many epochs, even if the "
+            "final model memorises it in the end. Best measured signal (see README), hence the default.",
+        ),
+        Signal(
+            "checkpoint_self_influence",
+            "Self-influence over training (TracIn-style)",
+            "Self-influence I(z, z) summed over the checkpoints kept during training. A flipped label is "
+            "hard to fit, so it has a large, self-reinforcing gradient for most of training, even if the "
+            "final model has memorised it.",
+        ),
+        Signal(
+            "mean_margin",
+            "Low margin during training",
+            "Minus the mean margin (logit of the given label minus the best other logit) over all "
+            "epochs' training passes: points whose given label the model kept disagreeing with.",
+        ),
+        Signal(
+            "self_influence",
+            "Self-influence (final model)",
+            "I(z, z) at the final model: how much the point supports its own prediction. High for "
+            "atypical or mislabeled points, but weak once the model has memorised the flips.",
+        ),
+        Signal(
+            "neg_mean_test_influence",
+            "Harmful to the test set",
+            "Minus the mean influence over all test images: points whose removal would lower the test loss.",
+        ),
+        Signal(
+            "training_loss",
+            "Training loss (baseline)",
+            "Cross-entropy of the given label at the final model: the obvious baseline.",
+        ),
+    )
+}
 
 
 def rank_suspects(scores: np.ndarray, k: int | None = None) -> np.ndarray:
@@ -68,8 +89,9 @@ def top_k(influence_row: np.ndarray, k: int, candidates: np.ndarray | None = Non
     return order[:k], order[::-1][:k]
 
 
-def training_flags(ids: Sequence[str], label_names: Sequence[str], flipped: np.ndarray,
-                   decisions: Mapping[str, Action] | None = None) -> pd.DataFrame:
+def training_flags(
+    ids: Sequence[str], label_names: Sequence[str], flipped: np.ndarray, decisions: Mapping[str, Action] | None = None
+) -> pd.DataFrame:
     """One row per training position (index 0..n-1), to mark images wherever a page shows them.
 
     Columns: id, label (the given label's name), flipped (bool: flipped on purpose by the run),
@@ -78,13 +100,25 @@ def training_flags(ids: Sequence[str], label_names: Sequence[str], flipped: np.n
     """
     decisions = decisions or {}
     found = [decisions.get(str(i)) for i in ids]
-    df = pd.DataFrame({"id": list(map(str, ids)), "label": list(label_names), "flipped": np.asarray(flipped, bool),
-                       "review": [a.decision if a else "" for a in found],
-                       "corrected_label": [a.corrected_label or "" if a else "" for a in found]})
-    review_marks = {"mislabeled": "marked mislabeled → {}", "keep": "label kept by review", "skip": "skipped in review",
-                    "": ""}
-    df["marks"] = [" · ".join(m for m in ("flipped" if f else "", review_marks[r].format(c)) if m)
-                   for f, r, c in zip(df["flipped"], df["review"], df["corrected_label"], strict=True)]
+    df = pd.DataFrame(
+        {
+            "id": list(map(str, ids)),
+            "label": list(label_names),
+            "flipped": np.asarray(flipped, bool),
+            "review": [a.decision if a else "" for a in found],
+            "corrected_label": [a.corrected_label or "" if a else "" for a in found],
+        }
+    )
+    review_marks = {
+        "mislabeled": "marked mislabeled → {}",
+        "keep": "label kept by review",
+        "skip": "skipped in review",
+        "": "",
+    }
+    df["marks"] = [
+        " · ".join(m for m in ("flipped" if f else "", review_marks[r].format(c)) if m)
+        for f, r, c in zip(df["flipped"], df["review"], df["corrected_label"], strict=True)
+    ]
     return df
 
 
@@ -131,8 +165,11 @@ def describe_ranking(ranked: pd.DataFrame, run_has_flips: bool) -> RankingNote:
     n, flipped = len(ranked), int(ranked["flipped"].sum())
     mislabeled = int((ranked["review"] == "mislabeled").sum())
     verb = "has" if flipped == 1 else "have"
-    facts = [f"{flipped} of the {n} images listed {verb} a label flipped on purpose" if run_has_flips
-             else "This run flipped no labels on purpose"]
+    facts = [
+        f"{flipped} of the {n} images listed {verb} a label flipped on purpose"
+        if run_has_flips
+        else "This run flipped no labels on purpose"
+    ]
     if mislabeled:
         facts.append(f"{mislabeled} {'is' if mislabeled == 1 else 'are'} marked mislabeled by reviewers")
     text = ", and ".join(facts)
@@ -143,11 +180,6 @@ def describe_ranking(ranked: pd.DataFrame, run_has_flips: bool) -> RankingNote:
     else:
         text += ", and no listed image is marked mislabeled by reviewers."
     return RankingNote(n, flipped, mislabeled, text)
-
-
-def mean_influence(influences: np.ndarray) -> np.ndarray:
-    """(n_train,) mean influence of each training point over the test set."""
-    return influences.mean(axis=0)
 
 
 def flips_in_top(scores: np.ndarray, flipped: np.ndarray, fraction: float) -> tuple[int, int]:
@@ -178,16 +210,23 @@ def detection_curve(scores: np.ndarray, flipped: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"inspected": np.arange(1, n + 1) / n, "found": found / max(flipped.sum(), 1)})
 
 
-def corruption_table(influence: np.ndarray, labels: np.ndarray, flipped: np.ndarray,
-                     classes: list[str]) -> pd.DataFrame:
+def corruption_table(
+    influence: np.ndarray, labels: np.ndarray, flipped: np.ndarray, classes: list[str]
+) -> pd.DataFrame:
     """The reference notebook's table: per given label, mean influence of clean and corrupted points."""
     rows = []
     for c, name in enumerate(classes):
         own = labels == c
         clean, bad = influence[own & ~flipped], influence[own & flipped]
-        rows.append({"label": name, "n_clean": int(len(clean)), "n_corrupted": int(len(bad)),
-                     "mean_clean": float(clean.mean()) if len(clean) else np.nan,
-                     "mean_corrupted": float(bad.mean()) if len(bad) else np.nan})
+        rows.append(
+            {
+                "label": name,
+                "n_clean": int(len(clean)),
+                "n_corrupted": int(len(bad)),
+                "mean_clean": float(clean.mean()) if len(clean) else np.nan,
+                "mean_corrupted": float(bad.mean()) if len(bad) else np.nan,
+            }
+        )
     df = pd.DataFrame(rows)
     df["difference"] = df["mean_clean"] - df["mean_corrupted"]
     return df

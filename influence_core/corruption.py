@@ -42,12 +42,12 @@ def flip_top_influence(labels: np.ndarray, influence: np.ndarray, fraction: floa
         raise InfluenceLensError(f"The influence vector has shape {influence.shape}, the labels {labels.shape}.",
                                  "pass one influence value per training sample")
     rng = np.random.default_rng(seed)
-    picked = []
+    per_class = []
     for c in range(n_classes):
         members = np.flatnonzero(labels == c)
         k = int(round(fraction * len(members)))
-        picked.append(members[np.argsort(-influence[members], kind="stable")[:k]])
-    picked = np.sort(np.concatenate(picked)).astype(np.int64)
+        per_class.append(members[np.argsort(-influence[members], kind="stable")[:k]])
+    picked = np.sort(np.concatenate(per_class)).astype(np.int64)
     new = labels.copy()
     new[picked] = (labels[picked] + rng.integers(1, n_classes, size=len(picked))) % n_classes
     return new, picked
@@ -59,7 +59,6 @@ def clean_run_scores(clean: Run, device: str = "auto", progress: Progress | None
     Uses the run's cached default influence entry, computing it if missing. ``clean`` must have no flipped
     labels: the notebook ranks points by their influence in a clean model.
     """
-    from .analysis import mean_influence
     from .pipeline import DEFAULT_SETTINGS, compute_influence
 
     n_flipped = int(clean.flipped().sum())
@@ -67,7 +66,7 @@ def clean_run_scores(clean: Run, device: str = "auto", progress: Progress | None
         raise InfluenceLensError(f"{clean.path} is not a clean run: {n_flipped} of its training labels are flipped.",
                                  "train a run without --corrupt-fraction and take the scores from it")
     result = compute_influence(clean, DEFAULT_SETTINGS, device=device, progress=progress)
-    return mean_influence(result.influences).astype(np.float64)
+    return np.asarray(result.mean_influence, dtype=np.float64)
 
 
 def _check(fraction: float, n_classes: int) -> None:

@@ -1,5 +1,4 @@
-"""The numbers behind the app's charts and lists: readable histograms, label groups, top confusions, and the
-reference notebook's claim checked on a run.
+"""The numbers behind the app's charts and lists: readable histograms, label groups, top confusions.
 
 Plain numpy/pandas (no plotting, no streamlit), so the pages only lay out and every rule here is tested.
 """

@@ -79,7 +79,7 @@ def build_resnet18(num_classes: int, pretrained: str | Path | None | bool = None
     if pretrained == IMAGENET:
         source: Path | None = fetch_imagenet_weights()
     else:
-        source = find_pretrained_weights(None if pretrained in (True, None) else pretrained)
+        source = find_pretrained_weights(None if pretrained is True or pretrained is None else pretrained)
     if source is None:
         return model, "scratch"
     state = load_state_dict(source)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -35,7 +36,7 @@ from .distributed import ClusterSpec
 from .errors import InfluenceLensError
 from .influence import METHODS, Curvature, Damping, InfluenceModel, Method, Scope, ScopeArg, parse_scope, scope_text
 from .paths import TEMP_PREFIX, InfluencePaths
-from .progress import Progress
+from .progress import Progress, tagged
 from .results import (
     COLUMN_BLOCK,
     TOP_K,
@@ -77,6 +78,9 @@ class InfluenceSettings:
                                      f"use one of {', '.join(METHOD_CHOICES)}")
         damping = Damping.parse(self.regularization) if isinstance(self.regularization, str) else \
             Damping.of(self.regularization)
+        if not math.isfinite(damping.value):  # Damping refuses λ ≤ 0 and NaN; an infinite λ gives all-zero influences
+            raise InfluenceLensError(f"Regularization λ must be positive and finite, not {damping.value}.",
+                                     "use e.g. 1e-3 (absolute) or rel:0.1 (relative to the curvature)")
         object.__setattr__(self, "regularization", damping if damping.relative_to_mean else damping.value)
         object.__setattr__(self, "scope", parse_scope(self.scope))
         object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
@@ -219,10 +223,11 @@ def load_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS) -> 
 
 
 def cached_results(run: Run) -> list[InfluenceResult]:
-    """Every complete cache entry of the run, newest first (temporary folders of a computation never count)."""
+    """Every complete cache entry of the run, newest first (temporary folders of a computation and entries of
+    older cache versions, with a whole ``influences.npy``, never count)."""
     root = run.paths.influence
-    folders = root.iterdir() if root.is_dir() else []
-    entries = [InfluenceResult(run, p) for p in folders if InfluencePaths(p).is_complete()]
+    found = [InfluencePaths(p) for p in root.iterdir()] if root.is_dir() else []
+    entries = [InfluenceResult(run, e.root) for e in found if e.is_complete() and e.influences.exists()]
     return sorted(entries, key=lambda r: r.meta.get("created", 0), reverse=True)
 
 
@@ -246,7 +251,7 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
     ckpts = run.checkpoint_paths() if settings.checkpoints else run.checkpoint_paths()[-1:]
     timings: dict[str, float] = {}
     checkpoint_si = []
-    with run_lock(run.paths, wait=wait), _temporary_entry(run, key) as tmp:
+    with writing_entry(run, key, wait=wait) as tmp:
         if not recompute and InfluencePaths(final).is_complete():  # computed by another process while we waited
             log.info("cached: %s", final)
             return InfluenceResult(run, final)
@@ -254,7 +259,7 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
             is_final = i == len(ckpts) - 1
             tag = "final" if is_final else ckpt.stem
             model = run.load_model(ckpt)
-            im = settings.influence_model(model, device=device, progress=_tagged(progress, tag))
+            im = settings.influence_model(model, device=device, progress=tagged(progress, tag))
             t = time.perf_counter()
             im.fit(x_train, y_train)
             timings[f"fit_{tag}"] = time.perf_counter() - t
@@ -299,19 +304,21 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
 
 
 @contextmanager
-def _temporary_entry(run: Run, key: str) -> Iterator[InfluencePaths]:
-    """A fresh ``influence/.tmp-<key>-<pid>`` folder, removed on exit unless renamed into place. Call with the
-    run's lock held: it checks that the run was not retrained meanwhile, and removes the temporary folders of
-    processes that are gone."""
-    run.require_unchanged()
-    remove_orphans(run.paths.influence, TEMP_PREFIX)
-    tmp = run.paths.influence_temp(key, os.getpid())
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield InfluencePaths(tmp)
-    finally:
+def writing_entry(run: Run, key: str, wait: bool = True) -> Iterator[InfluencePaths]:
+    """Hold the run's lock and yield a fresh temporary folder ``influence/.tmp-<key>-<pid>`` for the entry ``key``;
+    the caller renames ``tmp.root`` to ``run.paths.influence_entry(key).root`` when it is complete, else the folder
+    is removed on exit. Also checks that the run was not retrained since ``run`` was opened, and removes the
+    temporary folders of processes that are gone. ``wait=False``: fail at once if another process holds the lock."""
+    with run_lock(run.paths, wait=wait):
+        run.require_unchanged()
+        remove_orphans(run.paths.influence, TEMP_PREFIX)
+        tmp = run.paths.influence_temp(key, os.getpid())
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield InfluencePaths(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
@@ -359,9 +366,3 @@ def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, tra
     idx = torch.as_tensor(list(train_positions), dtype=torch.long)
     return im.saliency(x_test[test_position:test_position + 1], y_test[test_position:test_position + 1],
                        x_train[idx], y_train[idx])
-
-
-def _tagged(progress: Progress | None, tag: str) -> Progress | None:
-    if progress is None:
-        return None
-    return lambda stage, done, total: progress(f"{tag}: {stage}", done, total)

@@ -22,12 +22,13 @@ class TqdmProgress:
     def __call__(self, stage: str, done: int, total: int) -> None:
         from tqdm import tqdm
 
-        if stage != self._stage:
+        bar = self._bar
+        if stage != self._stage or bar is None:
             self.close()
             self._stage = stage
-            self._bar = tqdm(total=total, desc=stage, leave=True, dynamic_ncols=True, **self._kwargs)
-        self._bar.total = total
-        self._bar.update(done - self._bar.n)
+            bar = self._bar = tqdm(total=total, desc=stage, leave=True, dynamic_ncols=True, **self._kwargs)
+        bar.total = total
+        bar.update(done - bar.n)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -109,8 +109,9 @@ class ReviewedData:
     @classmethod
     def of_run(cls, run: Run) -> ReviewedData:
         """The run's training samples with their given labels, and its classes."""
-        return cls(tuple(map(str, run.ids("train"))), tuple(run.classes[c] for c in run.labels("train")),
-                   tuple(run.classes))
+        return cls(
+            tuple(map(str, run.ids("train"))), tuple(run.classes[c] for c in run.labels("train")), tuple(run.classes)
+        )
 
     @cached_property
     def key(self) -> str:
@@ -191,8 +192,9 @@ class ReviewStore:
             return pd.DataFrame(cur.fetchall(), columns=[c[0] for c in cur.description])
 
     # --- writing -------------------------------------------------------------------------------------------
-    def record(self, sample_id: str, decision: str, reviewer: str, corrected_label: str | None = None, *,
-               idempotency_key: str) -> Action:
+    def record(
+        self, sample_id: str, decision: str, reviewer: str, corrected_label: str | None = None, *, idempotency_key: str
+    ) -> Action:
         """Store one decision and return it; ``mislabeled`` needs the ``corrected_label`` (a class name).
 
         ``idempotency_key``: made once per click (e.g. ``uuid.uuid4().hex``). Recording again with a key that
@@ -206,26 +208,37 @@ class ReviewStore:
         if decision not in DECISIONS:
             raise InfluenceLensError(f"Unknown review decision {decision!r}.", f"use one of {', '.join(DECISIONS)}")
         if sample_id not in self.data.given_label:
-            raise InfluenceLensError(f"{sample_id!r} is not a training sample of this run.",
-                                     "review the images listed in the run's review queue")
+            raise InfluenceLensError(
+                f"{sample_id!r} is not a training sample of this run.",
+                "review the images listed in the run's review queue",
+            )
         corrected_label = self._checked_correction(sample_id, decision, corrected_label)
         if not idempotency_key:
             raise InfluenceLensError("A review decision needs an idempotency key.", "make one per click: uuid4().hex")
         with self._transaction() as con:
-            row = con.execute(f"SELECT {_ACTION_COLUMNS}, data_key FROM actions WHERE idempotency_key = ?",
-                              (idempotency_key,)).fetchone()
+            row = con.execute(
+                f"SELECT {_ACTION_COLUMNS}, data_key FROM actions WHERE idempotency_key = ?", (idempotency_key,)
+            ).fetchone()
             if row is not None:
                 stored = Action(*row[:-1])
                 if (stored.sample_id, stored.decision, stored.corrected_label, stored.reviewer, row[-1]) != (
-                        sample_id, decision, corrected_label, reviewer, self.data.key):
-                    raise InfluenceLensError(f"The idempotency key {idempotency_key!r} was already used for another "
-                                             "decision.", "make a new key for each click")
+                    sample_id,
+                    decision,
+                    corrected_label,
+                    reviewer,
+                    self.data.key,
+                ):
+                    raise InfluenceLensError(
+                        f"The idempotency key {idempotency_key!r} was already used for another decision.",
+                        "make a new key for each click",
+                    )
                 return stored
             created = _now()
             cur = con.execute(
                 "INSERT INTO actions (sample_id, decision, corrected_label, reviewer, created_at, data_key, "
                 "idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (sample_id, decision, corrected_label, reviewer, created, self.data.key, idempotency_key))
+                (sample_id, decision, corrected_label, reviewer, created, self.data.key, idempotency_key),
+            )
             assert cur.lastrowid is not None
             action = Action(cur.lastrowid, sample_id, decision, corrected_label, reviewer, created)
         pause = os.environ.get(PAUSE_AFTER_COMMIT_ENV)
@@ -238,14 +251,18 @@ class ReviewStore:
         if decision != "mislabeled":
             return None
         if not corrected_label:
-            raise InfluenceLensError("Marking a sample mislabeled needs the correct label.",
-                                     "choose the label the image should have")
+            raise InfluenceLensError(
+                "Marking a sample mislabeled needs the correct label.", "choose the label the image should have"
+            )
         if corrected_label not in self.data.classes:
-            raise InfluenceLensError(f"{corrected_label!r} is not a class of this run.",
-                                     f"choose one of {', '.join(self.data.classes)}")
+            raise InfluenceLensError(
+                f"{corrected_label!r} is not a class of this run.", f"choose one of {', '.join(self.data.classes)}"
+            )
         if corrected_label == self.data.given_label[sample_id]:
-            raise InfluenceLensError(f"{sample_id!r} already has the label {corrected_label!r}.",
-                                     "choose the label the image should have, or press Keep")
+            raise InfluenceLensError(
+                f"{sample_id!r} already has the label {corrected_label!r}.",
+                "choose the label the image should have, or press Keep",
+            )
         return corrected_label
 
     def undo(self, reviewer: str, *, idempotency_key: str) -> Action | None:
@@ -257,17 +274,21 @@ class ReviewStore:
         if not idempotency_key:
             raise InfluenceLensError("An undo needs an idempotency key.", "make one per click: uuid4().hex")
         with self._transaction() as con:
-            done = con.execute(f"SELECT {_ACTION_COLUMNS} FROM actions WHERE undo_key = ?",
-                               (idempotency_key,)).fetchone()
+            done = con.execute(
+                f"SELECT {_ACTION_COLUMNS} FROM actions WHERE undo_key = ?", (idempotency_key,)
+            ).fetchone()
             if done is not None:
                 return Action(*done)
             row = con.execute(
                 f"SELECT {_ACTION_COLUMNS} FROM actions WHERE data_key = ? AND reviewer = ? AND undone_at IS NULL "
-                "ORDER BY id DESC LIMIT 1", (self.data.key, (reviewer or "").strip())).fetchone()
+                "ORDER BY id DESC LIMIT 1",
+                (self.data.key, (reviewer or "").strip()),
+            ).fetchone()
             if row is None:
                 return None
-            con.execute("UPDATE actions SET undone_at = ?, undo_key = ? WHERE id = ?",
-                        (_now(), idempotency_key, row[0]))
+            con.execute(
+                "UPDATE actions SET undone_at = ?, undo_key = ? WHERE id = ?", (_now(), idempotency_key, row[0])
+            )
             return Action(*row)
 
     # --- reading -------------------------------------------------------------------------------------------
@@ -278,8 +299,9 @@ class ReviewStore:
 
     def history(self) -> pd.DataFrame:
         """Every action on this data in order, undone ones included (``undone_at`` set)."""
-        return self._query(f"SELECT {_ACTION_COLUMNS}, undone_at FROM actions WHERE data_key = ? ORDER BY id",
-                           (self.data.key,))
+        return self._query(
+            f"SELECT {_ACTION_COLUMNS}, undone_at FROM actions WHERE data_key = ? ORDER BY id", (self.data.key,)
+        )
 
     def hidden_count(self) -> int:
         """How many current decisions in the file were made on other data (another dataset, other labels,
@@ -304,9 +326,13 @@ class ReviewStore:
         """id, given_label, corrected_label for every sample currently marked mislabeled."""
         cur = self.current()
         cur = cur[cur["decision"] == "mislabeled"]
-        return pd.DataFrame({"id": cur["sample_id"].to_numpy(),
-                             "given_label": [self.data.given_label[i] for i in cur["sample_id"]],
-                             "corrected_label": cur["corrected_label"].to_numpy()})
+        return pd.DataFrame(
+            {
+                "id": cur["sample_id"].to_numpy(),
+                "given_label": [self.data.given_label[i] for i in cur["sample_id"]],
+                "corrected_label": cur["corrected_label"].to_numpy(),
+            }
+        )
 
     def decisions_csv(self) -> str:
         """The current decisions as CSV: id, decision, corrected_label, reviewer, created_at."""
@@ -322,12 +348,18 @@ def _store_error(path: Path, e: sqlite3.Error | OSError) -> InfluenceLensError:
     name = f"{path.parent.name}/{path.name}"
     reason = str(e.strerror if isinstance(e, OSError) and e.strerror else e)
     if isinstance(e, sqlite3.DatabaseError) and ("not a database" in reason or "malformed" in reason):
-        return InfluenceLensError(f"The review store {name} is not a readable SQLite database ({reason}).",
-                                  "move the file aside (e.g. rename it to reviews.sqlite.bad); a new, empty store "
-                                  "is made on the next start and the old file stays for recovery")
+        return InfluenceLensError(
+            f"The review store {name} is not a readable SQLite database ({reason}).",
+            "move the file aside (e.g. rename it to reviews.sqlite.bad); a new, empty store "
+            "is made on the next start and the old file stays for recovery",
+        )
     if isinstance(e, sqlite3.OperationalError) and "locked" in reason:
-        return InfluenceLensError(f"The review store {name} stayed locked by another reviewer for "
-                                  f"{BUSY_TIMEOUT_MS // 1000} s.", "try again in a moment")
-    return InfluenceLensError(f"The review store {name} cannot be opened for writing ({reason}).",
-                              "make the run folder and its reviews.sqlite writable for the app's user "
-                              "(e.g. chmod u+w), or copy the run to a writable folder")
+        return InfluenceLensError(
+            f"The review store {name} stayed locked by another reviewer for {BUSY_TIMEOUT_MS // 1000} s.",
+            "try again in a moment",
+        )
+    return InfluenceLensError(
+        f"The review store {name} cannot be opened for writing ({reason}).",
+        "make the run folder and its reviews.sqlite writable for the app's user "
+        "(e.g. chmod u+w), or copy the run to a writable folder",
+    )

@@ -86,14 +86,22 @@ def staged_run(paths: RunPaths) -> Iterator[RunPaths]:
     the block raises (including ``KeyboardInterrupt``). Call with the lock held."""
     if paths.root.exists() and not paths.root.is_dir():
         raise InfluenceLensError(f"The run directory {paths.root} is a file.", "choose a folder for --run-dir")
+    root, cwd = os.path.abspath(paths.root), os.getcwd()
+    if os.path.commonpath([root, cwd]) == root:
+        raise InfluenceLensError(f"The run directory {paths.root} holds the current folder, which the new run "
+                                 "replaces.", "run the command from another folder (e.g. cd ..)")
     stage = paths.staging(os.getpid())
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
         yield RunPaths(stage)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        _swap_in(stage, paths)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone after the swap; what a failed training or swap left
+
+
+def _swap_in(stage: Path, paths: RunPaths) -> None:
+    """Steps 1-4 (a failure between them is repaired by :func:`recover`)."""
     if paths.root.exists():
         os.replace(paths.root, paths.previous)
         os.replace(stage, paths.root)

@@ -41,10 +41,20 @@ def test_flips_in_top_counts_what_detection_metrics_reports():
 
 
 def test_flags_mark_flipped_and_reviewed_images():
-    flags = training_flags(IDS, LABELS, FLIPPED, {"b": decision("b", "mislabeled", "dog"), "c": decision("c", "keep"),
-                                                  "zzz": decision("zzz", "skip")})
-    assert flags["marks"].tolist() == ["", "flipped · marked mislabeled → dog", "label kept by review", "",
-                                       "flipped", ""]
+    flags = training_flags(
+        IDS,
+        LABELS,
+        FLIPPED,
+        {"b": decision("b", "mislabeled", "dog"), "c": decision("c", "keep"), "zzz": decision("zzz", "skip")},
+    )
+    assert flags["marks"].tolist() == [
+        "",
+        "flipped · marked mislabeled → dog",
+        "label kept by review",
+        "",
+        "flipped",
+        "",
+    ]
     assert flags["review"].tolist() == ["", "mislabeled", "keep", "", "", ""]
     assert flags["corrected_label"].tolist() == ["", "dog", "", "", "", ""]
 
@@ -65,11 +75,12 @@ def test_a_list_with_flipped_images_is_never_described_as_clean_examples():
     flags = training_flags(IDS, LABELS, FLIPPED, {"a": decision("a", "mislabeled", "dog")})
     note = describe_ranking(most_helpful(MEAN, flags, 4), run_has_flips=True)
     assert (note.n_listed, note.n_flipped, note.n_marked_mislabeled) == (4, 1, 1) and note.has_wrong_labels
-    assert note.text == ("1 of the 4 images listed has a label flipped on purpose, and 1 is marked mislabeled by "
-                         "reviewers, so this is not a list of clean examples: an image can rank here because its "
-                         "label is wrong.")
-    clean = describe_ranking(most_helpful(MEAN, flags, 1, candidates=(MEAN > 0) & (MEAN < 0.2)),
-                             run_has_flips=True)
+    assert note.text == (
+        "1 of the 4 images listed has a label flipped on purpose, and 1 is marked mislabeled by "
+        "reviewers, so this is not a list of clean examples: an image can rank here because its "
+        "label is wrong."
+    )
+    clean = describe_ranking(most_helpful(MEAN, flags, 1, candidates=(MEAN > 0) & (MEAN < 0.2)), run_has_flips=True)
     assert clean.n_listed == 1 and not clean.has_wrong_labels
     assert clean.text.startswith("0 of the 1 images listed have a label flipped on purpose and none")
     unknown = describe_ranking(most_harmful(MEAN, training_flags(IDS, LABELS, np.zeros(6, bool)), 2), False)

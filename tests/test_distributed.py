@@ -14,13 +14,13 @@ pytest.importorskip("distributed")
 def test_two_local_workers_equal_one_process(tiny_run, monkeypatch):
     monkeypatch.setattr(results, "COLUMN_BLOCK", 64)  # several blocks per worker (the client decides the blocks)
     settings = InfluenceSettings(checkpoints=False)
-    single = compute_influence(tiny_run, settings, recompute=True, log=lambda _: None)
+    single = compute_influence(tiny_run, settings, recompute=True)
     n_test, n_train = single.influences.shape
     assert len(results.column_blocks(n_train)) >= 4
     expected = {"rows": np.stack([single.row(t) for t in range(n_test)]), "mean": single.mean_influence.copy(),
                 "self": single.self_influence.copy(), "top": single.top_harmful(5, 20)[0]}
 
-    spread = compute_influence(tiny_run, settings, recompute=True, log=lambda _: None,
+    spread = compute_influence(tiny_run, settings, recompute=True,
                                cluster=ClusterSpec(workers=2))
     assert spread.meta["workers"] == "LocalCluster with 2 workers"
     rows = np.stack([spread.row(t) for t in range(n_test)])

@@ -81,6 +81,7 @@ def test_decisions_survive_reopen_and_are_keyed_by_id(tmp_path):
 
 # --- reviews belong to the data they were made on -------------------------------------------------------------
 
+
 def test_reviews_of_other_data_are_hidden_counted_and_kept(tmp_path):
     """A run folder reused for other data (digits → tiny-imagenet, or relabelled) never shows the old decisions."""
     digits = ReviewedData(("digits:1", "digits:2"), ("1", "2"), tuple(map(str, range(10))))
@@ -130,6 +131,7 @@ def closing_connection(path: Path) -> closing[sqlite3.Connection]:
 
 # --- idempotent decisions -------------------------------------------------------------------------------------
 
+
 def test_a_retried_decision_is_stored_once_and_undo_removes_it(tmp_path):
     store = ReviewStore(tmp_path, DATA)
     first = store.record("a", "mislabeled", "ann", corrected_label="fox", idempotency_key="click-1")
@@ -157,8 +159,14 @@ print("returned", flush=True)
 def test_a_writer_killed_after_commit_then_retried_leaves_one_decision(tmp_path):
     script = WRITER.format(ids=DATA.sample_ids, labels=DATA.given_labels, classes=DATA.classes)
     env = os.environ | {PAUSE_AFTER_COMMIT_ENV: "120"}
-    writer = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not _committed(tmp_path / "reviews.sqlite", "click-1"):
@@ -183,23 +191,29 @@ def _committed(path: Path, idempotency_key: str) -> bool:
         return False
     try:
         with closing_connection(path) as con:
-            return con.execute("SELECT COUNT(*) FROM actions WHERE idempotency_key = ?",
-                               (idempotency_key,)).fetchone()[0] == 1
+            return (
+                con.execute("SELECT COUNT(*) FROM actions WHERE idempotency_key = ?", (idempotency_key,)).fetchone()[0]
+                == 1
+            )
     except sqlite3.OperationalError:  # the table or column is still being created
         return False
 
 
 # --- validation and failures ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"sample_id": "a", "decision": "keep", "reviewer": "  "}, "reviewer"),
-    ({"sample_id": "a", "decision": "maybe", "reviewer": "ann"}, "Unknown review decision"),
-    ({"sample_id": "a", "decision": "mislabeled", "reviewer": "ann"}, "correct label"),
-    ({"sample_id": "digits:3", "decision": "keep", "reviewer": "ann"}, "not a training sample"),
-    ({"sample_id": "a", "decision": "mislabeled", "reviewer": "ann", "corrected_label": "7"}, "not a class"),
-    ({"sample_id": "a", "decision": "mislabeled", "reviewer": "ann", "corrected_label": "cat"}, "already has"),
-    ({"sample_id": "a", "decision": "keep", "reviewer": "ann", "idempotency_key": ""}, "idempotency key"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sample_id": "a", "decision": "keep", "reviewer": "  "}, "reviewer"),
+        ({"sample_id": "a", "decision": "maybe", "reviewer": "ann"}, "Unknown review decision"),
+        ({"sample_id": "a", "decision": "mislabeled", "reviewer": "ann"}, "correct label"),
+        ({"sample_id": "digits:3", "decision": "keep", "reviewer": "ann"}, "not a training sample"),
+        ({"sample_id": "a", "decision": "mislabeled", "reviewer": "ann", "corrected_label": "7"}, "not a class"),
+        ({"sample_id": "a", "decision": "mislabeled", "reviewer": "ann", "corrected_label": "cat"}, "already has"),
+        ({"sample_id": "a", "decision": "keep", "reviewer": "ann", "idempotency_key": ""}, "idempotency key"),
+    ],
+)
 def test_invalid_actions_are_clear_errors(tmp_path, kwargs, match):
     with pytest.raises(InfluenceLensError, match=match):
         ReviewStore(tmp_path, DATA).record(**({"idempotency_key": key()} | kwargs))
@@ -212,18 +226,22 @@ def test_a_run_accepts_only_its_training_samples(demo_run):
     given = demo_run.classes[demo_run.labels("train")[0]]
     other = next(c for c in demo_run.classes if c != given)
     action = store.record(train_id, "mislabeled", "ann", corrected_label=other, idempotency_key=key())
-    assert store.corrections().to_dict("records") == [{"id": train_id, "given_label": given,
-                                                       "corrected_label": other}]
+    assert store.corrections().to_dict("records") == [{"id": train_id, "given_label": given, "corrected_label": other}]
     with pytest.raises(InfluenceLensError, match="not a training sample"):
         store.record(test_id, "keep", "ann", idempotency_key=key())
     assert store.undo("ann", idempotency_key=key()) == action
 
 
-@pytest.mark.parametrize("make_broken, match", [
-    (lambda d: (d / "reviews.sqlite").write_bytes(b"these are not the reviews you are looking for" * 100),
-     "not a readable SQLite database"),
-    (lambda d: (d / "reviews.sqlite").mkdir(), "cannot be opened for writing"),
-])
+@pytest.mark.parametrize(
+    "make_broken, match",
+    [
+        (
+            lambda d: (d / "reviews.sqlite").write_bytes(b"these are not the reviews you are looking for" * 100),
+            "not a readable SQLite database",
+        ),
+        (lambda d: (d / "reviews.sqlite").mkdir(), "cannot be opened for writing"),
+    ],
+)
 def test_a_broken_store_file_is_a_clear_error(tmp_path, make_broken, match):
     make_broken(tmp_path)
     with pytest.raises(InfluenceLensError, match=match) as caught:
@@ -262,8 +280,13 @@ def test_a_read_only_store_is_a_clear_error(tmp_path, folder_mode, file_mode):
             pytest.skip("running as root without setpriv (util-linux): cannot make a file read-only for root")
         unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
     try:
-        done = subprocess.run([*unprivileged, sys.executable, "-c", UNPRIVILEGED_WRITER, str(run_dir)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [*unprivileged, sys.executable, "-c", UNPRIVILEGED_WRITER, str(run_dir)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         os.chmod(run_dir, 0o755)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
@@ -273,11 +296,17 @@ def test_a_read_only_store_is_a_clear_error(tmp_path, folder_mode, file_mode):
 
 # --- concurrent reviewers ------------------------------------------------------------------------------------
 
+
 def _review_many(run_dir: str, reviewer: str, n: int) -> None:
     store = ReviewStore(run_dir, shared(n))
     for i in range(n):
-        store.record(f"{reviewer}-{i}", "mislabeled" if i % 2 else "keep", reviewer,
-                     corrected_label="dog" if i % 2 else None, idempotency_key=key())
+        store.record(
+            f"{reviewer}-{i}",
+            "mislabeled" if i % 2 else "keep",
+            reviewer,
+            corrected_label="dog" if i % 2 else None,
+            idempotency_key=key(),
+        )
         if i % 10 == 9:  # undo and redo: the undo must hit this reviewer's own latest action
             assert store.undo(reviewer, idempotency_key=key()).sample_id == f"{reviewer}-{i}"
             store.record(f"{reviewer}-{i}", "mislabeled", reviewer, corrected_label="dog", idempotency_key=key())

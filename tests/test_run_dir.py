@@ -127,6 +127,14 @@ def test_retrain_carries_the_review_store_and_drops_the_old_influence_cache(old_
     assert siblings(old_run) == []
 
 
+def test_training_into_the_current_folder_is_refused_before_anything_changes(old_run, monkeypatch):
+    before = snapshot(old_run)
+    monkeypatch.chdir(old_run)
+    with pytest.raises(InfluenceLensError, match="current folder"):
+        train(TrainConfig(**SMALL, seed=1), ".")
+    assert snapshot(old_run) == before
+
+
 def test_a_crash_in_the_middle_of_the_swap_is_repaired(old_run, tmp_path):
     paths = RunPaths(old_run)
     before = snapshot(old_run)
@@ -178,6 +186,16 @@ def test_second_writer_waits_with_a_message_or_fails_at_once(old_run):
         time.sleep(1)
         assert proc.poll() is None  # still waiting while the lock is held
     assert proc.wait(timeout=300) == 0, "".join(err)
+
+
+def test_influence_refuses_a_run_retrained_since_it_was_opened(old_run):
+    from influence_core.pipeline import compute_influence
+
+    stale = Run(old_run)
+    train(TrainConfig(**SMALL, seed=1), old_run)
+    with pytest.raises(InfluenceLensError, match="retrained by another process"):
+        compute_influence(stale, recompute=True)
+    assert not RunPaths(old_run).influence.exists()  # nothing computed from the old run's tables
 
 
 @pytest.mark.parametrize("damage", ["config from another run", "final.pt deleted"])

@@ -65,7 +65,7 @@ def test_a_missing_block_is_an_error(tmp_path, small_blocks):
 def test_pipeline_writes_the_engine_matrix_in_blocks_with_its_summaries(demo_run, small_blocks):
     from influence_core.influence import InfluenceModel
 
-    result = compute_influence(demo_run, DEFAULT_SETTINGS, recompute=True, log=lambda _: None)
+    result = compute_influence(demo_run, DEFAULT_SETTINGS, recompute=True)
     x_train, y_train = demo_run.tensors("train")
     x_test, y_test = demo_run.tensors("test")
     im = InfluenceModel(demo_run.load_model(), scope="head", method="direct").fit(x_train[:], y_train)

@@ -196,7 +196,36 @@ def _complete(q: torch.Tensor) -> torch.Tensor:
     return torch.cat([q, full[:, q.shape[1]:]], dim=1)
 
 
+def test_source_head_scope_uses_the_models_parameter_names():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2))
+    x, y = torch.randn(12, 2, 4, 4), torch.randint(0, 2, (12,))
+    head = TrajectoryInfluence([model], [0.5], "source", scope="head", device="cpu").fit(x, y)
+    named = TrajectoryInfluence([model], [0.5], "source", scope=["3"], device="cpu").fit(x, y)
+    np.testing.assert_allclose(head.self_influence(x, y), named.self_influence(x, y), rtol=1e-5)
+    np.testing.assert_allclose(head.influences(x[:3], y[:3], x, y), named.influences(x[:3], y[:3], x, y), rtol=1e-5)
+
+
 def test_unrolled_gain_limits():
     lam = torch.tensor([0.0, 1e-12, 1.0, 1e4])
     g = unrolled_gain(2.0)(lam)
     np.testing.assert_allclose(g.numpy(), [2.0, 2.0, (1 - np.exp(-2.0)), 1e-4], rtol=1e-6)
+
+
+def test_compute_trajectory_caches_in_the_pipeline_format(demo_run):
+    """A cached TracInCP entry reads back through pipeline.InfluenceResult and matches a direct computation."""
+    from influence_core.influence.trajectory import TrajectorySettings, compute_trajectory, run_segments
+    from influence_core.pipeline import InfluenceResult
+
+    settings = TrajectorySettings(method="tracin", scope="head")
+    paths = compute_trajectory(demo_run, settings, device="cpu")
+    assert compute_trajectory(demo_run, settings, device="cpu") == paths  # second call: the cache
+    result = InfluenceResult(demo_run, paths.root)
+    segments = run_segments(demo_run)
+    assert len(segments) == len(demo_run.checkpoint_paths()) and segments[-1].stop_step > segments[0].stop_step
+    x, y = (t[:] for t in demo_run.tensors("train"))
+    xt, yt = (t[:] for t in demo_run.tensors("test"))
+    ti = TrajectoryInfluence([demo_run.load_model(s.checkpoint) for s in segments], [s.lr_sum for s in segments],
+                             "tracin", "head", device="cpu")
+    np.testing.assert_allclose(result.store.matrix[:], ti.influences(xt, yt, x, y), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(result.self_influence, ti.self_influence(x, y), rtol=1e-4)

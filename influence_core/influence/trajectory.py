@@ -156,6 +156,8 @@ class KroneckerEigen:
         from .engine import InfluenceModel
         from .kfac import EKFAC
 
+        if scope == "head":  # by module name, so that the fitted blocks carry the model's parameter names
+            scope = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
         im = InfluenceModel(model, scope=scope, method=EKFAC(), batch_size=batch_size, device=device)
         state = im.fit(x, y).state_dict()
         layers = []

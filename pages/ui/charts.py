@@ -120,7 +120,7 @@ def saliency_figure(image: np.ndarray, saliency: np.ndarray, overlay: bool = Tru
     limit = float(np.abs(saliency).max()) or 1.0
     heat = dict(z=saliency, colorscale="RdBu_r", zmin=-limit, zmax=limit, colorbar=dict(len=0.9, thickness=12))
     if overlay:
-        fig = go.Figure([go.Image(z=image), go.Heatmap(**heat, opacity=0.6)])
+        fig = go.Figure([go.Image(z=image), go.Heatmap(**heat, opacity=0.5)])
         fig.update_yaxes(autorange="reversed", scaleanchor="x")
     else:
         fig = make_subplots(1, 2, subplot_titles=("training image", "saliency"), horizontal_spacing=0.06)
