@@ -35,12 +35,16 @@ def user_error(e: BaseException) -> InfluenceLensError:
         return e
     if isinstance(e, OSError):
         reason = e.strerror or type(e).__name__
-        return InfluenceLensError(f"The run's files could not be read or written ({reason}).",
-                                  "check that the runs folder is on a writable disk with free space and belongs to "
-                                  "the app's user, or open a run stored elsewhere")
+        return InfluenceLensError(
+            f"The run's files could not be read or written ({reason}).",
+            "check that the runs folder is on a writable disk with free space and belongs to "
+            "the app's user, or open a run stored elsewhere",
+        )
     if isinstance(e, sqlite3.Error):
-        return InfluenceLensError(f"The run's review store could not be used ({type(e).__name__}).",
-                                  "check that the run folder and its reviews.sqlite are writable by the app's user")
+        return InfluenceLensError(
+            f"The run's review store could not be used ({type(e).__name__}).",
+            "check that the run folder and its reviews.sqlite are writable by the app's user",
+        )
     return InfluenceLensError(f"Unexpected failure: {type(e).__name__}.", "see the server log for details")
 
 

@@ -14,42 +14,64 @@ best = result.best_signal
 
 st.markdown(runs.describe_run(run))
 cols = st.columns(4)
-cols[0].metric("Test F1 (macro)", f"{run.metrics['f1_test']:.3f}",
-               help="How well the model classifies images it never saw; 1.0 is perfect.")
-cols[1].metric("Training labels flipped", f"{flipped.mean():.0%}",
-               help=f"{flipped.sum()} of {len(flipped)} training labels were deliberately set to a wrong class, "
-                    "so we can check whether the tool finds them.")
+cols[0].metric(
+    "Test F1 (macro)",
+    f"{run.metrics['f1_test']:.3f}",
+    help="How well the model classifies images it never saw; 1.0 is perfect.",
+)
+cols[1].metric(
+    "Training labels flipped",
+    f"{flipped.mean():.0%}",
+    help=f"{flipped.sum()} of {len(flipped)} training labels were deliberately set to a wrong class, "
+    "so we can check whether the tool finds them.",
+)
 if flipped.any():
     found, total = runs.flips_found_at(result, best)
-    cols[2].metric("Flips found in the top 10 %", f"{found} of {total}",
-                   help=f"Inspect the 10 % most suspicious training images by “{SIGNALS[best].label}”: this many "
-                        f"of the flipped labels are among them (random inspection would find about {total // 10}).")
-    cols[3].metric("Detection AUROC", f"{detection_metrics(result.signals[best], flipped)['auroc']:.3f}",
-                   help="Chance that a flipped image ranks above a clean one: 0.5 is guessing, 1.0 is perfect.")
+    cols[2].metric(
+        "Flips found in the top 10 %",
+        f"{found} of {total}",
+        help=f"Inspect the 10 % most suspicious training images by “{SIGNALS[best].label}”: this many "
+        f"of the flipped labels are among them (random inspection would find about {total // 10}).",
+    )
+    cols[3].metric(
+        "Detection AUROC",
+        f"{detection_metrics(result.signals[best], flipped)['auroc']:.3f}",
+        help="Chance that a flipped image ranks above a clean one: 0.5 is guessing, 1.0 is perfect.",
+    )
 else:
     cols[2].metric("Suspect signal", SIGNALS[best].label)
     cols[3].metric("Training images", len(flipped))
 
 st.subheader("The story in three steps")
 steps = st.columns(3)
-steps[0].markdown("**1 · A model learns from labelled images.** "
-                  f"A ResNet18 learned {run.n_classes} classes from {len(flipped)} training images — "
-                  f"some of whose labels are wrong.")
-steps[1].markdown("**2 · Influence measures each image's share.** For every test prediction we estimate how much "
-                  "each training image helped (positive) or hurt (negative) it, without retraining.")
-steps[2].markdown("**3 · Wrong labels stand out.** An image whose label disagrees with its look keeps fighting "
-                  "the model (high loss, unusual self-influence), so ranking by these signals puts most flipped "
-                  "labels at the top of a review queue.")
+steps[0].markdown(
+    "**1 · A model learns from labelled images.** "
+    f"A ResNet18 learned {run.n_classes} classes from {len(flipped)} training images — "
+    f"some of whose labels are wrong."
+)
+steps[1].markdown(
+    "**2 · Influence measures each image's share.** For every test prediction we estimate how much "
+    "each training image helped (positive) or hurt (negative) it, without retraining."
+)
+steps[2].markdown(
+    "**3 · Wrong labels stand out.** An image whose label disagrees with its look keeps fighting "
+    "the model (high loss, unusual self-influence), so ranking by these signals puts most flipped "
+    "labels at the top of a review queue."
+)
 
 st.subheader("Most suspicious training images")
 order = rank_suspects(result.signals[best], 8)
 truth = runs.class_names(run, run.true_labels("train")[order])
 flags = runs.flags_at(run, order)
-captions = [f"labelled {g}" + (f" · really {t} ✗" if f else " ✓") + (f" · reviewed: {r}" if r else "")
-            for g, t, f, r in zip(flags["label"], truth, flags["flipped"], flags["review"], strict=True)]
+captions = [
+    f"labelled {g}" + (f" · really {t} ✗" if f else " ✓") + (f" · reviewed: {r}" if r else "")
+    for g, t, f, r in zip(flags["label"], truth, flags["flipped"], flags["review"], strict=True)
+]
 widgets.image_grid(runs.images_at(run, "train", order), captions, columns=8, size=88)
-st.caption(f"Ranked by “{SIGNALS[best].label}”. ✗ marks a label we flipped on purpose; review decisions are shown "
-           "under each image.")
+st.caption(
+    f"Ranked by “{SIGNALS[best].label}”. ✗ marks a label we flipped on purpose; review decisions are shown "
+    "under each image."
+)
 
 st.subheader("Where next")
 links = st.columns(3)

@@ -38,24 +38,36 @@ ids, labels = run.ids("train"), run.labels("train")
 pred_probs = run.predictions["probs_train"]
 
 c1, c2, c3 = st.columns([1, 2, 1])
-reviewer = c1.text_input("Your name", value=st.session_state.get("reviewer", ""), placeholder="e.g. Ana",
-                         help="Decisions are saved under this name (it stays in the page's address, so a reload "
-                              "keeps it); Undo reverts your own latest action.").strip()
+reviewer = c1.text_input(
+    "Your name",
+    value=st.session_state.get("reviewer", ""),
+    placeholder="e.g. Ana",
+    help="Decisions are saved under this name (it stays in the page's address, so a reload "
+    "keeps it); Undo reverts your own latest action.",
+).strip()
 st.session_state["reviewer"] = reviewer
 signals = list(result.signals)
-signal = c2.selectbox("Rank suspects by", signals, index=signals.index(result.best_signal),
-                      format_func=lambda key: SIGNALS[key].label)
-size = c3.number_input("Queue length", 1, len(ids), int(np.ceil(0.1 * len(ids))),
-                       help="The review queue holds this many of the most suspicious training images.")
+signal = c2.selectbox(
+    "Rank suspects by", signals, index=signals.index(result.best_signal), format_func=lambda key: SIGNALS[key].label
+)
+size = c3.number_input(
+    "Queue length",
+    1,
+    len(ids),
+    int(np.ceil(0.1 * len(ids))),
+    help="The review queue holds this many of the most suspicious training images.",
+)
 st.caption(SIGNALS[signal].explanation)
 
 queue = rank_suspects(result.signals[signal], size)
 queue_ids = [ids[p] for p in queue]
 progress = store.progress(queue_ids)
 done = progress["reviewed"]
-st.progress(done / max(progress["total"], 1),
-            text=f"Reviewed {done} of {progress['total']} · {progress['mislabeled']} marked mislabeled · "
-                 f"{progress['skipped']} skipped")
+st.progress(
+    done / max(progress["total"], 1),
+    text=f"Reviewed {done} of {progress['total']} · {progress['mislabeled']} marked mislabeled · "
+    f"{progress['skipped']} skipped",
+)
 
 c1, c2, c3, c4 = st.columns(4)
 hide = c1.toggle("Hide decided images", value=False, help="Skipped images stay in the queue.")
@@ -78,7 +90,7 @@ if hide:
     queue, ranks = queue[keep], ranks[keep]
 n_pages = max(1, int(np.ceil(len(queue) / PER_PAGE)))
 page = st.number_input(f"Page (of {n_pages})", 1, n_pages, 1) if n_pages > 1 else 1
-shown, shown_ranks = queue[(page - 1) * PER_PAGE:page * PER_PAGE], ranks[(page - 1) * PER_PAGE:page * PER_PAGE]
+shown, shown_ranks = queue[(page - 1) * PER_PAGE : page * PER_PAGE], ranks[(page - 1) * PER_PAGE : page * PER_PAGE]
 if not len(shown):
     st.stop()
 
@@ -94,10 +106,14 @@ for col, (name, delta) in zip(nav, step.items(), strict=False):
             at = list(shown).index(focus)
             st.session_state["review_focus"] = int(shown[min(max(at + delta, 0), len(shown) - 1)])
             st.rerun()
-nav[2].caption("Keyboard: **m** mislabeled · **k** keep · **s** skip on the focused suspect (▶), **n** / **p** "
-               "next / previous (not while typing in a box).")
-widgets.keyboard_shortcuts({key: (f"suspect-{focus}", label) for label, key in DECISIONS.values()}
-                           | {name[0]: (f"review-{name}", name.capitalize()) for name in step})
+nav[2].caption(
+    "Keyboard: **m** mislabeled · **k** keep · **s** skip on the focused suspect (▶), **n** / **p** "
+    "next / previous (not while typing in a box)."
+)
+widgets.keyboard_shortcuts(
+    {key: ("review-focus", label) for label, key in DECISIONS.values()}
+    | {name[0]: (f"review-{name}", name.capitalize()) for name in step}
+)
 
 flags = runs.flags_at(run, shown)
 for pos, rank, marks in zip(shown, shown_ranks, flags["marks"], strict=True):
@@ -106,9 +122,11 @@ for pos, rank, marks in zip(shown, shown_ranks, flags["marks"], strict=True):
     with st.container(border=True, key=f"suspect-{pos}"):
         img, info, action = st.columns([1, 3, 3])
         img.image(widgets.enlarge(runs.images_at(run, "train", [pos])[0], 96), caption=marks or None)
-        info.markdown(("▶ " if pos == focus else "") + f"**#{rank}** · `{sid}`  \nGiven label "
-                      f"**{run.classes[given]}** · model predicts **{run.classes[pred]}** "
-                      f"({pred_probs[pos, pred]:.0%})  \nScore {result.signals[signal][pos]:.3g}")
+        info.markdown(
+            ("▶ " if pos == focus else "") + f"**#{rank}** · `{sid}`  \nGiven label "
+            f"**{run.classes[given]}** · model predicts **{run.classes[pred]}** "
+            f"({pred_probs[pos, pred]:.0%})  \nScore {result.signals[signal][pos]:.3g}"
+        )
         if current:
             info.markdown(f"{VERDICTS[current.decision].format(current.corrected_label)} by {current.reviewer}")
         others = [c for c in run.classes if c != run.classes[given]]
@@ -118,13 +136,23 @@ for pos, rank, marks in zip(shown, shown_ranks, flags["marks"], strict=True):
             default, why = run.classes[pred], "the model's prediction"
         else:
             default, why = others[0], "the first other class (the model agrees with the given label)"
-        corrected = action.selectbox("Correct label", others, index=others.index(default), key=f"label-{sid}",
-                                     help=f"Pre-filled with {why}; change it before pressing Mislabeled. "
-                                          "Keep and Skip ignore it.")
-        for col, (decision, (label, key)) in zip(action.columns(3), DECISIONS.items(), strict=True):
-            if col.button(label, key=f"{decision}-{sid}", disabled=not reviewer, width="stretch",
-                          help=f"Shortcut: {key} (on the focused suspect)",
-                          type="primary" if current and current.decision == decision else "secondary"):
+        corrected = action.selectbox(
+            "Correct label",
+            others,
+            index=others.index(default),
+            key=f"label-{sid}",
+            help=f"Pre-filled with {why}; change it before pressing Mislabeled. Keep and Skip ignore it.",
+        )
+        buttons = action.container(key="review-focus") if pos == focus else action  # where m / k / s press
+        for col, (decision, (label, key)) in zip(buttons.columns(3), DECISIONS.items(), strict=True):
+            if col.button(
+                label,
+                key=f"{decision}-{sid}",
+                disabled=not reviewer,
+                width="stretch",
+                help=f"Shortcut: {key} (on the focused suspect)",
+                type="primary" if current and current.decision == decision else "secondary",
+            ):
                 store.record(sid, decision, reviewer, corrected, idempotency_key=request_key(f"{decision}-{sid}"))
                 confirmed(f"{decision}-{sid}")
                 st.session_state.pop("review_focus", None)

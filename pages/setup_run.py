@@ -14,10 +14,17 @@ from influence_core.paths import RunPaths
 from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, InfluenceSettings
 from pages.ui import charts, runs, state, widgets
 
-DATASETS = {"Demo: handwritten digits (bundled)": "demo", "Tiny ImageNet folder": "tiny-imagenet",
-            "Image folder (one sub-folder per class)": "folder", "Fashion-MNIST (IDX files)": "fashion-mnist"}
-DEFAULT_PATHS = {"tiny-imagenet": os.environ.get("TINY_IMAGENET", "../shared/data/tiny-imagenet-200"),
-                 "folder": "", "fashion-mnist": DEFAULT_FASHION_MNIST}
+DATASETS = {
+    "Demo: handwritten digits (bundled)": "demo",
+    "Tiny ImageNet folder": "tiny-imagenet",
+    "Image folder (one sub-folder per class)": "folder",
+    "Fashion-MNIST (IDX files)": "fashion-mnist",
+}
+DEFAULT_PATHS = {
+    "tiny-imagenet": os.environ.get("TINY_IMAGENET", "../shared/data/tiny-imagenet-200"),
+    "folder": "",
+    "fashion-mnist": DEFAULT_FASHION_MNIST,
+}
 LAMBDAS = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 
 
@@ -28,8 +35,9 @@ def classes_of(spec: str) -> list[tuple[str, str]]:
 
 st.title("Data & model")
 run = runs.current_run()
-current, new, open_dir, influence_tab = st.tabs(["This run", "Train a new run", "Open a run directory",
-                                                  "Influence settings"])
+current, new, open_dir, influence_tab = st.tabs(
+    ["This run", "Train a new run", "Open a run directory", "Influence settings"]
+)
 
 # --- the current run ------------------------------------------------------------------------------------
 with current:
@@ -37,8 +45,9 @@ with current:
     if run.config["weights"] == "pretrained":
         st.success("The backbone started from ImageNet-pretrained weights (a local file).", icon=":material/check:")
     else:
-        st.warning("No local ImageNet weights were found, so the network was trained from scratch.",
-                   icon=":material/info:")
+        st.warning(
+            "No local ImageNet weights were found, so the network was trained from scratch.", icon=":material/info:"
+        )
     cols = st.columns(4)
     cols[0].metric("Test F1 (macro)", f"{run.metrics['f1_test']:.3f}")
     cols[1].metric("Test accuracy", f"{run.metrics['accuracy_test']:.1%}")
@@ -58,8 +67,15 @@ with current:
     left, right = st.columns(2)
     with left:
         history = pd.DataFrame(run.history).melt("epoch", ["train_loss", "val_loss"], "curve", "loss")
-        fig = px.line(history, x="epoch", y="loss", color="curve", markers=True, title="Training and validation loss",
-                      color_discrete_map={"train_loss": "#4477aa", "val_loss": "#ee6677"})
+        fig = px.line(
+            history,
+            x="epoch",
+            y="loss",
+            color="curve",
+            markers=True,
+            title="Training and validation loss",
+            color_discrete_map={"train_loss": "#4477aa", "val_loss": "#ee6677"},
+        )
         fig.update_layout(height=420, xaxis_dtick=1)
         charts.chart(fig, key="loss")
     with right:
@@ -76,24 +92,41 @@ with new:
     with widgets.errors_shown():
         offered = classes_of(spec)
     names = dict(offered)
-    picked = st.multiselect(f"Classes (type to search; empty = all {len(offered)})", list(names),
-                            format_func=lambda key: names[key] if names[key] == key else f"{names[key]} ({key})",
-                            default=list(names)[:2] if kind == "tiny-imagenet" else None)
+    picked = st.multiselect(
+        f"Classes (type to search; empty = all {len(offered)})",
+        list(names),
+        format_func=lambda key: names[key] if names[key] == key else f"{names[key]} ({key})",
+        default=list(names)[:2] if kind == "tiny-imagenet" else None,
+    )
     c1, c2, c3, c4 = st.columns(4)
     val = c1.number_input("Validation fraction", 0.05, 0.4, 0.1, 0.05)
     test = c2.number_input("Test fraction", 0.05, 0.4, 0.1, 0.05)
     downsample = c3.slider("Use this share of the images", 0.05, 1.0, 1.0, 0.05)
     size = c4.select_slider("Image size (px)", [16, 32, 64], 32 if kind != "tiny-imagenet" else 64)
     c1, c2, c3 = st.columns(3)
-    layers = c1.radio("Train", ["all", "head"], horizontal=True,
-                      format_func={"all": "the whole network", "head": "only the last layer"}.get)
+    layers = c1.radio(
+        "Train",
+        ["all", "head"],
+        horizontal=True,
+        format_func={"all": "the whole network", "head": "only the last layer"}.get,
+    )
     epochs = c2.slider("Epochs", 1, 30, 6)
     corrupt = c3.slider("Flip this share of training labels (to test detection)", 0.0, 0.4, 0.1, 0.05)
-    config = TrainConfig(dataset=spec, classes=picked or None, image_size=size, split=(1 - val - test, val, test),
-                         downsample=downsample, epochs=epochs, train_layers=layers, corrupt_fraction=corrupt)
+    config = TrainConfig(
+        dataset=spec,
+        classes=picked or None,
+        image_size=size,
+        split=(1 - val - test, val, test),
+        downsample=downsample,
+        epochs=epochs,
+        train_layers=layers,
+        corrupt_fraction=corrupt,
+    )
     target = runs.run_dir_for(config)
-    st.caption(f"New run: `{runs.run_ref(target)}`" + (" — already trained, opens at once"
-                                                       if RunPaths(target).train_key.is_file() else ""))
+    st.caption(
+        f"New run: `{runs.run_ref(target)}`"
+        + (" — already trained, opens at once" if RunPaths(target).train_key.is_file() else "")
+    )
     if st.button("Train and compute influences", type="primary", disabled=not offered):
         with widgets.errors_shown():
             runs.start_training(config, f"Training {runs.run_ref(target)}", target, then=state.settings())
@@ -102,9 +135,11 @@ with new:
 
 # --- open a run computed elsewhere ----------------------------------------------------------------------
 with open_dir:
-    st.markdown("Open a run directory written by `influence-core train` or by this app on another machine. "
-                f"It must lie in the runs folder (`{runs.RUNS_ENV}`) or in one of the folders listed in "
-                f"`{runs.EXTRA_ROOTS_ENV}` when the server started.")
+    st.markdown(
+        "Open a run directory written by `influence-core train` or by this app on another machine. "
+        f"It must lie in the runs folder (`{runs.RUNS_ENV}`) or in one of the folders listed in "
+        f"`{runs.EXTRA_ROOTS_ENV}` when the server started."
+    )
     folder = st.text_input("Run directory", placeholder="a folder name in the runs folder, or its full path")
     if st.button("Open run", disabled=not folder):
         with widgets.errors_shown():
@@ -115,23 +150,37 @@ with open_dir:
 with influence_tab:
     s = state.settings()
     c1, c2, c3, c4 = st.columns(4)
-    method = c1.selectbox("Method", METHOD_CHOICES, index=METHOD_CHOICES.index(s.method),
-                          help="direct: exact inverse (small scopes); cg / lissa: iterative; arnoldi: low rank; "
-                               "kfac / ekfac: Kronecker-factored approximations.")
-    scope = c2.radio("Parameters", list(Scope),
-                     index=list(Scope).index(s.scope) if isinstance(s.scope, Scope) else 0,
-                     format_func={Scope.HEAD: "last layer", Scope.ALL: "whole network"}.get)
+    method = c1.selectbox(
+        "Method",
+        METHOD_CHOICES,
+        index=METHOD_CHOICES.index(s.method),
+        help="direct: exact inverse (small scopes); cg / lissa: iterative; arnoldi: low rank; "
+        "kfac / ekfac: Kronecker-factored approximations.",
+    )
+    scope = c2.radio(
+        "Parameters",
+        list(Scope),
+        index=list(Scope).index(s.scope) if isinstance(s.scope, Scope) else 0,
+        format_func={Scope.HEAD: "last layer", Scope.ALL: "whole network"}.get,
+    )
     current = Damping.of(s.regularization).value
-    lam = c3.select_slider("Regularization λ", LAMBDAS, value=min(LAMBDAS, key=lambda v: abs(np.log(v / current))),
-                           format_func=lambda v: f"{v:g}")
+    lam = c3.select_slider(
+        "Regularization λ",
+        LAMBDAS,
+        value=min(LAMBDAS, key=lambda v: abs(np.log(v / current))),
+        format_func=lambda v: f"{v:g}",
+    )
     curvature = c4.radio("Curvature", list(Curvature), index=list(Curvature).index(s.curvature))
     chosen = InfluenceSettings(method=method, scope=scope, regularization=lam, curvature=curvature)
     cached = runs.cached_influence(run, chosen) is not None
-    st.caption(f"{chosen.describe()} — {'cached for this run' if cached else 'not computed yet for this run'}"
-               + (" (the default)" if chosen == DEFAULT_SETTINGS else ""))
+    st.caption(
+        f"{chosen.describe()} — {'cached for this run' if cached else 'not computed yet for this run'}"
+        + (" (the default)" if chosen == DEFAULT_SETTINGS else "")
+    )
     st.caption(chosen.accuracy_note())
-    if st.button("Use these settings" + ("" if cached else " and compute"), type="primary",
-                 disabled=chosen == s and cached):
+    if st.button(
+        "Use these settings" + ("" if cached else " and compute"), type="primary", disabled=chosen == s and cached
+    ):
         st.session_state["settings"] = chosen  # every page now uses them (and waits for them while computed)
         with widgets.errors_shown():
             runs.influence(run, chosen)

@@ -54,8 +54,9 @@ def finish_jobs(at: AppTest) -> AppTest:
 def copy_run(run_path: Path, dest: Path, influences: bool = True) -> Path:
     """A fresh copy of a finished run folder at ``dest`` (without its cached influences unless ``influences``)."""
     shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(run_path, dest, ignore=shutil.ignore_patterns(*(() if influences else ("influence",)),
-                                                                   "reviews.sqlite*"))
+    shutil.copytree(
+        run_path, dest, ignore=shutil.ignore_patterns(*(() if influences else ("influence",)), "reviews.sqlite*")
+    )
     return dest
 
 
@@ -72,7 +73,7 @@ def test_overview_tells_the_story(app, demo_run, demo_result):
     flipped = demo_run.flipped()
     assert metric(at, "Test F1 (macro)") == f"{demo_run.metrics['f1_test']:.3f}"
     assert metric(at, "Training labels flipped") == f"{flipped.mean():.0%}"
-    order = np.argsort(-demo_result.signals[demo_result.best_signal], kind="stable")[:int(np.ceil(0.1 * len(flipped)))]
+    order = np.argsort(-demo_result.signals[demo_result.best_signal], kind="stable")[: int(np.ceil(0.1 * len(flipped)))]
     assert metric(at, "Flips found in the top 10 %") == f"{flipped[order].sum()} of {flipped.sum()}"
     assert len(at.get("image")) >= 8  # the eight most suspicious training images
     assert at.query_params["run"] == demo_run.path.name
@@ -224,7 +225,7 @@ def test_whole_test_set_page_lists_every_training_image(app, demo_run):
 
 def test_review_queue_records_and_undoes(app, demo_run, demo_result):
     order = rank_suspects(demo_result.signals[demo_result.best_signal])
-    queue = [demo_run.ids("train")[p] for p in order[:int(np.ceil(0.1 * len(order)))]]
+    queue = [demo_run.ids("train")[p] for p in order[: int(np.ceil(0.1 * len(order)))]]
     store = ReviewStore.for_run(demo_run)
     sid = next(i for i in queue if i not in store.decisions_for(queue))  # other tests may have reviewed some
     before = store.progress(queue)["reviewed"]

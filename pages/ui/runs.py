@@ -37,8 +37,9 @@ from .state import settings
 
 RUNS_ENV = "INFLUENCE_LENS_RUNS"
 EXTRA_ROOTS_ENV = "INFLUENCE_LENS_EXTRA_ROOTS"
-DEMO_CONFIG = TrainConfig(dataset="demo", image_size=16, downsample=0.5, epochs=5, corrupt_fraction=0.1,
-                          n_checkpoints=2)  # ~900 digits, test F1 ≈ 0.85
+DEMO_CONFIG = TrainConfig(
+    dataset="demo", image_size=16, downsample=0.5, epochs=5, corrupt_fraction=0.1, n_checkpoints=2
+)  # ~900 digits, test F1 ≈ 0.85
 
 
 def outside_roots() -> InfluenceLensError:
@@ -46,7 +47,8 @@ def outside_roots() -> InfluenceLensError:
     return InfluenceLensError(
         "This run is outside the folders the app may open.",
         f"pick a run from the sidebar list; the app only opens runs under its runs folder ({RUNS_ENV}) and the "
-        f"folders listed in {EXTRA_ROOTS_ENV} when the server starts")
+        f"folders listed in {EXTRA_ROOTS_ENV} when the server starts",
+    )
 
 
 def runs_root() -> Path:
@@ -108,8 +110,10 @@ def open_run(path: str | Path) -> Run:
     path = confine(Path(path))
     key_file = RunPaths(path).train_key
     if not key_file.is_file():
-        raise InfluenceLensError(f"The run {run_ref(path)!r} is not a finished run (it holds no train_key file).",
-                                 "pick a run written by Influence Lens training, or train a new run")
+        raise InfluenceLensError(
+            f"The run {run_ref(path)!r} is not a finished run (it holds no train_key file).",
+            "pick a run written by Influence Lens training, or train a new run",
+        )
     return _open_run(str(path), key_file.stat().st_mtime)
 
 
@@ -131,8 +135,9 @@ def _training_key(run_dir: Path) -> str:
     return f"train:{run_dir}"
 
 
-def start_training(config: TrainConfig, label: str, run_dir: Path | None = None,
-                   then: InfluenceSettings | None = None) -> Path:
+def start_training(
+    config: TrainConfig, label: str, run_dir: Path | None = None, then: InfluenceSettings | None = None
+) -> Path:
     """Train ``config`` into ``run_dir`` (default :func:`run_dir_for`) in the background, then compute the
     influences ``then`` if given; returns the run folder at once (open it with :func:`finished_run`)."""
     run_dir = confine(run_dir or run_dir_for(config))
@@ -153,8 +158,11 @@ def show_job(job: Job) -> None:
     def progress() -> None:
         if job.status != "running":
             st.rerun(scope="app")
-        st.progress(job.fraction, text=f"{job.description}: {job.describe_progress()} · "
-                                       "runs on the server; you may leave this page and come back")
+        st.progress(
+            job.fraction,
+            text=f"{job.description}: {job.describe_progress()} · "
+            "runs on the server; you may leave this page and come back",
+        )
 
     progress()
 
@@ -238,8 +246,9 @@ def influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult:
         return found
     key = f"influence:{run.path}:{_cache_key(str(run.path), _trained_at(run), s)}"
     if job_registry().get(key) is None:
-        job_registry().submit(key, lambda progress: compute_influence(run, s, progress=progress),
-                              f"Computing influences ({s.describe()})")
+        job_registry().submit(
+            key, lambda progress: compute_influence(run, s, progress=progress), f"Computing influences ({s.describe()})"
+        )
     _settled(key)
     return cached_influence(run, s)
 
@@ -260,9 +269,11 @@ def describe_run(run: Run) -> str:
     n = run.samples["split"].value_counts()
     weights = "ImageNet-pretrained" if cfg["weights"] == "pretrained" else "trained from scratch"
     layers = "only the last layer trained" if cfg["train_layers"] == "head" else "whole network trained"
-    return (f"**{cfg['dataset']}** · {run.n_classes} classes · {n.get('train', 0)} train / {n.get('val', 0)} val / "
-            f"{n.get('test', 0)} test images at {cfg['image_size']} px · ResNet18, {weights}, {layers}, "
-            f"{cfg['epochs']} epochs")
+    return (
+        f"**{cfg['dataset']}** · {run.n_classes} classes · {n.get('train', 0)} train / {n.get('val', 0)} val / "
+        f"{n.get('test', 0)} test images at {cfg['image_size']} px · ResNet18, {weights}, {layers}, "
+        f"{cfg['epochs']} epochs"
+    )
 
 
 def class_names(run: Run, codes: np.ndarray) -> list[str]:
@@ -307,5 +318,9 @@ def flags_at(run: Run, positions: np.ndarray) -> pd.DataFrame:
     ``positions``, in that order (reads only those images' review decisions)."""
     ids = run.ids("train")
     chosen = [ids[p] for p in positions]
-    return training_flags(chosen, class_names(run, run.labels("train")[positions]), run.flipped()[positions],
-                          review_decisions(run, chosen))
+    return training_flags(
+        chosen,
+        class_names(run, run.labels("train")[positions]),
+        run.flipped()[positions],
+        review_decisions(run, chosen),
+    )

@@ -29,9 +29,13 @@ def run_picker() -> None:
     current = st.session_state.get("run") or demo
     refs = list(dict.fromkeys([current, demo] + [run_ref(p) for p in list_runs()]))
     refs.sort(key=lambda r: r != demo)
-    choice = st.selectbox("Run", refs, index=refs.index(current),
-                          help=f"Runs of the server's runs folder (`{RUNS_ENV}`) and its extra run folders",
-                          format_func=lambda r: f"{r} (demo)" if r == demo else r)
+    choice = st.selectbox(
+        "Run",
+        refs,
+        index=refs.index(current),
+        help=f"Runs of the server's runs folder (`{RUNS_ENV}`) and its extra run folders",
+        format_func=lambda r: f"{r} (demo)" if r == demo else r,
+    )
     if choice != current:
         select_run(resolve_ref(choice))
         st.rerun()
@@ -104,8 +108,9 @@ def errors_shown():
 
 def download_csv(df: pd.DataFrame | str, file_name: str, label: str = "Download CSV", key: str | None = None) -> None:
     data = df if isinstance(df, str) else df.to_csv(index=False)
-    st.download_button(label, data, file_name=file_name, mime="text/csv", key=key or f"dl-{file_name}",
-                       icon=":material/download:")
+    st.download_button(
+        label, data, file_name=file_name, mime="text/csv", key=key or f"dl-{file_name}", icon=":material/download:"
+    )
 
 
 def table(df: pd.DataFrame, file_name: str, **kwargs) -> None:
@@ -119,8 +124,15 @@ def enlarge(image: np.ndarray, size: int = 96) -> Image.Image:
     return Image.fromarray(image).resize((size, size), Image.NEAREST)
 
 
-def image_grid(images: np.ndarray, captions: list[str], columns: int = 8, size: int = 96,
-               button: str | None = None, key: str = "grid", selected: int | None = None) -> int | None:
+def image_grid(
+    images: np.ndarray,
+    captions: list[str],
+    columns: int = 8,
+    size: int = 96,
+    button: str | None = None,
+    key: str = "grid",
+    selected: int | None = None,
+) -> int | None:
     """Images in a grid with captions; with ``button``, one button each: returns the index clicked, if any."""
     clicked = None
     for start in range(0, len(images), columns):
@@ -128,8 +140,9 @@ def image_grid(images: np.ndarray, captions: list[str], columns: int = 8, size: 
         for i in range(start, min(start + columns, len(images))):
             with cols[i - start]:
                 st.image(enlarge(images[i], size), caption=captions[i], width="stretch")
-                if button and st.button(button, key=f"{key}-{i}", width="stretch",
-                                        type="primary" if i == selected else "secondary"):
+                if button and st.button(
+                    button, key=f"{key}-{i}", width="stretch", type="primary" if i == selected else "secondary"
+                ):
                     clicked = i
     return clicked
 
@@ -145,8 +158,9 @@ def fmt(value: float) -> str:
     return f"{value:+,.0f}" if abs(value) >= 100 else f"{value:+.3g}"
 
 
-def training_captions(run: Run, positions: np.ndarray, flags: pd.DataFrame, values: np.ndarray,
-                      value_name: str = "influence") -> list[str]:
+def training_captions(
+    run: Run, positions: np.ndarray, flags: pd.DataFrame, values: np.ndarray, value_name: str = "influence"
+) -> list[str]:
     """Captions saying what each number is, with flipped and reviewed marks, for training images.
 
     ``positions``: (k,) training positions; ``flags``: their ``runs.flags_at`` rows; ``values``: (k,) the ranked
@@ -169,9 +183,17 @@ def paged_table(df: pd.DataFrame, file_name: str, per_page: int = 50, key: str =
     n_pages = pages(len(df), per_page)
     page = 1
     if n_pages > 1:
-        page = st.number_input(f"Page (of {n_pages:,}; {per_page} of {len(df):,} rows each)", 1, n_pages, 1,
-                               key=f"{key}-page")
-    rows = df.iloc[(page - 1) * per_page:page * per_page]
+        page = st.number_input(
+            f"Page (of {n_pages:,}; {per_page} of {len(df):,} rows each)", 1, n_pages, 1, key=f"{key}-page"
+        )
+    rows = df.iloc[(page - 1) * per_page : page * per_page]
     st.dataframe(rows, hide_index=True, width="stretch", height=ROW_PX * (len(rows) + 1) + 3, **kwargs)
-    st.download_button("Download CSV (all rows)", lambda: df.to_csv(index=False), file_name=file_name,
-                       mime="text/csv", key=f"dl-{file_name}", icon=":material/download:", on_click="ignore")
+    st.download_button(
+        "Download CSV (all rows)",
+        lambda: df.to_csv(index=False),
+        file_name=file_name,
+        mime="text/csv",
+        key=f"dl-{file_name}",
+        icon=":material/download:",
+        on_click="ignore",
+    )
