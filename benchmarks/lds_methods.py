@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 LAMBDAS_ALL = (1e-3, 1e-2, 1e-1, 1.0)
 """Absolute damping values scanned for EK-FAC on the whole network (one fit, one test-factor solve per λ)."""
 ALL_OPTIONS = {"dtype": "float32"}
-"""Whole-network K-FAC/EK-FAC factors in float32: at 16 px the float64 eigensolver failed to converge on a
-rank-deficient layer-input factor (``linalg.eigh`` error 1325948, engine default dtype "auto")."""
+"""Whole-network K-FAC/EK-FAC factors in float32. At 16 px ``linalg.eigh`` failed to converge on a rank-deficient
+layer-input factor both with the engine's default (float64) and with this (error 1325948): an engine issue."""
 HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {"rank": 100}, "lissa": {"depth": 300}}
 """Method → options (as benchmarks/run.py: Arnoldi keeps 100 of the head's directions, LiSSA runs 300 steps)."""
 
