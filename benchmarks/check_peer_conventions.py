@@ -14,6 +14,7 @@ scale (pyDVL: mean-reduced loss, ``regularization`` = λ; Kronfluence: summed lo
 examples, ``damping_factor`` = λ, no 1/n); pyDVL's CG over-weights an uneven last batch; pyDVL's
 ``influences_from_factors`` needs the ``InfluenceMode.Up`` enum, not the string "up".
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -39,7 +40,7 @@ def exact_influence(model, loss: Callable, x, y, x_test, y_test, lam: float):
     def unflatten(flat):
         out, i = {}, 0
         for k, shape in shapes.items():
-            out[k] = flat[i:i + shape.numel()].reshape(shape)
+            out[k] = flat[i : i + shape.numel()].reshape(shape)
             i += shape.numel()
         return out
 
@@ -93,23 +94,36 @@ def check_pydvl() -> bool:
 
     def fitted(cls, batch_size, **kw):
         return cls(model, F.cross_entropy, regularization=LAM, **kw).fit(
-            DataLoader(TensorDataset(x, y), batch_size=batch_size))
+            DataLoader(TensorDataset(x, y), batch_size=batch_size)
+        )
 
     cg = dict(rtol=1e-10, atol=0.0, maxiter=100, warn_on_max_iteration=False)
-    direct, cg_even, cg_uneven = fitted(DirectInfluence, 20), fitted(CgInfluence, 20, **cg), fitted(CgInfluence, 16, **cg)
+    direct, cg_even, cg_uneven = (
+        fitted(DirectInfluence, 20),
+        fitted(CgInfluence, 20, **cg),
+        fitted(CgInfluence, 16, **cg),
+    )
     ok = report("DirectInfluence.influences(mode=Up)", rel_err(direct.influences(xt, yt, x, y, mode=up), ref))
-    ok &= report("CgInfluence.influences(mode=Up), batches 20+20",
-                 rel_err(cg_even.influences(xt, yt, x, y, mode=up), ref))
+    ok &= report(
+        "CgInfluence.influences(mode=Up), batches 20+20", rel_err(cg_even.influences(xt, yt, x, y, mode=up), ref)
+    )
     factors = cg_even.influence_factors(xt, yt)
-    ok &= report("CgInfluence.influences_from_factors(mode=Up)",
-                 rel_err(cg_even.influences_from_factors(factors, x, y, mode=up), ref))
+    ok &= report(
+        "CgInfluence.influences_from_factors(mode=Up)",
+        rel_err(cg_even.influences_from_factors(factors, x, y, mode=up), ref),
+    )
     self_inf = direct.influences_from_factors(direct.influence_factors(x, y), x, y, mode=up).diagonal()
     ok &= report("DirectInfluence self-influence (diagonal)", rel_err(self_inf, ref_self))
-    report("CgInfluence, batches 16+16+8 (uneven last batch)",
-           rel_err(cg_uneven.influences(xt, yt, x, y, mode=up), ref), info=True)
+    report(
+        "CgInfluence, batches 16+16+8 (uneven last batch)",
+        rel_err(cg_uneven.influences(xt, yt, x, y, mode=up), ref),
+        info=True,
+    )
     wrong = cg_even.influences_from_factors(factors, x, y, mode="up")
-    print(f"  info  influences_from_factors(mode='up' string) shape {tuple(wrong.shape)}, "
-          f"expected {tuple(ref.shape)}", flush=True)
+    print(
+        f"  info  influences_from_factors(mode='up' string) shape {tuple(wrong.shape)}, expected {tuple(ref.shape)}",
+        flush=True,
+    )
     return ok
 
 
@@ -118,9 +132,8 @@ def check_kronfluence() -> bool:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
-    from torch.utils.data import TensorDataset
-
     from peer_kronfluence import ClassificationTask
+    from torch.utils.data import TensorDataset
 
     class LinearRegressionTask(Task):
         """½(f(x) − y)² summed. ``sample=True`` returns Σ f(x), whose per-sample gradient is the augmented
@@ -136,25 +149,40 @@ def check_kronfluence() -> bool:
             return self.compute_train_loss(batch, model)
 
     def scores(model, task, strategy, train, test, out_dir):
-        analyzer = Analyzer("check", prepare_model(model, task), task, cpu=True, disable_tqdm=True,
-                            output_dir=out_dir)
-        analyzer.fit_all_factors(strategy, train, per_device_batch_size=16,
-                                 factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
+        analyzer = Analyzer("check", prepare_model(model, task), task, cpu=True, disable_tqdm=True, output_dir=out_dir)
+        analyzer.fit_all_factors(
+            strategy,
+            train,
+            per_device_batch_size=16,
+            factor_args=FactorArguments(strategy=strategy),
+            overwrite_output_dir=True,
+        )
         score_args = ScoreArguments(damping_factor=LAM)
-        analyzer.compute_pairwise_scores("pairwise", strategy, test, train, per_device_query_batch_size=len(test),
-                                         per_device_train_batch_size=16, score_args=score_args,
-                                         overwrite_output_dir=True)
-        analyzer.compute_self_scores("self", strategy, train, per_device_train_batch_size=16,
-                                     score_args=score_args, overwrite_output_dir=True)
-        return (analyzer.load_pairwise_scores("pairwise")["all_modules"],
-                analyzer.load_self_scores("self")["all_modules"])
+        analyzer.compute_pairwise_scores(
+            "pairwise",
+            strategy,
+            test,
+            train,
+            per_device_query_batch_size=len(test),
+            per_device_train_batch_size=16,
+            score_args=score_args,
+            overwrite_output_dir=True,
+        )
+        analyzer.compute_self_scores(
+            "self", strategy, train, per_device_train_batch_size=16, score_args=score_args, overwrite_output_dir=True
+        )
+        return (
+            analyzer.load_pairwise_scores("pairwise")["all_modules"],
+            analyzer.load_self_scores("self")["all_modules"],
+        )
 
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         model, x, y, xt, yt = softmax_problem()
         g_train, g_test, _, _ = exact_influence(model, ce_per_sample, x, y, xt, yt, LAM)
-        pair, self_inf = scores(model, ClassificationTask(["0"]), "identity", TensorDataset(x, y),
-                                TensorDataset(xt, yt), tmp)
+        pair, self_inf = scores(
+            model, ClassificationTask(["0"]), "identity", TensorDataset(x, y), TensorDataset(xt, yt), tmp
+        )
         ok &= report("identity, runner's CE task: pairwise = ∇ℓ_test·∇ℓ", rel_err(pair, g_test @ g_train.T))
         ok &= report("identity, runner's CE task: self = ‖∇ℓ‖²", rel_err(self_inf, (g_train**2).sum(1)))
 

@@ -9,6 +9,7 @@ timing needs no data (e.g. on a GPU machine); ``--run`` uses a trained run's fin
 gradients + ``solve`` in parameter space and prints the relative difference (for methods scored in an
 eigenbasis, K-FAC/EK-FAC, this checks that path on the device). Prints one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,13 @@ def data(args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tenso
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=2).eval()
-    return (model, torch.randn(n, 3, 64, 64, generator=gen), torch.randint(0, 2, (n,), generator=gen),
-            torch.randn(m, 3, 64, 64, generator=gen), torch.randint(0, 2, (m,), generator=gen))
+    return (
+        model,
+        torch.randn(n, 3, 64, 64, generator=gen),
+        torch.randint(0, 2, (n,), generator=gen),
+        torch.randn(m, 3, 64, 64, generator=gen),
+        torch.randint(0, 2, (m,), generator=gen),
+    )
 
 
 def main() -> None:
@@ -60,21 +66,33 @@ def main() -> None:
             torch.cuda.synchronize()
         return out, round(time.perf_counter() - t, 3)
 
-    im = InfluenceModel(model, method=Method.named(args.method), scope=args.scope, device=device,
-                        regularization=args.regularization)
+    im = InfluenceModel(
+        model, method=Method.named(args.method), scope=args.scope, device=device, regularization=args.regularization
+    )
     _, fit_s = timed(lambda: im.fit(x, y))
     factors, factors_s = timed(lambda: im.test_factors(xt, yt))
     matrix, matrix_s = timed(lambda: im.influences_from_factors(factors))
     self_inf, self_s = timed(lambda: im.self_influence())
-    record = {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "method": args.method, "scope": str(args.scope), "n_train": len(x), "n_test": len(xt),
-              "fit_s": fit_s, "test_factors_s": factors_s, "influences_s": matrix_s, "self_influence_s": self_s}
+    record = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "method": args.method,
+        "scope": str(args.scope),
+        "n_train": len(x),
+        "n_test": len(xt),
+        "fit_s": fit_s,
+        "test_factors_s": factors_s,
+        "influences_s": matrix_s,
+        "self_influence_s": self_s,
+    }
     if device.type == "cuda":
         record["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     if args.check:  # per-sample gradients + solve in parameter space, on the images themselves (not head scope)
         k = args.check
-        grads = [per_sample_grads(im.block_model_, im.params_, a.to(device), b.to(device))
-                 for a, b in ((xt[:k], yt[:k]), (x[:k], y[:k]))]
+        grads = [
+            per_sample_grads(im.block_model_, im.params_, a.to(device), b.to(device))
+            for a, b in ((xt[:k], yt[:k]), (x[:k], y[:k]))
+        ]
         solved = [flatten(im.inverse_.solve(g, im.regularization)) for g in grads]
         ref = (solved[0] @ flatten(grads[1]).T).cpu().numpy()
         ref_self = (solved[1] * flatten(grads[1])).sum(1).cpu().numpy()

@@ -101,15 +101,22 @@ def main() -> None:
         raise SystemExit("gpu_full.py needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"gpu": torch.cuda.get_device_name(), "epochs": args.epochs, "whole_tests": args.whole_tests}
-    config = TrainConfig(dataset=f"tiny-imagenet:{args.data}", split="official", image_size=64, epochs=args.epochs,
-                         n_checkpoints=0, batch_size=256)
+    config = TrainConfig(
+        dataset=f"tiny-imagenet:{args.data}",
+        split="official",
+        image_size=64,
+        epochs=args.epochs,
+        n_checkpoints=0,
+        batch_size=256,
+    )
     run = stage(report, args.out, "train", lambda: train(config, args.out / "run", device="cuda"))
     report["train"]["epoch_seconds"] = [h["seconds"] for h in run.history]
     stage(report, args.out, "head", lambda: compute_influence(run, InfluenceSettings(checkpoints=False), "cuda"))
     error = stage(report, args.out, "amp", lambda: amp_error(run))
     report["amp"]["relative_error"] = error
-    detail = stage(report, args.out, "whole",
-                   lambda: whole_network(run, args.whole_tests, args.out, error <= args.amp_tolerance))
+    detail = stage(
+        report, args.out, "whole", lambda: whole_network(run, args.whole_tests, args.out, error <= args.amp_tolerance)
+    )
     report["whole"] |= detail
     (args.out / "gpu_full.json").write_text(json.dumps(report, indent=2))
 

@@ -25,6 +25,7 @@ Output directory ``benchmarks/out/lds/<workload key>/``::
     measurements.npz     stacked: masks (M, n_train) bool, margins / losses (M, n_test) float64, seeds (M,)
     scores.json          LDS ± s.e. of every scored matrix (margin and loss)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,9 +56,16 @@ SUBSET_SEED = 20231
 # ----------------------------------------------------------------------------------------------- workload
 def workload_config(args: argparse.Namespace) -> TrainConfig:
     """The product's recipe for the LDS workload (ResNet18 from scratch, Adam + cosine, flips)."""
-    return TrainConfig(dataset=args.dataset, classes=list(args.classes), image_size=args.image_size,
-                       epochs=args.epochs, train_layers="all", corrupt_fraction=args.corrupt_fraction,
-                       seed=args.seed, weights="scratch")
+    return TrainConfig(
+        dataset=args.dataset,
+        classes=list(args.classes),
+        image_size=args.image_size,
+        epochs=args.epochs,
+        train_layers="all",
+        corrupt_fraction=args.corrupt_fraction,
+        seed=args.seed,
+        weights="scratch",
+    )
 
 
 def workload_dir(config: TrainConfig, fraction: float, out: Path) -> Path:
@@ -81,7 +89,7 @@ def fit_model(model, config: TrainConfig, x_train, y_train, x_val, y_val) -> Non
 def logits_of(model, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """(n, K) float32 logits of ``model`` in eval mode."""
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).float().numpy()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).float().numpy()
 
 
 def materialised(run: Run, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,9 +140,17 @@ def train_models(args: argparse.Namespace) -> Path:
     run_dir = root / "run"  # the workload folder is keyed by the recipe: a finished run in it is this recipe's
     run = Run(run_dir) if RunPaths(run_dir).train_key.is_file() else train(config, run_dir, device="cpu")
     (x_train, y_train), (x_val, y_val), (x_test, _) = (materialised(run, s) for s in ("train", "val", "test"))
-    atomic_write_json(root / "workload.json", {
-        "recipe": dataclasses.asdict(config), "fraction": args.fraction, "subset_seed": SUBSET_SEED,
-        "n_train": len(y_train), "n_test": len(x_test), "run_train_key": RunPaths(run.path).train_key.read_text()})
+    atomic_write_json(
+        root / "workload.json",
+        {
+            "recipe": dataclasses.asdict(config),
+            "fraction": args.fraction,
+            "subset_seed": SUBSET_SEED,
+            "n_train": len(y_train),
+            "n_test": len(x_test),
+            "run_train_key": RunPaths(run.path).train_key.read_text(),
+        },
+    )
     worker, n_workers = (int(v) for v in args.worker.split("/"))
     order = range(worker, args.models, n_workers)
     for m in reversed(order) if args.reverse else order:
@@ -147,8 +163,14 @@ def train_models(args: argparse.Namespace) -> Path:
         torch.manual_seed(m)  # as influence_core.training.train: seed, then build
         model, _ = build_resnet18(run.n_classes, False)
         fit_model(model, model_config, x_train[subset], y_train[subset], x_val, y_val)
-        atomic_save_npz(target, subset=subset, seed=np.int64(m), test_logits=logits_of(model, x_test),
-                        train_logits=logits_of(model, x_train), seconds=np.float64(time.perf_counter() - t0))
+        atomic_save_npz(
+            target,
+            subset=subset,
+            seed=np.int64(m),
+            test_logits=logits_of(model, x_test),
+            train_logits=logits_of(model, x_train),
+            seconds=np.float64(time.perf_counter() - t0),
+        )
         log.info("model %d: %.0f s", m, time.perf_counter() - t0)
     return root
 
@@ -186,6 +208,7 @@ class Measurements:
 def _ranks(a: np.ndarray) -> np.ndarray:
     """Average ranks along axis 0 (ties share their mean rank), float64."""
     from scipy.stats import rankdata
+
     return rankdata(a, axis=0)
 
 
@@ -207,8 +230,13 @@ def lds(influences: np.ndarray, masks: np.ndarray, measured: np.ndarray) -> dict
     per_test = np.divide((rp * rm).sum(0), denom, out=np.full(denom.shape, np.nan), where=denom > 0)
     valid = per_test[np.isfinite(per_test)]
     se = float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else float("nan")
-    return {"lds": float(valid.mean()) if len(valid) else float("nan"), "se": se, "per_test": per_test,
-            "n_test": int(len(valid)), "n_models": int(len(masks))}
+    return {
+        "lds": float(valid.mean()) if len(valid) else float("nan"),
+        "se": se,
+        "per_test": per_test,
+        "n_test": int(len(valid)),
+        "n_models": int(len(masks)),
+    }
 
 
 def score(measurements: Measurements, influences: np.ndarray) -> dict:
@@ -228,10 +256,12 @@ def magnitude(measurements: Measurements, influences: np.ndarray, full_losses: n
     Least-squares slope through the origin (1 = calibrated) and Pearson r, pooled over (m, t)."""
     n_train = measurements.masks.shape[1]
     predicted = (~measurements.masks).astype(np.float64) @ np.asarray(influences, np.float64).T / n_train
-    measured = (measurements.losses - full_losses[None, :])[:, :len(influences)]
+    measured = (measurements.losses - full_losses[None, :])[:, : len(influences)]
     pred, meas = predicted.ravel(), measured.ravel()
-    return {"slope": float(pred @ meas / (pred @ pred)) if pred.any() else None,
-            "pearson": float(np.corrcoef(pred, meas)[0, 1]) if pred.std() > 0 else None}
+    return {
+        "slope": float(pred @ meas / (pred @ pred)) if pred.any() else None,
+        "pearson": float(np.corrcoef(pred, meas)[0, 1]) if pred.std() > 0 else None,
+    }
 
 
 def score_all(root: Path) -> dict:
@@ -246,9 +276,14 @@ def score_all(root: Path) -> dict:
         t = time.perf_counter()
         scores[path.stem] = score(measurements, matrix) | {
             "magnitude": magnitude(measurements, matrix, full_losses),
-            "scoring_seconds": round(time.perf_counter() - t, 3)}
-    result = {"n_models": int(len(measurements.masks)), "seeds": measurements.seeds.tolist(), "scores": scores,
-              "workload": read_json(root / "workload.json")["recipe"]}
+            "scoring_seconds": round(time.perf_counter() - t, 3),
+        }
+    result = {
+        "n_models": int(len(measurements.masks)),
+        "seeds": measurements.seeds.tolist(),
+        "scores": scores,
+        "workload": read_json(root / "workload.json")["recipe"],
+    }
     atomic_write_json(root / "scores.json", result)
     return result
 
@@ -256,14 +291,18 @@ def score_all(root: Path) -> dict:
 def markdown(result: dict) -> str:
     """One table row per matrix, best margin LDS first."""
     rows = sorted(result["scores"].items(), key=lambda kv: -np.nan_to_num(kv[1]["margin"]["lds"], nan=-9))
-    lines = ["| job | LDS (margin) ± s.e. | LDS (loss) ± s.e. | slope measured/predicted Δloss | Pearson |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| job | LDS (margin) ± s.e. | LDS (loss) ± s.e. | slope measured/predicted Δloss | Pearson |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for job, s in rows:
         mag = s["magnitude"]
-        lines.append(f"| {job} | {s['margin']['lds']:.3f} ± {s['margin']['se']:.3f} | "
-                     f"{s['loss']['lds']:.3f} ± {s['loss']['se']:.3f} | "
-                     f"{'–' if mag['slope'] is None else format(mag['slope'], '.3g')} | "
-                     f"{'–' if mag['pearson'] is None else format(mag['pearson'], '.2f')} |")
+        lines.append(
+            f"| {job} | {s['margin']['lds']:.3f} ± {s['margin']['se']:.3f} | "
+            f"{s['loss']['lds']:.3f} ± {s['loss']['se']:.3f} | "
+            f"{'–' if mag['slope'] is None else format(mag['slope'], '.3g')} | "
+            f"{'–' if mag['pearson'] is None else format(mag['pearson'], '.2f')} |"
+        )
     return f"M = {result['n_models']} models\n\n" + "\n".join(lines) + "\n"
 
 
@@ -287,8 +326,14 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None) 
         key = job_method_scope(job)
         if key is None:
             continue
-        entry = {"job": job, "lds": round(s["margin"]["lds"], 4), "lds_se": round(s["margin"]["se"], 4),
-                 "slope": s["magnitude"]["slope"], "cost_x_floor": None, "fidelity": None}
+        entry = {
+            "job": job,
+            "lds": round(s["margin"]["lds"], 4),
+            "lds_se": round(s["margin"]["se"], 4),
+            "slope": s["magnitude"]["slope"],
+            "cost_x_floor": None,
+            "fidelity": None,
+        }
         if report and job in report.get("jobs", {}):
             matrix = report["jobs"][job].get("matrix") or {}
             if "seconds_full" in matrix:
@@ -297,20 +342,28 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None) 
             if fid:
                 entry["fidelity"] = f"rel. err {fid['rel_frobenius']:.2g} vs exact direct (head)"
         methods["/".join(key)] = entry
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=BENCH).stdout.strip()
-    data = {"workload": f"{' vs '.join(recipe['classes'])}, {recipe['image_size']} px, ResNet18 from scratch, "
-                        f"{recipe['epochs']} epochs, {recipe['corrupt_fraction']:.0%} flipped labels",
-            "n_models": result["n_models"], "commit": commit,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "methods": methods}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH
+    ).stdout.strip()
+    data = {
+        "workload": f"{' vs '.join(recipe['classes'])}, {recipe['image_size']} px, ResNet18 from scratch, "
+        f"{recipe['epochs']} epochs, {recipe['corrupt_fraction']:.0%} flipped labels",
+        "n_models": result["n_models"],
+        "commit": commit,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "methods": methods,
+    }
     atomic_write_json(path, data)
     return data
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 def add_workload_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="tiny-imagenet:../shared/data/tiny-imagenet-200",
-                   help="dataset spec, relative to the checkout (default: tiny-imagenet beside it)")
+    p.add_argument(
+        "--dataset",
+        default="tiny-imagenet:../shared/data/tiny-imagenet-200",
+        help="dataset spec, relative to the checkout (default: tiny-imagenet beside it)",
+    )
     p.add_argument("--classes", nargs="+", default=["goldfish", "lemon"])
     p.add_argument("--corrupt-fraction", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=15)
@@ -329,8 +382,11 @@ def main(argv=None) -> None:
     t.add_argument("--models", type=int, default=50)
     t.add_argument("--worker", default="0/1", help="i/W: train the models m with m %% W == i")
     t.add_argument("--threads", type=int, default=1)
-    t.add_argument("--reverse", action="store_true",
-                   help="train this worker's models last to first (a second process meets the first in the middle)")
+    t.add_argument(
+        "--reverse",
+        action="store_true",
+        help="train this worker's models last to first (a second process meets the first in the middle)",
+    )
     sc = sub.add_parser("score", help="score every matrix in <workload>/matrices (seconds)")
     add_workload_options(sc)
     sc.add_argument("--measured", type=Path, default=None, help="also write this measured.json for the app")

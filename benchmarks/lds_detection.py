@@ -8,6 +8,7 @@ checkpoints is computed once and cached in ``RUN_DIR/trajectory_signals.npz`` (`
 (n_segments, n_train) float32); the signals (higher = more suspicious) and their AUROC / recall at 5, 10, 20 % are
 printed as a table and written as JSON. Combinations use ranks, so that no signal's scale dominates.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def segment_self_influences(run: Run, methods=TRAJECTORY_SIGNALS) -> dict[str, n
         key = f"{method}_{scope}"
         if key in have:
             continue
-        ti = TrajectoryInfluence([run.load_model(s.checkpoint) for s in segments], [s.lr_sum for s in segments],
-                                 method, scope, device="cpu")
+        ti = TrajectoryInfluence(
+            [run.load_model(s.checkpoint) for s in segments], [s.lr_sum for s in segments], method, scope, device="cpu"
+        )
         have[key] = ti.fit(x, y).segment_self_influence(x, y)
         atomic_save_npz(cache, **have)
         log.info("%s: %s done", run.path, key)
@@ -70,8 +72,11 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="[lds-detection %(asctime)s] %(message)s", stream=sys.stdout)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", type=Path, nargs="+")
-    p.add_argument("--methods", default=",".join(f"{m}_{s}" for m, s in TRAJECTORY_SIGNALS),
-                   help="comma-separated <method>_<scope> trajectory signals to compute")
+    p.add_argument(
+        "--methods",
+        default=",".join(f"{m}_{s}" for m, s in TRAJECTORY_SIGNALS),
+        help="comma-separated <method>_<scope> trajectory signals to compute",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/lds/detection/results.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -82,12 +87,18 @@ def main(argv=None) -> None:
         flipped = run.flipped()
         scores = signals(run, segment_self_influences(run, chosen))
         table = {name: detection_metrics(s, flipped) for name, s in scores.items()}
-        results[str(run_dir)] = {"classes": run.classes, "image_size": run.config["image_size"],
-                                 "flips_memorised": run.metrics.get("flips_memorised"), "signals": table}
+        results[str(run_dir)] = {
+            "classes": run.classes,
+            "image_size": run.config["image_size"],
+            "flips_memorised": run.metrics.get("flips_memorised"),
+            "signals": table,
+        }
         print(f"\n{run_dir} ({' vs '.join(run.classes)}, {run.config['image_size']} px)")
         for name, m in sorted(table.items(), key=lambda kv: -kv[1]["auroc"]):
-            print(f"| {name} | {m['auroc']:.3f} | {m['recall_at_5pct']:.2f} | {m['recall_at_10pct']:.2f} | "
-                  f"{m['recall_at_20pct']:.2f} |")
+            print(
+                f"| {name} | {m['auroc']:.3f} | {m['recall_at_5pct']:.2f} | {m['recall_at_10pct']:.2f} | "
+                f"{m['recall_at_20pct']:.2f} |"
+            )
     atomic_write_json(a.out, results)
 
 

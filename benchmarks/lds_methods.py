@@ -8,6 +8,7 @@ influence-function method on the head (exact curvature), EK-FAC/K-FAC on the who
 the trajectory methods of ``influence_core.influence.trajectory`` (TracInCP on the whole network and the head,
 SOURCE on the head; ``grad_dot_all`` = TracInCP on the final checkpoint alone, a plain gradient dot product).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def engine_matrices(run: Run, method: str, scope: str, lambdas: tuple[float, ...
     from influence_core.influence import InfluenceModel
 
     (x_train, y_train), (x_test, y_test) = materialised(run, "train"), materialised(run, "test")
-    im = InfluenceModel(run.load_model(), scope=scope, method=method, regularization=lambdas[0], device="cpu",
-                        **options)
+    im = InfluenceModel(
+        run.load_model(), scope=scope, method=method, regularization=lambdas[0], device="cpu", **options
+    )
     im.fit(x_train, y_train)
     out = {}
     for lam in lambdas:
@@ -51,26 +53,36 @@ def engine_matrices(run: Run, method: str, scope: str, lambdas: tuple[float, ...
     return out
 
 
-def trajectory_matrix(run: Run, method: str, scope: str, last_only: bool = False,
-                      n_test: int | None = None) -> np.ndarray:
+def trajectory_matrix(
+    run: Run, method: str, scope: str, last_only: bool = False, n_test: int | None = None
+) -> np.ndarray:
     """TracInCP / SOURCE over the run's kept checkpoints (or the final one alone), for the first ``n_test``
     test points (all if None): on the whole network every pair costs a parameter-sized dot product."""
     segments = run_segments(run)[-1:] if last_only else run_segments(run)
     x_train, y_train = materialised(run, "train")
     x_test, y_test = (t[:n_test] for t in materialised(run, "test"))
-    ti = TrajectoryInfluence([run.load_model(s.checkpoint) for s in segments], [s.lr_sum for s in segments],
-                             method, scope, device="cpu", test_chunk=16)
+    ti = TrajectoryInfluence(
+        [run.load_model(s.checkpoint) for s in segments],
+        [s.lr_sum for s in segments],
+        method,
+        scope,
+        device="cpu",
+        test_chunk=16,
+    )
     return ti.fit(x_train, y_train).influences(x_test, y_test, x_train, y_train)
 
 
 def jobs(run: Run) -> dict:
     """Job name → callable returning ``{job name: matrix}`` (one fit may give several λ)."""
-    out = {f"ours_{m}_head": (lambda m=m, o=o: {f"ours_{m}_head": engine_matrices(run, m, "head", (1e-3,), o)[1e-3]})
-           for m, o in HEAD_JOBS.items()}
+    out = {
+        f"ours_{m}_head": (lambda m=m, o=o: {f"ours_{m}_head": engine_matrices(run, m, "head", (1e-3,), o)[1e-3]})
+        for m, o in HEAD_JOBS.items()
+    }
     for method in ("ekfac", "kfac"):
         lambdas = LAMBDAS_ALL if method == "ekfac" else (1e-3,)
         out[f"ours_{method}_all"] = lambda method=method, lambdas=lambdas: {
-            _lambda_job(method, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, ALL_OPTIONS).items()}
+            _lambda_job(method, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, ALL_OPTIONS).items()
+        }
     out["tracin_all"] = lambda: {"tracin_all": trajectory_matrix(run, "tracin", "all")}
     out["tracin_all_first22"] = lambda: {"tracin_all_first22": trajectory_matrix(run, "tracin", "all", n_test=22)}
     out["source_all_first22"] = lambda: {"source_all_first22": trajectory_matrix(run, "source", "all", n_test=22)}
@@ -112,8 +124,12 @@ def main(argv=None) -> None:
         results = table[job]()
         seconds = time.perf_counter() - t
         for name, matrix in results.items():
-            save_matrix(out_dir, name, matrix, {"job": job, "seconds_whole_job": round(seconds, 1),
-                                                "threads": a.threads, "shared_machine": True})
+            save_matrix(
+                out_dir,
+                name,
+                matrix,
+                {"job": job, "seconds_whole_job": round(seconds, 1), "threads": a.threads, "shared_machine": True},
+            )
         log.info("%s: %.0f s", job, seconds)
 
 

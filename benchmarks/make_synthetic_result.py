@@ -54,8 +54,15 @@ def write_images(folder: Path, labels: np.ndarray, n_classes: int, rng: np.rando
     return ids
 
 
-def write_run(run_dir: Path, dataset: Path, ids: list[str], labels: np.ndarray, n_train: int,
-              n_classes: int, rng: np.random.Generator) -> Run:
+def write_run(
+    run_dir: Path,
+    dataset: Path,
+    ids: list[str],
+    labels: np.ndarray,
+    n_train: int,
+    n_classes: int,
+    rng: np.random.Generator,
+) -> Run:
     paths = RunPaths(run_dir)
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     n = len(ids)
@@ -64,27 +71,68 @@ def write_run(run_dir: Path, dataset: Path, ids: list[str], labels: np.ndarray, 
     flipped = np.zeros(n, bool)
     flipped[rng.choice(n_train, n_train // 20, replace=False)] = True
     given = np.where(flipped, (labels + 1) % n_classes, labels)
-    atomic_write_json(paths.config, {
-        "dataset": f"folder:{dataset}", "classes": classes, "class_keys": classes, "image_size": IMAGE_SIZE,
-        "split": "official", "downsample": 1.0, "seed": 0, "epochs": 1, "train_layers": "all", "weights": "scratch",
-        "corrupt_fraction": 0.05, "corrupt_mode": "random", "synthetic": True})
-    atomic_write_bytes(paths.samples, pd.DataFrame({"id": ids, "split": split, "label": given, "true_label": labels,
-                                                    "flipped": flipped}).to_csv(index=False).encode())
-    atomic_write_json(paths.corruption, {"mode": "random", "fraction": 0.05, "seed": 0,
-                                         "flipped": {ids[i]: int(labels[i]) for i in np.flatnonzero(flipped)}})
+    atomic_write_json(
+        paths.config,
+        {
+            "dataset": f"folder:{dataset}",
+            "classes": classes,
+            "class_keys": classes,
+            "image_size": IMAGE_SIZE,
+            "split": "official",
+            "downsample": 1.0,
+            "seed": 0,
+            "epochs": 1,
+            "train_layers": "all",
+            "weights": "scratch",
+            "corrupt_fraction": 0.05,
+            "corrupt_mode": "random",
+            "synthetic": True,
+        },
+    )
+    atomic_write_bytes(
+        paths.samples,
+        pd.DataFrame({"id": ids, "split": split, "label": given, "true_label": labels, "flipped": flipped})
+        .to_csv(index=False)
+        .encode(),
+    )
+    atomic_write_json(
+        paths.corruption,
+        {
+            "mode": "random",
+            "fraction": 0.05,
+            "seed": 0,
+            "flipped": {ids[i]: int(labels[i]) for i in np.flatnonzero(flipped)},
+        },
+    )
     atomic_write_json(paths.history, [{"epoch": 1, "train_loss": 1.0, "val_loss": None, "seconds": 1.0}])
-    atomic_save_npz(paths.dynamics, loss=rng.random((1, n_train), np.float32),
-                    margin=rng.normal(size=(1, n_train)).astype(np.float32))
+    atomic_save_npz(
+        paths.dynamics,
+        loss=rng.random((1, n_train), np.float32),
+        margin=rng.normal(size=(1, n_train)).astype(np.float32),
+    )
     probs = rng.dirichlet(np.ones(n_classes), size=n).astype(np.float32)
-    atomic_save_npz(paths.predictions, probs_train=probs[:n_train], probs_val=np.zeros((0, n_classes), np.float32),
-                    probs_test=probs[n_train:])
+    atomic_save_npz(
+        paths.predictions,
+        probs_train=probs[:n_train],
+        probs_val=np.zeros((0, n_classes), np.float32),
+        probs_test=probs[n_train:],
+    )
     pred = probs[n_train:].argmax(1)
     confusion = np.zeros((n_classes, n_classes), np.int64)
     np.add.at(confusion, (labels[n_train:], pred), 1)
-    atomic_write_json(paths.metrics, {
-        "f1_test": 0.0, "accuracy_test": float((pred == labels[n_train:]).mean()),
-        "confusion_matrix": confusion.tolist(), "accuracy_train_given_labels": 0.0, "flips_memorised": 0.0,
-        "epoch_seconds": 1.0, "device": "synthetic", "timings_s": {}})
+    atomic_write_json(
+        paths.metrics,
+        {
+            "f1_test": 0.0,
+            "accuracy_test": float((pred == labels[n_train:]).mean()),
+            "confusion_matrix": confusion.tolist(),
+            "accuracy_train_given_labels": 0.0,
+            "flips_memorised": 0.0,
+            "epoch_seconds": 1.0,
+            "device": "synthetic",
+            "timings_s": {},
+        },
+    )
     model, _ = build_resnet18(n_classes, pretrained=False)
     atomic_torch_save(paths.final_checkpoint, model.state_dict())
     atomic_write_bytes(paths.train_key, b"synthetic")
@@ -109,9 +157,19 @@ def write_result(run: Run, rank: int, rng: np.random.Generator) -> Path:
     builder.write(entry)
     results.write_histograms(entry, run.labels("train"), run.n_classes)
     np.save(entry.checkpoint_self_influence, builder.self_influence[None])
-    atomic_write_json(entry.meta, {"settings": DEFAULT_SETTINGS.__dict__, "checkpoints": ["final.pt"],
-                                   "n_train": n_train, "n_test": n_test, "timings_s": {"total": 0.0},
-                                   "created": time.time(), "device": "synthetic", "synthetic": True})
+    atomic_write_json(
+        entry.meta,
+        {
+            "settings": DEFAULT_SETTINGS.__dict__,
+            "checkpoints": ["final.pt"],
+            "n_train": n_train,
+            "n_test": n_test,
+            "timings_s": {"total": 0.0},
+            "created": time.time(),
+            "device": "synthetic",
+            "synthetic": True,
+        },
+    )
     return entry.root
 
 

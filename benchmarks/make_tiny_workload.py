@@ -7,6 +7,7 @@ the same recipe (for cleanlab).
 
     python benchmarks/make_tiny_workload.py OUT_DIR [--n-train 200] [--n-test 20] [--epochs 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
 from workload import Settings, build_model, save_workload
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"  # ../shared beside the checkout
+DEFAULT_DATA = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"
+)  # ../shared beside the checkout
 DATA = Path(os.environ.get("TINY_IMAGENET", DEFAULT_DATA)) / "train"
 CLASSES = ("n01443537", "n07749582")  # goldfish, lemon
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -89,14 +91,33 @@ def main() -> None:
     pred_probs = out_of_fold_probs(x_train, y_train, args.epochs)
     with torch.no_grad():
         acc = (model(x_test).argmax(-1) == y_test).float().mean().item()
-    settings = Settings(num_classes=2, regularization=1e-2, scope="all", cg_maxiter=20, cg_tol=1e-4,
-                        time_cap_s=60.0, batch_size=50,
-                        extra={"classes": CLASSES, "flip": args.flip, "epochs": args.epochs, "test_acc": acc})
-    save_workload(args.out_dir, model, {"x_train": x_train, "y_train": y_train, "x_test": x_test,
-                                        "y_test": y_test, "pred_probs": pred_probs,
-                                        "is_corrupted": is_corrupted}, settings)
-    print(f"workload in {args.out_dir}: n_train={len(x_train)} n_test={len(x_test)} "
-          f"flipped={int(is_corrupted.sum())} test_acc={acc:.2f}")
+    settings = Settings(
+        num_classes=2,
+        regularization=1e-2,
+        scope="all",
+        cg_maxiter=20,
+        cg_tol=1e-4,
+        time_cap_s=60.0,
+        batch_size=50,
+        extra={"classes": CLASSES, "flip": args.flip, "epochs": args.epochs, "test_acc": acc},
+    )
+    save_workload(
+        args.out_dir,
+        model,
+        {
+            "x_train": x_train,
+            "y_train": y_train,
+            "x_test": x_test,
+            "y_test": y_test,
+            "pred_probs": pred_probs,
+            "is_corrupted": is_corrupted,
+        },
+        settings,
+    )
+    print(
+        f"workload in {args.out_dir}: n_train={len(x_train)} n_test={len(x_test)} "
+        f"flipped={int(is_corrupted.sum())} test_acc={acc:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ extrapolated and marked ``"extrapolated": true``. Writes ``OUT_DIR/result.json``
 parameter) of the final model over train+test, eval mode, in batches of ``--batch-size``: the cost floor
 that influence times are divided by.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,25 +50,30 @@ def floor(run: Run, batch_size: int) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         for a in range(0, len(x), batch_size):
-            model(x[a:a + batch_size])
+            model(x[a : a + batch_size])
     forward_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for a in range(0, len(x), batch_size):
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[a:a + batch_size]), y[a:a + batch_size]).backward()
+        F.cross_entropy(model(x[a : a + batch_size]), y[a : a + batch_size]).backward()
     backward_s = time.perf_counter() - t0
     return {"n_images": len(x), "forward_s": round(forward_s, 3), "forward_backward_s": round(backward_s, 3)}
 
 
-def influence(run: Run, method: str, scope: str, regularization: float, cap: float, batch_size: int,
-              options: dict):
+def influence(run: Run, method: str, scope: str, regularization: float, cap: float, batch_size: int, options: dict):
     """(record, influence (k, j), self_influence (s,)) of one method and scope on the final checkpoint."""
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
     x_train, x_test = x_train[:], x_test[:]  # whole tensors: this workload fits in memory
     t0 = time.perf_counter()
-    im = InfluenceModel(run.load_model(), method=Method.named(method, **options), scope=scope,
-                        regularization=regularization, device="cpu", batch_size=batch_size)
+    im = InfluenceModel(
+        run.load_model(),
+        method=Method.named(method, **options),
+        scope=scope,
+        regularization=regularization,
+        device="cpu",
+        batch_size=batch_size,
+    )
     im.fit(x_train, y_train)
     fit_s = time.perf_counter() - t0
     test_chunk, train_chunk = (c or n for c, n in zip(CHUNKS[scope], (len(x_test), len(x_train)), strict=True))
@@ -86,12 +92,16 @@ def influence(run: Run, method: str, scope: str, regularization: float, cap: flo
         return im.influences_from_factors(joined, *training_rows(x_train, y_train, a, b)).T  # (b - a, k)
 
     scores, scores_s = capped_loop(score_step, len(x_train), train_chunk, cap)
-    self_inf, self_s = capped_loop(lambda a, b: im.self_influence(*training_rows(x_train, y_train, a, b)),
-                                   len(x_train), train_chunk, cap)
+    self_inf, self_s = capped_loop(
+        lambda a, b: im.self_influence(*training_rows(x_train, y_train, a, b)), len(x_train), train_chunk, cap
+    )
     record = {
         "n_params": sum(p.numel() for p in im.params_.values()),
-        "matrix": pipeline_record(fit_s, factors=stage_record(len(done), len(x_test), factors_s),
-                                  scores=stage_record(len(scores), len(x_train), scores_s)),
+        "matrix": pipeline_record(
+            fit_s,
+            factors=stage_record(len(done), len(x_test), factors_s),
+            scores=stage_record(len(scores), len(x_train), scores_s),
+        ),
         "self_influence": pipeline_record(fit_s, self=stage_record(len(self_inf), len(x_train), self_s)),
     }
     return record, scores.T, self_inf
@@ -115,18 +125,31 @@ def main() -> None:
     parser.add_argument("--regularization", type=float, default=1e-3)
     parser.add_argument("--time-cap", type=float, default=600.0, help="seconds per capped stage")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="method option (int, float or string), repeatable")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option (int, float or string), repeatable",
+    )
     args = parser.parse_args()
     options = {k: _number(v) for k, v in (o.split("=", 1) for o in args.option)}
     run = Run(args.run_dir)
-    record = {"peer": "influence-lens", "version": "this repo", "method": args.method, "scope": args.scope,
-              "regularization": args.regularization, "options": options, **environment("cpu")}
+    record = {
+        "peer": "influence-lens",
+        "version": "this repo",
+        "method": args.method,
+        "scope": args.scope,
+        "regularization": args.regularization,
+        "options": options,
+        **environment("cpu"),
+    }
     if args.method == "floor":
         write_result(args.out_dir, {**record, **floor(run, args.batch_size), **peak_memory("cpu")})
         return
-    out, matrix, self_inf = influence(run, args.method, args.scope, args.regularization, args.time_cap,
-                                      args.batch_size, options)
+    out, matrix, self_inf = influence(
+        run, args.method, args.scope, args.regularization, args.time_cap, args.batch_size, options
+    )
     write_result(args.out_dir, {**record, **out, **peak_memory("cpu")}, influence=matrix, self_influence=self_inf)
 
 

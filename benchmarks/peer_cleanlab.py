@@ -12,6 +12,7 @@ training time is the orchestrator's to report, this runner times only cleanlab).
 ``ranking.npy`` (n,) int64 (all training indices, most suspicious first, i.e. ascending quality) and
 ``issues.npy`` (f,) int64 (``find_label_issues``' flagged indices, ranked by the same score).
 """
+
 from __future__ import annotations
 
 import time
@@ -20,14 +21,15 @@ from importlib.metadata import version
 import numpy as np
 from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
-
 from workload import environment, load_workload, peak_memory, runner_parser, write_result
 
 
 def main() -> None:
-    args = runner_parser(__doc__.splitlines()[0],
-                         ("self_confidence", "normalized_margin", "confidence_weighted_entropy"),
-                         influence=False).parse_args()
+    args = runner_parser(
+        __doc__.splitlines()[0],
+        ("self_confidence", "normalized_margin", "confidence_weighted_entropy"),
+        influence=False,
+    ).parse_args()
     w = load_workload(args.workload_dir, "cpu")
     if w.pred_probs is None:
         raise SystemExit(f"{args.workload_dir}/data.pt has no pred_probs: cleanlab needs out-of-sample probabilities")
@@ -41,15 +43,28 @@ def main() -> None:
     quality_s = time.perf_counter() - t0
     ranking = np.argsort(quality, kind="stable")
 
-    record = {"peer": "cleanlab", "version": version("cleanlab"), "method": args.method,
-              "n_train": len(labels), "n_flagged": len(issues), "find_label_issues_s": round(issues_s, 4),
-              "label_quality_s": round(quality_s, 4), **environment("cpu"), **peak_memory("cpu")}
+    record = {
+        "peer": "cleanlab",
+        "version": version("cleanlab"),
+        "method": args.method,
+        "n_train": len(labels),
+        "n_flagged": len(issues),
+        "find_label_issues_s": round(issues_s, 4),
+        "label_quality_s": round(quality_s, 4),
+        **environment("cpu"),
+        **peak_memory("cpu"),
+    }
     if w.is_corrupted is not None:
         corrupted = w.is_corrupted.numpy()
         record["flagged_precision"] = round(float(corrupted[issues].mean()), 4) if len(issues) else None
         record["flagged_recall"] = round(float(corrupted[issues].sum() / max(corrupted.sum(), 1)), 4)
-    write_result(args.out_dir, record, label_quality=quality.astype(np.float32), ranking=ranking.astype(np.int64),
-                 issues=np.asarray(issues, dtype=np.int64))
+    write_result(
+        args.out_dir,
+        record,
+        label_quality=quality.astype(np.float32),
+        ranking=ranking.astype(np.int64),
+        issues=np.asarray(issues, dtype=np.int64),
+    )
 
 
 if __name__ == "__main__":

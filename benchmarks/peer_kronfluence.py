@@ -20,6 +20,7 @@ model where EKFAC is exact. Differences that remain by design: EKFAC's G is the 
 eigenvalue-corrected Fisher with labels sampled from the model (the Gauss-Newton matrix in expectation,
 not the Hessian), and ``identity`` drops the curvature and the damping entirely (score = ∇f·∇L).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,9 +36,18 @@ from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import nn
 from torch.utils.data import TensorDataset
-
-from workload import (capped_loop, environment, load_workload, peak_memory, pick_device, pipeline_record,
-                      runner_parser, scope_modules, stage_record, write_result)
+from workload import (
+    capped_loop,
+    environment,
+    load_workload,
+    peak_memory,
+    pick_device,
+    pipeline_record,
+    runner_parser,
+    scope_modules,
+    stage_record,
+    write_result,
+)
 
 SCORE_CHUNKS = 10
 """Training points are scored in about this many calls, so a capped stage has ~10% granularity."""
@@ -69,9 +79,13 @@ class ClassificationTask(Task):
 
 def main() -> None:
     parser = runner_parser(__doc__.splitlines()[0], ("ekfac", "identity"))
-    parser.add_argument("--fit-examples", type=int, default=None,
-                        help="EK-FAC: fit covariances and eigenvalues on the first M training points only; their "
-                             "times are extrapolated linearly to all points (default: all)")
+    parser.add_argument(
+        "--fit-examples",
+        type=int,
+        default=None,
+        help="EK-FAC: fit covariances and eigenvalues on the first M training points only; their "
+        "times are extrapolated linearly to all points (default: all)",
+    )
     args = parser.parse_args()
     device = pick_device(args.device)
     w = load_workload(args.workload_dir, "cpu")  # Kronfluence moves the model and batches itself
@@ -79,33 +93,54 @@ def main() -> None:
     scope, cap = args.scope or s.scope, args.time_cap or s.time_cap_s
     tracked = scope_modules(w.model, scope)
     n_train, n_test = len(w.y_train), len(w.y_test)
-    record = {"peer": "kronfluence", "version": version("kronfluence"), "method": args.method, "scope": scope,
-              "regularization": s.regularization, "n_train": n_train, "n_test": n_test, "sign_factor": 1.0,
-              "n_params": sum(p.numel() for name in tracked for p in w.model.get_submodule(name).parameters()),
-              **environment(device)}
+    record = {
+        "peer": "kronfluence",
+        "version": version("kronfluence"),
+        "method": args.method,
+        "scope": scope,
+        "regularization": s.regularization,
+        "n_train": n_train,
+        "n_test": n_test,
+        "sign_factor": 1.0,
+        "n_params": sum(p.numel() for name in tracked for p in w.model.get_submodule(name).parameters()),
+        **environment(device),
+    }
     if args.method == "identity":
         record["note"] = "identity curvature: score = gradient dot product, regularization unused"
 
     t0 = time.perf_counter()
     task = ClassificationTask(tracked)
     model = prepare_model(w.model, task)
-    analyzer = Analyzer(analysis_name=f"{scope}_{args.method}", model=model, task=task,
-                        cpu=device == "cpu", disable_tqdm=True, output_dir=str(args.out_dir / "kronfluence"))
+    analyzer = Analyzer(
+        analysis_name=f"{scope}_{args.method}",
+        model=model,
+        task=task,
+        cpu=device == "cpu",
+        disable_tqdm=True,
+        output_dir=str(args.out_dir / "kronfluence"),
+    )
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
     train_set = TensorDataset(w.x_train, w.y_train)
     test_set = TensorDataset(w.x_test, w.y_test)
     fit_stages = {}
     if args.method == "identity":
-        analyzer.fit_all_factors(factors_name=args.method, dataset=train_set, per_device_batch_size=s.batch_size,
-                                 factor_args=FactorArguments(strategy=args.method), overwrite_output_dir=True)
+        analyzer.fit_all_factors(
+            factors_name=args.method,
+            dataset=train_set,
+            per_device_batch_size=s.batch_size,
+            factor_args=FactorArguments(strategy=args.method),
+            overwrite_output_dir=True,
+        )
     else:  # the data passes timed apart, so that a fit on M < n points can be extrapolated
         m = min(n_train, args.fit_examples or n_train)
         factor_args = FactorArguments(strategy=args.method, covariance_max_examples=m, lambda_max_examples=m)
         kwargs = dict(factors_name=args.method, factor_args=factor_args, overwrite_output_dir=True)
         data = dict(dataset=train_set, per_device_batch_size=s.batch_size)
-        for stage, call, n_items in (("covariance", analyzer.fit_covariance_matrices, m),
-                                     ("eigendecomposition", analyzer.perform_eigendecomposition, None),
-                                     ("lambda", analyzer.fit_lambda_matrices, m)):
+        for stage, call, n_items in (
+            ("covariance", analyzer.fit_covariance_matrices, m),
+            ("eigendecomposition", analyzer.perform_eigendecomposition, None),
+            ("lambda", analyzer.fit_lambda_matrices, m),
+        ):
             t = time.perf_counter()
             call(**kwargs, **(data if n_items else {}))
             if n_items:
@@ -119,17 +154,29 @@ def main() -> None:
     def pairwise_step(a: int, b: int) -> np.ndarray:
         name = f"pairwise_{a}"
         analyzer.compute_pairwise_scores(
-            scores_name=name, factors_name=args.method, query_dataset=test_set, train_dataset=train_set,
-            per_device_query_batch_size=min(n_test, s.batch_size), per_device_train_batch_size=s.batch_size,
-            train_indices=list(range(a, b)), score_args=score_args, overwrite_output_dir=True)
+            scores_name=name,
+            factors_name=args.method,
+            query_dataset=test_set,
+            train_dataset=train_set,
+            per_device_query_batch_size=min(n_test, s.batch_size),
+            per_device_train_batch_size=s.batch_size,
+            train_indices=list(range(a, b)),
+            score_args=score_args,
+            overwrite_output_dir=True,
+        )
         return analyzer.load_pairwise_scores(name)["all_modules"].numpy().T  # (b - a, n_test)
 
     def self_step(a: int, b: int) -> np.ndarray:
         name = f"self_{a}"
         analyzer.compute_self_scores(
-            scores_name=name, factors_name=args.method, train_dataset=train_set,
-            per_device_train_batch_size=s.batch_size, train_indices=list(range(a, b)),
-            score_args=score_args, overwrite_output_dir=True)
+            scores_name=name,
+            factors_name=args.method,
+            train_dataset=train_set,
+            per_device_train_batch_size=s.batch_size,
+            train_indices=list(range(a, b)),
+            score_args=score_args,
+            overwrite_output_dir=True,
+        )
         return analyzer.load_self_scores(name)["all_modules"].numpy()
 
     scores, scores_s = capped_loop(pairwise_step, n_train, chunk, cap)

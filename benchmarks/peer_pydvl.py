@@ -24,6 +24,7 @@ an exact solve in ``check_peer_conventions.py``. That check also shows that ``Cg
 and that ``influences_from_factors`` tests ``mode is InfluenceMode.Up``: the string ``"up"`` silently
 yields perturbation influences there, so the enum is passed.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,14 +34,24 @@ from importlib.metadata import version
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from pydvl.influence import InfluenceMode
 from pydvl.influence.torch import CgInfluence, DirectInfluence
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from workload import (capped_loop, environment, infeasible_record, load_workload, peak_memory,
-                      penultimate_features, pick_device, pipeline_record, runner_parser, scope_modules,
-                      stage_record, write_result)
+from workload import (
+    capped_loop,
+    environment,
+    infeasible_record,
+    load_workload,
+    peak_memory,
+    penultimate_features,
+    pick_device,
+    pipeline_record,
+    runner_parser,
+    scope_modules,
+    stage_record,
+    write_result,
+)
 
 GRAD_CHUNK_ALL = 8
 """Training points per per-sample-gradient chunk on scope all: 8 × 11.2M params × 4 B ≈ 0.36 GiB."""
@@ -67,20 +78,36 @@ def solve_record(done: int, total: int, seconds: float, factor: float) -> dict:
 
 def main() -> None:
     parser = runner_parser(__doc__.splitlines()[0], ("cg", "direct"))
-    parser.add_argument("--maxiter", type=int, default=None,
-                        help="CG: run this many iterations per solve instead of the workload's cg_maxiter and "
-                             "scale the solve stages' times up by cg_maxiter / maxiter (extrapolated)")
-    parser.add_argument("--fit-examples", type=int, default=None,
-                        help="CG: Hessian-vector products over the first M training points only; solve times "
-                             "scaled up by n / M (extrapolated)")
+    parser.add_argument(
+        "--maxiter",
+        type=int,
+        default=None,
+        help="CG: run this many iterations per solve instead of the workload's cg_maxiter and "
+        "scale the solve stages' times up by cg_maxiter / maxiter (extrapolated)",
+    )
+    parser.add_argument(
+        "--fit-examples",
+        type=int,
+        default=None,
+        help="CG: Hessian-vector products over the first M training points only; solve times "
+        "scaled up by n / M (extrapolated)",
+    )
     args = parser.parse_args()
     device = pick_device(args.device)
     w = load_workload(args.workload_dir, device)
     s = w.settings
     scope, cap = args.scope or s.scope, args.time_cap or s.time_cap_s
-    record = {"peer": "pydvl", "version": version("pyDVL"), "method": args.method, "scope": scope,
-              "regularization": s.regularization, "n_train": len(w.y_train), "n_test": len(w.y_test),
-              "sign_factor": 1.0, **environment(device)}
+    record = {
+        "peer": "pydvl",
+        "version": version("pyDVL"),
+        "method": args.method,
+        "scope": scope,
+        "regularization": s.regularization,
+        "n_train": len(w.y_train),
+        "n_test": len(w.y_test),
+        "sign_factor": 1.0,
+        **environment(device),
+    }
 
     t0 = time.perf_counter()
     if scope == "head":
@@ -99,7 +126,8 @@ def main() -> None:
     if args.method == "direct" and not direct_fits_in_memory(n_params):
         record["matrix"] = record["self_influence"] = infeasible_record(
             f"DirectInfluence materialises the n_params² = {n_params}² Hessian "
-            f"({4 * n_params**2 / 2**30:.0f} GiB in float32)")
+            f"({4 * n_params**2 / 2**30:.0f} GiB in float32)"
+        )
         write_result(args.out_dir, record)
         return
 
@@ -109,16 +137,26 @@ def main() -> None:
         maxiter = args.maxiter or s.cg_maxiter
         n_fit = min(n_fit, args.fit_examples or n_fit)
         probe_factor = s.cg_maxiter / maxiter * len(x_train) / n_fit
-        infl = CgInfluence(model, F.cross_entropy, regularization=s.regularization, rtol=s.cg_tol,
-                           atol=0.0, maxiter=maxiter, warn_on_max_iteration=False)
+        infl = CgInfluence(
+            model,
+            F.cross_entropy,
+            regularization=s.regularization,
+            rtol=s.cg_tol,
+            atol=0.0,
+            maxiter=maxiter,
+            warn_on_max_iteration=False,
+        )
         if probe_factor != 1:
-            record["note"] = (f"CG probe: {maxiter} of {s.cg_maxiter} iterations per solve, Hessian over "
-                              f"{n_fit} of {len(x_train)} points; solve times × {probe_factor:g} (an upper bound "
-                              "if CG would converge sooner); outputs not converged")
+            record["note"] = (
+                f"CG probe: {maxiter} of {s.cg_maxiter} iterations per solve, Hessian over "
+                f"{n_fit} of {len(x_train)} points; solve times × {probe_factor:g} (an upper bound "
+                "if CG would converge sooner); outputs not converged"
+            )
     else:
         infl = DirectInfluence(model, F.cross_entropy, regularization=s.regularization)
-    loader = DataLoader(TensorDataset(x_train[:n_fit], w.y_train[:n_fit]),
-                        batch_size=even_batch_size(n_fit, s.batch_size))
+    loader = DataLoader(
+        TensorDataset(x_train[:n_fit], w.y_train[:n_fit]), batch_size=even_batch_size(n_fit, s.batch_size)
+    )
     infl.fit(loader)
     fit_s = time.perf_counter() - t0
 
@@ -127,7 +165,10 @@ def main() -> None:
     grad_chunk = GRAD_CHUNK_ALL if scope == "all" else s.batch_size
     factors, factors_s = capped_loop(
         lambda a, b: infl.influence_factors(x_test[a:b], w.y_test[a:b]).detach().cpu().numpy(),
-        len(x_test), solve_chunk, cap)
+        len(x_test),
+        solve_chunk,
+        cap,
+    )
     factors_t = torch.from_numpy(factors).to(device)
 
     def scores_step(a: int, b: int) -> np.ndarray:
@@ -135,8 +176,11 @@ def main() -> None:
         return out.detach().cpu().numpy().T  # (b - a, k)
 
     scores, scores_s = capped_loop(scores_step, len(x_train), grad_chunk, cap)
-    record["matrix"] = pipeline_record(fit_s, factors=solve_record(len(factors), len(x_test), factors_s, probe_factor),
-                                       scores=stage_record(len(scores), len(x_train), scores_s))
+    record["matrix"] = pipeline_record(
+        fit_s,
+        factors=solve_record(len(factors), len(x_test), factors_s, probe_factor),
+        scores=stage_record(len(scores), len(x_train), scores_s),
+    )
     # influence: (k test rows, columns done); written now so that a run killed later keeps it.
     write_result(args.out_dir, {**record, **peak_memory(device)}, influence=scores.T)
 
@@ -146,8 +190,9 @@ def main() -> None:
         return torch.diagonal(out).detach().cpu().numpy()
 
     self_inf, self_s = capped_loop(self_step, len(x_train), solve_chunk, cap)
-    record["self_influence"] = pipeline_record(fit_s, self=solve_record(len(self_inf), len(x_train), self_s,
-                                                                        probe_factor))
+    record["self_influence"] = pipeline_record(
+        fit_s, self=solve_record(len(self_inf), len(x_train), self_s, probe_factor)
+    )
     write_result(args.out_dir, {**record, **peak_memory(device)}, influence=scores.T, self_influence=self_inf)
 
 

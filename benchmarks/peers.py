@@ -14,6 +14,7 @@ A venv is considered ready when its ``.ready`` marker holds exactly the
 requirement list below; change a requirement and pip re-resolves it in place.
 Delete ``benchmarks/.venvs/<peer>`` for a clean rebuild.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,9 @@ def ensure_venv(peer: str) -> Path:
     return venv_python(peer)
 
 
-def run_peer(peer: str, workload_dir: Path, out_dir: Path, extra_args: list[str] = (),
-             timeout_s: float | None = None) -> Path:
+def run_peer(
+    peer: str, workload_dir: Path, out_dir: Path, extra_args: list[str] = (), timeout_s: float | None = None
+) -> Path:
     """Run ``peer_<peer>.py`` inside its venv on a workload; return the result JSON path."""
     python = ensure_venv(peer)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ Steps (every output under ``--out``):
 Every job but ``UNCAPPED`` gets ``--time-cap`` seconds per capped stage (longer stages are extrapolated, marked
 ``*``) and is killed after ``--job-timeout`` seconds in all (its partial result, if written, is kept; else "timeout").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -57,15 +58,31 @@ from influence_core.model import build_resnet18  # noqa: E402
 from influence_core.pipeline import InfluenceSettings, compute_influence  # noqa: E402
 from influence_core.training import fit_model  # noqa: E402  (the exact training loop, reused for the CV folds)
 
-OUR_JOBS = [("direct", "head", []), ("cg", "head", []), ("arnoldi", "head", ["--option", "rank=100"]),
-            ("ekfac", "head", []), ("kfac", "head", []), ("lissa", "head", ["--option", "depth=300"]),
-            ("ekfac", "all", []), ("kfac", "all", [])]
+OUR_JOBS = [
+    ("direct", "head", []),
+    ("cg", "head", []),
+    ("arnoldi", "head", ["--option", "rank=100"]),
+    ("ekfac", "head", []),
+    ("kfac", "head", []),
+    ("lissa", "head", ["--option", "depth=300"]),
+    ("ekfac", "all", []),
+    ("kfac", "all", []),
+]
 """(method, scope, extra ours.py arguments). LiSSA at λ = 1e-3 needs ~10⁴ steps to converge (its rate is
 λ / scale), so it runs a fixed depth like the literature's; Arnoldi keeps 100 of the head's 1026 directions."""
 PEER_JOBS = {
-    "pydvl": [("cg", "head", []), ("direct", "head", []), ("direct", "all", []), ("cg", "all", ["--maxiter", "2", "--fit-examples", "FIT"])],
-    "kronfluence": [("ekfac", "head", []), ("identity", "head", []), ("ekfac", "all", ["--fit-examples", "FIT"]),
-                    ("identity", "all", [])],
+    "pydvl": [
+        ("cg", "head", []),
+        ("direct", "head", []),
+        ("direct", "all", []),
+        ("cg", "all", ["--maxiter", "2", "--fit-examples", "FIT"]),
+    ],
+    "kronfluence": [
+        ("ekfac", "head", []),
+        ("identity", "head", []),
+        ("ekfac", "all", ["--fit-examples", "FIT"]),
+        ("identity", "all", []),
+    ],
 }
 """``FIT`` is replaced by ``--peer-fit-examples``. pyDVL's CG on the whole network runs 2 of its 100 iterations
 per solve over that many training points (one iteration is a Hessian-vector product over the data: ~50 s for 131
@@ -83,8 +100,11 @@ def log(msg: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default=f"tiny-imagenet:{BENCH.parent.parent / 'shared' / 'data' / 'tiny-imagenet-200'}",
-                   help="dataset spec (default: the tiny-imagenet copy in ../shared next to the repository)")
+    p.add_argument(
+        "--dataset",
+        default=f"tiny-imagenet:{BENCH.parent.parent / 'shared' / 'data' / 'tiny-imagenet-200'}",
+        help="dataset spec (default: the tiny-imagenet copy in ../shared next to the repository)",
+    )
     p.add_argument("--classes", nargs="+", default=["goldfish", "lemon"])
     p.add_argument("--corrupt-fraction", type=float, default=0.1)
     p.add_argument("--train-layers", choices=("all", "head"), default="all")
@@ -98,14 +118,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cv-folds", type=int, default=4)
     p.add_argument("--cv-epochs", type=int, default=None, help="epochs of each CV model; default --epochs")
     p.add_argument("--peers", default="pydvl,kronfluence,cleanlab", help="comma-separated; empty for none")
-    p.add_argument("--peer-fit-examples", type=int, default=64,
-                   help="peers on scope all (pyDVL CG, Kronfluence EK-FAC) fit on this many training points; "
-                        "their times are extrapolated to all")
+    p.add_argument(
+        "--peer-fit-examples",
+        type=int,
+        default=64,
+        help="peers on scope all (pyDVL CG, Kronfluence EK-FAC) fit on this many training points; "
+        "their times are extrapolated to all",
+    )
     p.add_argument("--retrain-test-images", type=int, default=3, help="retraining check; 0 to skip it")
     p.add_argument("--retrain-group-size", type=int, default=20)
     p.add_argument("--skip", default="", help="comma-separated job names to skip, e.g. ours_lissa_head")
-    p.add_argument("--lds-scores", type=Path, default=None,
-                   help="scores.json of `lds.py score` (linear datamodeling score per job) to include in the report")
+    p.add_argument(
+        "--lds-scores",
+        type=Path,
+        default=None,
+        help="scores.json of `lds.py score` (linear datamodeling score per job) to include in the report",
+    )
     p.add_argument("--out", type=Path, default=BENCH / "out" / "default")
     args = p.parse_args(argv)
     args.job_timeout = args.job_timeout or 4 * args.time_cap + 360
@@ -174,19 +202,23 @@ def fidelity(results: dict[str, dict], jobs_dir: Path) -> dict[str, dict]:
         if name == REFERENCE or not path.is_file():
             continue
         m = np.load(path).astype(np.float64)
-        r = ref[:m.shape[0], :m.shape[1]].astype(np.float64)
-        row = {"block": list(m.shape), "rel_frobenius": float(np.linalg.norm(m - r) / np.linalg.norm(r)),
-               "pearson": float(np.corrcoef(m.ravel(), r.ravel())[0, 1])}
+        r = ref[: m.shape[0], : m.shape[1]].astype(np.float64)
+        row = {
+            "block": list(m.shape),
+            "rel_frobenius": float(np.linalg.norm(m - r) / np.linalg.norm(r)),
+            "pearson": float(np.corrcoef(m.ravel(), r.ravel())[0, 1]),
+        }
         self_path = jobs_dir / name / "self_influence.npy"
         if self_path.is_file():
             s = np.load(self_path)
-            row["self_pearson"] = float(np.corrcoef(s, ref_self[:len(s)])[0, 1])
+            row["self_pearson"] = float(np.corrcoef(s, ref_self[: len(s)])[0, 1])
         out[name] = row
     return out
 
 
-def detection(signals: dict[str, np.ndarray], results: dict[str, dict], jobs_dir: Path,
-              flipped: np.ndarray) -> dict[str, dict]:
+def detection(
+    signals: dict[str, np.ndarray], results: dict[str, dict], jobs_dir: Path, flipped: np.ndarray
+) -> dict[str, dict]:
     """Detection metrics of the pipeline's signals, every complete self-influence and cleanlab's ranking."""
     scores = {f"pipeline: {k}": v for k, v in signals.items()}
     for name in results:
@@ -222,45 +254,80 @@ def markdown(report: dict) -> str:
         s, sx = seconds(r.get("self_influence"), floor_s)
         options = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
         status = matrix.get("reason") or "; ".join(filter(None, [r.get("job_status", "ok"), r.get("note")]))
-        timing_rows.append([f"{name} ({options})" if options else name, r.get("version", "–"), m, mx, s, sx,
-                            matrix.get("setup_s", "–"), r.get("peak_rss_mib", "–"), status])
-    det_rows = [[k, f"{v['auroc']:.3f}", f"{v['recall_at_5pct']:.2f}", f"{v['recall_at_10pct']:.2f}",
-                 f"{v['recall_at_20pct']:.2f}"] for k, v in sorted(report["detection"].items(),
-                                                                   key=lambda kv: -kv[1]["auroc"])]
-    fid_rows = [[k, "×".join(map(str, v["block"])), f"{v['rel_frobenius']:.3g}", f"{v['pearson']:.4f}",
-                 f"{v['self_pearson']:.4f}" if "self_pearson" in v else "–"] for k, v in report["fidelity"].items()]
+        timing_rows.append(
+            [
+                f"{name} ({options})" if options else name,
+                r.get("version", "–"),
+                m,
+                mx,
+                s,
+                sx,
+                matrix.get("setup_s", "–"),
+                r.get("peak_rss_mib", "–"),
+                status,
+            ]
+        )
+    det_rows = [
+        [
+            k,
+            f"{v['auroc']:.3f}",
+            f"{v['recall_at_5pct']:.2f}",
+            f"{v['recall_at_10pct']:.2f}",
+            f"{v['recall_at_20pct']:.2f}",
+        ]
+        for k, v in sorted(report["detection"].items(), key=lambda kv: -kv[1]["auroc"])
+    ]
+    fid_rows = [
+        [
+            k,
+            "×".join(map(str, v["block"])),
+            f"{v['rel_frobenius']:.3g}",
+            f"{v['pearson']:.4f}",
+            f"{v['self_pearson']:.4f}" if "self_pearson" in v else "–",
+        ]
+        for k, v in report["fidelity"].items()
+    ]
     run = report["run"]
-    return "\n\n".join([
-        f"# Benchmark results — {report['name']}",
-        f"Date {report['date']}; machine: {report['machine']}; device cpu, torch threads {report['torch_threads']}; "
-        f"wall time {report['wall_s'] / 60:.1f} min.",
-        "Command:\n\n    " + report["command"],
-        f"Run: {run['n_train']} train / {run['n_test']} test images, {run['n_flipped']} flipped labels, "
-        f"test accuracy {run['accuracy_test']:.3f}, flips memorised {run['flips_memorised']:.2f}, "
-        f"λ = {report['regularization']:g}; time cap {report['time_cap_s']:g} s per stage, "
-        f"job timeout {report['job_timeout_s']:g} s.",
-        f"## Floor\n\nOne pass over the {floor['n_images']} train+test images (eval mode, batch 64): forward "
-        f"{floor['forward_s']:.2f} s, forward+backward {floor_s:.2f} s (the unit of the × columns), "
-        f"peak RSS {floor['peak_rss_mib']} MiB.",
-        "## Time to the full test × train matrix and to self-influence\n\n"
-        "Seconds include the fit (uncapped). `*` = a stage hit the time cap and its time is linearly "
-        "extrapolated from the measured part. × = multiple of the forward+backward floor. "
-        "RSS = peak resident memory (VmHWM) of the job's own process, data included (MiB). "
-        "`killed` = the job did not finish its uncapped fit (or first capped step) before the job timeout.\n\n" + table(
-            ["job", "version", "matrix s", "matrix ×", "self s", "self ×", "fit s", "peak RSS MiB", "status"],
-            timing_rows),
-        "## Mislabel detection\n\n`pipeline:` = signals of `compute_influence` (direct, head, with "
-        "checkpoints); `self-influence:` = each complete job's self-influence; cleanlab on "
-        f"{report['cv_folds']}-fold out-of-sample probabilities ({report['cv_epochs']} epochs per fold model).\n\n"
-        + table(["signal", "AUROC", "recall@5%", "recall@10%", "recall@20%"], det_rows),
-        f"## Fidelity vs exact `{REFERENCE}`\n\nOn the block each job computed (test × train); scope-`all` "
-        "rows compare a different quantity (whole-network influence) and are shown for reference only.\n\n"
-        + table(["job", "block", "rel. Frobenius error", "Pearson r (matrix)", "Pearson r (self)"], fid_rows),
-        retrain_fidelity.markdown(report["retraining"]) if report.get("retraining") else
-        "Retraining check skipped (`--retrain-test-images 0`).",
-        "## Linear datamodeling score (`lds.py`)\n\n" + lds.markdown(report["lds"]) if report.get("lds") else
-        "LDS not included (`--lds-scores`).",
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                f"# Benchmark results — {report['name']}",
+                f"Date {report['date']}; machine: {report['machine']}; device cpu, torch threads {report['torch_threads']}; "
+                f"wall time {report['wall_s'] / 60:.1f} min.",
+                "Command:\n\n    " + report["command"],
+                f"Run: {run['n_train']} train / {run['n_test']} test images, {run['n_flipped']} flipped labels, "
+                f"test accuracy {run['accuracy_test']:.3f}, flips memorised {run['flips_memorised']:.2f}, "
+                f"λ = {report['regularization']:g}; time cap {report['time_cap_s']:g} s per stage, "
+                f"job timeout {report['job_timeout_s']:g} s.",
+                f"## Floor\n\nOne pass over the {floor['n_images']} train+test images (eval mode, batch 64): forward "
+                f"{floor['forward_s']:.2f} s, forward+backward {floor_s:.2f} s (the unit of the × columns), "
+                f"peak RSS {floor['peak_rss_mib']} MiB.",
+                "## Time to the full test × train matrix and to self-influence\n\n"
+                "Seconds include the fit (uncapped). `*` = a stage hit the time cap and its time is linearly "
+                "extrapolated from the measured part. × = multiple of the forward+backward floor. "
+                "RSS = peak resident memory (VmHWM) of the job's own process, data included (MiB). "
+                "`killed` = the job did not finish its uncapped fit (or first capped step) before the job timeout.\n\n"
+                + table(
+                    ["job", "version", "matrix s", "matrix ×", "self s", "self ×", "fit s", "peak RSS MiB", "status"],
+                    timing_rows,
+                ),
+                "## Mislabel detection\n\n`pipeline:` = signals of `compute_influence` (direct, head, with "
+                "checkpoints); `self-influence:` = each complete job's self-influence; cleanlab on "
+                f"{report['cv_folds']}-fold out-of-sample probabilities ({report['cv_epochs']} epochs per fold model).\n\n"
+                + table(["signal", "AUROC", "recall@5%", "recall@10%", "recall@20%"], det_rows),
+                f"## Fidelity vs exact `{REFERENCE}`\n\nOn the block each job computed (test × train); scope-`all` "
+                "rows compare a different quantity (whole-network influence) and are shown for reference only.\n\n"
+                + table(["job", "block", "rel. Frobenius error", "Pearson r (matrix)", "Pearson r (self)"], fid_rows),
+                retrain_fidelity.markdown(report["retraining"])
+                if report.get("retraining")
+                else "Retraining check skipped (`--retrain-test-images 0`).",
+                "## Linear datamodeling score (`lds.py`)\n\n" + lds.markdown(report["lds"])
+                if report.get("lds")
+                else "LDS not included (`--lds-scores`).",
+            ]
+        )
+        + "\n"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -271,9 +338,16 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     out = args.out.resolve()
     jobs_dir = out / "jobs"
-    config = TrainConfig(dataset=args.dataset, classes=args.classes, image_size=args.image_size,
-                         downsample=args.downsample, seed=args.seed, epochs=args.epochs,
-                         train_layers=args.train_layers, corrupt_fraction=args.corrupt_fraction)
+    config = TrainConfig(
+        dataset=args.dataset,
+        classes=args.classes,
+        image_size=args.image_size,
+        downsample=args.downsample,
+        seed=args.seed,
+        epochs=args.epochs,
+        train_layers=args.train_layers,
+        corrupt_fraction=args.corrupt_fraction,
+    )
     log("training (cached if unchanged)")
     run = train(config, out / "run", device="cpu")
     flipped = run.flipped()
@@ -297,56 +371,103 @@ def main(argv=None) -> None:
     common = ["--regularization", str(args.regularization)]
     jobs: dict[str, dict] = {}
     skip = set(filter(None, args.skip.split(",")))
-    jobs["ours_floor"] = run_job("ours_floor", [*ours, str(jobs_dir / "ours_floor"), "--method", "floor"],
-                                 jobs_dir / "ours_floor", args.job_timeout)
+    jobs["ours_floor"] = run_job(
+        "ours_floor",
+        [*ours, str(jobs_dir / "ours_floor"), "--method", "floor"],
+        jobs_dir / "ours_floor",
+        args.job_timeout,
+    )
     for method, scope, extra in OUR_JOBS:
         name = f"ours_{method}_{scope}"
         if name not in skip:
             cap = ["--time-cap", str(1e9 if name in UNCAPPED else args.time_cap)]
-            jobs[name] = run_job(name, [*ours, str(jobs_dir / name), "--method", method, "--scope", scope, *common,
-                                        *cap, *extra], jobs_dir / name, args.job_timeout)
+            jobs[name] = run_job(
+                name,
+                [*ours, str(jobs_dir / name), "--method", method, "--scope", scope, *common, *cap, *extra],
+                jobs_dir / name,
+                args.job_timeout,
+            )
 
     if wanted:
         x_train, y_train = run.tensors("train")
         x_test, y_test = run.tensors("test")
         x_train, x_test = x_train[:], x_test[:]  # whole tensors: this workload fits in memory
-        tensors = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
-                   "is_corrupted": torch.from_numpy(flipped.copy())}
+        tensors = {
+            "x_train": x_train,
+            "y_train": y_train,
+            "x_test": x_test,
+            "y_test": y_test,
+            "is_corrupted": torch.from_numpy(flipped.copy()),
+        }
         if "cleanlab" in wanted:
             tensors["pred_probs"] = torch.from_numpy(np.load(cv_file))
-        save_workload(out / "workload", run.load_model(), tensors, Settings(
-            num_classes=run.n_classes, regularization=args.regularization, time_cap_s=args.time_cap,
-            batch_size=64, extra={"run": str(run.path), "cv_folds": args.cv_folds, "cv_epochs": args.cv_epochs}))
+        save_workload(
+            out / "workload",
+            run.load_model(),
+            tensors,
+            Settings(
+                num_classes=run.n_classes,
+                regularization=args.regularization,
+                time_cap_s=args.time_cap,
+                batch_size=64,
+                extra={"run": str(run.path), "cv_folds": args.cv_folds, "cv_epochs": args.cv_epochs},
+            ),
+        )
         for peer in wanted:
             for method, scope, more in PEER_JOBS.get(peer, [(None, None, [])]):
                 name = f"{peer}_{method}_{scope}" if method else peer
                 if name in skip:
                     continue
                 more = [str(args.peer_fit_examples) if a == "FIT" else a for a in more]
-                extra = ["--method", method, "--scope", scope, "--time-cap", str(args.time_cap), *more] if method else []
-                cmd = [str(pythons[peer]), str(peers.RUNNERS[peer]), str(out / "workload"),
-                       str(jobs_dir / name), *extra]
+                extra = (
+                    ["--method", method, "--scope", scope, "--time-cap", str(args.time_cap), *more] if method else []
+                )
+                cmd = [
+                    str(pythons[peer]),
+                    str(peers.RUNNERS[peer]),
+                    str(out / "workload"),
+                    str(jobs_dir / name),
+                    *extra,
+                ]
                 jobs[name] = run_job(name, cmd, jobs_dir / name, args.job_timeout)
 
     retraining = None
     if args.retrain_test_images > 0:
         log(f"retraining check: {args.retrain_test_images} test images × 3 groups of {args.retrain_group_size}")
-        retraining = retrain_fidelity.retrain_fidelity(run, jobs_dir, out, n_test_images=args.retrain_test_images,
-                                                       group_size=args.retrain_group_size, seed=args.seed, log=log)
+        retraining = retrain_fidelity.retrain_fidelity(
+            run,
+            jobs_dir,
+            out,
+            n_test_images=args.retrain_test_images,
+            group_size=args.retrain_group_size,
+            seed=args.seed,
+            log=log,
+        )
 
     cpu_info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in cpu_info.splitlines() if line.startswith("model name")),
-               platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpu_info.splitlines() if line.startswith("model name")),
+        platform.processor(),
+    )
     report = {
-        "name": out.name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "name": out.name,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu}, {os.cpu_count()} cores",
         "torch_threads": torch.get_num_threads(),
-        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), "benchmarks/run.py",
-                                                      *(argv or sys.argv[1:])]),
-        "regularization": args.regularization, "time_cap_s": args.time_cap, "job_timeout_s": args.job_timeout,
-        "cv_folds": args.cv_folds, "cv_epochs": args.cv_epochs,
-        "run": {"n_train": len(flipped), "n_test": len(run.labels("test")), "n_flipped": int(flipped.sum()),
-                **{k: run.metrics[k] for k in ("accuracy_test", "flips_memorised")}},
+        "command": " ".join(
+            shlex.quote(a) for a in [os.path.relpath(sys.executable), "benchmarks/run.py", *(argv or sys.argv[1:])]
+        ),
+        "regularization": args.regularization,
+        "time_cap_s": args.time_cap,
+        "job_timeout_s": args.job_timeout,
+        "cv_folds": args.cv_folds,
+        "cv_epochs": args.cv_epochs,
+        "run": {
+            "n_train": len(flipped),
+            "n_test": len(run.labels("test")),
+            "n_flipped": int(flipped.sum()),
+            **{k: run.metrics[k] for k in ("accuracy_test", "flips_memorised")},
+        },
         "pipeline_timings_s": result.meta["timings_s"],
         "floor": jobs.pop("ours_floor"),
         "jobs": jobs,

@@ -52,7 +52,7 @@ def floor_seconds(run: Run, batch_size: int = 64) -> float:
         x, y = run.tensors(split)
         for a in range(0, len(x), batch_size):
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[a:a + batch_size]), y[a:a + batch_size]).backward()
+            F.cross_entropy(model(x[a : a + batch_size]), y[a : a + batch_size]).backward()
     return time.perf_counter() - t
 
 
@@ -70,11 +70,31 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     run_dir = args.out / "run"
-    report: dict = {"dataset": args.dataset, "downsample": args.downsample, "image_size": args.image_size,
-                    "torch_threads": torch.get_num_threads()}
-    report["train"] = timed_step(["train", "--dataset", args.dataset, "--split", "official", "--downsample",
-                                  str(args.downsample), "--image-size", str(args.image_size), "--epochs", "1",
-                                  "--checkpoints", "0", "--run-dir", str(run_dir)])
+    report: dict = {
+        "dataset": args.dataset,
+        "downsample": args.downsample,
+        "image_size": args.image_size,
+        "torch_threads": torch.get_num_threads(),
+    }
+    report["train"] = timed_step(
+        [
+            "train",
+            "--dataset",
+            args.dataset,
+            "--split",
+            "official",
+            "--downsample",
+            str(args.downsample),
+            "--image-size",
+            str(args.image_size),
+            "--epochs",
+            "1",
+            "--checkpoints",
+            "0",
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
     run = Run(run_dir)
     n_train, n_test = len(run.ids("train")), len(run.ids("test"))
     report |= {"n_train": n_train, "n_test": n_test, "epoch_seconds": run.history[0]["seconds"]}
@@ -84,8 +104,9 @@ def main() -> None:
     single = load_influence(run, DEFAULT_SETTINGS)
     report["influence"] |= {"timings_s": single.meta["timings_s"], "disk_bytes": disk_bytes(entry.root)}
     kept = [single.row(t) for t in range(0, n_test, max(1, n_test // 20))]
-    report["influence_workers"] = timed_step(["influence", "--run-dir", str(run_dir), "--recompute", "--workers",
-                                              str(args.workers)])
+    report["influence_workers"] = timed_step(
+        ["influence", "--run-dir", str(run_dir), "--recompute", "--workers", str(args.workers)]
+    )
     spread = load_influence(run, DEFAULT_SETTINGS)
     report["influence_workers"]["timings_s"] = spread.meta["timings_s"]
     again = [spread.row(t) for t in range(0, n_test, max(1, n_test // 20))]
@@ -98,7 +119,8 @@ def main() -> None:
         report["extrapolated_full"] = {
             "epoch_seconds": report["epoch_seconds"] * grow_train,
             "matrix_seconds": report["influence"]["timings_s"]["test_x_train_matrix_and_self_influence"] * grow_both,
-            "matrix_disk_bytes": 4 * FULL_TRAIN * FULL_TEST}
+            "matrix_disk_bytes": 4 * FULL_TRAIN * FULL_TEST,
+        }
     (args.out / "scale.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

@@ -6,6 +6,7 @@ One row per result: peer, method, scope, seconds to the full test × train matri
 (``*`` = extrapolated from a capped partial run, ``-`` = not produced), setup (fit) seconds,
 cleanlab's ranking seconds and peak RSS in MiB.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,21 @@ def main(results_dir: str) -> None:
         matrix, self_inf = r.get("matrix"), r.get("self_influence")
         setup = matrix.get("setup_s", "-") if matrix else "-"
         rank = round(r["find_label_issues_s"] + r["label_quality_s"], 3) if "find_label_issues_s" in r else "-"
-        rows.append((r["peer"], r["method"], r.get("scope", "-"), seconds(matrix), seconds(self_inf),
-                     str(setup), str(rank), str(r.get("peak_rss_mib", "-"))))
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        rows.append(
+            (
+                r["peer"],
+                r["method"],
+                r.get("scope", "-"),
+                seconds(matrix),
+                seconds(self_inf),
+                str(setup),
+                str(rank),
+                str(r.get("peak_rss_mib", "-")),
+            )
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for row in (header, *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)))
 
 
 if __name__ == "__main__":

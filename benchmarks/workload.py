@@ -30,6 +30,7 @@ Result directory (written by :func:`write_result`)::
     self_influence.npy   (s,) float32, the first s training points (s = n unless extrapolated)
     ranking.npy, label_quality.npy, issues.npy   cleanlab only, see peer_cleanlab.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,9 +98,13 @@ def load_workload(directory: Path, device: str = "cpu") -> Workload:
     model.load_state_dict(torch.load(directory / "model.pt", weights_only=True, map_location="cpu"))
     model.to(device).eval()
     data = torch.load(directory / "data.pt", weights_only=True, map_location="cpu")
-    return Workload(model=model, settings=settings, pred_probs=data.get("pred_probs"),
-                    is_corrupted=data.get("is_corrupted"),
-                    **{k: data[k].to(device) for k in ("x_train", "y_train", "x_test", "y_test")})
+    return Workload(
+        model=model,
+        settings=settings,
+        pred_probs=data.get("pred_probs"),
+        is_corrupted=data.get("is_corrupted"),
+        **{k: data[k].to(device) for k in ("x_train", "y_train", "x_test", "y_test")},
+    )
 
 
 def pick_device(requested: str | None) -> str:
@@ -119,7 +124,7 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int) -> 
     """(n, 512) inputs of ``model.fc`` for ``x`` (n, 3, H, W), model in eval mode."""
     backbone = nn.Sequential(*(m for name, m in model.named_children() if name != "fc"), nn.Flatten())
     with torch.no_grad():
-        return torch.cat([backbone(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat([backbone(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def capped_loop(step: Callable[[int, int], np.ndarray], n: int, chunk: int, cap_s: float) -> tuple[np.ndarray, float]:
@@ -139,8 +144,13 @@ def capped_loop(step: Callable[[int, int], np.ndarray], n: int, chunk: int, cap_
 
 def stage_record(done: int, total: int, seconds: float) -> dict:
     """Timing of one capped stage; ``seconds_full`` scales the measured time linearly to ``total`` items."""
-    return {"done": done, "total": total, "measured_s": round(seconds, 3),
-            "seconds_full": round(seconds * total / done, 3), "extrapolated": done < total}
+    return {
+        "done": done,
+        "total": total,
+        "measured_s": round(seconds, 3),
+        "seconds_full": round(seconds * total / done, 3),
+        "extrapolated": done < total,
+    }
 
 
 def pipeline_record(setup_s: float, **stages: dict) -> dict:

@@ -11,5 +11,14 @@ from .errors import InfluenceLensError
 from .run import Run
 from .training import TrainConfig, train
 
-__all__ = ["ImageSet", "InfluenceLensError", "Run", "Split", "TrainConfig", "available_classes", "load_dataset",
-           "split_dataset", "train"]
+__all__ = [
+    "ImageSet",
+    "InfluenceLensError",
+    "Run",
+    "Split",
+    "TrainConfig",
+    "available_classes",
+    "load_dataset",
+    "split_dataset",
+    "train",
+]

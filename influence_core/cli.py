@@ -19,8 +19,7 @@ from .storage import check_output_dir, write_error
 DATA_SELECTION = {"dataset": "demo", "classes": None, "split": (0.8, 0.1, 0.1), "seed": 0, "downsample": 1.0}
 """The ``train`` options that decide which samples land in the training set, with their defaults."""
 
-NO_WAIT_HELP = ("fail at once if another process is writing the run directory "
-                "(default: wait for it, with a message)")
+NO_WAIT_HELP = "fail at once if another process is writing the run directory (default: wait for it, with a message)"
 
 
 def _train(args) -> None:
@@ -30,11 +29,21 @@ def _train(args) -> None:
     clean = _clean_run(args)
     selection = _data_selection(args, clean)
     config = TrainConfig(
-        **selection, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        **selection,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
         lr_schedule=args.lr_schedule,
-        weight_decay=args.weight_decay, train_layers=args.train_layers, augment_flip=not args.no_flip,
-        n_checkpoints=args.checkpoints, corrupt_fraction=args.corrupt_fraction, corrupt_mode=args.corrupt_mode,
-        weights=args.weights, on_bad_image=args.on_bad_image)
+        weight_decay=args.weight_decay,
+        train_layers=args.train_layers,
+        augment_flip=not args.no_flip,
+        n_checkpoints=args.checkpoints,
+        corrupt_fraction=args.corrupt_fraction,
+        corrupt_mode=args.corrupt_mode,
+        weights=args.weights,
+        on_bad_image=args.on_bad_image,
+    )
     if clean is not None:
         from .corruption import clean_run_scores
 
@@ -59,8 +68,10 @@ def _clean_run(args):
     if args.scores_from is None:
         return None
     if args.corrupt_mode != "top-influence":
-        raise InfluenceLensError("--scores-from is only used by --corrupt-mode top-influence.",
-                                 "add --corrupt-mode top-influence, or leave --scores-from out")
+        raise InfluenceLensError(
+            "--scores-from is only used by --corrupt-mode top-influence.",
+            "add --corrupt-mode top-influence, or leave --scores-from out",
+        )
     return Run(args.scores_from)
 
 
@@ -72,9 +83,13 @@ def _data_selection(args, clean) -> dict:
     if clean is None:
         return DATA_SELECTION | given
     cfg = clean.config
-    inherited = {"dataset": cfg["dataset"], "classes": cfg["class_keys"],
-                 "split": cfg["split"] if isinstance(cfg["split"], str) else tuple(cfg["split"]),
-                 "seed": cfg["seed"], "downsample": cfg["downsample"]}
+    inherited = {
+        "dataset": cfg["dataset"],
+        "classes": cfg["class_keys"],
+        "split": cfg["split"] if isinstance(cfg["split"], str) else tuple(cfg["split"]),
+        "seed": cfg["seed"],
+        "downsample": cfg["downsample"],
+    }
     for name, value in given.items():
         if name == "classes":
             same = _lower(value) in (_lower(cfg["class_keys"]), _lower(cfg["classes"]))
@@ -84,7 +99,8 @@ def _data_selection(args, clean) -> dict:
             raise InfluenceLensError(
                 f"--{name} {value} differs from the clean run {clean.path} ({inherited[name]}): top-influence "
                 "corruption flips the clean run's own training samples.",
-                f"leave --{name} out; with --scores-from the data selection comes from the clean run")
+                f"leave --{name} out; with --scores-from the data selection comes from the clean run",
+            )
     return inherited
 
 
@@ -101,8 +117,10 @@ def _split_arg(values: list[str]) -> tuple[float, float, float] | str:
     except ValueError:
         fractions = ()
     if len(fractions) != 3:
-        raise InfluenceLensError(f"--split takes three fractions or 'official', not {' '.join(values)}.",
-                                 "for example --split 0.8 0.1 0.1, or --split official for fashion-mnist")
+        raise InfluenceLensError(
+            f"--split takes three fractions or 'official', not {' '.join(values)}.",
+            "for example --split 0.8 0.1 0.1, or --split official for fashion-mnist",
+        )
     return fractions  # type: ignore[return-value]
 
 
@@ -111,8 +129,9 @@ def _influence(args) -> None:
     from .pipeline import InfluenceSettings, compute_influence
     from .run import Run
 
-    settings = InfluenceSettings(method=args.method, scope=parse_scope(args.scope), regularization=args.regularization,
-                                 curvature=args.curvature)
+    settings = InfluenceSettings(
+        method=args.method, scope=parse_scope(args.scope), regularization=args.regularization, curvature=args.curvature
+    )
     cluster = None
     if args.scheduler is not None or args.workers is not None:
         from .distributed import ClusterSpec
@@ -120,8 +139,15 @@ def _influence(args) -> None:
         cluster = ClusterSpec(scheduler=args.scheduler, workers=args.workers)
     bar = TqdmProgress()
     try:
-        result = compute_influence(Run(args.run_dir), settings, device=args.device, progress=bar,
-                                   recompute=args.recompute, wait=not args.no_wait, cluster=cluster)
+        result = compute_influence(
+            Run(args.run_dir),
+            settings,
+            device=args.device,
+            progress=bar,
+            recompute=args.recompute,
+            wait=not args.no_wait,
+            cluster=cluster,
+        )
     finally:
         bar.close()
     print(f"influence ({settings.describe()}) cached in {result.path}", file=sys.stderr)
@@ -154,57 +180,88 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or fetch from the cache) a ResNet18 and write a run directory")
-    t.add_argument("--dataset",
-                   help="demo | tiny-imagenet:PATH | folder:PATH | fashion-mnist:PATH (default: demo)")
-    t.add_argument("--classes", nargs="+", metavar="NAME",
-                   help="classes by id, name (unique prefix) or index; default: all")
+    t.add_argument("--dataset", help="demo | tiny-imagenet:PATH | folder:PATH | fashion-mnist:PATH (default: demo)")
+    t.add_argument(
+        "--classes", nargs="+", metavar="NAME", help="classes by id, name (unique prefix) or index; default: all"
+    )
     t.add_argument("--run-dir", required=True)
     t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--train-layers", choices=["head", "all"], default="all",
-                   help="head: frozen backbone, train fc only; all: full network (default)")
+    t.add_argument(
+        "--train-layers",
+        choices=["head", "all"],
+        default="all",
+        help="head: frozen backbone, train fc only; all: full network (default)",
+    )
     t.add_argument("--corrupt-fraction", type=float, default=0.0, help="flip this fraction of training labels")
-    t.add_argument("--corrupt-mode", choices=["random", "top-influence"], default="random",
-                   help="random: flip random labels; top-influence: per class, flip the points with the highest "
-                        "mean test influence in the clean run given by --scores-from (the reference notebook's)")
-    t.add_argument("--scores-from", metavar="CLEAN_RUN_DIR",
-                   help="clean run (no flips) whose default influence ranks the points for top-influence "
-                        "(computed if missing); its dataset, classes, split, seed and downsampling are reused")
+    t.add_argument(
+        "--corrupt-mode",
+        choices=["random", "top-influence"],
+        default="random",
+        help="random: flip random labels; top-influence: per class, flip the points with the highest "
+        "mean test influence in the clean run given by --scores-from (the reference notebook's)",
+    )
+    t.add_argument(
+        "--scores-from",
+        metavar="CLEAN_RUN_DIR",
+        help="clean run (no flips) whose default influence ranks the points for top-influence "
+        "(computed if missing); its dataset, classes, split, seed and downsampling are reused",
+    )
     t.add_argument("--seed", type=int, help="seed of the split, shuffling and flips (default: 0)")
     t.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
     t.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
     t.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
     t.add_argument("--image-size", type=int, help="side in pixels (default: 64 for images, 32 for digits)")
-    t.add_argument("--split", nargs="+", metavar="FRACTION",
-                   help="TRAIN VAL TEST fractions (default: 0.8 0.1 0.1), or 'official' (the dataset's own "
-                        "train/test parts, no val)")
+    t.add_argument(
+        "--split",
+        nargs="+",
+        metavar="FRACTION",
+        help="TRAIN VAL TEST fractions (default: 0.8 0.1 0.1), or 'official' (the dataset's own "
+        "train/test parts, no val)",
+    )
     t.add_argument("--downsample", type=float, help="keep this fraction of each class (default: 1)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--checkpoints", type=int, default=4, help="evenly spaced checkpoints kept during training")
-    t.add_argument("--weights", default="auto",
-                   help="auto (ImageNet weights from the torch hub cache if present) | scratch | imagenet "
-                        "(torchvision's ImageNet weights, downloaded once into the torch hub cache) | PATH")
+    t.add_argument(
+        "--weights",
+        default="auto",
+        help="auto (ImageNet weights from the torch hub cache if present) | scratch | imagenet "
+        "(torchvision's ImageNet weights, downloaded once into the torch hub cache) | PATH",
+    )
     t.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
-    t.add_argument("--on-bad-image", choices=["skip", "error"], default="skip",
-                   help="skip unreadable images (listed) or stop at the first")
+    t.add_argument(
+        "--on-bad-image",
+        choices=["skip", "error"],
+        default="skip",
+        help="skip unreadable images (listed) or stop at the first",
+    )
     t.set_defaults(func=_train)
 
     i = sub.add_parser("influence", help="compute and cache influences for a run")
     i.add_argument("--run-dir", required=True)
     i.add_argument("--method", choices=METHOD_CHOICES, default=DEFAULT_SETTINGS.method)
-    i.add_argument("--scope", default=scope_text(DEFAULT_SETTINGS.scope),
-                   help="head | all | comma-separated module names (e.g. layer4.1.conv2,fc)")
-    i.add_argument("--regularization", default=str(Damping.of(DEFAULT_SETTINGS.regularization)),
-                   help="λ in (H + λI)⁻¹: a number (absolute, e.g. 1e-3) or rel:FRACTION (FRACTION × the mean "
-                        "curvature eigenvalue of each block, e.g. rel:0.1)")
+    i.add_argument(
+        "--scope",
+        default=scope_text(DEFAULT_SETTINGS.scope),
+        help="head | all | comma-separated module names (e.g. layer4.1.conv2,fc)",
+    )
+    i.add_argument(
+        "--regularization",
+        default=str(Damping.of(DEFAULT_SETTINGS.regularization)),
+        help="λ in (H + λI)⁻¹: a number (absolute, e.g. 1e-3) or rel:FRACTION (FRACTION × the mean "
+        "curvature eigenvalue of each block, e.g. rel:0.1)",
+    )
     i.add_argument("--curvature", choices=list(Curvature), type=Curvature, default=DEFAULT_SETTINGS.curvature)
     i.add_argument("--device", default="auto")
     i.add_argument("--recompute", action="store_true", help="ignore the influence cache")
     i.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
-    i.add_argument("--scheduler", metavar="ADDRESS",
-                   help="score on this Dask cluster (tcp://HOST:8786; run dir on a shared file system)")
+    i.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="score on this Dask cluster (tcp://HOST:8786; run dir on a shared file system)",
+    )
     i.add_argument("--workers", type=int, metavar="N", help="score on a local Dask cluster of N worker processes")
     i.set_defaults(func=_influence)
 

@@ -29,8 +29,9 @@ def flip_random(labels: np.ndarray, fraction: float, n_classes: int, seed: int =
     return new, picked
 
 
-def flip_top_influence(labels: np.ndarray, influence: np.ndarray, fraction: float, n_classes: int,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def flip_top_influence(
+    labels: np.ndarray, influence: np.ndarray, fraction: float, n_classes: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Per class, flip the ``fraction`` of points with the highest influence (the reference notebook's choice).
 
     ``influence``: (n,) e.g. mean influence over the test set. Flipped points go to a random other class.
@@ -39,8 +40,10 @@ def flip_top_influence(labels: np.ndarray, influence: np.ndarray, fraction: floa
     labels = np.asarray(labels, dtype=np.int64)
     influence = np.asarray(influence, dtype=np.float64)
     if influence.shape != labels.shape:
-        raise InfluenceLensError(f"The influence vector has shape {influence.shape}, the labels {labels.shape}.",
-                                 "pass one influence value per training sample")
+        raise InfluenceLensError(
+            f"The influence vector has shape {influence.shape}, the labels {labels.shape}.",
+            "pass one influence value per training sample",
+        )
     rng = np.random.default_rng(seed)
     per_class = []
     for c in range(n_classes):
@@ -63,8 +66,10 @@ def clean_run_scores(clean: Run, device: str = "auto", progress: Progress | None
 
     n_flipped = int(clean.flipped().sum())
     if n_flipped:
-        raise InfluenceLensError(f"{clean.path} is not a clean run: {n_flipped} of its training labels are flipped.",
-                                 "train a run without --corrupt-fraction and take the scores from it")
+        raise InfluenceLensError(
+            f"{clean.path} is not a clean run: {n_flipped} of its training labels are flipped.",
+            "train a run without --corrupt-fraction and take the scores from it",
+        )
     result = compute_influence(clean, DEFAULT_SETTINGS, device=device, progress=progress)
     return np.asarray(result.mean_influence, dtype=np.float64)
 

@@ -33,8 +33,18 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 DEFAULT_IMAGE_SIZE = {"demo": 32, "fashion-mnist": 32, "tiny-imagenet": 64, "folder": 64}
 MIN_IMAGE_SIZE = 8  # ResNet18 halves the image 5 times; below 8 px its deeper layers see a single pixel
@@ -68,8 +78,15 @@ class ImageSet:
         return normalise(self.images if index is None else self.images[index])
 
     def subset(self, index: np.ndarray) -> ImageSet:
-        return ImageSet(self.spec, [self.ids[i] for i in index], self.labels[index], self.classes,
-                        self.class_keys, self.images[index], self.skipped)
+        return ImageSet(
+            self.spec,
+            [self.ids[i] for i in index],
+            self.labels[index],
+            self.classes,
+            self.class_keys,
+            self.images[index],
+            self.skipped,
+        )
 
 
 class ImageView:
@@ -158,8 +175,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
-def load_dataset(spec: str, classes: list[str] | None = None, image_size: int | None = None,
-                 on_bad_image: str = "skip") -> ImageSet:
+def load_dataset(
+    spec: str, classes: list[str] | None = None, image_size: int | None = None, on_bad_image: str = "skip"
+) -> ImageSet:
     """Load the dataset named by ``spec``, keeping only ``classes`` (names, keys or indices; all if None).
 
     ``on_bad_image``: ``"skip"`` drops unreadable files (listed in ``ImageSet.skipped``), ``"error"`` stops.
@@ -198,8 +216,10 @@ def available_classes(spec: str) -> list[tuple[str, str]]:
 def check_image_size(image_size: int | None) -> None:
     """``None`` (the dataset's default) or a side of at least :data:`MIN_IMAGE_SIZE` pixels."""
     if image_size is not None and not image_size >= MIN_IMAGE_SIZE:
-        raise InfluenceLensError(f"Image size {image_size} is too small: the side must be at least "
-                                 f"{MIN_IMAGE_SIZE} pixels.", "leave it out for the dataset's default (32 or 64)")
+        raise InfluenceLensError(
+            f"Image size {image_size} is too small: the side must be at least {MIN_IMAGE_SIZE} pixels.",
+            "leave it out for the dataset's default (32 or 64)",
+        )
 
 
 def check_split(fractions: tuple[float, ...] | str, downsample: float = 1.0) -> None:
@@ -208,16 +228,25 @@ def check_split(fractions: tuple[float, ...] | str, downsample: float = 1.0) -> 
         if fractions != "official":
             raise InfluenceLensError(f"Unknown split {fractions!r}.", "use three fractions or 'official'")
     elif len(fractions) != 3 or not all(f > 0 for f in fractions) or not abs(sum(fractions) - 1) <= 1e-6:
-        raise InfluenceLensError(f"Split fractions {tuple(fractions)} must be three positive numbers summing to 1.",
-                                 "for example 0.8 0.1 0.1")
+        raise InfluenceLensError(
+            f"Split fractions {tuple(fractions)} must be three positive numbers summing to 1.",
+            "for example 0.8 0.1 0.1",
+        )
     if not 0 < downsample <= 1:
-        raise InfluenceLensError(f"Downsampling ratio {downsample} must be in (0, 1].",
-                                 "for example 0.5 to keep half of each class, 1 for all")
+        raise InfluenceLensError(
+            f"Downsampling ratio {downsample} must be in (0, 1].",
+            "for example 0.5 to keep half of each class, 1 for all",
+        )
 
 
-def split_dataset(labels: np.ndarray, fractions: tuple[float, float, float] | str = (0.8, 0.1, 0.1),
-                  seed: int = 0, downsample: float = 1.0, classes: list[str] | None = None,
-                  ids: list[str] | None = None) -> Split:
+def split_dataset(
+    labels: np.ndarray,
+    fractions: tuple[float, float, float] | str = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    downsample: float = 1.0,
+    classes: list[str] | None = None,
+    ids: list[str] | None = None,
+) -> Split:
     """Stratified, seeded split of positions ``0..n-1``; ``downsample`` keeps that fraction per class first.
 
     ``fractions="official"`` keeps the dataset's own train / test parts (read from ``ids``: Fashion-MNIST's
@@ -234,8 +263,10 @@ def split_dataset(labels: np.ndarray, fractions: tuple[float, float, float] | st
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
         name = f" ({classes[int(labels[0])]})" if classes and len(labels) else ""
-        raise InfluenceLensError(f"The data holds a single class{name}; a classifier needs at least two.",
-                                 "choose two or more classes, or add a second class folder")
+        raise InfluenceLensError(
+            f"The data holds a single class{name}; a classifier needs at least two.",
+            "choose two or more classes, or add a second class folder",
+        )
     rng = np.random.default_rng(seed)
     keep = []
     for c in np.unique(labels):
@@ -254,12 +285,14 @@ def split_dataset(labels: np.ndarray, fractions: tuple[float, float, float] | st
                 "add images, raise the downsampling ratio or drop that class",
             )
     train, rest = train_test_split(idx, train_size=fractions[0], stratify=labels[idx], random_state=seed)
-    val, test = train_test_split(rest, train_size=fractions[1] / (fractions[1] + fractions[2]),
-                                 stratify=labels[rest], random_state=seed)
+    val, test = train_test_split(
+        rest, train_size=fractions[1] / (fractions[1] + fractions[2]), stratify=labels[rest], random_state=seed
+    )
     return Split(np.sort(train), np.sort(val), np.sort(test))
 
 
 # --- the image cache ---------------------------------------------------------------------------------------
+
 
 def image_cache_dir() -> Path:
     """Where decoded images are cached: ``$INFLUENCE_LENS_CACHE``, else ``~/.cache/influence-lens``."""
@@ -304,8 +337,9 @@ class ImageCache:
         from tqdm import tqdm
 
         self.images_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp, compact = (self.images_path.with_name(f".{self.images_path.stem}-{os.getpid()}{part}.npy")
-                        for part in ("", "-compact"))
+        tmp, compact = (
+            self.images_path.with_name(f".{self.images_path.stem}-{os.getpid()}{part}.npy") for part in ("", "-compact")
+        )
         kept, skipped = [], []
         shape = (self.size, self.size, 3)
         try:
@@ -318,8 +352,9 @@ class ImageCache:
                     continue
                 kept.append(i)
             if skipped:  # unreadable files are rare: copy the written rows into a file of the right length
-                np.lib.format.open_memmap(compact, mode="w+", dtype=np.uint8, shape=(len(kept), *shape))[:] = \
-                    out[:len(kept)]
+                np.lib.format.open_memmap(compact, mode="w+", dtype=np.uint8, shape=(len(kept), *shape))[:] = out[
+                    : len(kept)
+                ]
                 os.replace(compact, tmp)
             out.flush()
             del out
@@ -338,8 +373,10 @@ def _official_split(labels: np.ndarray, name: str, seed: int, downsample: float,
         raise InfluenceLensError(f"Downsampling ratio {downsample} must be in (0, 1].")
     part = np.array([_official_part(i) for i in ids or []])
     if ids is None or not len(part) or (part == "").any() or not (part == "test").any():
-        raise InfluenceLensError("This dataset has no official train / test split.",
-                                 "use it with fashion-mnist or tiny-imagenet, or give fractions: --split 0.8 0.1 0.1")
+        raise InfluenceLensError(
+            "This dataset has no official train / test split.",
+            "use it with fashion-mnist or tiny-imagenet, or give fractions: --split 0.8 0.1 0.1",
+        )
     rng = np.random.default_rng(seed)
     chosen = {}
     for which in ("train", "test"):
@@ -363,8 +400,10 @@ def _official_part(sample_id: str) -> str:
 
 # --- class selection -------------------------------------------------------------------------------------
 
-def resolve_classes(requested: list[str] | None, keys: list[str], names: list[str],
-                    index_keys: list[str] | None = None) -> list[int]:
+
+def resolve_classes(
+    requested: list[str] | None, keys: list[str], names: list[str], index_keys: list[str] | None = None
+) -> list[int]:
     """Positions into ``keys`` for each requested class.
 
     A request matches a key exactly, a synonym in ``names`` (comma-separated, case-insensitive), a unique
@@ -394,17 +433,20 @@ def resolve_classes(requested: list[str] | None, keys: list[str], names: list[st
             continue
         if hits:
             options = ", ".join(f"{keys[i]} ({names[i]})" for i in hits[:8])
-            raise InfluenceLensError(f"Class name {req!r} is ambiguous: it matches {options}.",
-                                     "give the full name or the id")
+            raise InfluenceLensError(
+                f"Class name {req!r} is ambiguous: it matches {options}.", "give the full name or the id"
+            )
         flat = [s for syn in synonyms for s in syn]
-        close = [s for s in flat if r in s][:5] or difflib.get_close_matches(r, flat + [k.lower() for k in keys],
-                                                                               n=5, cutoff=0.6)
+        close = [s for s in flat if r in s][:5] or difflib.get_close_matches(
+            r, flat + [k.lower() for k in keys], n=5, cutoff=0.6
+        )
         hint = "close matches: " + ", ".join(close) if close else "list the classes with `influence-core classes`"
         raise InfluenceLensError(f"Unknown class {req!r} (the dataset has {len(keys)} classes).", hint)
     return chosen
 
 
 # --- tiny-imagenet ---------------------------------------------------------------------------------------
+
 
 def _tiny_imagenet_index(root: Path) -> tuple[list[str], dict[str, str]]:
     wnids_file = root / "wnids.txt"
@@ -430,8 +472,9 @@ def _tiny_imagenet_files(root: Path, classes: list[str] | None):
     wnids, words = _tiny_imagenet_index(root)
     present = [w for w in wnids if (root / "train" / w / "images").is_dir()]
     if not present:
-        raise InfluenceLensError(f"{root}/train has no <wnid>/images folders.",
-                                 "check that the dataset was unpacked completely")
+        raise InfluenceLensError(
+            f"{root}/train has no <wnid>/images folders.", "check that the dataset was unpacked completely"
+        )
     if classes:
         keys = [wnids[i] for i in resolve_classes(classes, wnids, [words.get(w, w) for w in wnids])]
         missing = [k for k in keys if k not in present]
@@ -440,14 +483,18 @@ def _tiny_imagenet_files(root: Path, classes: list[str] | None):
                 f"Class {', '.join(f'{words.get(k, k)} ({k})' for k in missing)} is in wnids.txt but has no "
                 f"train/<wnid>/images folder under {root}.",
                 f"pick from the {len(present)} classes on disk: "
-                + ", ".join(words.get(k, k).split(",")[0] for k in present[:20]))
+                + ", ".join(words.get(k, k).split(",")[0] for k in present[:20]),
+            )
     else:
         keys = present
     names = [words.get(k, k).split(",")[0].strip() for k in keys]
     files: dict[str, list[str]] = {k: [] for k in keys}
     for k in keys:
-        files[k] = sorted(f"train/{k}/images/{p.name}" for p in (root / "train" / k / "images").iterdir()
-                          if p.suffix.lower() in IMAGE_SUFFIXES)
+        files[k] = sorted(
+            f"train/{k}/images/{p.name}"
+            for p in (root / "train" / k / "images").iterdir()
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        )
     annotations = root / "val" / "val_annotations.txt"
     if annotations.is_file():
         for line in annotations.read_text().splitlines():
@@ -459,11 +506,13 @@ def _tiny_imagenet_files(root: Path, classes: list[str] | None):
 
 # --- image folders ---------------------------------------------------------------------------------------
 
+
 def _class_dirs(root: Path) -> list[Path]:
     dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not dirs:
-        raise InfluenceLensError(f"{root} has no class sub-folders.",
-                                 "arrange images as PATH/<class name>/<image files>")
+        raise InfluenceLensError(
+            f"{root} has no class sub-folders.", "arrange images as PATH/<class name>/<image files>"
+        )
     return dirs
 
 
@@ -472,16 +521,24 @@ def _folder_files(root: Path, classes: list[str] | None):
     keys = [d.name for d in dirs]
     chosen = resolve_classes(classes, keys, keys)
     keys = [keys[i] for i in chosen]
-    files = {k: sorted(str(p.relative_to(root)) for p in (root / k).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) for k in keys}
+    files = {
+        k: sorted(
+            str(p.relative_to(root))
+            for p in (root / k).rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        for k in keys
+    }
     return keys, keys, files
 
 
 def _read_images(spec, root, keys, names, files, size, on_bad_image) -> ImageSet:
     for label, key in enumerate(keys):
         if not files[key]:
-            raise InfluenceLensError(f"Class {names[label]!r} ({key}) has no image files.",
-                                     f"add images to {root / key} or leave the class out")
+            raise InfluenceLensError(
+                f"Class {names[label]!r} ({key}) has no image files.",
+                f"add images to {root / key} or leave the class out",
+            )
     listing = [(rel, label) for label, key in enumerate(keys) for rel in files[key]]
     stats = [(rel, *_stat(root / rel)) for rel, _ in listing]
     cache = ImageCache(stable_hash("files", str(root.resolve()), size, stats), size)
@@ -491,20 +548,24 @@ def _read_images(spec, root, keys, names, files, size, on_bad_image) -> ImageSet
             return _load_rgb(root / listing[i][0], size)
         except BAD_IMAGE_ERRORS as e:
             if on_bad_image == "error":
-                raise InfluenceLensError(f"Cannot read image {root / listing[i][0]}: {e}",
-                                         "delete or replace the file, or run with --on-bad-image skip") from e
+                raise InfluenceLensError(
+                    f"Cannot read image {root / listing[i][0]}: {e}",
+                    "delete or replace the file, or run with --on-bad-image skip",
+                ) from e
             raise BadImage(f"{type(e).__name__}: {e}") from e
 
     images, kept, skipped = cache.open(len(listing), decode, [rel for rel, _ in listing])
     if skipped and on_bad_image == "error":
         rel, reason = skipped[0]
-        raise InfluenceLensError(f"Cannot read image {root / rel}: {reason}",
-                                 "delete or replace the file, or run with --on-bad-image skip")
+        raise InfluenceLensError(
+            f"Cannot read image {root / rel}: {reason}", "delete or replace the file, or run with --on-bad-image skip"
+        )
     labels = np.asarray([listing[i][1] for i in kept], dtype=np.int64)
     for label, key in enumerate(keys):
         if label not in labels:
-            raise InfluenceLensError(f"No readable image in class {names[label]!r} ({key}).",
-                                     "replace the unreadable files listed above")
+            raise InfluenceLensError(
+                f"No readable image in class {names[label]!r} ({key}).", "replace the unreadable files listed above"
+            )
     return ImageSet(spec, [listing[i][0] for i in kept], labels, names, keys, images, skipped)
 
 
@@ -524,6 +585,7 @@ def _load_rgb(path: Path, size: int) -> np.ndarray:
 
 # --- array datasets ---------------------------------------------------------------------------------------
 
+
 def _from_gray_arrays(spec, ids, gray: np.ndarray, labels, class_names, classes, size) -> ImageSet:
     keys = [str(i) for i in range(len(class_names))]
     chosen = resolve_classes(classes, keys, class_names)
@@ -536,8 +598,14 @@ def _from_gray_arrays(spec, ids, gray: np.ndarray, labels, class_names, classes,
         return np.repeat(np.asarray(Image.fromarray(gray[i]).resize((size, size), Image.BILINEAR))[..., None], 3, 2)
 
     images, _, _ = ImageCache(stable_hash("arrays", ids, gray, size), size).open(len(gray), resize, ids)
-    return ImageSet(spec, ids, np.array([remap[v] for v in labels[keep]], dtype=np.int64),
-                    [class_names[c] for c in chosen], [keys[c] for c in chosen], images)
+    return ImageSet(
+        spec,
+        ids,
+        np.array([remap[v] for v in labels[keep]], dtype=np.int64),
+        [class_names[c] for c in chosen],
+        [keys[c] for c in chosen],
+        images,
+    )
 
 
 def _load_digits(spec, classes, size) -> ImageSet:
@@ -546,8 +614,7 @@ def _load_digits(spec, classes, size) -> ImageSet:
     d = load_digits()
     gray = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
     ids = [f"digits:{i}" for i in range(len(gray))]
-    return _from_gray_arrays(spec, ids, gray, d.target.astype(np.int64), [str(i) for i in range(10)],
-                             classes, size)
+    return _from_gray_arrays(spec, ids, gray, d.target.astype(np.int64), [str(i) for i in range(10)], classes, size)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -557,7 +624,7 @@ def _read_idx(path: Path) -> np.ndarray:
     _, dtype, ndim = struct.unpack(">HBB", data[:4])
     if dtype != 0x08:
         raise InfluenceLensError(f"{path} is not an unsigned-byte IDX file.", "use the original Fashion-MNIST files")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -572,7 +639,8 @@ def _load_fashion_mnist(spec, root: Path, classes, size) -> ImageSet:
                 raise InfluenceLensError(
                     f"{root} has no {part}-{what}-ubyte(.gz) file.",
                     "point fashion-mnist:PATH at the folder with the four IDX files "
-                    "(Debian: apt-get install dataset-fashion-mnist)")
+                    "(Debian: apt-get install dataset-fashion-mnist)",
+                )
             found[what] = _read_idx(hits[0])
         parts.append((part, found["images-idx3"], found["labels-idx1"]))
     ids = [f"{p}:{i}" for p, imgs, _ in parts for i in range(len(imgs))]
@@ -584,8 +652,10 @@ def _load_fashion_mnist(spec, root: Path, classes, size) -> ImageSet:
 def _existing_dir(path: Path, kind: str) -> Path:
     path = path.expanduser()
     if not path.exists():
-        raise InfluenceLensError(f"Dataset folder {path} does not exist.",
-                                 f"check the path in {kind}:PATH (relative paths start at the current folder)")
+        raise InfluenceLensError(
+            f"Dataset folder {path} does not exist.",
+            f"check the path in {kind}:PATH (relative paths start at the current folder)",
+        )
     if not path.is_dir():
         raise InfluenceLensError(f"{path} is a file, not a folder.", f"give {kind}:PATH the dataset's folder")
     return path

@@ -35,13 +35,16 @@ class GroupedHistogram:
         """One sentence on what the x-range leaves out ('' when nothing is)."""
         if not self.n_outside:
             return ""
-        return (f"{self.n_outside:,} extreme values are left out of the x-range "
-                f"({int(self.below.sum()):,} below {self.edges[0]:+.3g}, {int(self.above.sum()):,} above "
-                f"{self.edges[-1]:+.3g}).")
+        return (
+            f"{self.n_outside:,} extreme values are left out of the x-range "
+            f"({int(self.below.sum()):,} below {self.edges[0]:+.3g}, {int(self.above.sum()):,} above "
+            f"{self.edges[-1]:+.3g})."
+        )
 
 
-def grouped_histogram(values: np.ndarray, codes: np.ndarray, groups: list[str], bins: int = 60,
-                      percentiles: tuple[float, float] = (1, 99)) -> GroupedHistogram:
+def grouped_histogram(
+    values: np.ndarray, codes: np.ndarray, groups: list[str], bins: int = 60, percentiles: tuple[float, float] = (1, 99)
+) -> GroupedHistogram:
     """Histogram of ``values`` (n,) split by ``codes`` (n,) int in ``range(len(groups))``.
 
     The x-range is the ``percentiles`` range of all values widened by half its width on each side (no further
@@ -49,7 +52,7 @@ def grouped_histogram(values: np.ndarray, codes: np.ndarray, groups: list[str], 
     squeeze everything else into one bar; what falls outside is counted.
     """
     values = np.asarray(values, dtype=np.float64)
-    lo, hi = (np.percentile(values, percentiles) if len(values) else (0.0, 0.0))
+    lo, hi = np.percentile(values, percentiles) if len(values) else (0.0, 0.0)
     margin = (hi - lo) / 2
     lo, hi = max(lo - margin, values.min(initial=0.0)), min(hi + margin, values.max(initial=0.0))
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -65,8 +68,9 @@ def grouped_histogram(values: np.ndarray, codes: np.ndarray, groups: list[str], 
     return GroupedHistogram(edges, counts, groups, below, above)
 
 
-def label_groups(labels: np.ndarray, classes: list[str],
-                 featured: list[tuple[int, str]]) -> tuple[np.ndarray, list[str]]:
+def label_groups(
+    labels: np.ndarray, classes: list[str], featured: list[tuple[int, str]]
+) -> tuple[np.ndarray, list[str]]:
     """Group training points by label: each featured class on its own, every other label pooled.
 
     ``labels``: (n,) class indices; ``featured``: (class index, role) pairs, e.g. ``[(3, "test image's label"),
@@ -99,8 +103,14 @@ def top_confusions(matrix: np.ndarray | list[list[int]], classes: list[str], k: 
     keep = off[rows, cols] > 0
     rows, cols = rows[keep], cols[keep]
     totals = np.maximum(m.sum(1), 1)
-    return pd.DataFrame({"true": [classes[r] for r in rows], "predicted": [classes[c] for c in cols],
-                         "test images": off[rows, cols], "share of true class": off[rows, cols] / totals[rows]})
+    return pd.DataFrame(
+        {
+            "true": [classes[r] for r in rows],
+            "predicted": [classes[c] for c in cols],
+            "test images": off[rows, cols],
+            "share of true class": off[rows, cols] / totals[rows],
+        }
+    )
 
 
 def pages(n_items: int, per_page: int) -> int:
@@ -113,11 +123,11 @@ CLAIM_HOLDS_AUROC, CLAIM_FAILS_AUROC = 0.7, 0.6
 labels flipped images have the lower mean); "did not hold" below 0.6 (near the 0.5 of guessing); else "partly held"."""
 MODE_IMPLICATIONS = {
     "random": "The flipped images were chosen at random, so this is a fair test of the claim. Measured elsewhere, "
-              "random flips leave the mean-influence signal near chance (AUROC 0.59 on a tiny-imagenet pair, even "
-              "with a pretrained backbone and exact head influence).",
+    "random flips leave the mean-influence signal near chance (AUROC 0.59 on a tiny-imagenet pair, even "
+    "with a pretrained backbone and exact head influence).",
     "top-influence": "The flipped images were the most influential ones of a clean run (the reference notebook's "
-                     "choice): flipping the label of an image that strongly supports its class makes it harmful by "
-                     "construction, so the claim is expected to hold here and says little about real mislabels.",
+    "choice): flipping the label of an image that strongly supports its class makes it harmful by "
+    "construction, so the claim is expected to hold here and says little about real mislabels.",
 }
 
 
@@ -137,10 +147,12 @@ class ClaimCheck:
     verdict: str
 
     def summary(self) -> str:
-        return (f"The claim “flipped images have lower mean influence” **{self.verdict}** on this run: ranking by "
-                f"lowest mean influence finds the flips with AUROC {self.auroc:.2f} (0.5 is guessing), and in "
-                f"{self.labels_held} of {self.labels_tested} labels with flipped images their mean influence is "
-                f"lower than the clean images'.")
+        return (
+            f"The claim “flipped images have lower mean influence” **{self.verdict}** on this run: ranking by "
+            f"lowest mean influence finds the flips with AUROC {self.auroc:.2f} (0.5 is guessing), and in "
+            f"{self.labels_held} of {self.labels_tested} labels with flipped images their mean influence is "
+            f"lower than the clean images'."
+        )
 
     def implication(self) -> str:
         return MODE_IMPLICATIONS.get(self.mode, f"Corruption mode {self.mode!r}.")

@@ -35,8 +35,10 @@ class ClusterSpec:
 
     def __post_init__(self):
         if (self.scheduler is None) == (self.workers is None):
-            raise InfluenceLensError("Give either a scheduler address or a number of local workers, not both.",
-                                     "use --scheduler tcp://HOST:8786 or --workers N")
+            raise InfluenceLensError(
+                "Give either a scheduler address or a number of local workers, not both.",
+                "use --scheduler tcp://HOST:8786 or --workers N",
+            )
         if self.workers is not None and self.workers < 1:
             raise InfluenceLensError(f"--workers must be at least 1, not {self.workers}.", "for example --workers 2")
 
@@ -63,8 +65,11 @@ class WorkerPayload:
         im = InfluenceModel(self.model, device=device, **self.engine_options)
         im.load_state_dict(self.curvature_state)
         factors = self.scorer.factors
-        moved = replace(factors, factors={k: v.to(device) for k, v in factors.factors.items()},
-                        scales=None if factors.scales is None else {k: v.to(device) for k, v in factors.scales.items()})
+        moved = replace(
+            factors,
+            factors={k: v.to(device) for k, v in factors.factors.items()},
+            scales=None if factors.scales is None else {k: v.to(device) for k, v in factors.scales.items()},
+        )
         return replace(self.scorer, im=im, factors=moved)
 
 
@@ -92,21 +97,28 @@ def connect(spec: ClusterSpec):
     try:
         from distributed import Client, LocalCluster
     except ImportError as e:
-        raise InfluenceLensError("Dask is not installed, so --scheduler / --workers cannot be used.",
-                                 "pip install 'influence-core[dask]'") from e
+        raise InfluenceLensError(
+            "Dask is not installed, so --scheduler / --workers cannot be used.", "pip install 'influence-core[dask]'"
+        ) from e
     if spec.scheduler:
         try:
             client = Client(spec.scheduler, timeout="20s")
         except OSError as e:
-            raise InfluenceLensError(f"Cannot reach the Dask scheduler at {spec.scheduler}: {e}",
-                                     "start it with `dask scheduler` and pass its tcp://HOST:PORT address") from e
+            raise InfluenceLensError(
+                f"Cannot reach the Dask scheduler at {spec.scheduler}: {e}",
+                "start it with `dask scheduler` and pass its tcp://HOST:PORT address",
+            ) from e
         with client:
             yield client
         return
     threads = max(1, (os.cpu_count() or 1) // spec.workers)
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      env=env) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=spec.workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -118,21 +130,35 @@ def score_on_cluster(spec: ClusterSpec, scorer, paths, blocks: list[tuple[int, i
     im = scorer.im
     state = im.state_dict()
     if not state:
-        raise InfluenceLensError(f"Method {im.method!r} keeps no fitted curvature to ship to workers.",
-                                 "use direct, arnoldi, kfac or ekfac with --scheduler / --workers")
+        raise InfluenceLensError(
+            f"Method {im.method!r} keeps no fitted curvature to ship to workers.",
+            "use direct, arnoldi, kfac or ekfac with --scheduler / --workers",
+        )
     model = im.model.to("cpu")
     factors = scorer.factors
-    cpu_factors = replace(factors, factors={k: v.cpu() for k, v in factors.factors.items()},
-                          scales=None if factors.scales is None else {k: v.cpu() for k, v in factors.scales.items()})
-    payload = WorkerPayload(model, {"scope": im.scope, "method": im.method, "curvature": im.curvature,
-                                    "regularization": im.regularization, "batch_size": im.batch_size},
-                            {k: v.cpu() for k, v in state.items()}, replace(scorer, im=None, factors=cpu_factors))
+    cpu_factors = replace(
+        factors,
+        factors={k: v.cpu() for k, v in factors.factors.items()},
+        scales=None if factors.scales is None else {k: v.cpu() for k, v in factors.scales.items()},
+    )
+    payload = WorkerPayload(
+        model,
+        {
+            "scope": im.scope,
+            "method": im.method,
+            "curvature": im.curvature,
+            "regularization": im.regularization,
+            "batch_size": im.batch_size,
+        },
+        {k: v.cpu() for k, v in state.items()},
+        replace(scorer, im=None, factors=cpu_factors),
+    )
     with connect(spec) as client:
         log.info("scoring %d blocks on %s", len(blocks), spec.describe())
         shipped = client.scatter(payload, broadcast=True)
-        futures = [client.submit(_score_block, shipped, paths, a, b, retries=spec.retries, pure=False)
-                   for a, b in blocks]
+        futures = [
+            client.submit(_score_block, shipped, paths, a, b, retries=spec.retries, pure=False) for a, b in blocks
+        ]
         for future in as_completed(futures):
             yield future.result()
     im.model.to(im.device_)
-

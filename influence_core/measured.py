@@ -44,8 +44,11 @@ class MethodMeasurement:
         """One line for the app, e.g. ``LDS 0.21 ± 0.02 (50 retrained models, goldfish vs lemon …)``."""
         parts = [f"LDS {self.lds:.2f} ± {self.lds_se:.2f} ({self.n_models} retrained models; {self.workload})"]
         if self.slope is not None:
-            parts.append(f"magnitudes ×{1 / self.slope:.3g} the measured loss changes" if self.slope > 0
-                         else "predicted loss changes have the wrong sign on average")
+            parts.append(
+                f"magnitudes ×{1 / self.slope:.3g} the measured loss changes"
+                if self.slope > 0
+                else "predicted loss changes have the wrong sign on average"
+            )
         if self.cost_x_floor is not None:
             parts.append(f"{self.cost_x_floor:.3g}× a forward+backward pass")
         if self.fidelity:
@@ -62,9 +65,18 @@ def load_measured(path: str | Path | None = None) -> dict[tuple[str, str], Metho
     out = {}
     for key, m in data["methods"].items():
         method, _, scope = key.partition("/")
-        out[(method, scope)] = MethodMeasurement(method, scope, m["job"], m["lds"], m["lds_se"], data["workload"],
-                                                 data["n_models"], m.get("slope"), m.get("cost_x_floor"),
-                                                 m.get("fidelity"))
+        out[(method, scope)] = MethodMeasurement(
+            method,
+            scope,
+            m["job"],
+            m["lds"],
+            m["lds_se"],
+            data["workload"],
+            data["n_models"],
+            m.get("slope"),
+            m.get("cost_x_floor"),
+            m.get("fidelity"),
+        )
     return out
 
 

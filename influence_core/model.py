@@ -29,9 +29,10 @@ def find_pretrained_weights(path: str | Path | None = None) -> Path | None:
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise InfluenceLensError(f"Pretrained weights file {p} does not exist.",
-                                     "give the path of a ResNet18 state_dict (.pth), or leave it empty to train "
-                                     "from scratch")
+            raise InfluenceLensError(
+                f"Pretrained weights file {p} does not exist.",
+                "give the path of a ResNet18 state_dict (.pth), or leave it empty to train from scratch",
+            )
         return p
     cached = hub_weights_path()
     return cached if cached.is_file() else None
@@ -52,7 +53,8 @@ def fetch_imagenet_weights() -> Path:
             raise InfluenceLensError(
                 f"Cannot download the ImageNet ResNet18 weights from {IMAGENET_WEIGHTS.url}: "
                 f"{getattr(e, 'reason', None) or e}.",
-                f"fetch that file elsewhere and pass it with --weights PATH, or copy it to {cached}") from e
+                f"fetch that file elsewhere and pass it with --weights PATH, or copy it to {cached}",
+            ) from e
     return cached
 
 
@@ -86,9 +88,11 @@ def build_resnet18(num_classes: int, pretrained: str | Path | None | bool = None
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
-        raise InfluenceLensError(f"{source} is not a torchvision ResNet18 state_dict "
-                                 f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}).",
-                                 "use torchvision's resnet18 ImageNet weights file")
+        raise InfluenceLensError(
+            f"{source} is not a torchvision ResNet18 state_dict "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}).",
+            "use torchvision's resnet18 ImageNet weights file",
+        )
     return model, "pretrained"
 
 
@@ -97,13 +101,16 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-torch files
-        raise InfluenceLensError(f"Cannot read checkpoint {path}: {type(e).__name__}: {e}",
-                                 "give a state_dict saved with torch.save(model.state_dict(), path)") from e
+        raise InfluenceLensError(
+            f"Cannot read checkpoint {path}: {type(e).__name__}: {e}",
+            "give a state_dict saved with torch.save(model.state_dict(), path)",
+        ) from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InfluenceLensError(f"{path} does not hold a state_dict of tensors.",
-                                 "save it with torch.save(model.state_dict(), path)")
+        raise InfluenceLensError(
+            f"{path} does not hold a state_dict of tensors.", "save it with torch.save(model.state_dict(), path)"
+        )
     return state
 
 
@@ -113,15 +120,25 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
-        detail = "; ".join(filter(None, [
-            f"missing {missing[:3]}" if missing else "",
-            f"unexpected {unexpected[:3]}" if unexpected else "",
-            f"shape {wrong[:3]}" if wrong else ""]))
-        raise InfluenceLensError(f"Checkpoint {path} does not match a ResNet18 with {own['fc.weight'].shape[0]} "
-                                 f"classes: {detail}.",
-                                 "use a checkpoint trained on the same classes, or retrain with --retrain")
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    f"missing {missing[:3]}" if missing else "",
+                    f"unexpected {unexpected[:3]}" if unexpected else "",
+                    f"shape {wrong[:3]}" if wrong else "",
+                ],
+            )
+        )
+        raise InfluenceLensError(
+            f"Checkpoint {path} does not match a ResNet18 with {own['fc.weight'].shape[0]} classes: {detail}.",
+            "use a checkpoint trained on the same classes, or retrain with --retrain",
+        )
     model.load_state_dict(state)
     return model

@@ -189,8 +189,18 @@ class RunPaths:
     def training_outputs(self) -> tuple[Path, ...]:
         """What a training writes; everything else in the folder (the review store, the user's own files) is
         carried over to a new training of the same folder."""
-        return (self.config, self.samples, self.corruption, self.history, self.dynamics, self.predictions,
-                self.metrics, self.checkpoints, self.influence, self.train_key)
+        return (
+            self.config,
+            self.samples,
+            self.corruption,
+            self.history,
+            self.dynamics,
+            self.predictions,
+            self.metrics,
+            self.checkpoints,
+            self.influence,
+            self.train_key,
+        )
 
     def _sibling(self, suffix: str) -> Path:
         """``.<name>.<suffix>`` in the parent folder (the name of the absolute path, so ``.`` works too)."""

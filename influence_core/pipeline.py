@@ -74,13 +74,19 @@ class InfluenceSettings:
         """Checks every choice and stores it typed (text such as ``"layer4.1.conv2,fc"`` or ``"rel:0.1"`` is read
         here); an absolute λ is kept as a plain float so the cache key of the defaults stays what it was."""
         if self.method not in METHODS:
-            raise InfluenceLensError(f"Unknown influence method {self.method!r}.",
-                                     f"use one of {', '.join(METHOD_CHOICES)}")
-        damping = Damping.parse(self.regularization) if isinstance(self.regularization, str) else \
-            Damping.of(self.regularization)
+            raise InfluenceLensError(
+                f"Unknown influence method {self.method!r}.", f"use one of {', '.join(METHOD_CHOICES)}"
+            )
+        damping = (
+            Damping.parse(self.regularization)
+            if isinstance(self.regularization, str)
+            else Damping.of(self.regularization)
+        )
         if not math.isfinite(damping.value):  # Damping refuses λ ≤ 0 and NaN; an infinite λ gives all-zero influences
-            raise InfluenceLensError(f"Regularization λ must be positive and finite, not {damping.value}.",
-                                     "use e.g. 1e-3 (absolute) or rel:0.1 (relative to the curvature)")
+            raise InfluenceLensError(
+                f"Regularization λ must be positive and finite, not {damping.value}.",
+                "use e.g. 1e-3 (absolute) or rel:0.1 (relative to the curvature)",
+            )
         object.__setattr__(self, "regularization", damping if damping.relative_to_mean else damping.value)
         object.__setattr__(self, "scope", parse_scope(self.scope))
         object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
@@ -88,13 +94,21 @@ class InfluenceSettings:
 
     def influence_model(self, model, device: str = "auto", progress: Progress | None = None) -> InfluenceModel:
         """The (unfitted) engine for these settings."""
-        return InfluenceModel(model, method=Method.named(self.method), scope=self.scope,
-                              regularization=self.regularization, curvature=self.curvature, device=device,
-                              progress=progress)
+        return InfluenceModel(
+            model,
+            method=Method.named(self.method),
+            scope=self.scope,
+            regularization=self.regularization,
+            curvature=self.curvature,
+            device=device,
+            progress=progress,
+        )
 
     def describe(self) -> str:
-        return (f"{self.method}, scope {scope_text(self.scope)}, λ={Damping.of(self.regularization)}, "
-                f"{self.curvature.value}")
+        return (
+            f"{self.method}, scope {scope_text(self.scope)}, λ={Damping.of(self.regularization)}, "
+            f"{self.curvature.value}"
+        )
 
     def accuracy_note(self) -> str:
         """How exact these settings are, with the error measured by ``benchmarks/run.py`` (see RESULTS.md)."""
@@ -107,15 +121,15 @@ HEAD_ACCURACY = {
     "direct": "Exact on the last layer (matches a brute-force curvature to 2e-6).",
     "cg": "Exact up to the solver's tolerance on the last layer (relative error 5e-5 against direct).",
     "arnoldi": "Approximate: a low-rank inverse (20 directions by default). Measured on the last layer of "
-               "goldfish/lemon: keeping 100 of its 1,026 directions gave relative error 0.19 against direct "
-               "(Pearson 0.98); 20 directions gave Pearson 0.17.",
+    "goldfish/lemon: keeping 100 of its 1,026 directions gave relative error 0.19 against direct "
+    "(Pearson 0.98); 20 directions gave Pearson 0.17.",
     "lissa": "Approximate at small λ: the series converges at a rate of about λ/scale per step. Measured on the "
-             "last layer of goldfish/lemon at λ = 1e-3 after 300 steps: relative error 0.58 against direct "
-             "(Pearson 0.82).",
+    "last layer of goldfish/lemon at λ = 1e-3 after 300 steps: relative error 0.58 against direct "
+    "(Pearson 0.82).",
     "kfac": "Approximate (Kronecker-factored curvature). Measured on the last layer of goldfish/lemon: relative "
-            "error 2.1 against direct (Pearson 0.85); self-influence Pearson 0.9996.",
+    "error 2.1 against direct (Pearson 0.85); self-influence Pearson 0.9996.",
     "ekfac": "Approximate (Kronecker factors with fitted eigenvalues). Measured on the last layer of "
-             "goldfish/lemon: relative error 1.6 against direct (Pearson 0.86); self-influence Pearson 0.9996.",
+    "goldfish/lemon: relative error 1.6 against direct (Pearson 0.86); self-influence Pearson 0.9996.",
 }
 """Per method, on the ``head`` scope: measured on goldfish vs lemon (880 / 110 images, ResNet18 from scratch)."""
 WHOLE_NETWORK_ACCURACY = (
@@ -123,7 +137,8 @@ WHOLE_NETWORK_ACCURACY = (
     "network trained from scratch is not. Measured on goldfish/lemon by retraining the whole network without the "
     "20 points EK-FAC ranked most helpful, most harmful, or random (3 test images): Pearson 0.91 between "
     "predicted and measured test-loss changes, but the predictions about 100 times too large and the sign right "
-    "in 6 of 9 cases. EK-FAC on 880 images takes about 2.6 min on 2 CPU cores and about 3 s on a GPU.")
+    "in 6 of 9 cases. EK-FAC on 880 images takes about 2.6 min on 2 CPU cores and about 3 s on a GPU."
+)
 
 
 DEFAULT_SETTINGS = InfluenceSettings()
@@ -212,8 +227,14 @@ class InfluenceResult:
 def cache_key(run: Run, settings: InfluenceSettings) -> str:
     ckpts = run.checkpoint_paths() if settings.checkpoints else run.checkpoint_paths()[-1:]
     samples = run.samples[run.samples["split"].isin(["train", "test"])]
-    return stable_hash(CACHE_VERSION, [file_hash(p) for p in ckpts], samples["id"].tolist(),
-                       samples["label"].to_numpy(), samples["split"].tolist(), dataclasses.asdict(settings))
+    return stable_hash(
+        CACHE_VERSION,
+        [file_hash(p) for p in ckpts],
+        samples["id"].tolist(),
+        samples["label"].to_numpy(),
+        samples["split"].tolist(),
+        dataclasses.asdict(settings),
+    )
 
 
 def load_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS) -> InfluenceResult | None:
@@ -231,9 +252,15 @@ def cached_results(run: Run) -> list[InfluenceResult]:
     return sorted(entries, key=lambda r: r.meta.get("created", 0), reverse=True)
 
 
-def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, device: str = "auto",
-                      progress: Progress | None = None, recompute: bool = False, wait: bool = True,
-                      cluster: ClusterSpec | None = None) -> InfluenceResult:
+def compute_influence(
+    run: Run,
+    settings: InfluenceSettings = DEFAULT_SETTINGS,
+    device: str = "auto",
+    progress: Progress | None = None,
+    recompute: bool = False,
+    wait: bool = True,
+    cluster: ClusterSpec | None = None,
+) -> InfluenceResult:
     """Compute (or fetch) the influence matrix, its summaries, self-influence and checkpoint self-influence.
 
     Computes under the run directory's lock (``wait=False``: fail at once if another process holds it); status
@@ -265,8 +292,11 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
             timings[f"fit_{tag}"] = time.perf_counter() - t
             t = time.perf_counter()
             if not is_final:
-                checkpoint_si.append(np.concatenate([im.self_influence(x_train[a:b], y_train[a:b])
-                                                     for a, b in column_blocks(len(y_train))]))
+                checkpoint_si.append(
+                    np.concatenate(
+                        [im.self_influence(x_train[a:b], y_train[a:b]) for a, b in column_blocks(len(y_train))]
+                    )
+                )
                 timings[f"self_influence_{tag}"] = time.perf_counter() - t
                 continue
             factors = im.test_factors(x_test, y_test)
@@ -292,11 +322,20 @@ def compute_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS, 
             atomic_torch_save(tmp.curvature, im.state_dict())
         np.save(tmp.checkpoint_self_influence, np.stack(checkpoint_si).astype(np.float32))
         timings["total"] = float(sum(timings.values()))
-        atomic_write_json(tmp.meta, {
-            "settings": dataclasses.asdict(settings), "checkpoints": [p.name for p in ckpts],
-            "n_train": len(y_train), "n_test": len(y_test), "timings_s": timings, "created": time.time(),
-            "device": str(im.device_), "workers": cluster.describe() if cluster else None,
-            "matrix": {"dtype": "float32", "format": "zarr", "column_block": COLUMN_BLOCK, "top_k": TOP_K}})
+        atomic_write_json(
+            tmp.meta,
+            {
+                "settings": dataclasses.asdict(settings),
+                "checkpoints": [p.name for p in ckpts],
+                "n_train": len(y_train),
+                "n_test": len(y_test),
+                "timings_s": timings,
+                "created": time.time(),
+                "device": str(im.device_),
+                "workers": cluster.describe() if cluster else None,
+                "matrix": {"dtype": "float32", "format": "zarr", "column_block": COLUMN_BLOCK, "top_k": TOP_K},
+            },
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp.root, final)
     log.info("influence computed in %.1f s", timings["total"])
@@ -345,8 +384,9 @@ class BlockScorer:
         return summarise_block(block, start, self.test_labels, self.n_classes, self.im.self_influence(x, y))
 
 
-def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, train_positions: list[int],
-                  device: str = "auto") -> np.ndarray:
+def saliency_maps(
+    run: Run, settings: InfluenceSettings, test_position: int, train_positions: list[int], device: str = "auto"
+) -> np.ndarray:
     """Perturbation influence of the chosen training images on one test image: (k, S, S) float32.
 
     Uses the cached curvature of ``settings`` (computing the influence entry first if needed); cg and lissa,
@@ -364,5 +404,6 @@ def saliency_maps(run: Run, settings: InfluenceSettings, test_position: int, tra
     else:  # iterative methods (cg, lissa) keep no fitted state: they solve against the data again
         im.fit(x_train, y_train)
     idx = torch.as_tensor(list(train_positions), dtype=torch.long)
-    return im.saliency(x_test[test_position:test_position + 1], y_test[test_position:test_position + 1],
-                       x_train[idx], y_train[idx])
+    return im.saliency(
+        x_test[test_position : test_position + 1], y_test[test_position : test_position + 1], x_train[idx], y_train[idx]
+    )

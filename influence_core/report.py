@@ -39,8 +39,7 @@ def run_report(run: Run) -> dict:
     result = load_influence(run, DEFAULT_SETTINGS) or next(iter(cached_results(run)), None)
     if result is None:
         return report
-    report["influence"] = {"path": str(result.path), **result.meta["settings"],
-                           "best_signal": result.best_signal}
+    report["influence"] = {"path": str(result.path), **result.meta["settings"], "best_signal": result.best_signal}
     report["timings_s"].update({f"influence_{k}": v for k, v in result.meta["timings_s"].items()})
     report["influence_vs_epoch"] = result.meta["timings_s"]["total"] / m["epoch_seconds"]
     if flipped.any():

@@ -38,10 +38,16 @@ def create_matrix(paths: InfluencePaths, n_test: int, n_train: int):
     """An empty ``(n_test, n_train)`` float32 zarr array at ``paths.influences``, sharded by column blocks."""
     import zarr
 
-    return zarr.create_array(store=str(paths.influences), shape=(n_test, n_train), dtype="float32",
-                             chunks=(ROW_CHUNK, COLUMN_BLOCK), shards=(-(-max(n_test, 1) // ROW_CHUNK) * ROW_CHUNK,
-                                                                       COLUMN_BLOCK), compressors=None, fill_value=0.0,
-                             overwrite=True)
+    return zarr.create_array(
+        store=str(paths.influences),
+        shape=(n_test, n_train),
+        dtype="float32",
+        chunks=(ROW_CHUNK, COLUMN_BLOCK),
+        shards=(-(-max(n_test, 1) // ROW_CHUNK) * ROW_CHUNK, COLUMN_BLOCK),
+        compressors=None,
+        fill_value=0.0,
+        overwrite=True,
+    )
 
 
 def open_matrix(paths: InfluencePaths, mode: str = "r"):
@@ -82,12 +88,12 @@ def _top(values: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray,
     part = np.argpartition(-values, k - 1, axis=1)[:, :k]
     top = np.take_along_axis(values, part, 1)
     order = np.argsort(-top, axis=1, kind="stable")
-    return (np.take_along_axis(np.take_along_axis(positions, part, 1), order, 1),
-            np.take_along_axis(top, order, 1))
+    return (np.take_along_axis(np.take_along_axis(positions, part, 1), order, 1), np.take_along_axis(top, order, 1))
 
 
-def summarise_block(block: np.ndarray, start: int, test_labels: np.ndarray, n_classes: int,
-                    self_influence: np.ndarray, k: int = TOP_K) -> BlockSummary:
+def summarise_block(
+    block: np.ndarray, start: int, test_labels: np.ndarray, n_classes: int, self_influence: np.ndarray, k: int = TOP_K
+) -> BlockSummary:
     """Summaries of ``block = I[:, start:start + b]`` ``(n_test, b)`` float32 (see :class:`BlockSummary`)."""
     n_test, b = block.shape
     positions = np.broadcast_to(np.arange(start, start + b, dtype=np.int64), block.shape)
@@ -99,8 +105,16 @@ def summarise_block(block: np.ndarray, start: int, test_labels: np.ndarray, n_cl
     sums[present] = np.add.reduceat(block[order], starts, axis=0, dtype=np.float64)
     counts = np.bincount(test_labels, minlength=n_classes).astype(np.float64)
     label_mean = np.divide(sums, counts[:, None], out=np.zeros_like(sums), where=counts[:, None] > 0)
-    return BlockSummary(start, start + b, *helpful, harmful_pos, -harmful_neg,
-                        block.mean(axis=0, dtype=np.float64), label_mean, np.asarray(self_influence, np.float32))
+    return BlockSummary(
+        start,
+        start + b,
+        *helpful,
+        harmful_pos,
+        -harmful_neg,
+        block.mean(axis=0, dtype=np.float64),
+        label_mean,
+        np.asarray(self_influence, np.float32),
+    )
 
 
 class SummaryBuilder:
@@ -116,14 +130,16 @@ class SummaryBuilder:
         self.self_influence = np.full(n_train, np.nan, np.float32)
 
     def add(self, s: BlockSummary) -> None:
-        self.helpful = _top(np.hstack([self.helpful[1], s.helpful_values]),
-                            np.hstack([self.helpful[0], s.helpful_positions]), self.k)
-        neg_pos, neg_val = _top(np.hstack([-self.harmful[1], -s.harmful_values]),
-                                np.hstack([self.harmful[0], s.harmful_positions]), self.k)
+        self.helpful = _top(
+            np.hstack([self.helpful[1], s.helpful_values]), np.hstack([self.helpful[0], s.helpful_positions]), self.k
+        )
+        neg_pos, neg_val = _top(
+            np.hstack([-self.harmful[1], -s.harmful_values]), np.hstack([self.harmful[0], s.harmful_positions]), self.k
+        )
         self.harmful = (neg_pos, -neg_val)
-        self.column_mean[s.start:s.stop] = s.column_mean
-        self.label_mean[:, s.start:s.stop] = s.label_mean
-        self.self_influence[s.start:s.stop] = s.self_influence
+        self.column_mean[s.start : s.stop] = s.column_mean
+        self.label_mean[:, s.start : s.stop] = s.label_mean
+        self.self_influence[s.start : s.stop] = s.self_influence
 
     def write(self, paths: InfluencePaths) -> None:
         """Write the merged summaries (every block must have been added)."""
@@ -139,26 +155,29 @@ class SummaryBuilder:
         np.save(paths.self_influence, self.self_influence)
 
 
-def write_histograms(paths: InfluencePaths, train_labels: np.ndarray, n_classes: int,
-                     bins: int = HISTOGRAM_BINS) -> None:
+def write_histograms(
+    paths: InfluencePaths, train_labels: np.ndarray, n_classes: int, bins: int = HISTOGRAM_BINS
+) -> None:
     """Per test row: ``bins`` equal bins from the row's minimum to its maximum (``histogram_edges`` ``(n_test,
     2)`` float32 lo/hi) and counts per training label (``histogram_counts`` ``(n_test, n_classes, bins)`` int32),
     in one pass over row chunks of the written matrix (memory: ``ROW_CHUNK × n_train`` float32 at a time)."""
     matrix = open_matrix(paths)
     n_test, _ = matrix.shape
     edges = np.lib.format.open_memmap(paths.histogram_edges, mode="w+", dtype=np.float32, shape=(n_test, 2))
-    counts = np.lib.format.open_memmap(paths.histogram_counts, mode="w+", dtype=np.int32,
-                                       shape=(n_test, n_classes, bins))
+    counts = np.lib.format.open_memmap(
+        paths.histogram_counts, mode="w+", dtype=np.int32, shape=(n_test, n_classes, bins)
+    )
     label_offset = train_labels.astype(np.int64) * bins
     for start in range(0, n_test, ROW_CHUNK):
-        rows = np.asarray(matrix[start:start + ROW_CHUNK], dtype=np.float32)
+        rows = np.asarray(matrix[start : start + ROW_CHUNK], dtype=np.float32)
         lo, hi = rows.min(axis=1), rows.max(axis=1)
         width = np.where(hi > lo, hi - lo, 1.0)
         index = np.clip(((rows - lo[:, None]) / width[:, None] * bins).astype(np.int64), 0, bins - 1)
         for r in range(len(rows)):
             counts[start + r] = np.bincount(label_offset + index[r], minlength=n_classes * bins).reshape(
-                n_classes, bins)
-        edges[start:start + len(rows)] = np.stack([lo, hi], axis=1)
+                n_classes, bins
+            )
+        edges[start : start + len(rows)] = np.stack([lo, hi], axis=1)
     counts.flush()
     edges.flush()
 
@@ -184,13 +203,17 @@ class InfluenceStore:
     def top_helpful(self, test: int, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most helpful training points for ``test``: positions ``(k,)`` int64, values ``(k,)``
         float32, most helpful first."""
-        return (np.asarray(self._npy(self.paths.top_helpful_positions)[test, :k], np.int64),
-                np.asarray(self._npy(self.paths.top_helpful_values)[test, :k], np.float32))
+        return (
+            np.asarray(self._npy(self.paths.top_helpful_positions)[test, :k], np.int64),
+            np.asarray(self._npy(self.paths.top_helpful_values)[test, :k], np.float32),
+        )
 
     def top_harmful(self, test: int, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most harmful training points for ``test`` (most negative influence first)."""
-        return (np.asarray(self._npy(self.paths.top_harmful_positions)[test, :k], np.int64),
-                np.asarray(self._npy(self.paths.top_harmful_values)[test, :k], np.float32))
+        return (
+            np.asarray(self._npy(self.paths.top_harmful_positions)[test, :k], np.int64),
+            np.asarray(self._npy(self.paths.top_harmful_values)[test, :k], np.float32),
+        )
 
     def histogram(self, test: int) -> tuple[np.ndarray, np.ndarray]:
         """Edges ``(bins + 1,)`` float64 shared by all labels and counts ``(n_classes, bins)`` int64 of the

@@ -44,8 +44,9 @@ class Run:
         self.key = self.paths.train_key.read_text().strip()
         """The training key the run was opened with (see :meth:`require_unchanged`)."""
         if not self.paths.final_checkpoint.is_file():
-            raise InfluenceLensError(f"The run's final checkpoint {self.paths.final_checkpoint} is missing.",
-                                     RETRAIN_FIX)
+            raise InfluenceLensError(
+                f"The run's final checkpoint {self.paths.final_checkpoint} is missing.", RETRAIN_FIX
+            )
         self._check_arrays_match_samples()
 
     def require_unchanged(self) -> None:
@@ -55,24 +56,30 @@ class Run:
         except OSError:
             current = None
         if current != self.key:
-            raise InfluenceLensError(f"{self.path} was retrained by another process after it was opened here.",
-                                     "open the run again")
+            raise InfluenceLensError(
+                f"{self.path} was retrained by another process after it was opened here.", "open the run again"
+            )
 
     def _check_arrays_match_samples(self) -> None:
         counts = self.samples["split"].value_counts()
         expected: dict[str, tuple[int | None, ...]] = {
-            f"{self.paths.predictions.name}:probs_{s}": (int(counts.get(s, 0)), self.n_classes) for s in SPLITS}
+            f"{self.paths.predictions.name}:probs_{s}": (int(counts.get(s, 0)), self.n_classes) for s in SPLITS
+        }
         expected |= {f"{self.paths.dynamics.name}:{k}": (None, int(counts.get("train", 0))) for k in ("loss", "margin")}
         shapes = _npz_shapes(self.paths.predictions) | _npz_shapes(self.paths.dynamics)
         for name, want in expected.items():
             have = shapes.get(name)
-            matches = have is not None and len(have) == len(want) and all(
-                w in (None, h) for w, h in zip(want, have, strict=True))
+            matches = (
+                have is not None
+                and len(have) == len(want)
+                and all(w in (None, h) for w, h in zip(want, have, strict=True))
+            )
             if not matches:
                 raise InfluenceLensError(
                     f"The rows of {self.paths.samples} no longer match the run's arrays ({name} has shape {have}, "
                     f"{self.paths.samples.name} implies {tuple('any' if w is None else w for w in want)}).",
-                    f"restore {self.paths.samples.name} or {RETRAIN_FIX}")
+                    f"restore {self.paths.samples.name} or {RETRAIN_FIX}",
+                )
 
     # --- metadata --------------------------------------------------------------------------------------
     @cached_property
@@ -169,7 +176,8 @@ class Run:
         except InfluenceLensError as e:
             raise InfluenceLensError(
                 f"The run's dataset {cfg['dataset']!r} cannot be opened here: {e.problem}",
-                "copy the data to the same path, or reopen the run where it was computed") from e
+                "copy the data to the same path, or reopen the run where it was computed",
+            ) from e
 
     @cached_property
     def _positions(self) -> np.ndarray:
@@ -177,8 +185,10 @@ class Run:
         pos = {i: k for k, i in enumerate(self.dataset.ids)}
         missing = [i for i in self.samples["id"] if i not in pos]
         if missing:
-            raise InfluenceLensError(f"{len(missing)} sample(s) of the run are no longer in the dataset, "
-                                     f"e.g. {missing[0]}.", "restore the files or retrain the run")
+            raise InfluenceLensError(
+                f"{len(missing)} sample(s) of the run are no longer in the dataset, e.g. {missing[0]}.",
+                "restore the files or retrain the run",
+            )
         return np.array([pos[i] for i in self.samples["id"]], dtype=np.int64)
 
     def images(self, split: str) -> ImageView:
@@ -223,8 +233,11 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             for member in z.namelist():
                 with z.open(member) as f:
                     version = np.lib.format.read_magic(f)
-                    header = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                              else np.lib.format.read_array_header_2_0(f))
+                    header = (
+                        np.lib.format.read_array_header_1_0(f)
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0(f)
+                    )
                 shapes[f"{path.name}:{member.removesuffix('.npy')}"] = header[0]
             return shapes
     except (OSError, ValueError, zipfile.BadZipFile) as e:

@@ -41,15 +41,19 @@ def run_lock(paths: RunPaths, wait: bool = True) -> Iterator[None]:
         paths.lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise InfluenceLensError(f"Cannot create the lock file beside {paths.root}: {e.strerror}.",
-                                 "choose a run directory in a folder you can write to") from e
+        raise InfluenceLensError(
+            f"Cannot create the lock file beside {paths.root}: {e.strerror}.",
+            "choose a run directory in a folder you can write to",
+        ) from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
-                raise InfluenceLensError(f"Another process is writing {paths.root}.",
-                                         "wait until it has finished, or leave out --no-wait to wait for it") from None
+                raise InfluenceLensError(
+                    f"Another process is writing {paths.root}.",
+                    "wait until it has finished, or leave out --no-wait to wait for it",
+                ) from None
             log.info("waiting for another process that is writing %s…", paths.root)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -88,8 +92,10 @@ def staged_run(paths: RunPaths) -> Iterator[RunPaths]:
         raise InfluenceLensError(f"The run directory {paths.root} is a file.", "choose a folder for --run-dir")
     root, cwd = os.path.abspath(paths.root), os.getcwd()
     if os.path.commonpath([root, cwd]) == root:
-        raise InfluenceLensError(f"The run directory {paths.root} holds the current folder, which the new run "
-                                 "replaces.", "run the command from another folder (e.g. cd ..)")
+        raise InfluenceLensError(
+            f"The run directory {paths.root} holds the current folder, which the new run replaces.",
+            "run the command from another folder (e.g. cd ..)",
+        )
     stage = paths.staging(os.getpid())
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)

@@ -16,10 +16,13 @@ import torch
 
 from .errors import InfluenceLensError
 
-WRITE_ERRNOS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space or raise the quota",
-                errno.EROFS: "choose a folder on a writable disk",
-                errno.EACCES: "choose a folder you may write to, or fix its permissions",
-                errno.EPERM: "choose a folder you may write to, or fix its permissions"}
+WRITE_ERRNOS = {
+    errno.ENOSPC: "free some disk space",
+    errno.EDQUOT: "free some disk space or raise the quota",
+    errno.EROFS: "choose a folder on a writable disk",
+    errno.EACCES: "choose a folder you may write to, or fix its permissions",
+    errno.EPERM: "choose a folder you may write to, or fix its permissions",
+}
 """errno of a failed write → the fix to suggest (full disk, read-only file system, missing permission)."""
 
 
@@ -28,8 +31,9 @@ def write_error(error: OSError, path: str | os.PathLike | None = None) -> Influe
     if error.errno not in WRITE_ERRNOS:
         return None
     target = path or error.filename or "a file"
-    return InfluenceLensError(f"cannot write {target}: {error.strerror or os.strerror(error.errno)}.",
-                              WRITE_ERRNOS[error.errno])
+    return InfluenceLensError(
+        f"cannot write {target}: {error.strerror or os.strerror(error.errno)}.", WRITE_ERRNOS[error.errno]
+    )
 
 
 def check_output_dir(path: str | os.PathLike) -> None:
@@ -39,8 +43,9 @@ def check_output_dir(path: str | os.PathLike) -> None:
         if part.exists():
             if not part.is_dir():
                 where = "is a file" if part == path else f"lies under the file {part}"
-                raise InfluenceLensError(f"The output folder {path} {where}, not a folder.",
-                                         "give a new or existing folder path")
+                raise InfluenceLensError(
+                    f"The output folder {path} {where}, not a folder.", "give a new or existing folder path"
+                )
             return
 
 
@@ -133,8 +138,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InfluenceLensError("--device cuda was asked for, but PyTorch sees no CUDA GPU.",
-                                 "use --device auto or --device cpu")
+        raise InfluenceLensError(
+            "--device cuda was asked for, but PyTorch sees no CUDA GPU.", "use --device auto or --device cpu"
+        )
     if device != "cpu" and not device.startswith("cuda"):
         raise InfluenceLensError(f"Unknown device {device!r}.", "use auto, cpu or cuda")
     return torch.device(device)

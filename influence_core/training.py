@@ -76,57 +76,77 @@ class TrainConfig:
         """The config that trained ``run`` (classes by their keys; corruption scores are not kept)."""
         cfg = run.config
         fields = {f.name for f in dataclasses.fields(cls)} - {"corrupt_scores", "weights"}
-        return cls(**{k: cfg[k] for k in fields if k in cfg} | {
-            "classes": cfg["class_keys"], "split": cfg["split"] if isinstance(cfg["split"], str) else tuple(cfg["split"]),
-            "weights": cfg.get("weights_requested", "auto" if cfg["weights"] == "pretrained" else "scratch")})
+        return cls(
+            **{k: cfg[k] for k in fields if k in cfg}
+            | {
+                "classes": cfg["class_keys"],
+                "split": cfg["split"] if isinstance(cfg["split"], str) else tuple(cfg["split"]),
+                "weights": cfg.get("weights_requested", "auto" if cfg["weights"] == "pretrained" else "scratch"),
+            }
+        )
 
     def check(self) -> None:
         """Refuse settings that would fail late or train silently wrong, before any data is read."""
         if self.train_layers not in ("head", "all"):
-            raise InfluenceLensError(f"train_layers must be 'head' or 'all', not {self.train_layers!r}.",
-                                     "use head (frozen backbone) or all (full network)")
+            raise InfluenceLensError(
+                f"train_layers must be 'head' or 'all', not {self.train_layers!r}.",
+                "use head (frozen backbone) or all (full network)",
+            )
         if self.epochs < 1:
             raise InfluenceLensError(f"epochs must be at least 1, not {self.epochs}.", "for example 10")
         if self.batch_size < 2:
-            raise InfluenceLensError(f"batch_size must be at least 2 (BatchNorm needs two images), not "
-                                     f"{self.batch_size}.", "for example 64")
+            raise InfluenceLensError(
+                f"batch_size must be at least 2 (BatchNorm needs two images), not {self.batch_size}.", "for example 64"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InfluenceLensError(f"The learning rate must be a positive number, not {self.lr}.",
-                                     "for example 1e-3")
+            raise InfluenceLensError(f"The learning rate must be a positive number, not {self.lr}.", "for example 1e-3")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise InfluenceLensError(f"weight_decay must be a number ≥ 0, not {self.weight_decay}.",
-                                     "for example 1e-4, or 0 for none")
+            raise InfluenceLensError(
+                f"weight_decay must be a number ≥ 0, not {self.weight_decay}.", "for example 1e-4, or 0 for none"
+            )
         if self.lr_schedule not in ("cosine", "constant"):
-            raise InfluenceLensError(f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}.",
-                                     "use cosine or constant")
+            raise InfluenceLensError(
+                f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}.", "use cosine or constant"
+            )
         if self.n_checkpoints < 0:
-            raise InfluenceLensError(f"The number of kept checkpoints must be ≥ 0, not {self.n_checkpoints}.",
-                                     "for example 4, or 0 to keep only the final model")
+            raise InfluenceLensError(
+                f"The number of kept checkpoints must be ≥ 0, not {self.n_checkpoints}.",
+                "for example 4, or 0 to keep only the final model",
+            )
         if self.seed < 0:
             raise InfluenceLensError(f"The seed must be ≥ 0, not {self.seed}.", "for example 0")
         if self.classes is not None and len(self.classes) < 2:
-            raise InfluenceLensError(f"A classifier needs at least two classes, not {list(self.classes)}.",
-                                     "name two or more classes, or leave them out for all")
+            raise InfluenceLensError(
+                f"A classifier needs at least two classes, not {list(self.classes)}.",
+                "name two or more classes, or leave them out for all",
+            )
         check_image_size(self.image_size)
         check_split(self.split if isinstance(self.split, str) else tuple(self.split), self.downsample)
         self._check_corruption()
         if self.weights not in ("auto", "scratch", IMAGENET) and not Path(self.weights).expanduser().is_file():
-            raise InfluenceLensError(f"Pretrained weights file {self.weights} does not exist.",
-                                     f"use auto, scratch, {IMAGENET} (download once) or the path of a ResNet18 "
-                                     "state_dict (.pth)")
+            raise InfluenceLensError(
+                f"Pretrained weights file {self.weights} does not exist.",
+                f"use auto, scratch, {IMAGENET} (download once) or the path of a ResNet18 state_dict (.pth)",
+            )
 
     def _check_corruption(self) -> None:
         if not 0 <= self.corrupt_fraction < 1:
-            raise InfluenceLensError(f"The share of flipped labels must be in [0, 1), not {self.corrupt_fraction}.",
-                                     "for example 0.1 for 10 %, or 0 for none")
+            raise InfluenceLensError(
+                f"The share of flipped labels must be in [0, 1), not {self.corrupt_fraction}.",
+                "for example 0.1 for 10 %, or 0 for none",
+            )
         if self.corrupt_mode not in ("random", "top-influence"):
             raise InfluenceLensError(f"Unknown corruption mode {self.corrupt_mode!r}.", "use random or top-influence")
         if self.corrupt_mode == "top-influence" and self.corrupt_fraction > 0 and self.corrupt_scores is None:
-            raise InfluenceLensError("top-influence corruption needs influence scores of a clean run.",
-                                     "train a clean run with the same data first and pass it with --scores-from")
+            raise InfluenceLensError(
+                "top-influence corruption needs influence scores of a clean run.",
+                "train a clean run with the same data first and pass it with --scores-from",
+            )
         if self.corrupt_scores is not None and not np.isfinite(np.asarray(self.corrupt_scores, float)).all():
-            raise InfluenceLensError("The clean run's influence scores are not all finite numbers.",
-                                     "recompute its influence (influence-core influence --recompute)")
+            raise InfluenceLensError(
+                "The clean run's influence scores are not all finite numbers.",
+                "recompute its influence (influence-core influence --recompute)",
+            )
 
 
 def checkpoint_epochs(epochs: int, n_checkpoints: int) -> list[int]:
@@ -137,8 +157,14 @@ def checkpoint_epochs(epochs: int, n_checkpoints: int) -> list[int]:
     return [int(e) for e in marks if 0 < e < epochs]
 
 
-def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrain: bool = False,
-          progress: Progress | None = None, wait: bool = True) -> Run:
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    device: str = "auto",
+    retrain: bool = False,
+    progress: Progress | None = None,
+    wait: bool = True,
+) -> Run:
     """Train (or return the cached run) and write ``run_dir``; status lines go to this module's logger.
 
     Holds the run directory's lock while it checks the cache and writes (``wait=False``: fail at once if another
@@ -156,14 +182,20 @@ def train(config: TrainConfig, run_dir: str | Path, device: str = "auto", retrai
             return Run(paths.root)
         dev = resolve_device(device)
         model, weights = _build_model(data)
-        log.info("weights: %s; device: %s", "ImageNet-pretrained (local file)" if weights == "pretrained"
-                 else "from scratch (no local pretrained weights found)", dev)
+        log.info(
+            "weights: %s; device: %s",
+            "ImageNet-pretrained (local file)"
+            if weights == "pretrained"
+            else "from scratch (no local pretrained weights found)",
+            dev,
+        )
         with staged_run(paths) as stage:
             x_train, x_val, x_test = (ModelInputs(data.dataset.images, part) for part in data.parts)
             y_train, y_val = torch.from_numpy(data.y_train).to(dev), torch.from_numpy(data.y_val).to(dev)
             t1 = time.perf_counter()
-            history, dynamics = fit_model(model, data.config, x_train, y_train, x_val, y_val, run_paths=stage,
-                                          progress=progress)
+            history, dynamics = fit_model(
+                model, data.config, x_train, y_train, x_val, y_val, run_paths=stage, progress=progress
+            )
             timings["train"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             probs = {name: _predict(model, x) for name, x in (("train", x_train), ("val", x_val), ("test", x_test))}
@@ -221,8 +253,17 @@ def split_data(ds: ImageSet, config: TrainConfig) -> TrainingData:
 def training_key(data: TrainingData) -> str:
     """Hash of the data ids, labels, split, training labels and resolved settings: equal key = same training."""
     ds, split = data.dataset, data.split
-    return stable_hash("train-v1", ds.spec, ds.ids, ds.labels, split.train, split.val, split.test, data.y_train,
-                       _config_dict(data.config))
+    return stable_hash(
+        "train-v1",
+        ds.spec,
+        ds.ids,
+        ds.labels,
+        split.train,
+        split.val,
+        split.test,
+        data.y_train,
+        _config_dict(data.config),
+    )
 
 
 def holds_training(paths: RunPaths, key: str) -> bool:
@@ -233,16 +274,22 @@ def holds_training(paths: RunPaths, key: str) -> bool:
         config = read_json(paths.config)
     except (OSError, ValueError):
         return False
-    return (stored == key and isinstance(config, dict) and config.get(TRAIN_KEY_FIELD) == key
-            and paths.final_checkpoint.is_file() and paths.samples.is_file())
+    return (
+        stored == key
+        and isinstance(config, dict)
+        and config.get(TRAIN_KEY_FIELD) == key
+        and paths.final_checkpoint.is_file()
+        and paths.samples.is_file()
+    )
 
 
 def _build_model(data: TrainingData) -> tuple[nn.Module, str]:
     """Seeded ResNet18 for the data's classes; weights "pretrained" or "scratch"."""
     config = data.config
     torch.manual_seed(config.seed)
-    model, weights = build_resnet18(data.n_classes, None if config.weights == "auto" else
-                                    (False if config.weights == "scratch" else config.weights))
+    model, weights = build_resnet18(
+        data.n_classes, None if config.weights == "auto" else (False if config.weights == "scratch" else config.weights)
+    )
     if weights == "scratch" and config.train_layers == "head":
         log.warning("warning: training only the head on a randomly initialised backbone gives weak features")
     return model, weights
@@ -265,19 +312,42 @@ def evaluate(data: TrainingData, probs: dict[str, np.ndarray], history: list[dic
     }
 
 
-def write_run(paths: RunPaths, data: TrainingData, key: str, weights: str, history: list[dict],
-              dynamics: dict[str, np.ndarray], probs: dict[str, np.ndarray], metrics: dict) -> None:
+def write_run(
+    paths: RunPaths,
+    data: TrainingData,
+    key: str,
+    weights: str,
+    history: list[dict],
+    dynamics: dict[str, np.ndarray],
+    probs: dict[str, np.ndarray],
+    metrics: dict,
+) -> None:
     """Write every file of a finished training (checkpoints are already there); ``train_key`` last."""
     ds, config = data.dataset, data.config
-    atomic_write_json(paths.config, _config_dict(config) | {
-        "classes": ds.classes, "class_keys": ds.class_keys, "image_size": int(ds.images.shape[1]),
-        "weights": weights, "weights_requested": config.weights, "n_skipped_images": len(ds.skipped),
-        TRAIN_KEY_FIELD: key})
+    atomic_write_json(
+        paths.config,
+        _config_dict(config)
+        | {
+            "classes": ds.classes,
+            "class_keys": ds.class_keys,
+            "image_size": int(ds.images.shape[1]),
+            "weights": weights,
+            "weights_requested": config.weights,
+            "n_skipped_images": len(ds.skipped),
+            TRAIN_KEY_FIELD: key,
+        },
+    )
     _write_samples(paths, data)
     y_train_true = ds.labels[data.split.train]
-    atomic_write_json(paths.corruption, {
-        "mode": config.corrupt_mode, "fraction": config.corrupt_fraction, "seed": config.seed,
-        "flipped": {ds.ids[data.split.train[i]]: int(y_train_true[i]) for i in data.flipped}})
+    atomic_write_json(
+        paths.corruption,
+        {
+            "mode": config.corrupt_mode,
+            "fraction": config.corrupt_fraction,
+            "seed": config.seed,
+            "flipped": {ds.ids[data.split.train[i]]: int(y_train_true[i]) for i in data.flipped},
+        },
+    )
     atomic_save_npz(paths.predictions, **{f"probs_{k}": v for k, v in probs.items()})
     atomic_save_npz(paths.dynamics, **dynamics)
     atomic_write_json(paths.history, history)
@@ -290,8 +360,9 @@ def _corrupt(config: TrainConfig, y_true: np.ndarray, n_classes: int) -> tuple[n
         return y_true.copy(), np.zeros(0, dtype=np.int64)
     if config.corrupt_mode == "random":
         return flip_random(y_true, config.corrupt_fraction, n_classes, config.seed)
-    return flip_top_influence(y_true, np.asarray(config.corrupt_scores), config.corrupt_fraction, n_classes,
-                              config.seed)
+    return flip_top_influence(
+        y_true, np.asarray(config.corrupt_scores), config.corrupt_fraction, n_classes, config.seed
+    )
 
 
 def _config_dict(config: TrainConfig) -> dict:
@@ -309,15 +380,32 @@ def _write_samples(paths: RunPaths, data: TrainingData) -> None:
         is_flipped = np.zeros(len(idx), dtype=bool)
         if name == "train":
             is_flipped[data.flipped] = True
-        parts.append(pd.DataFrame({"id": [ds.ids[i] for i in idx], "split": name, "label": given,
-                                   "true_label": ds.labels[idx], "flipped": is_flipped}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "id": [ds.ids[i] for i in idx],
+                    "split": name,
+                    "label": given,
+                    "true_label": ds.labels[idx],
+                    "flipped": is_flipped,
+                }
+            )
+        )
     atomic_write_bytes(paths.samples, pd.concat(parts).to_csv(index=False).encode())
 
 
-def fit_model(model: nn.Module, config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
-              x_val: torch.Tensor, y_val: torch.Tensor, *, run_paths: RunPaths | None = None,
-              progress: Progress | None = None, exclude: np.ndarray | None = None,
-              ) -> tuple[list[dict], dict[str, np.ndarray]]:
+def fit_model(
+    model: nn.Module,
+    config: TrainConfig,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    *,
+    run_paths: RunPaths | None = None,
+    progress: Progress | None = None,
+    exclude: np.ndarray | None = None,
+) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Train ``model`` in place with ``config``'s recipe on the device of ``y_train``.
 
     ``x_*``: (n, 3, S, S) float32 inputs (tensors or lazy image sources, read batch by batch), ``y_*``: (n,) int64
@@ -338,8 +426,11 @@ def fit_model(model: nn.Module, config: TrainConfig, x_train: torch.Tensor, y_tr
     n = len(x_train)
     n_batches = int(np.ceil(n / config.batch_size))
     # cosine decay to zero over all steps settles the final model (constant Adam steps leave val loss jumpy)
-    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * n_batches)
-                if config.lr_schedule == "cosine" else None)
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * n_batches)
+        if config.lr_schedule == "cosine"
+        else None
+    )
     gen = torch.Generator().manual_seed(config.seed)
     keep = set(checkpoint_epochs(config.epochs, config.n_checkpoints))
     losses = np.zeros((config.epochs, n), np.float32)
@@ -366,8 +457,10 @@ def fit_model(model: nn.Module, config: TrainConfig, x_train: torch.Tensor, y_tr
             loss_each = F.cross_entropy(logits, y, reduction="none")
             loss = loss_each.mean()
             if not torch.isfinite(loss):
-                raise InfluenceLensError(f"Training loss became {loss.item()} at epoch {epoch + 1}.",
-                                         "lower the learning rate (lr) or check the images for extreme values")
+                raise InfluenceLensError(
+                    f"Training loss became {loss.item()} at epoch {epoch + 1}.",
+                    "lower the learning rate (lr) or check the images for extreme values",
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -380,8 +473,14 @@ def fit_model(model: nn.Module, config: TrainConfig, x_train: torch.Tensor, y_tr
                 progress(f"epoch {epoch + 1}/{config.epochs}", b + 1, n_batches)
         model.eval()
         val_loss = float(F.cross_entropy(_logits(model, x_val), y_val)) if len(y_val) else None
-        history.append({"epoch": epoch + 1, "train_loss": float(losses[epoch].mean()), "val_loss": val_loss,
-                        "seconds": time.perf_counter() - t})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": float(losses[epoch].mean()),
+                "val_loss": val_loss,
+                "seconds": time.perf_counter() - t,
+            }
+        )
         if run_paths is not None and epoch + 1 in keep:
             atomic_torch_save(run_paths.epoch_checkpoint(epoch + 1), _cpu_state(model))
     if run_paths is not None:
@@ -400,7 +499,7 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _logits(model, x, batch_size: int = 256) -> torch.Tensor:
     """(n, K) logits on the model's device, in batches of ``x`` (a tensor or a lazy image source)."""
     device = next(model.parameters()).device
-    parts = [model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    parts = [model(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
     return torch.cat(parts) if parts else torch.zeros((0, model.fc.out_features), device=device)
 
 

@@ -16,9 +16,11 @@ from influence_core.pipeline import InfluenceResult, InfluenceSettings
 from pages.ui import charts, runs, state, widgets
 
 st.title("Corruption run")
-st.markdown("Flip a share of the training labels, retrain, recompute influences — then check whether the flipped "
-            "images stand out. The reference notebook claims they have *lower* mean influence on the test set "
-            "than the clean ones; below, that claim is checked on the run's own numbers.")
+st.markdown(
+    "Flip a share of the training labels, retrain, recompute influences — then check whether the flipped "
+    "images stand out. The reference notebook claims they have *lower* mean influence on the test set "
+    "than the clean ones; below, that claim is checked on the run's own numbers."
+)
 
 run = runs.current_run()
 
@@ -27,8 +29,10 @@ run = runs.current_run()
 def detection(result_path: str, _result: InfluenceResult) -> tuple[dict[str, dict], dict[str, pd.DataFrame]]:
     """Per signal: detection metrics and curve of the result at ``result_path``, computed once."""
     flipped = _result.run.flipped()
-    return ({key: detection_metrics(score, flipped) for key, score in _result.signals.items()},
-            {key: detection_curve(score, flipped) for key, score in _result.signals.items()})
+    return (
+        {key: detection_metrics(score, flipped) for key, score in _result.signals.items()},
+        {key: detection_curve(score, flipped) for key, score in _result.signals.items()},
+    )
 
 
 def experiment_work(base: Run, fraction: float, mode: str, settings: InfluenceSettings):
@@ -41,16 +45,23 @@ def experiment_work(base: Run, fraction: float, mode: str, settings: InfluenceSe
 with st.form("experiment"):
     c1, c2 = st.columns(2)
     fraction = c1.slider("Share of training labels to flip", 0.05, 0.4, 0.1, 0.05)
-    mode = c2.radio("Which labels", ["random", "top-influence"], horizontal=True,
-                    format_func={"random": "random images", "top-influence": "the most influential images "
-                                 "(per class, by a clean run's mean test influence)"}.get)
+    mode = c2.radio(
+        "Which labels",
+        ["random", "top-influence"],
+        horizontal=True,
+        format_func={
+            "random": "random images",
+            "top-influence": "the most influential images (per class, by a clean run's mean test influence)",
+        }.get,
+    )
     start = st.form_submit_button("Retrain with flipped labels", type="primary")
 if start:  # a background job of the server: leaving the page does not stop it, coming back shows its progress
     settings = state.settings()
     job = runs.job_registry().submit(
         f"experiment:{run.path}:{fraction}:{mode}:{settings}",
         experiment_work(run, fraction, mode, settings),
-        f"Corruption experiment: {fraction:.0%} of the labels flipped ({mode})")
+        f"Corruption experiment: {fraction:.0%} of the labels flipped ({mode})",
+    )
     st.session_state["lab_job"] = job.key
 experiment = runs.job_registry().get(st.session_state.get("lab_job", ""))
 if experiment is not None:
@@ -84,22 +95,40 @@ table = claim.table
 
 # --- clean vs flipped, by label --------------------------------------------------------------------------
 most_flipped = table.sort_values("n_corrupted", ascending=False, kind="stable")["label"].tolist()
-shown = st.multiselect("Labels in the chart (type to search; default: the ten with the most flips)", run.classes,
-                       default=most_flipped[:10])
-charts.chart(charts.clean_vs_flipped_figure(mean, runs.class_names(run, labels), flipped, shown or most_flipped[:10]),
-             key="box")
-st.markdown("**Mean influence per label** (the reference notebook's table; difference = clean − flipped: positive "
-            "where the flipped images have the lower mean, as the claim says)")
-widgets.paged_table(table, f"{run.path.name}-corruption-table.csv", per_page=20, key="corruption-table",
-                    column_config={c: st.column_config.NumberColumn(format="%.4g") for c in
-                                   ("mean_clean", "mean_corrupted", "difference")})
+shown = st.multiselect(
+    "Labels in the chart (type to search; default: the ten with the most flips)", run.classes, default=most_flipped[:10]
+)
+charts.chart(
+    charts.clean_vs_flipped_figure(mean, runs.class_names(run, labels), flipped, shown or most_flipped[:10]), key="box"
+)
+st.markdown(
+    "**Mean influence per label** (the reference notebook's table; difference = clean − flipped: positive "
+    "where the flipped images have the lower mean, as the claim says)"
+)
+widgets.paged_table(
+    table,
+    f"{run.path.name}-corruption-table.csv",
+    per_page=20,
+    key="corruption-table",
+    column_config={
+        c: st.column_config.NumberColumn(format="%.4g") for c in ("mean_clean", "mean_corrupted", "difference")
+    },
+)
 
 # --- the most harmful images, and how well each signal finds flips ---------------------------------------
 harmful = top_k(mean, 8)[1]
 flags = runs.flags_at(run, harmful)
 st.markdown("**Lowest mean influence on the test set** (the notebook's suspects)")
 st.caption(describe_ranking(flags, True).text)
-widgets.image_grid(runs.images_at(run, "train", harmful),
-                   widgets.training_captions(run, harmful, flags, mean[harmful], "mean influence"), columns=8, size=80)
-charts.chart(charts.detection_figure({f"{SIGNALS[key].label} — AUROC {metrics[key]['auroc']:.2f}": curve
-                                      for key, curve in curves.items()}), key="detection")
+widgets.image_grid(
+    runs.images_at(run, "train", harmful),
+    widgets.training_captions(run, harmful, flags, mean[harmful], "mean influence"),
+    columns=8,
+    size=80,
+)
+charts.chart(
+    charts.detection_figure(
+        {f"{SIGNALS[key].label} — AUROC {metrics[key]['auroc']:.2f}": curve for key, curve in curves.items()}
+    ),
+    key="detection",
+)

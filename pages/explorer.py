@@ -10,8 +10,10 @@ from pages.ui import charts, runs, widgets
 PER_PAGE = 24
 
 st.title("Test image explorer")
-st.caption("Influence of a training image on a test image: positive = it helped the model get the test image "
-           "right (removing it would raise the test loss), negative = it pushed the prediction the wrong way.")
+st.caption(
+    "Influence of a training image on a test image: positive = it helped the model get the test image "
+    "right (removing it would raise the test loss), negative = it pushed the prediction the wrong way."
+)
 
 run = runs.current_run()
 result = runs.influence(run)
@@ -25,22 +27,37 @@ picker_open = st.session_state.setdefault("explorer_picker_open", "test" not in 
 with st.expander("Pick a test image", expanded=picker_open):
     c1, c2 = st.columns([2, 1])
     show = c1.segmented_control("Show", ["all", "misclassified", "one class"], default="misclassified")
-    chosen_class = c2.selectbox("Class (type to search)", range(run.n_classes), format_func=run.classes.__getitem__,
-                                disabled=show != "one class")
-    mask = {"all": np.ones(len(test_true), bool), "misclassified": test_true != test_pred,
-            "one class": test_true == chosen_class}[show or "all"]
+    chosen_class = c2.selectbox(
+        "Class (type to search)",
+        range(run.n_classes),
+        format_func=run.classes.__getitem__,
+        disabled=show != "one class",
+    )
+    mask = {
+        "all": np.ones(len(test_true), bool),
+        "misclassified": test_true != test_pred,
+        "one class": test_true == chosen_class,
+    }[show or "all"]
     candidates = np.flatnonzero(mask)
     if len(candidates) == 0:
         st.info("No test image matches; showing all.")
         candidates = np.arange(len(test_true))
     n_pages = pages(len(candidates), PER_PAGE)
     page = st.number_input(f"Page (of {n_pages})", 1, n_pages, 1) if n_pages > 1 else 1
-    shown = candidates[(page - 1) * PER_PAGE:page * PER_PAGE]
-    captions = [f"✓ {run.classes[t]}" if t == p else f"✗ {run.classes[t]}, predicted {run.classes[p]}"
-                for t, p in zip(test_true[shown], test_pred[shown], strict=True)]
-    clicked = widgets.image_grid(runs.images_at(run, "test", shown), captions, columns=8, size=80,
-                                 button="Inspect", key="test-grid",
-                                 selected=widgets.index_of(shown, st.session_state.get("test")))
+    shown = candidates[(page - 1) * PER_PAGE : page * PER_PAGE]
+    captions = [
+        f"✓ {run.classes[t]}" if t == p else f"✗ {run.classes[t]}, predicted {run.classes[p]}"
+        for t, p in zip(test_true[shown], test_pred[shown], strict=True)
+    ]
+    clicked = widgets.image_grid(
+        runs.images_at(run, "test", shown),
+        captions,
+        columns=8,
+        size=80,
+        button="Inspect",
+        key="test-grid",
+        selected=widgets.index_of(shown, st.session_state.get("test")),
+    )
     if clicked is not None:
         st.session_state["test"] = int(shown[clicked])
         st.session_state.pop("train_pick", None)
@@ -59,16 +76,26 @@ left, right = st.columns([1, 3])
 with left:
     st.image(widgets.enlarge(runs.images_at(run, "test", [test])[0], 220))
     st.markdown(f"**Test image #{test}** · `{run.ids('test')[test]}`")
-    st.markdown(f"True label **{run.classes[true_label]}**, predicted **{run.classes[predicted_label]}** "
-                f"({probs.max():.0%}) {'✓' if true_label == predicted_label else '✗'}")
+    st.markdown(
+        f"True label **{run.classes[true_label]}**, predicted **{run.classes[predicted_label]}** "
+        f"({probs.max():.0%}) {'✓' if true_label == predicted_label else '✗'}"
+    )
 with right:
-    codes, groups = label_groups(train_labels, run.classes,
-                                 [(true_label, "this test image's label"), (predicted_label, "predicted")])
+    codes, groups = label_groups(
+        train_labels, run.classes, [(true_label, "this test image's label"), (predicted_label, "predicted")]
+    )
     hist = grouped_histogram(row, codes, groups)
-    charts.chart(charts.influence_histogram(hist, "Influence of every training image on this test image, "
-                                            "by training label", "influence on this test image"), key="hist")
-    st.caption(" ".join(filter(None, ["Training images grouped by the label they were trained with.",
-                                      hist.outliers_note()])))
+    charts.chart(
+        charts.influence_histogram(
+            hist,
+            "Influence of every training image on this test image, by training label",
+            "influence on this test image",
+        ),
+        key="hist",
+    )
+    st.caption(
+        " ".join(filter(None, ["Training images grouped by the label they were trained with.", hist.outliers_note()]))
+    )
 
 # --- most helpful and most harmful training images --------------------------------------------------------
 c1, c2 = st.columns(2)
@@ -88,8 +115,15 @@ def ranked(title: str, positions: np.ndarray, key: str) -> None:
     st.caption(describe_ranking(flags, bool(flipped.any())).text)
     caps = widgets.training_captions(run, positions, flags, row[positions], "influence")
     pick = st.session_state.get("train_pick")
-    picked = widgets.image_grid(runs.images_at(run, "train", positions), caps, columns=8, size=80,
-                                button="Saliency", key=key, selected=widgets.index_of(positions, pick))
+    picked = widgets.image_grid(
+        runs.images_at(run, "train", positions),
+        caps,
+        columns=8,
+        size=80,
+        button="Saliency",
+        key=key,
+        selected=widgets.index_of(positions, pick),
+    )
     if picked is not None:
         pick = st.session_state["train_pick"] = int(positions[picked])
     if pick is not None and pick in positions:
@@ -101,16 +135,21 @@ def saliency_panel(pick: int, key: str) -> None:
     with st.container(border=True):
         c1, c2 = st.columns([1, 2])
         with c1:
-            st.markdown(f"**Saliency of training image `{train_ids[pick]}`** (trained as "
-                        f"{run.classes[train_labels[pick]]}, influence {widgets.fmt(row[pick])}) on test image "
-                        f"#{test}")
+            st.markdown(
+                f"**Saliency of training image `{train_ids[pick]}`** (trained as "
+                f"{run.classes[train_labels[pick]]}, influence {widgets.fmt(row[pick])}) on test image "
+                f"#{test}"
+            )
             overlay = st.toggle("Overlay on the image", value=True, key=f"{key}-overlay")
-            st.caption("Red pixels: brightening them would make this training image *more* helpful for the test "
-                       "image; blue: less helpful.")
+            st.caption(
+                "Red pixels: brightening them would make this training image *more* helpful for the test "
+                "image; blue: less helpful."
+            )
         with c2, st.spinner("Computing the saliency map…"):
             sal = runs.saliency(run, test, pick)
-            charts.chart(charts.saliency_figure(runs.images_at(run, "train", [pick])[0], sal, overlay),
-                         key=f"{key}-saliency")
+            charts.chart(
+                charts.saliency_figure(runs.images_at(run, "train", [pick])[0], sal, overlay), key=f"{key}-saliency"
+            )
 
 
 ranked("Most helpful training images (support the true label)", helpful, "helpful")

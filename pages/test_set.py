@@ -11,8 +11,10 @@ from pages.ui import charts, runs, widgets
 ALL_LABELS_UP_TO = 10  # with more classes the histogram starts pooled and the user picks labels to split out
 
 st.title("Influence on the whole test set")
-st.caption("Mean influence of a training image over all test images: high = it helps the model in general, "
-           "negative = the test set would be better off without it (a typical sign of a wrong label).")
+st.caption(
+    "Mean influence of a training image over all test images: high = it helps the model in general, "
+    "negative = the test set would be better off without it (a typical sign of a wrong label)."
+)
 
 run = runs.current_run()
 result = runs.influence(run)
@@ -22,13 +24,20 @@ flipped = run.flipped()
 label_of = run.classes.__getitem__
 
 # --- histogram by label -----------------------------------------------------------------------------------
-featured = st.multiselect("Labels shown on their own (type to search; the rest are pooled)", range(run.n_classes),
-                          default=range(run.n_classes) if run.n_classes <= ALL_LABELS_UP_TO else [],
-                          format_func=label_of)
+featured = st.multiselect(
+    "Labels shown on their own (type to search; the rest are pooled)",
+    range(run.n_classes),
+    default=range(run.n_classes) if run.n_classes <= ALL_LABELS_UP_TO else [],
+    format_func=label_of,
+)
 codes, groups = label_groups(labels, run.classes, [(c, "") for c in featured])
 hist = grouped_histogram(mean, codes, groups)
-charts.chart(charts.influence_histogram(hist, "Mean influence over the test set, by training label",
-                                        "mean influence over the test set"), key="mean-hist")
+charts.chart(
+    charts.influence_histogram(
+        hist, "Mean influence over the test set, by training label", "mean influence over the test set"
+    ),
+    key="mean-hist",
+)
 if hist.outliers_note():
     st.caption(hist.outliers_note())
 
@@ -50,17 +59,31 @@ def ranked(title: str, positions: np.ndarray, claim: str, claim_holds) -> None:
     widgets.image_grid(runs.images_at(run, "train", positions), caps, columns=8, size=80)
 
 
-ranked(f"Highest mean influence among images labelled “{label_of(cls)}”", highest, "the clearest examples",
-       lambda note: not note.has_wrong_labels)
-ranked(f"Lowest mean influence among images labelled “{label_of(cls)}”", lowest, "they hurt the test set",
-       lambda note: bool((mean[lowest] < 0).all()))
+ranked(
+    f"Highest mean influence among images labelled “{label_of(cls)}”",
+    highest,
+    "the clearest examples",
+    lambda note: not note.has_wrong_labels,
+)
+ranked(
+    f"Lowest mean influence among images labelled “{label_of(cls)}”",
+    lowest,
+    "they hurt the test set",
+    lambda note: bool((mean[lowest] < 0).all()),
+)
 
 # --- every training image -------------------------------------------------------------------------------
 st.subheader("All training images, most harmful first")
 ids = run.ids("train")
 reviews = runs.review_decisions(run, ids)
-df = pd.DataFrame({"id": ids, "label": runs.class_names(run, labels),
-                   "true_label": runs.class_names(run, run.true_labels("train")), "flipped": flipped,
-                   "review": [reviews[i].decision if i in reviews else "" for i in ids],
-                   "mean_influence": mean}).sort_values("mean_influence", kind="stable")
+df = pd.DataFrame(
+    {
+        "id": ids,
+        "label": runs.class_names(run, labels),
+        "true_label": runs.class_names(run, run.true_labels("train")),
+        "flipped": flipped,
+        "review": [reviews[i].decision if i in reviews else "" for i in ids],
+        "mean_influence": mean,
+    }
+).sort_values("mean_influence", kind="stable")
 widgets.paged_table(df, f"{run.path.name}-mean-influence.csv", key="all-training")

@@ -20,8 +20,17 @@ from influence_core.results import SummaryBuilder, column_blocks, create_matrix,
 from influence_core.run import Run
 
 
-def make_synthetic_run(run_dir: Path, data_dir: Path, n_classes: int, n_train: int, n_test: int,
-                       image_size: int = 8, flip_fraction: float = 0.1, helpful_flips: float = 0.0, seed: int = 0) -> Run:
+def make_synthetic_run(
+    run_dir: Path,
+    data_dir: Path,
+    n_classes: int,
+    n_train: int,
+    n_test: int,
+    image_size: int = 8,
+    flip_fraction: float = 0.1,
+    helpful_flips: float = 0.0,
+    seed: int = 0,
+) -> Run:
     """Write ``data_dir`` (image folder) and ``run_dir`` (run directory with a default influence entry).
 
     Flipped training images hurt every test image, except a ``helpful_flips`` share of them, which help (as
@@ -31,8 +40,7 @@ def make_synthetic_run(run_dir: Path, data_dir: Path, n_classes: int, n_train: i
     classes = [f"class-{c:03d}" for c in range(n_classes)]
     n_val = max(n_classes, n_test // 10)
     split = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * n_test)
-    true = np.concatenate([np.arange(n_train) % n_classes, np.arange(n_val) % n_classes,
-                           np.arange(n_test) % n_classes])
+    true = np.concatenate([np.arange(n_train) % n_classes, np.arange(n_val) % n_classes, np.arange(n_test) % n_classes])
     ids = _write_images(data_dir, classes, true, image_size, rng)
 
     train = split == "train"
@@ -43,27 +51,67 @@ def make_synthetic_run(run_dir: Path, data_dir: Path, n_classes: int, n_train: i
     paths = RunPaths(run_dir)
     paths.checkpoints.mkdir(parents=True)
     pd.DataFrame({"id": ids, "split": split, "label": label, "true_label": true, "flipped": flipped}).to_csv(
-        paths.samples, index=False)
-    _write_json(paths.config, {
-        "dataset": f"folder:{data_dir}", "classes": classes, "class_keys": classes, "image_size": image_size,
-        "split": [0.8, 0.1, 0.1], "downsample": 1.0, "seed": seed, "epochs": 2, "batch_size": 64, "lr": 1e-3,
-        "lr_schedule": "cosine", "weight_decay": 1e-4, "train_layers": "head", "augment_flip": True,
-        "n_checkpoints": 1, "corrupt_fraction": flip_fraction, "corrupt_mode": "random", "weights": "scratch",
-        "weights_requested": "scratch", "on_bad_image": "skip", "corrupt_scores": None, "n_skipped_images": 0})
-    _write_json(paths.corruption, {"mode": "random", "fraction": flip_fraction, "seed": seed,
-                                   "flipped": {ids[i]: int(true[i]) for i in np.flatnonzero(flipped)}})
-    _write_json(paths.history, [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.2 / e, "seconds": 1.0}
-                                for e in (1, 2)])
+        paths.samples, index=False
+    )
+    _write_json(
+        paths.config,
+        {
+            "dataset": f"folder:{data_dir}",
+            "classes": classes,
+            "class_keys": classes,
+            "image_size": image_size,
+            "split": [0.8, 0.1, 0.1],
+            "downsample": 1.0,
+            "seed": seed,
+            "epochs": 2,
+            "batch_size": 64,
+            "lr": 1e-3,
+            "lr_schedule": "cosine",
+            "weight_decay": 1e-4,
+            "train_layers": "head",
+            "augment_flip": True,
+            "n_checkpoints": 1,
+            "corrupt_fraction": flip_fraction,
+            "corrupt_mode": "random",
+            "weights": "scratch",
+            "weights_requested": "scratch",
+            "on_bad_image": "skip",
+            "corrupt_scores": None,
+            "n_skipped_images": 0,
+        },
+    )
+    _write_json(
+        paths.corruption,
+        {
+            "mode": "random",
+            "fraction": flip_fraction,
+            "seed": seed,
+            "flipped": {ids[i]: int(true[i]) for i in np.flatnonzero(flipped)},
+        },
+    )
+    _write_json(
+        paths.history, [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.2 / e, "seconds": 1.0} for e in (1, 2)]
+    )
     probs = {s: _probabilities(true[split == s], n_classes, rng) for s in ("train", "val", "test")}
     np.savez(paths.predictions, **{f"probs_{s}": p for s, p in probs.items()})
-    np.savez(paths.dynamics, loss=rng.random((2, n_train), dtype=np.float32) + flipped[train],
-             margin=rng.standard_normal((2, n_train), dtype=np.float32) - flipped[train])
+    np.savez(
+        paths.dynamics,
+        loss=rng.random((2, n_train), dtype=np.float32) + flipped[train],
+        margin=rng.standard_normal((2, n_train), dtype=np.float32) - flipped[train],
+    )
     pred_test, true_test = probs["test"].argmax(1), true[split == "test"]
     confusion = np.zeros((n_classes, n_classes), int)
     np.add.at(confusion, (true_test, pred_test), 1)
-    _write_json(paths.metrics, {"f1_test": float((pred_test == true_test).mean()),
-                                "accuracy_test": float((pred_test == true_test).mean()),
-                                "confusion_matrix": confusion.tolist(), "epoch_seconds": 1.0, "timings_s": {}})
+    _write_json(
+        paths.metrics,
+        {
+            "f1_test": float((pred_test == true_test).mean()),
+            "accuracy_test": float((pred_test == true_test).mean()),
+            "confusion_matrix": confusion.tolist(),
+            "epoch_seconds": 1.0,
+            "timings_s": {},
+        },
+    )
     paths.final_checkpoint.write_bytes(b"placeholder: the pages under test never load the model")
     paths.train_key.write_text("synthetic")
 
@@ -75,8 +123,11 @@ def make_synthetic_run(run_dir: Path, data_dir: Path, n_classes: int, n_train: i
     self_influence = rng.random(n_train, dtype=np.float32) + flipped[train]
     matrix, summaries = create_matrix(entry, n_test, n_train), SummaryBuilder(n_test, n_train, n_classes)
     for start, stop in column_blocks(n_train):  # structured noise: same label helps, flipped labels hurt
-        block = (rng.standard_normal((n_test, stop - start), dtype=np.float32) + 2 * same[:, start:stop]
-                 + flip_effect[start:stop]).astype(np.float32)
+        block = (
+            rng.standard_normal((n_test, stop - start), dtype=np.float32)
+            + 2 * same[:, start:stop]
+            + flip_effect[start:stop]
+        ).astype(np.float32)
         if start == 0:
             block[:, :3] *= 200  # a few training points with huge influence: outliers for the charts' x-range
         matrix[:, start:stop] = block
@@ -84,8 +135,9 @@ def make_synthetic_run(run_dir: Path, data_dir: Path, n_classes: int, n_train: i
     summaries.write(entry)
     write_histograms(entry, label[train], n_classes)
     np.save(entry.checkpoint_self_influence, rng.random((1, n_train), dtype=np.float32))
-    _write_json(entry.meta, {"settings": {}, "n_train": n_train, "n_test": n_test, "timings_s": {"total": 1.0},
-                             "created": 0})
+    _write_json(
+        entry.meta, {"settings": {}, "n_train": n_train, "n_test": n_test, "timings_s": {"total": 1.0}, "created": 0}
+    )
     return run
 
 

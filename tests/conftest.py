@@ -20,8 +20,10 @@ TINY_SPEC = f"tiny-imagenet:{TINY_IMAGENET}"
 def tiny_imagenet() -> Path:
     """The real tiny-imagenet folder from ../shared; missing data fails in CI and skips loudly elsewhere."""
     if not (TINY_IMAGENET / "wnids.txt").is_file():
-        message = (f"real test data missing: {TINY_IMAGENET} (set TINY_IMAGENET=/path/to/tiny-imagenet-200 "
-                   "or lay out ../shared/data/tiny-imagenet-200 beside the checkout)")
+        message = (
+            f"real test data missing: {TINY_IMAGENET} (set TINY_IMAGENET=/path/to/tiny-imagenet-200 "
+            "or lay out ../shared/data/tiny-imagenet-200 beside the checkout)"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -38,8 +40,7 @@ def demo_run(runs_root):
     """Digits demo: 10 classes, 40 % of the data, 16 px, 3 epochs, 10 % flipped labels (~20 s on 2 cores)."""
     from influence_core import TrainConfig, train
 
-    config = TrainConfig(dataset="demo", downsample=0.4, image_size=16, epochs=3, corrupt_fraction=0.1,
-                         n_checkpoints=2)
+    config = TrainConfig(dataset="demo", downsample=0.4, image_size=16, epochs=3, corrupt_fraction=0.1, n_checkpoints=2)
     return train(config, runs_root / "demo")
 
 
@@ -48,8 +49,15 @@ def tiny_run(runs_root, tiny_imagenet):
     """Two real tiny-imagenet classes, 30 % of the images at 32 px, 2 epochs, 10 % flipped labels."""
     from influence_core import TrainConfig, train
 
-    config = TrainConfig(dataset=f"tiny-imagenet:{tiny_imagenet}", classes=["goldfish", "lemon"],
-                         downsample=0.3, image_size=32, epochs=2, corrupt_fraction=0.1, n_checkpoints=1)
+    config = TrainConfig(
+        dataset=f"tiny-imagenet:{tiny_imagenet}",
+        classes=["goldfish", "lemon"],
+        downsample=0.3,
+        image_size=32,
+        epochs=2,
+        corrupt_fraction=0.1,
+        n_checkpoints=1,
+    )
     return train(config, runs_root / "tiny")
 
 
@@ -102,7 +110,7 @@ def digits_split(n_train: int, n_test: int, classes: int = 5, seed: int = 0):
     y = torch.tensor(data.target[keep], dtype=torch.int64)
     order = torch.tensor(np.random.default_rng(seed).permutation(len(y)))
     x, y = x[order], y[order]
-    return x[:n_train], y[:n_train], x[n_train:n_train + n_test], y[n_train:n_train + n_test]
+    return x[:n_train], y[:n_train], x[n_train : n_train + n_test], y[n_train : n_train + n_test]
 
 
 class TinyCNN(nn.Module):
@@ -136,8 +144,13 @@ def relative_error(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def train_l2_head(features: torch.Tensor, y: torch.Tensor, lam: float, weights: torch.Tensor | None = None,
-               init: torch.Tensor | None = None) -> torch.Tensor:
+def train_l2_head(
+    features: torch.Tensor,
+    y: torch.Tensor,
+    lam: float,
+    weights: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Minimise ``(1/n) Σ_i w_i ℓ_i + (λ/2)‖θ‖²`` over ``θ = [W, b]`` ``(C, d+1)`` in float64 with L-BFGS.
 
     ``features (n, d)``, ``weights (n,)`` (default all ones); ``n`` is always ``len(y)``.
@@ -145,10 +158,17 @@ def train_l2_head(features: torch.Tensor, y: torch.Tensor, lam: float, weights: 
     x = features.double()
     classes = int(y.max()) + 1 if init is None else init.shape[0]
     w = torch.ones(len(y), dtype=torch.float64) if weights is None else weights.double()
-    theta = (torch.zeros(classes, x.shape[1] + 1, dtype=torch.float64) if init is None else init.clone())
+    theta = torch.zeros(classes, x.shape[1] + 1, dtype=torch.float64) if init is None else init.clone()
     theta.requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
-                            history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1,
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()

@@ -21,9 +21,11 @@ INTERACTION_S = 1.0  # issue 11: opening a page or picking a test image, after t
 # on a shared machine whose load exceeds its cores only a guard against pathological slowness remains; measured
 # there at load 18 on 2 cores: scripts 0.23–0.29 s, browser interactions 1.5–8.7 s
 BUSY_SCRIPT_S, BUSY_BROWSER_S = 2.0, 12.0
-PAGES = {"Test image explorer": ("explorer", "Most harmful training images"),
-         "Whole test set": ("test_set", "All training images, most harmful first"),
-         "Corruption lab": ("corruption_lab", "Lowest mean influence on the test set")}
+PAGES = {
+    "Test image explorer": ("explorer", "Most harmful training images"),
+    "Whole test set": ("test_set", "All training images, most harmful first"),
+    "Corruption lab": ("corruption_lab", "Lowest mean influence on the test set"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,10 @@ def timed(tab, target, text: str) -> float:
     start = time.perf_counter()
     target.click()
     tab.get_by_text(text).first.wait_for()
-    tab.wait_for_function("() => !document.querySelector('[data-stale=\"true\"]') && "
-                          "!document.querySelector('[data-testid=\"stSkeleton\"]')")
+    tab.wait_for_function(
+        "() => !document.querySelector('[data-stale=\"true\"]') && "
+        "!document.querySelector('[data-testid=\"stSkeleton\"]')"
+    )
     return time.perf_counter() - start
 
 
@@ -109,7 +113,10 @@ def test_pages_answer_quickly_on_a_large_run_in_the_browser(browser, server, lar
         settle(tab)
     times["pick a test image"] = timed(tab, tab.get_by_role("button", name="Inspect").nth(5), "Test image #")
     busy = machine_is_busy()
-    (SHOTS / "interaction-times.json").write_text(json.dumps(
-        {"seconds": times, "load_average": os.getloadavg()[0], "cpus": os.cpu_count(), "run": "1,000 × 10,000"}))
+    (SHOTS / "interaction-times.json").write_text(
+        json.dumps(
+            {"seconds": times, "load_average": os.getloadavg()[0], "cpus": os.cpu_count(), "run": "1,000 × 10,000"}
+        )
+    )
     assert max(times.values()) < (BUSY_BROWSER_S if busy else INTERACTION_S), times
     tab.context.close()

@@ -23,16 +23,41 @@ def run_cli(*args, check=True):
 
 def test_train_influence_report_round_trip(tmp_path):
     run_dir = tmp_path / "run"
-    common = ["--dataset", "demo", "--classes", "1", "7", "--run-dir", str(run_dir), "--epochs", "2",
-              "--corrupt-fraction", "0.1", "--image-size", "16", "--downsample", "0.5"]
+    common = [
+        "--dataset",
+        "demo",
+        "--classes",
+        "1",
+        "7",
+        "--run-dir",
+        str(run_dir),
+        "--epochs",
+        "2",
+        "--corrupt-fraction",
+        "0.1",
+        "--image-size",
+        "16",
+        "--downsample",
+        "0.5",
+    ]
     first = run_cli("train", *common)
     assert "from scratch" in first.stderr and "epoch 2/2" in first.stderr  # weights source and progress bars
     again = run_cli("train", *common)
     assert "cached" in again.stderr
     run_cli("influence", "--run-dir", str(run_dir))
     report = json.loads(run_cli("report", "--run-dir", str(run_dir), "--json").stdout)
-    for key in ("classes", "n_train", "n_val", "n_test", "f1_test", "confusion_matrix", "n_corrupted", "weights",
-                "timings_s", "detection"):
+    for key in (
+        "classes",
+        "n_train",
+        "n_val",
+        "n_test",
+        "f1_test",
+        "confusion_matrix",
+        "n_corrupted",
+        "weights",
+        "timings_s",
+        "detection",
+    ):
         assert key in report, key
     assert report["classes"] == ["1", "7"] and report["weights"] == "scratch"
     assert report["n_corrupted"] == round(0.1 * report["n_train"])
@@ -58,51 +83,68 @@ def assert_one_line_error(code: int, err: str, message: str) -> None:
     assert message in lines[-1] and "Traceback" not in err
 
 
-TRAIN = ["train", "--dataset", "demo", "--classes", "1", "7", "--run-dir", "{tmp}/run", "--epochs", "1",
-         "--downsample", "0.2", "--image-size", "16"]  # tiny, so that a wrongly accepted case fails fast
+TRAIN = [
+    "train",
+    "--dataset",
+    "demo",
+    "--classes",
+    "1",
+    "7",
+    "--run-dir",
+    "{tmp}/run",
+    "--epochs",
+    "1",
+    "--downsample",
+    "0.2",
+    "--image-size",
+    "16",
+]  # tiny, so that a wrongly accepted case fails fast
 
 
 def fill(args: list[str], tmp_path) -> list[str]:
     return [a.replace("{tmp}", str(tmp_path)) for a in args]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--dataset", "tiny-imagenet:/no/such/folder", "--run-dir", "{tmp}/run"], "does not exist"),
-    (["train", "--dataset", "demo", "--classes", "eleven", "1", "--run-dir", "{tmp}/run"], "Unknown class"),
-    (["report", "--run-dir", "/no/such/run"], "not a finished run directory"),
-    ([*TRAIN, "--device", "tpu"], "Unknown device"),
-    ([*TRAIN, "--lr", "-1"], "learning rate must be a positive number"),
-    ([*TRAIN, "--lr", "nan"], "learning rate must be a positive number"),
-    ([*TRAIN, "--lr", "inf"], "learning rate must be a positive number"),
-    ([*TRAIN, "--image-size", "-5"], "Image size -5 is too small"),
-    ([*TRAIN, "--image-size", "0"], "Image size 0 is too small"),
-    ([*TRAIN, "--corrupt-fraction", "-0.1"], "share of flipped labels must be in [0, 1)"),
-    ([*TRAIN, "--corrupt-fraction", "1"], "share of flipped labels must be in [0, 1)"),
-    ([*TRAIN, "--corrupt-fraction", "nan"], "share of flipped labels must be in [0, 1)"),
-    ([*TRAIN, "--checkpoints", "-3"], "kept checkpoints must be ≥ 0"),
-    ([*TRAIN, "--epochs", "0"], "epochs must be at least 1"),
-    ([*TRAIN, "--batch-size", "1"], "batch_size must be at least 2"),
-    ([*TRAIN, "--weight-decay", "nan"], "weight_decay must be a number"),
-    ([*TRAIN, "--seed", "-1"], "seed must be ≥ 0"),
-    ([*TRAIN, "--downsample", "0"], "Downsampling ratio 0.0 must be in (0, 1]"),
-    ([*TRAIN, "--downsample", "1.5"], "Downsampling ratio 1.5 must be in (0, 1]"),
-    ([*TRAIN, "--split", "0.8", "0.1", "0.2"], "must be three positive numbers summing to 1"),
-    ([*TRAIN, "--split", "0.9", "0.1", "0"], "must be three positive numbers summing to 1"),
-    ([*TRAIN, "--split", "0.8", "0.1", "nan"], "must be three positive numbers summing to 1"),
-    ([*TRAIN, "--weights", "{tmp}/missing.pth"], "missing.pth does not exist"),
-    (["train", "--dataset", "demo", "--classes", "3", "--run-dir", "{tmp}/run"], "needs at least two classes"),
-    (["train", "--dataset", "folder:{tmp}/one_class", "--run-dir", "{tmp}/run"], "single class (only)"),
-    ([*TRAIN, "--corrupt-mode", "top-influence", "--corrupt-fraction", "0.1"], "needs influence scores"),
-    ([*TRAIN, "--scores-from", "{tmp}/clean"], "only used by --corrupt-mode top-influence"),
-    ([*TRAIN, "--corrupt-mode", "top-influence", "--scores-from", "{tmp}/none"], "not a finished run directory"),
-    (["train", "--dataset", "demo", "--run-dir", "{tmp}/a_file"], "a_file is a file"),
-    (["train", "--dataset", "demo", "--run-dir", "{tmp}/a_file/run"], "lies under the file"),
-    (["influence", "--run-dir", "{tmp}/run", "--regularization", "inf"], "must be positive and finite"),
-    (["influence", "--run-dir", "{tmp}/run", "--regularization", "nan"], "regularization must be positive"),
-    (["influence", "--run-dir", "{tmp}/run", "--regularization", "0"], "regularization must be positive"),
-    (["influence", "--run-dir", "{tmp}/run", "--regularization", "-1"], "regularization must be positive"),
-    (["influence", "--run-dir", "{tmp}/run", "--scope", ","], "Unknown scope"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--dataset", "tiny-imagenet:/no/such/folder", "--run-dir", "{tmp}/run"], "does not exist"),
+        (["train", "--dataset", "demo", "--classes", "eleven", "1", "--run-dir", "{tmp}/run"], "Unknown class"),
+        (["report", "--run-dir", "/no/such/run"], "not a finished run directory"),
+        ([*TRAIN, "--device", "tpu"], "Unknown device"),
+        ([*TRAIN, "--lr", "-1"], "learning rate must be a positive number"),
+        ([*TRAIN, "--lr", "nan"], "learning rate must be a positive number"),
+        ([*TRAIN, "--lr", "inf"], "learning rate must be a positive number"),
+        ([*TRAIN, "--image-size", "-5"], "Image size -5 is too small"),
+        ([*TRAIN, "--image-size", "0"], "Image size 0 is too small"),
+        ([*TRAIN, "--corrupt-fraction", "-0.1"], "share of flipped labels must be in [0, 1)"),
+        ([*TRAIN, "--corrupt-fraction", "1"], "share of flipped labels must be in [0, 1)"),
+        ([*TRAIN, "--corrupt-fraction", "nan"], "share of flipped labels must be in [0, 1)"),
+        ([*TRAIN, "--checkpoints", "-3"], "kept checkpoints must be ≥ 0"),
+        ([*TRAIN, "--epochs", "0"], "epochs must be at least 1"),
+        ([*TRAIN, "--batch-size", "1"], "batch_size must be at least 2"),
+        ([*TRAIN, "--weight-decay", "nan"], "weight_decay must be a number"),
+        ([*TRAIN, "--seed", "-1"], "seed must be ≥ 0"),
+        ([*TRAIN, "--downsample", "0"], "Downsampling ratio 0.0 must be in (0, 1]"),
+        ([*TRAIN, "--downsample", "1.5"], "Downsampling ratio 1.5 must be in (0, 1]"),
+        ([*TRAIN, "--split", "0.8", "0.1", "0.2"], "must be three positive numbers summing to 1"),
+        ([*TRAIN, "--split", "0.9", "0.1", "0"], "must be three positive numbers summing to 1"),
+        ([*TRAIN, "--split", "0.8", "0.1", "nan"], "must be three positive numbers summing to 1"),
+        ([*TRAIN, "--weights", "{tmp}/missing.pth"], "missing.pth does not exist"),
+        (["train", "--dataset", "demo", "--classes", "3", "--run-dir", "{tmp}/run"], "needs at least two classes"),
+        (["train", "--dataset", "folder:{tmp}/one_class", "--run-dir", "{tmp}/run"], "single class (only)"),
+        ([*TRAIN, "--corrupt-mode", "top-influence", "--corrupt-fraction", "0.1"], "needs influence scores"),
+        ([*TRAIN, "--scores-from", "{tmp}/clean"], "only used by --corrupt-mode top-influence"),
+        ([*TRAIN, "--corrupt-mode", "top-influence", "--scores-from", "{tmp}/none"], "not a finished run directory"),
+        (["train", "--dataset", "demo", "--run-dir", "{tmp}/a_file"], "a_file is a file"),
+        (["train", "--dataset", "demo", "--run-dir", "{tmp}/a_file/run"], "lies under the file"),
+        (["influence", "--run-dir", "{tmp}/run", "--regularization", "inf"], "must be positive and finite"),
+        (["influence", "--run-dir", "{tmp}/run", "--regularization", "nan"], "regularization must be positive"),
+        (["influence", "--run-dir", "{tmp}/run", "--regularization", "0"], "regularization must be positive"),
+        (["influence", "--run-dir", "{tmp}/run", "--regularization", "-1"], "regularization must be positive"),
+        (["influence", "--run-dir", "{tmp}/run", "--scope", ","], "Unknown scope"),
+    ],
+)
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, args, message):
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "one_class" / "only").mkdir(parents=True)
@@ -115,6 +157,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, args, message):
 @pytest.mark.parametrize("err_no", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_full_or_read_only_disk_is_one_clear_line(tmp_path, capsys, monkeypatch, err_no):
     """Tests run as root (permissions never block), so the failing write is simulated at ``os.replace``."""
+
     def refuse(src, dst):
         raise OSError(err_no, os.strerror(err_no))
 
@@ -150,8 +193,29 @@ def clean_run(tmp_path_factory):
     from influence_core.cli import main
 
     run_dir = tmp_path_factory.mktemp("cli") / "clean"
-    assert main(["train", "--dataset", "demo", "--classes", "1", "7", "--run-dir", str(run_dir), "--epochs", "2",
-                 "--image-size", "16", "--downsample", "0.5", "--checkpoints", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "demo",
+                "--classes",
+                "1",
+                "7",
+                "--run-dir",
+                str(run_dir),
+                "--epochs",
+                "2",
+                "--image-size",
+                "16",
+                "--downsample",
+                "0.5",
+                "--checkpoints",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert main(["influence", "--run-dir", str(run_dir)]) == 0
     return run_dir
 
@@ -161,9 +225,24 @@ def test_top_influence_flips_the_clean_runs_most_influential_points(clean_run, t
     from influence_core.pipeline import load_influence
 
     flip_dir = tmp_path / "flip"
-    code, _, err = cli_main(capsys, "train", "--run-dir", str(flip_dir), "--corrupt-mode", "top-influence",
-                            "--corrupt-fraction", "0.2", "--scores-from", str(clean_run), "--epochs", "1",
-                            "--image-size", "16", "--checkpoints", "0")
+    code, _, err = cli_main(
+        capsys,
+        "train",
+        "--run-dir",
+        str(flip_dir),
+        "--corrupt-mode",
+        "top-influence",
+        "--corrupt-fraction",
+        "0.2",
+        "--scores-from",
+        str(clean_run),
+        "--epochs",
+        "1",
+        "--image-size",
+        "16",
+        "--checkpoints",
+        "0",
+    )
     assert code == 0, err
     clean, flipped = Run(clean_run), Run(flip_dir)
     assert flipped.corruption["mode"] == "top-influence" and flipped.ids("train") == clean.ids("train")
@@ -172,13 +251,36 @@ def test_top_influence_flips_the_clean_runs_most_influential_points(clean_run, t
     expected = set()
     for c in (0, 1):
         members = np.flatnonzero(labels == c)
-        expected |= set(members[np.argsort(-mean[members])[:round(0.2 * len(members))]].tolist())
+        expected |= set(members[np.argsort(-mean[members])[: round(0.2 * len(members))]].tolist())
     assert set(np.flatnonzero(flipped.flipped()).tolist()) == expected
-    code, _, err = cli_main(capsys, "train", "--run-dir", str(tmp_path / "x"), "--corrupt-mode", "top-influence",
-                            "--corrupt-fraction", "0.2", "--scores-from", str(flip_dir))
+    code, _, err = cli_main(
+        capsys,
+        "train",
+        "--run-dir",
+        str(tmp_path / "x"),
+        "--corrupt-mode",
+        "top-influence",
+        "--corrupt-fraction",
+        "0.2",
+        "--scores-from",
+        str(flip_dir),
+    )
     assert_one_line_error(code, err, "is not a clean run")
-    code, _, err = cli_main(capsys, "train", "--run-dir", str(tmp_path / "x"), "--corrupt-mode", "top-influence",
-                            "--corrupt-fraction", "0.2", "--scores-from", str(clean_run), "--classes", "1", "3")
+    code, _, err = cli_main(
+        capsys,
+        "train",
+        "--run-dir",
+        str(tmp_path / "x"),
+        "--corrupt-mode",
+        "top-influence",
+        "--corrupt-fraction",
+        "0.2",
+        "--scores-from",
+        str(clean_run),
+        "--classes",
+        "1",
+        "3",
+    )
     assert_one_line_error(code, err, "--classes ['1', '3'] differs from the clean run")
 
 

@@ -16,8 +16,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("command", [("ruff", "check", "."), ("ruff", "format", "--check", ".")],
-                         ids=["ruff-lint", "ruff-format"])
+@pytest.mark.parametrize(
+    "command", [("ruff", "check", "."), ("ruff", "format", "--check", ".")], ids=["ruff-lint", "ruff-format"]
+)
 def test_ruff(command):
     done = _run(*command)
     assert done.returncode == 0, done.stdout + done.stderr

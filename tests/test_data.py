@@ -32,8 +32,10 @@ def test_grayscale_jpegs_become_rgb(tiny_imagenet):
     assert img.shape == (64, 64, 3) and np.array_equal(img[..., 0], img[..., 1])
 
 
-@pytest.mark.parametrize("name, message", [
-    ("go", "ambiguous"), ("zebra-ish", "Unknown class"), ("dining table", "no train/<wnid>/images folder")])
+@pytest.mark.parametrize(
+    "name, message",
+    [("go", "ambiguous"), ("zebra-ish", "Unknown class"), ("dining table", "no train/<wnid>/images folder")],
+)
 def test_class_errors_name_close_matches(tiny_imagenet, name, message):
     with pytest.raises(InfluenceLensError, match=message):
         load_dataset(f"tiny-imagenet:{tiny_imagenet}", [name])
@@ -75,6 +77,7 @@ def test_fashion_mnist_idx(tmp_path):
         header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
         with gzip.open(path, "wb") as f:
             f.write(header + arr.astype(np.uint8).tobytes())
+
     rng = np.random.default_rng(0)
     for part, n in (("train", 30), ("t10k", 10)):
         idx(tmp_path / f"{part}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
@@ -86,6 +89,7 @@ def test_fashion_mnist_idx(tmp_path):
 
 def test_real_fashion_mnist_if_installed():
     from pathlib import Path
+
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     assert available_classes("fashion-mnist:")[9] == ("9", "Ankle boot")

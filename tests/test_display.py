@@ -51,7 +51,10 @@ def test_top_confusions_lists_the_largest_off_diagonal_cells():
     m[0, 2], m[3, 1], m[1, 0] = 9, 4, 7
     top = top_confusions(m, ["a", "b", "c", "d"], k=10)
     assert list(zip(top["true"], top["predicted"], top["test images"], strict=True)) == [
-        ("a", "c", 9), ("b", "a", 7), ("d", "b", 4)]
+        ("a", "c", 9),
+        ("b", "a", 7),
+        ("d", "b", 4),
+    ]
     assert np.isclose(top["share of true class"].iloc[0], 9 / 59)
 
 
@@ -65,8 +68,12 @@ def test_confusion_view_switches_to_top_confusions_with_many_classes():
 
 
 def test_loss_curve_legend_uses_human_names():
-    fig = charts.loss_curve_figure([{"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "seconds": 1.0},
-                                    {"epoch": 2, "train_loss": 1.0, "val_loss": 1.5, "seconds": 1.0}])
+    fig = charts.loss_curve_figure(
+        [
+            {"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "seconds": 1.0},
+            {"epoch": 2, "train_loss": 1.0, "val_loss": 1.5, "seconds": 1.0},
+        ]
+    )
     assert {t.name for t in fig.data} == {"training loss", "validation loss"}
 
 
@@ -77,4 +84,3 @@ def test_detection_chart_ends_at_100_percent_with_the_legend_below():
     assert fig.layout.xaxis.tickvals[-1] == 1.0 and fig.layout.xaxis.range[1] >= 1.0
     assert fig.layout.legend.y < 0  # under the plot, not over the curves
     assert len(fig.data[0].x) <= 400 and fig.data[0].x[-1] == 1.0
-

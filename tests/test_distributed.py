@@ -17,11 +17,14 @@ def test_two_local_workers_equal_one_process(tiny_run, monkeypatch):
     single = compute_influence(tiny_run, settings, recompute=True)
     n_test, n_train = single.influences.shape
     assert len(results.column_blocks(n_train)) >= 4
-    expected = {"rows": np.stack([single.row(t) for t in range(n_test)]), "mean": single.mean_influence.copy(),
-                "self": single.self_influence.copy(), "top": single.top_harmful(5, 20)[0]}
+    expected = {
+        "rows": np.stack([single.row(t) for t in range(n_test)]),
+        "mean": single.mean_influence.copy(),
+        "self": single.self_influence.copy(),
+        "top": single.top_harmful(5, 20)[0],
+    }
 
-    spread = compute_influence(tiny_run, settings, recompute=True,
-                               cluster=ClusterSpec(workers=2))
+    spread = compute_influence(tiny_run, settings, recompute=True, cluster=ClusterSpec(workers=2))
     assert spread.meta["workers"] == "LocalCluster with 2 workers"
     rows = np.stack([spread.row(t) for t in range(n_test)])
     scale = np.abs(expected["rows"]).max()

@@ -80,8 +80,7 @@ def test_image_source_is_streamed_and_head_features_are_computed_once(setup, rel
     reads_after_fit = len(source.reads)
     lazy = im.influences(x_test, y_test), im.self_influence()
     assert len(source.reads) == reads_after_fit
-    eager = InfluenceModel(model, method=Direct(), scope="head", regularization=0.1, device="cpu").fit(
-        x_train, y_train)
+    eager = InfluenceModel(model, method=Direct(), scope="head", regularization=0.1, device="cpu").fit(x_train, y_train)
     assert rel_err(lazy[0], eager.influences(x_test, y_test, x_train, y_train)) <= 1e-6
     assert rel_err(lazy[1], eager.self_influence(x_train, y_train)) <= 1e-6
 
@@ -103,8 +102,11 @@ def test_scope_all_needs_no_linear_layer(setup):
     torch.manual_seed(0)
     model = NoLinearClassifier().eval()
     for method in (Direct(), EKFAC()):
-        infl = InfluenceModel(model, method=method, scope="all", regularization=0.1, device="cpu").fit(
-            x_train, y_train).influences(x_test, y_test)
+        infl = (
+            InfluenceModel(model, method=method, scope="all", regularization=0.1, device="cpu")
+            .fit(x_train, y_train)
+            .influences(x_test, y_test)
+        )
         assert infl.shape == (6, 60) and np.isfinite(infl).all()
     with pytest.raises(InfluenceLensError, match="no nn.Linear"):
         InfluenceModel(model, method=Direct(), scope="head", device="cpu").fit(x_train, y_train)

@@ -42,7 +42,8 @@ def _digits(channels: int = 0):
 def _batches(x, y, size):
     def batches():
         for s in range(0, len(x), size):
-            yield x[s:s + size], y[s:s + size]
+            yield x[s : s + size], y[s : s + size]
+
     return batches
 
 
@@ -53,7 +54,7 @@ def _flat(grads: dict[str, torch.Tensor], names) -> torch.Tensor:
 def _unflat(v: torch.Tensor, params) -> dict[str, torch.Tensor]:
     out, pos = {}, 0
     for n, p in params.items():
-        out[n] = v[:, pos:pos + p.numel()].reshape(len(v), *p.shape).to(torch.float32)
+        out[n] = v[:, pos : pos + p.numel()].reshape(len(v), *p.shape).to(torch.float32)
         pos += p.numel()
     return out
 
@@ -70,7 +71,7 @@ def _exact_gn(model, params, x, chunk=256) -> torch.Tensor:
     total = sum(p.numel() for p in params.values())
     gn = torch.zeros(total, total, dtype=torch.float64)
     for s in range(0, len(x), chunk):
-        xs = x[s:s + chunk]
+        xs = x[s : s + chunk]
         jac = vmap(jacrev(logits), in_dims=(None, 0))(p64, xs)  # name -> (b, C, *shape)
         j = torch.cat([jac[n].reshape(len(xs), jac[n].shape[1], -1) for n in names], dim=2)  # (b, C, P)
         prob = torch.softmax(vmap(logits, in_dims=(None, 0))(p64, xs), dim=1)
@@ -167,8 +168,15 @@ def test_sampled_labels_approximate_the_exact_output_curvature():
     v = _unflat(torch.randn(3, 650), params)
     lam = Damping.of(1e-2)
     exact = _flat(_fit("kfac", model, params, _batches(x, y, 256), len(x)).solve(v, lam), list(params))
-    runs = [_flat(_fit("kfac", model, params, _batches(x, y, 256), len(x), labels="sampled", label_samples=4, seed=5)
-                  .solve(v, lam), list(params)) for _ in range(2)]
+    runs = [
+        _flat(
+            _fit("kfac", model, params, _batches(x, y, 256), len(x), labels="sampled", label_samples=4, seed=5).solve(
+                v, lam
+            ),
+            list(params),
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
     assert 1e-4 < _rel(runs[0], exact) < 0.1
 
@@ -228,8 +236,9 @@ def test_ekfac_eigenvalues_are_the_exact_curvature_in_the_kronecker_basis(monkey
     (stride, padding, dilation, bias column) through both ways of forming them. Only the conv is in ``params``."""
     monkeypatch.setattr(kfac_inverse, "_rotate_first", lambda *args: rotate_first)
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(3 * 5 * 5, 4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4)
+    ).eval()
     x, y = torch.randn(37, 2, 9, 9), torch.randint(0, 4, (37,))
     params = {"0.weight": model[0].weight, "0.bias": model[0].bias}
     inv = _fit("ekfac", model, params, _batches(x, y, 10), len(x))
@@ -268,8 +277,11 @@ def test_eigenbasis_scores_equal_parameter_space_solves(cnn_setup, monkeypatch, 
     solved_te = im.inverse_.solve(g_te, im.regularization)
     solved_tr = im.inverse_.solve(g_tr, im.regularization)
     names = list(im.params_)
-    reference = (_flat(solved_te, names) @ _flat(g_tr, names).T, (_flat(solved_tr, names) * _flat(g_tr, names)).sum(1),
-                 (_flat(solved_te, names) * _flat(g_te, names)).sum(1))
+    reference = (
+        _flat(solved_te, names) @ _flat(g_tr, names).T,
+        (_flat(solved_tr, names) * _flat(g_tr, names)).sum(1),
+        (_flat(solved_te, names) * _flat(g_te, names)).sum(1),
+    )
     for got, want in zip(basis, reference, strict=True):
         assert _rel(torch.from_numpy(got), want) <= 2e-5
     assert (basis[1] > 0).all()
@@ -307,14 +319,25 @@ def test_resnet18_smoke():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=2).eval()
-    params = {n: p for m_name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-              for n, p in m.named_parameters(prefix=m_name, recurse=False)}
+    params = {
+        n: p
+        for m_name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+        for n, p in m.named_parameters(prefix=m_name, recurse=False)
+    }
     x = torch.randn(24, 3, 64, 64)
     y = torch.randint(0, 2, (24,))
     stages = []
     start = time.perf_counter()
-    inv = _fit("ekfac", model, params, _batches(x, y, 10), len(x), progress=lambda s, d, t: stages.append((s, d, t)),
-               dtype="float32")
+    inv = _fit(
+        "ekfac",
+        model,
+        params,
+        _batches(x, y, 10),
+        len(x),
+        progress=lambda s, d, t: stages.append((s, d, t)),
+        dtype="float32",
+    )
     fit_seconds = time.perf_counter() - start
     g = {n: torch.randn(2, *p.shape) for n, p in params.items()}
     out = inv.solve(g, Damping.of(1e-3))

@@ -31,8 +31,15 @@ def setup(digits, trained_cnn):
 
 def matrix(setup, method, curvature, batch_size=BATCH, **options):
     model, x_train, y_train, x_test, y_test = setup
-    im = InfluenceModel(model, scope="all", method=Method.named(method, **options), curvature=curvature,
-                        regularization=LAMBDA, device="cpu", batch_size=batch_size).fit(x_train, y_train)
+    im = InfluenceModel(
+        model,
+        scope="all",
+        method=Method.named(method, **options),
+        curvature=curvature,
+        regularization=LAMBDA,
+        device="cpu",
+        batch_size=batch_size,
+    ).fit(x_train, y_train)
     return im.influences(x_test, y_test)
 
 
@@ -51,7 +58,7 @@ def brute_force(model, x_train, y_train, x_test, y_test, curvature):
     def as_dict(t):
         out, start = {}, 0
         for n, s in zip(names, sizes, strict=True):
-            out[n] = t[start:start + s.numel()].view(s)
+            out[n] = t[start : start + s.numel()].view(s)
             start += s.numel()
         return out
 
@@ -86,11 +93,14 @@ def test_direct_equals_brute_force(setup, direct, curvature, rel_err):
 
 
 @pytest.mark.parametrize("curvature", CURVATURES)
-@pytest.mark.parametrize("method,options,tol", [
-    ("cg", dict(tol=1e-6, maxiter=200), 1e-3),
-    ("arnoldi", dict(rank=10_000), 1e-3),  # full rank: exact up to round-off
-    ("lissa", dict(depth=200, tol=1e-4), 5e-2),
-])
+@pytest.mark.parametrize(
+    "method,options,tol",
+    [
+        ("cg", dict(tol=1e-6, maxiter=200), 1e-3),
+        ("arnoldi", dict(rank=10_000), 1e-3),  # full rank: exact up to round-off
+        ("lissa", dict(depth=200, tol=1e-4), 5e-2),
+    ],
+)
 def test_method_matches_direct(setup, direct, curvature, method, options, tol, rel_err):
     assert rel_err(matrix(setup, method, curvature, **options), direct[curvature]) <= tol
 
@@ -123,8 +133,9 @@ def test_scope_list_and_head_agree(setup, rel_err):
     model, x_train, y_train, x_test, y_test = setup
     out = []
     for scope in ("head", ["fc"]):
-        im = InfluenceModel(model, scope=scope, method=Direct(), regularization=LAMBDA, device="cpu",
-                            batch_size=BATCH).fit(x_train, y_train)
+        im = InfluenceModel(
+            model, scope=scope, method=Direct(), regularization=LAMBDA, device="cpu", batch_size=BATCH
+        ).fit(x_train, y_train)
         out.append(im.influences(x_test, y_test, x_train, y_train))
     assert rel_err(out[0], out[1]) <= 1e-4
 
@@ -136,8 +147,9 @@ def test_large_factors_are_stored_compressed(setup, direct, monkeypatch, rel_err
     assert engine.factor_budget(torch.device("cpu")) >= engine.FACTOR_BYTES
     monkeypatch.setattr(engine, "factor_budget", lambda device: 0)
     model, x_train, y_train, x_test, y_test = setup
-    im = InfluenceModel(model, scope="all", method=Direct(), regularization=LAMBDA, device="cpu",
-                        batch_size=BATCH).fit(x_train, y_train)
+    im = InfluenceModel(model, scope="all", method=Direct(), regularization=LAMBDA, device="cpu", batch_size=BATCH).fit(
+        x_train, y_train
+    )
     factors = im.test_factors(x_test, y_test)
     assert factors.scales is not None and all(f.dtype == torch.float16 for f in factors.factors.values())
     assert rel_err(im.influences_from_factors(factors), direct["gauss-newton"]) <= 2e-3

@@ -23,9 +23,15 @@ def scores(im, x_test, y_test):
     return im.influences(x_test, y_test), im.self_influence()
 
 
-@pytest.mark.parametrize("method,scope", [
-    (Direct(), "all"), (Direct(), "head"), (Arnoldi(rank=30), "all"), (CG(), "all"),
-])
+@pytest.mark.parametrize(
+    "method,scope",
+    [
+        (Direct(), "all"),
+        (Direct(), "head"),
+        (Arnoldi(rank=30), "all"),
+        (CG(), "all"),
+    ],
+)
 def test_set_regularization_matches_refit(setup, method, scope, rel_err):
     model, x_train, y_train, x_test, y_test = setup
 
@@ -70,23 +76,32 @@ def exact_influences(im: InfluenceModel, setup, lambdas: dict[str, float]) -> np
         names = [n for n in key.split("|") if n] if key else list(im.params_)
         modules = sorted({n.rsplit(".", 1)[0] for n in names})
         block = InfluenceModel(model, method=Direct(), scope=modules, regularization=lam, device="cpu").fit(
-            x_train, y_train)
+            x_train, y_train
+        )
         assert set(block.params_) == set(names)
         total = total + block.influences(x_test, y_test).astype(np.float64)
     return total
 
 
-@pytest.mark.parametrize("method,tol", [
-    (Direct(), 1e-5), (CG(tol=1e-7, maxiter=300), 1e-3), (Arnoldi(rank=10_000), 1e-3),
-    (LiSSA(depth=400, tol=1e-5), 5e-2), (EKFAC(), None), (KFAC(), None),
-])
+@pytest.mark.parametrize(
+    "method,tol",
+    [
+        (Direct(), 1e-5),
+        (CG(tol=1e-7, maxiter=300), 1e-3),
+        (Arnoldi(rank=10_000), 1e-3),
+        (LiSSA(depth=400, tol=1e-5), 5e-2),
+        (EKFAC(), None),
+        (KFAC(), None),
+    ],
+)
 def test_relative_damping_is_an_exact_solve_with_the_effective_lambda(setup, method, tol, rel_err):
     """``Damping.relative(0.1)``: λ_b = 0.1 × mean eigenvalue of block b. For the whole-block methods that is
     one λ (trace(H)/p: exact for direct, a Hutchinson estimate for the matrix-free ones); the solve must equal the
     exact solve with that λ. K-FAC/EK-FAC take one λ per layer, from their own eigenvalues (checked below)."""
     model, x_train, y_train, x_test, y_test = setup
-    im = InfluenceModel(model, method=method, scope="all", regularization=Damping.relative(0.1), device="cpu",
-                        batch_size=32).fit(x_train, y_train)
+    im = InfluenceModel(
+        model, method=method, scope="all", regularization=Damping.relative(0.1), device="cpu", batch_size=32
+    ).fit(x_train, y_train)
     lambdas = im.block_regularization()
     if tol is None:  # per layer: 0.1 × the mean of that layer's fitted eigenvalues
         assert set(lambdas) == {"conv.weight|conv.bias", "fc.weight|fc.bias"}
@@ -94,8 +109,9 @@ def test_relative_damping_is_an_exact_solve_with_the_effective_lambda(setup, met
             assert lambdas[f.key] == pytest.approx(0.1 * float(f.eigenvalues.sum()) / f.eigenvalues.numel())
         assert len(set(lambdas.values())) == 2
         return
-    exact_direct = InfluenceModel(model, method=Direct(), scope="all", regularization=Damping.relative(0.1),
-                                  device="cpu").fit(x_train, y_train)
+    exact_direct = InfluenceModel(
+        model, method=Direct(), scope="all", regularization=Damping.relative(0.1), device="cpu"
+    ).fit(x_train, y_train)
     (lam,) = lambdas.values()
     (true_lam,) = exact_direct.block_regularization().values()
     assert lam == pytest.approx(true_lam, rel=0.35)  # Hutchinson, 16 probes (exact for direct itself)

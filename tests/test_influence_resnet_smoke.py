@@ -18,9 +18,14 @@ def test_resnet18_all_scope_cg_runs_end_to_end():
     torch.manual_seed(0)
     x, y = torch.randn(14, 3, 64, 64), torch.randint(0, 2, (14,))
     stages = set()
-    im = InfluenceModel(torchvision.models.resnet18(num_classes=2), method=CG(maxiter=2, preconditioner="jacobi"),
-                        scope="all", batch_size=8, device="cpu",
-                        progress=lambda stage, done, total: stages.add(stage))
+    im = InfluenceModel(
+        torchvision.models.resnet18(num_classes=2),
+        method=CG(maxiter=2, preconditioner="jacobi"),
+        scope="all",
+        batch_size=8,
+        device="cpu",
+        progress=lambda stage, done, total: stages.add(stage),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cg stops at maxiter on purpose
         im.fit(x[:12], y[:12])

@@ -15,16 +15,18 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def smooth_cnn(classes: int = 3) -> nn.Module:
     """3-channel input, tanh and average pooling, so that ``I`` is smooth in the pixels."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
-                         nn.Linear(32, classes)).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 2, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(32, classes)
+    ).eval()
 
 
 @pytest.mark.parametrize("scope", ["head", "all"])
 def test_saliency_is_the_pixel_gradient_of_influence(scope, digits):
     x_train, y_train, x_test, y_test = digits(60, 1, classes=3)
     x_train, x_test = x_train.repeat(1, 3, 1, 1), x_test.repeat(1, 3, 1, 1)
-    im = InfluenceModel(smooth_cnn(), method=Direct(), scope=scope, regularization=0.1, device="cpu",
-                        batch_size=16).fit(x_train, y_train)
+    im = InfluenceModel(
+        smooth_cnn(), method=Direct(), scope=scope, regularization=0.1, device="cpu", batch_size=16
+    ).fit(x_train, y_train)
     chosen = torch.arange(5)
     sal = im.saliency(x_test, y_test, x_train[chosen], y_train[chosen])
     assert sal.shape == (5, 8, 8) and sal.dtype == np.float32 and np.isfinite(sal).all()

@@ -90,11 +90,20 @@ def test_measured_file_round_trip(tmp_path):
 
     assert load_measured(tmp_path / "absent.json") is None
     assert measured_for("ekfac", "all", tmp_path / "absent.json") is None
-    scores = {job: {"margin": {"lds": lds, "se": 0.02}, "magnitude": {"slope": slope}}
-              for job, lds, slope in (("ours_ekfac_all", 0.2, 0.01), ("ours_ekfac_all_lambda0.1", 0.3, 0.1),
-                                      ("tracin_all", 0.25, None), ("ours_direct_head", 0.1, 5.0))}
-    result = {"n_models": 50, "scores": scores, "workload": {"classes": ["n01443537", "n07749582"],
-                                                             "image_size": 32, "epochs": 15, "corrupt_fraction": 0.1}}
+    scores = {
+        job: {"margin": {"lds": lds, "se": 0.02}, "magnitude": {"slope": slope}}
+        for job, lds, slope in (
+            ("ours_ekfac_all", 0.2, 0.01),
+            ("ours_ekfac_all_lambda0.1", 0.3, 0.1),
+            ("tracin_all", 0.25, None),
+            ("ours_direct_head", 0.1, 5.0),
+        )
+    }
+    result = {
+        "n_models": 50,
+        "scores": scores,
+        "workload": {"classes": ["n01443537", "n07749582"], "image_size": 32, "epochs": 15, "corrupt_fraction": 0.1},
+    }
     lds_module.write_measured(result, tmp_path / "measured.json")
     table = load_measured(tmp_path / "measured.json")
     assert set(table) == {("ekfac", "all"), ("tracin", "all"), ("direct", "head")}  # λ-scan rows stay out

@@ -24,20 +24,37 @@ from influence_core.rundir import finished_runs, run_lock
 CLI = [sys.executable, "-m", "influence_core.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(dataset="demo", classes=["0", "1"], downsample=0.3, image_size=16, epochs=1, n_checkpoints=0)
-SMALL_ARGS = ["--dataset", "demo", "--classes", "0", "1", "--downsample", "0.3", "--image-size", "16",
-              "--checkpoints", "0"]
+SMALL_ARGS = [
+    "--dataset",
+    "demo",
+    "--classes",
+    "0",
+    "1",
+    "--downsample",
+    "0.3",
+    "--image-size",
+    "16",
+    "--checkpoints",
+    "0",
+]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Relative path → sha256 of every file under ``folder``."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def siblings(run_dir: Path) -> list[str]:
     """Hidden entries beside ``run_dir`` that belong to it, except its lock file."""
-    return sorted(p.name for p in run_dir.parent.iterdir()
-                  if p.name.startswith(f".{run_dir.name}.") and p != RunPaths(run_dir).lock)
+    return sorted(
+        p.name
+        for p in run_dir.parent.iterdir()
+        if p.name.startswith(f".{run_dir.name}.") and p != RunPaths(run_dir).lock
+    )
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +175,10 @@ def test_run_listing_never_shows_a_run_being_built_or_swapped(old_run):
 # --- 2. one writer per run directory --------------------------------------------------------------------------
 def test_two_train_processes_into_one_directory_never_mix(tmp_path):
     run_dir = tmp_path / "run"
-    procs = [start_cli("train", *SMALL_ARGS, "--run-dir", str(run_dir), "--seed", str(seed), "--epochs", "3")
-             for seed in (0, 1)]
+    procs = [
+        start_cli("train", *SMALL_ARGS, "--run-dir", str(run_dir), "--seed", str(seed), "--epochs", "3")
+        for seed in (0, 1)
+    ]
     for proc, err in procs:
         assert proc.wait(timeout=600) == 0, "".join(err)[-2000:]
     run = Run(run_dir)
@@ -177,8 +196,13 @@ def test_two_train_processes_into_one_directory_never_mix(tmp_path):
 
 def test_second_writer_waits_with_a_message_or_fails_at_once(old_run):
     with run_lock(RunPaths(old_run)):
-        refused = subprocess.run([*CLI, "influence", "--run-dir", str(old_run), "--recompute", "--no-wait"],
-                                 capture_output=True, text=True, cwd=ROOT, timeout=300)
+        refused = subprocess.run(
+            [*CLI, "influence", "--run-dir", str(old_run), "--recompute", "--no-wait"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
         assert refused.returncode == 2 and "Another process is writing" in refused.stderr
         assert "Fix:" in refused.stderr and "Traceback" not in refused.stderr
         proc, err = start_cli("influence", "--run-dir", str(old_run), "--recompute")
@@ -252,7 +276,7 @@ def malformed_config(p: RunPaths):
 
 
 def malformed_samples(p: RunPaths):
-    p.samples.write_bytes(b"\x00\x01garbage,\n\"unterminated")
+    p.samples.write_bytes(b'\x00\x01garbage,\n"unterminated')
 
 
 def samples_without_label(p: RunPaths):
@@ -293,17 +317,32 @@ def test_a_damaged_run_is_a_clear_error(old_run, case):
 def test_cli_reports_a_damaged_run_in_one_line(old_run, case):
     READER_CASES[case][0](RunPaths(old_run))
     for command in ("report", "influence"):
-        proc = subprocess.run([*CLI, command, "--run-dir", str(old_run)], capture_output=True, text=True, cwd=ROOT,
-                              timeout=300)
+        proc = subprocess.run(
+            [*CLI, command, "--run-dir", str(old_run)], capture_output=True, text=True, cwd=ROOT, timeout=300
+        )
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and "Fix:" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # --- 5. one description of a run directory ----------------------------------------------------------------------
 def test_run_file_names_are_spelled_only_in_paths_py():
-    names = {"config.json", "samples.csv", "corruption.json", "history.json", "dynamics.npz", "predictions.npz",
-             "metrics.json", "final.pt", "train_key", "meta.json", "influences.npy", "self_influence.npy",
-             "checkpoint_self_influence.npy", "curvature.pt", "reviews.sqlite"}
+    names = {
+        "config.json",
+        "samples.csv",
+        "corruption.json",
+        "history.json",
+        "dynamics.npz",
+        "predictions.npz",
+        "metrics.json",
+        "final.pt",
+        "train_key",
+        "meta.json",
+        "influences.npy",
+        "self_influence.npy",
+        "checkpoint_self_influence.npy",
+        "curvature.pt",
+        "reviews.sqlite",
+    }
     for module in ("training", "run", "pipeline", "report", "cli", "rundir"):
         text = (ROOT / "influence_core" / f"{module}.py").read_text()
         code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(("#", "```")))

@@ -48,8 +48,9 @@ def test_summaries_streamed_by_block_equal_the_whole_matrix(tmp_path, small_bloc
             np.testing.assert_array_equal(counts[c], expected)
     np.testing.assert_allclose(store.mean_influence, matrix.mean(0, dtype=np.float64), rtol=1e-12)
     for c in range(3):
-        np.testing.assert_allclose(store.mean_influence_by_label[c], matrix[test_labels == c].mean(0, dtype=np.float64),
-                                   rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(
+            store.mean_influence_by_label[c], matrix[test_labels == c].mean(0, dtype=np.float64), rtol=1e-6, atol=1e-9
+        )
     np.testing.assert_array_equal(store.mean_influence_by_label[3], 0)
     np.testing.assert_array_equal(store.self_influence, -np.arange(n_train))
 

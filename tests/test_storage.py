@@ -20,7 +20,10 @@ def test_atomic_files_get_the_same_mode_as_numpy_outputs(tmp_path, umask, mode):
     finally:
         os.umask(previous)
     assert {(p.name, p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
-        ("a.bin", mode), ("b.json", mode), ("c.npy", mode)}
+        ("a.bin", mode),
+        ("b.json", mode),
+        ("c.npy", mode),
+    }
 
 
 def test_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):

@@ -77,8 +77,9 @@ def test_nan_loss_stops_with_advice(tmp_path):
 
 
 def test_head_recipe_freezes_the_backbone(runs_root):
-    config = TrainConfig(dataset="demo", classes=["3", "8"], downsample=0.3, image_size=16, epochs=1,
-                         train_layers="head")
+    config = TrainConfig(
+        dataset="demo", classes=["3", "8"], downsample=0.3, image_size=16, epochs=1, train_layers="head"
+    )
     run = train(config, runs_root / "head")
     torch.manual_seed(0)
     reference, _ = build_resnet18(2, pretrained=False)
@@ -89,6 +90,7 @@ def test_head_recipe_freezes_the_backbone(runs_root):
 
 def test_local_pretrained_weights_are_used_and_bad_ones_refused(tmp_path):
     import torchvision
+
     imagenet_like = torchvision.models.resnet18(weights=None)  # 1000 outputs, as torchvision's file
     torch.save(imagenet_like.state_dict(), tmp_path / "resnet18.pth")
     model, source = build_resnet18(2, pretrained=tmp_path / "resnet18.pth")

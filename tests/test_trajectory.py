@@ -72,7 +72,7 @@ def trained():
             model.load_state_dict({"1.weight": m[:, :-1].float(), "1.bias": m[:, -1].float()})
             models.append(model)
     exact = -N_TRAIN * _softmax_terms(m, x_test, y_test)[0] @ jac  # (n_test, n_train)
-    lr_sums = [float(rates[k:k + CHECKPOINT_EVERY].sum()) for k in range(0, STEPS, CHECKPOINT_EVERY)]
+    lr_sums = [float(rates[k : k + CHECKPOINT_EVERY].sum()) for k in range(0, STEPS, CHECKPOINT_EVERY)]
     return models, lr_sums, exact.float().numpy(), (x.float(), y, x_test.float(), y_test)
 
 
@@ -128,10 +128,12 @@ def test_tracin_is_first_order_and_misses_the_decay(trained):
     """TracInCP has the right sign and order of magnitude but ignores how later steps damp an early change, so
     SOURCE is closer to the unrolled answer."""
     models, lr_sums, exact, (x, y, x_test, y_test) = trained
-    tracin = TrajectoryInfluence(models, lr_sums, "tracin", scope="all", device="cpu").influences(
-        x_test, y_test, x, y)
-    source = TrajectoryInfluence(models, lr_sums, "source", scope="all", device="cpu").fit(x, y).influences(
-        x_test, y_test, x, y)
+    tracin = TrajectoryInfluence(models, lr_sums, "tracin", scope="all", device="cpu").influences(x_test, y_test, x, y)
+    source = (
+        TrajectoryInfluence(models, lr_sums, "source", scope="all", device="cpu")
+        .fit(x, y)
+        .influences(x_test, y_test, x, y)
+    )
     assert np.corrcoef(tracin.ravel(), exact.ravel())[0, 1] > 0.5
     assert _rel(source, exact) < 0.5 * _rel(tracin, exact)
 
@@ -144,22 +146,22 @@ def test_tracin_equals_weighted_gradient_products():
         for p in other.parameters():
             p.add_(0.1 * torch.randn_like(p))
     x, y = torch.randn(7, 2, 4, 4), torch.randint(0, 3, (7,))
-    ti = TrajectoryInfluence([model, other], [0.3, 0.2], "tracin", scope="all", batch_size=3, test_chunk=2,
-                             device="cpu")
+    ti = TrajectoryInfluence(
+        [model, other], [0.3, 0.2], "tracin", scope="all", batch_size=3, test_chunk=2, device="cpu"
+    )
 
     def flat_grads(m):
         out = []
         for i in range(len(x)):
             m.zero_grad()
-            F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
+            F.cross_entropy(m(x[i : i + 1]), y[i : i + 1]).backward()
             out.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
         return torch.stack(out)
 
     g0, g1 = flat_grads(model), flat_grads(other)
     expected = 0.3 * g0[:3] @ g0.T + 0.2 * g1[:3] @ g1.T
     np.testing.assert_allclose(ti.influences(x[:3], y[:3], x, y), expected.numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(ti.self_influence(x, y), np.diag((0.3 * g0 @ g0.T + 0.2 * g1 @ g1.T).numpy()),
-                               rtol=1e-4)
+    np.testing.assert_allclose(ti.self_influence(x, y), np.diag((0.3 * g0 @ g0.T + 0.2 * g1 @ g1.T).numpy()), rtol=1e-4)
 
 
 def test_kronecker_functions_match_dense_operator():
@@ -174,14 +176,20 @@ def test_kronecker_functions_match_dense_operator():
     for w, b, q_a, q_g, evals in eig.layers:
         q_a, q_g = _complete(q_a), _complete(q_g)
         lam = torch.zeros(q_g.shape[1], q_a.shape[1])
-        lam[:evals.shape[0], :evals.shape[1]] = evals
+        lam[: evals.shape[0], : evals.shape[1]] = evals
         basis = torch.kron(q_g.contiguous(), q_a.contiguous())  # rows: (out, d) flattened
         h = basis @ torch.diag(lam.flatten()) @ basis.T
         m = torch.cat([v[w].flatten(2), v[b][..., None]], dim=2).flatten(1)  # (2, out·d)
         evals_h, vecs = torch.linalg.eigh(h.double())
         evals_h = evals_h.clamp_min(0)
-        dense_gain = vecs @ torch.diag(-torch.expm1(-horizon * evals_h) / evals_h.clamp_min(1e-12)
-                                       * (evals_h > 1e-9) + horizon * (evals_h <= 1e-9)) @ vecs.T
+        dense_gain = (
+            vecs
+            @ torch.diag(
+                -torch.expm1(-horizon * evals_h) / evals_h.clamp_min(1e-12) * (evals_h > 1e-9)
+                + horizon * (evals_h <= 1e-9)
+            )
+            @ vecs.T
+        )
         dense_keep = vecs @ torch.diag(torch.exp(-horizon * evals_h)) @ vecs.T
         for out, dense in ((gain, dense_gain), (keep, dense_keep)):
             got = torch.cat([out[w].flatten(2), out[b][..., None]], dim=2).flatten(1)
@@ -193,7 +201,7 @@ def _complete(q: torch.Tensor) -> torch.Tensor:
     if q.shape[0] == q.shape[1]:
         return q
     full, _ = torch.linalg.qr(torch.cat([q, torch.randn(q.shape[0], q.shape[0])], dim=1))
-    return torch.cat([q, full[:, q.shape[1]:]], dim=1)
+    return torch.cat([q, full[:, q.shape[1] :]], dim=1)
 
 
 def test_source_head_scope_uses_the_models_parameter_names():
@@ -225,7 +233,12 @@ def test_compute_trajectory_caches_in_the_pipeline_format(demo_run):
     assert len(segments) == len(demo_run.checkpoint_paths()) and segments[-1].stop_step > segments[0].stop_step
     x, y = (t[:] for t in demo_run.tensors("train"))
     xt, yt = (t[:] for t in demo_run.tensors("test"))
-    ti = TrajectoryInfluence([demo_run.load_model(s.checkpoint) for s in segments], [s.lr_sum for s in segments],
-                             "tracin", "head", device="cpu")
+    ti = TrajectoryInfluence(
+        [demo_run.load_model(s.checkpoint) for s in segments],
+        [s.lr_sum for s in segments],
+        "tracin",
+        "head",
+        device="cpu",
+    )
     np.testing.assert_allclose(result.store.matrix[:], ti.influences(xt, yt, x, y), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(result.self_influence, ti.self_influence(x, y), rtol=1e-4)

@@ -31,8 +31,26 @@ def test_offline_download_fails_at_once_naming_the_alternatives(empty_hub, monke
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    code = main(["train", "--dataset", "demo", "--classes", "0", "1", "--run-dir", str(empty_hub.parents[3] / "run"),
-                 "--weights", "imagenet", "--image-size", "16", "--downsample", "0.2", "--epochs", "1"])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "demo",
+            "--classes",
+            "0",
+            "1",
+            "--run-dir",
+            str(empty_hub.parents[3] / "run"),
+            "--weights",
+            "imagenet",
+            "--image-size",
+            "16",
+            "--downsample",
+            "0.2",
+            "--epochs",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert "Cannot download the ImageNet ResNet18 weights" in err and "name resolution" in err

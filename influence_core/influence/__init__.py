@@ -13,6 +13,24 @@ from .engine import ImageSource, InfluenceFactors, InfluenceModel
 from .kfac import EKFAC, KFAC
 from .lissa import LiSSA
 
-__all__ = ["CG", "EKFAC", "KFAC", "METHODS", "Arnoldi", "Curvature", "Damping", "Direct", "Grads", "ImageSource",
-           "InfluenceFactors", "InfluenceModel", "InverseCurvature", "LiSSA", "Method", "Scope", "ScopeArg",
-           "parse_scope", "scope_text"]
+__all__ = [
+    "CG",
+    "EKFAC",
+    "KFAC",
+    "METHODS",
+    "Arnoldi",
+    "Curvature",
+    "Damping",
+    "Direct",
+    "Grads",
+    "ImageSource",
+    "InfluenceFactors",
+    "InfluenceModel",
+    "InverseCurvature",
+    "LiSSA",
+    "Method",
+    "Scope",
+    "ScopeArg",
+    "parse_scope",
+    "scope_text",
+]

@@ -64,12 +64,12 @@ class ArnoldiInverse(InverseCurvature):
         start = torch.randn(p, generator=gen).to(device)
         basis[0] = start / start.norm()
         for j in range(steps):
-            w = flatten(self._product(unflatten(basis[j:j + 1], shape)))[0]
+            w = flatten(self._product(unflatten(basis[j : j + 1], shape)))[0]
             scale = float(w.norm())
             for _ in range(2):  # classical Gram-Schmidt, twice, against the whole basis so far
-                coeffs = basis[:j + 1] @ w
-                w = w - coeffs @ basis[:j + 1]
-                hessenberg[:j + 1, j] += coeffs.double().cpu()
+                coeffs = basis[: j + 1] @ w
+                w = w - coeffs @ basis[: j + 1]
+                hessenberg[: j + 1, j] += coeffs.double().cpu()
             norm = float(w.norm())
             if progress:
                 progress("arnoldi", j + 1, steps)
@@ -78,16 +78,20 @@ class ArnoldiInverse(InverseCurvature):
             if norm <= 1e-6 * max(scale, 1e-30):  # invariant subspace: restart from a fresh orthogonal vector
                 w = torch.randn(p, generator=gen).to(device)
                 for _ in range(2):
-                    w = w - (basis[:j + 1] @ w) @ basis[:j + 1]
+                    w = w - (basis[: j + 1] @ w) @ basis[: j + 1]
                 norm = 0.0
             hessenberg[j + 1, j] = norm
             basis[j + 1] = w / w.norm()
         small = hessenberg[:steps, :steps]
         values, vectors = torch.linalg.eigh((small + small.T) / 2)
         keep = values.abs().argsort(descending=True)[:rank]
-        self.load_state_dict({"eigenvalues": values[keep],
-                              "eigenvectors": basis[:steps].T @ vectors[:, keep].float().to(device),
-                              **shape_state(shape)})
+        self.load_state_dict(
+            {
+                "eigenvalues": values[keep],
+                "eigenvectors": basis[:steps].T @ vectors[:, keep].float().to(device),
+                **shape_state(shape),
+            }
+        )
         return self
 
     def _product(self, vectors: Grads) -> Grads:

@@ -84,14 +84,18 @@ class Method:
         fields = {f.name for f in dataclasses.fields(method)}
         unknown = sorted(set(options) - fields)
         if unknown:
-            raise InfluenceLensError(f"Unknown option(s) for method {name!r}: {', '.join(unknown)}.",
-                                     f"use any of {', '.join(sorted(fields)) or '(none)'}")
+            raise InfluenceLensError(
+                f"Unknown option(s) for method {name!r}: {', '.join(unknown)}.",
+                f"use any of {', '.join(sorted(fields)) or '(none)'}",
+            )
         return method(**options)
 
     def check_curvature(self, curvature: Curvature) -> None:
         if curvature not in self.supports:
-            raise InfluenceLensError(f"Method {self.name!r} does not support curvature {curvature.value!r}.",
-                                     f"use one of {', '.join(self.supports)}")
+            raise InfluenceLensError(
+                f"Method {self.name!r} does not support curvature {curvature.value!r}.",
+                f"use one of {', '.join(self.supports)}",
+            )
 
     def inverse(self, curvature: Curvature) -> InverseCurvature:
         """A new, unfitted inverse of this method for ``curvature``."""
@@ -103,8 +107,10 @@ def positive(owner: str, **values: float | None) -> None:
     """Refuse options that must be positive (clear error at construction)."""
     for key, value in values.items():
         if value is not None and not value > 0:
-            raise InfluenceLensError(f"{owner} option {key} must be positive, got {value!r}.",
-                                     f"use {owner}({key}=...) with a positive value")
+            raise InfluenceLensError(
+                f"{owner} option {key} must be positive, got {value!r}.",
+                f"use {owner}({key}=...) with a positive value",
+            )
 
 
 class InverseCurvature(ABC):
@@ -115,8 +121,14 @@ class InverseCurvature(ABC):
         self.curvature = curvature
 
     @abstractmethod
-    def fit(self, model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, n_samples: int,
-            progress: Progress | None = None) -> InverseCurvature:
+    def fit(
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        batches: Batches,
+        n_samples: int,
+        progress: Progress | None = None,
+    ) -> InverseCurvature:
         """Fit the curvature of the mean training loss w.r.t. ``params``.
 
         ``n_samples`` is the number of training samples ``batches()`` yields in total. ``model`` is in eval mode.
@@ -137,14 +149,17 @@ class InverseCurvature(ABC):
         for block, scale in self.block_scales(with_mean=damping.relative_to_mean).items():
             lam = damping.resolve(scale.mean)
             if not math.isfinite(lam) or lam <= 0:
-                raise InfluenceLensError(f"Block {block!r} has no curvature to take λ relative to (λ = {lam:g}).",
-                                         "use an absolute regularization, e.g. 1e-3")
+                raise InfluenceLensError(
+                    f"Block {block!r} has no curvature to take λ relative to (λ = {lam:g}).",
+                    "use an absolute regularization, e.g. 1e-3",
+                )
             if scale.top is not None and lam < FLOAT32_RESOLUTION * scale.top:
                 raise InfluenceLensError(
                     f"λ = {lam:.3g} is below what float32 gradients resolve for block {block or '(all)'!r}, whose "
                     f"largest curvature eigenvalue is {scale.top:.3g} (condition number "
                     f"{(scale.top + lam) / lam:.2g}); influences would be rounding noise.",
-                    f"use regularization ≥ {FLOAT32_RESOLUTION * scale.top:.2g}, or relative damping (e.g. rel:0.1)")
+                    f"use regularization ≥ {FLOAT32_RESOLUTION * scale.top:.2g}, or relative damping (e.g. rel:0.1)",
+                )
             out[block] = lam
         return out
 
@@ -154,8 +169,9 @@ class InverseCurvature(ABC):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
-            raise InfluenceLensError(f"Method {self.method.name!r} cannot load a cached state.",
-                                     "delete the cache and fit again")
+            raise InfluenceLensError(
+                f"Method {self.method.name!r} cannot load a cached state.", "delete the cache and fit again"
+            )
 
 
 class EigenbasisInverse(InverseCurvature):
@@ -168,8 +184,9 @@ class EigenbasisInverse(InverseCurvature):
     """
 
     @abstractmethod
-    def basis_grads(self, model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor,
-                    y: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    def basis_grads(
+        self, model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor, y: torch.Tensor
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(block, r)`` per block: coordinates ``r (b, ...)`` of each sample's loss gradient in the basis."""
 
     @abstractmethod
@@ -200,8 +217,10 @@ class IterativeInverse(InverseCurvature):
 
     def fitted_data(self):
         if not hasattr(self, "data"):
-            raise InfluenceLensError(f"Method {self.method.name!r} has no training data to solve against.",
-                                     f"call fit() ({self.method.name} keeps no cached state)")
+            raise InfluenceLensError(
+                f"Method {self.method.name!r} has no training data to solve against.",
+                f"call fit() ({self.method.name} keeps no cached state)",
+            )
         return self.data
 
     def block_scales(self, with_mean: bool) -> dict[str, BlockScale]:

@@ -116,10 +116,12 @@ class CGInverse(IterativeInverse):
             active = active[residual > tol]
         if len(active):
             worst = float((row_dot(r, r).sqrt() / b_norm).max())
-            warnings.warn(f"cg stopped after maxiter={maxiter} with relative residual {worst:.2e} > "
-                          f"tol={tol:g} on {len(active)} of {len(b_norm)} columns; raise maxiter or "
-                          "regularization",
-                          stacklevel=3)
+            warnings.warn(
+                f"cg stopped after maxiter={maxiter} with relative residual {worst:.2e} > "
+                f"tol={tol:g} on {len(active)} of {len(b_norm)} columns; raise maxiter or "
+                "regularization",
+                stacklevel=3,
+            )
         return x
 
 

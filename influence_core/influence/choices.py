@@ -52,8 +52,9 @@ def parse_scope(value: str | Sequence[str]) -> ScopeArg:
         value = [part.strip() for part in value.split(",") if part.strip()]
     names = tuple(value)
     if not names or not all(isinstance(n, str) for n in names):
-        raise InfluenceLensError(f"Unknown scope {value!r}.",
-                                 f"use {' or '.join(repr(s.value) for s in Scope)} or a list of module names")
+        raise InfluenceLensError(
+            f"Unknown scope {value!r}.", f"use {' or '.join(repr(s.value) for s in Scope)} or a list of module names"
+        )
     return names
 
 
@@ -79,8 +80,10 @@ class Damping:
 
     def __post_init__(self):
         if not float(self.value) > 0:
-            raise InfluenceLensError(f"regularization must be positive, got {self.value!r}.",
-                                     "use e.g. 1e-3 (absolute) or rel:0.1 (relative to the curvature)")
+            raise InfluenceLensError(
+                f"regularization must be positive, got {self.value!r}.",
+                "use e.g. 1e-3 (absolute) or rel:0.1 (relative to the curvature)",
+            )
         object.__setattr__(self, "value", float(self.value))
 
     @classmethod
@@ -104,8 +107,9 @@ class Damping:
         try:
             value = float(text.strip()[4:] if relative else text)
         except ValueError:
-            raise InfluenceLensError(f"Cannot read regularization {text!r}.",
-                                     "use a number (e.g. 1e-3) or rel:FRACTION (e.g. rel:0.1)") from None
+            raise InfluenceLensError(
+                f"Cannot read regularization {text!r}.", "use a number (e.g. 1e-3) or rel:FRACTION (e.g. rel:0.1)"
+            ) from None
         return cls(value, relative)
 
     def __str__(self) -> str:
@@ -116,6 +120,8 @@ class Damping:
         if not self.relative_to_mean:
             return self.value
         if mean_eigenvalue is None:
-            raise InfluenceLensError("Relative damping needs the curvature's mean eigenvalue, which this fitted "
-                                     "state does not have.", "fit again, or use an absolute regularization")
+            raise InfluenceLensError(
+                "Relative damping needs the curvature's mean eigenvalue, which this fitted state does not have.",
+                "fit again, or use an absolute regularization",
+            )
         return self.value * mean_eigenvalue

@@ -48,8 +48,12 @@ class DirectInverse(InverseCurvature):
                 f"it is limited to blocks of {self.method.max_params:,} parameters.",
                 "use method cg, arnoldi or ekfac for this scope, or scope 'head'",
             )
-        self.load_state_dict({"matrix": curvature_matrix(model, params, batches, n_samples, self.curvature,
-                                                         progress).float(), **shape_state(shapes(params))})
+        self.load_state_dict(
+            {
+                "matrix": curvature_matrix(model, params, batches, n_samples, self.curvature, progress).float(),
+                **shape_state(shapes(params)),
+            }
+        )
         return self
 
     def block_scales(self, with_mean: bool) -> dict[str, BlockScale]:
@@ -64,9 +68,11 @@ class DirectInverse(InverseCurvature):
         if int(info) == 0:
             result = ("cholesky", (factor,))
         else:
-            warnings.warn(f"H + λI is not positive definite (curvature {self.curvature.value!r}, λ = {lam:g}); "
-                          "solving with LU. Use gauss-newton or a larger regularization for meaningful influences.",
-                          stacklevel=4)
+            warnings.warn(
+                f"H + λI is not positive definite (curvature {self.curvature.value!r}, λ = {lam:g}); "
+                "solving with LU. Use gauss-newton or a larger regularization for meaningful influences.",
+                stacklevel=4,
+            )
             result = ("lu", torch.linalg.lu_factor(shifted))
         self.factored = (lam, result)
         return result
@@ -85,9 +91,10 @@ class DirectInverse(InverseCurvature):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.matrix = state["matrix"]
         self.shapes = state_shapes(state)
-        self.scale = BlockScale(float(self.matrix.double().trace()) / len(self.matrix),
-                                abs(power_iteration(lambda v: {"": v[""] @ self.matrix}, {"": self.matrix[0]},
-                                                    steps=50)))
+        self.scale = BlockScale(
+            float(self.matrix.double().trace()) / len(self.matrix),
+            abs(power_iteration(lambda v: {"": v[""] @ self.matrix}, {"": self.matrix[0]}, steps=50)),
+        )
         self.factored = (float("nan"), ("", ()))
 
 

@@ -94,10 +94,14 @@ class InfluenceFactors:
     def join(cls, parts: list[InfluenceFactors]) -> InfluenceFactors:
         """Test factors of consecutive test chunks (computed apart, e.g. on several workers) as one block."""
         first = parts[0]
-        if any(p.damping != first.damping or p.in_basis != first.in_basis
-               or (p.scales is None) != (first.scales is None) for p in parts):
-            raise InfluenceLensError("These test factors were computed with different settings.",
-                                     "compute every chunk with the same influence model")
+        if any(
+            p.damping != first.damping or p.in_basis != first.in_basis or (p.scales is None) != (first.scales is None)
+            for p in parts
+        ):
+            raise InfluenceLensError(
+                "These test factors were computed with different settings.",
+                "compute every chunk with the same influence model",
+            )
         scales = concat([p.scales for p in parts if p.scales is not None]) if first.scales is not None else None
         return cls(concat([p.factors for p in parts]), first.damping, scales, first.in_basis)
 
@@ -114,8 +118,9 @@ def full_fp32():
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                         allow_tf32=False):
+        with cudnn.flags(
+            enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+        ):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
@@ -126,14 +131,17 @@ def _fp32(method):
     def wrapper(*args, **kwargs):
         with full_fp32():
             return method(*args, **kwargs)
+
     return wrapper
 
 
 def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
-        raise InfluenceLensError(f"The model ({type(model).__name__}) has no nn.Linear layer to use as its head.",
-                                 "use scope 'all' or a list of module names, or a classifier that ends in nn.Linear")
+        raise InfluenceLensError(
+            f"The model ({type(model).__name__}) has no nn.Linear layer to use as its head.",
+            "use scope 'all' or a list of module names, or a classifier that ends in nn.Linear",
+        )
     return found[-1]
 
 
@@ -161,13 +169,22 @@ class InfluenceModel:
     (for the head scope its features were computed there, so the backbone does not run again).
     """
 
-    def __init__(self, model: nn.Module, method: Method = DEFAULT_METHOD,
-                 scope: ScopeArg | str | Sequence[str] = Scope.HEAD, regularization: float | Damping = 1e-3,
-                 curvature: Curvature | str = Curvature.GAUSS_NEWTON, device: str | torch.device = "auto",
-                 batch_size: int = 64, progress: Progress | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method = DEFAULT_METHOD,
+        scope: ScopeArg | str | Sequence[str] = Scope.HEAD,
+        regularization: float | Damping = 1e-3,
+        curvature: Curvature | str = Curvature.GAUSS_NEWTON,
+        device: str | torch.device = "auto",
+        batch_size: int = 64,
+        progress: Progress | None = None,
+    ):
         if not isinstance(method, Method):
-            raise InfluenceLensError(f"method must be a configured method object, got {method!r}.",
-                                     "pass e.g. EKFAC() or Method.named('ekfac')")
+            raise InfluenceLensError(
+                f"method must be a configured method object, got {method!r}.",
+                "pass e.g. EKFAC() or Method.named('ekfac')",
+            )
         if int(batch_size) < 1:
             raise InfluenceLensError(f"batch_size must be at least 1, got {batch_size!r}.", "use e.g. 64")
         self.model, self.method, self.scope = model, method, parse_scope(scope)
@@ -200,8 +217,10 @@ class InfluenceModel:
             missing = [n for n in self.scope if n not in modules]
             if missing:
                 examples = ", ".join(n for n in list(modules)[1:6])
-                raise InfluenceLensError(f"Scope names modules the model does not have: {', '.join(missing)}.",
-                                         f"use module names from model.named_modules(), e.g. {examples}")
+                raise InfluenceLensError(
+                    f"Scope names modules the model does not have: {', '.join(missing)}.",
+                    f"use module names from model.named_modules(), e.g. {examples}",
+                )
             chosen = list(self.scope)
         params: dict[str, nn.Parameter] = {}
         for name in chosen:
@@ -213,8 +232,9 @@ class InfluenceModel:
 
     def _require_fitted(self) -> None:
         if not hasattr(self, "fitted_"):
-            raise InfluenceLensError("This InfluenceModel is not fitted yet.",
-                                     "call fit(x_train, y_train) (or load_state_dict) first")
+            raise InfluenceLensError(
+                "This InfluenceModel is not fitted yet.", "call fit(x_train, y_train) (or load_state_dict) first"
+            )
 
     @property
     def in_basis_(self) -> bool:
@@ -234,16 +254,23 @@ class InfluenceModel:
         elif hasattr(x, "__len__") and hasattr(x, "__getitem__"):
             first = x[0:1] if len(x) else torch.empty(0, 1, 1, 1)
         else:
-            raise InfluenceLensError(f"Images must be a float tensor (n, C, H, W) or an image source with len() and "
-                                     f"slicing, got {type(x).__name__}.", "pass x as float32 (n, C, H, W)")
+            raise InfluenceLensError(
+                f"Images must be a float tensor (n, C, H, W) or an image source with len() and "
+                f"slicing, got {type(x).__name__}.",
+                "pass x as float32 (n, C, H, W)",
+            )
         if not isinstance(first, torch.Tensor) or first.dim() != 4 or not first.is_floating_point():
             shape = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
-            raise InfluenceLensError(f"Images must be float (n, C, H, W), got {shape} "
-                                     f"{getattr(first, 'dtype', '')}.", "pass x as float32 (n, C, H, W)")
+            raise InfluenceLensError(
+                f"Images must be float (n, C, H, W), got {shape} {getattr(first, 'dtype', '')}.",
+                "pass x as float32 (n, C, H, W)",
+            )
         y = torch.as_tensor(y)
         if y.dim() != 1 or len(y) != len(x) or y.dtype not in (torch.int64, torch.int32):
-            raise InfluenceLensError(f"Labels must be an integer tensor of shape ({len(x)},), got {tuple(y.shape)} "
-                                     f"{y.dtype}.", "pass y as int64 (n,)")
+            raise InfluenceLensError(
+                f"Labels must be an integer tensor of shape ({len(x)},), got {tuple(y.shape)} {y.dtype}.",
+                "pass y as int64 (n,)",
+            )
         return x, y.long()
 
     def _block_data(self, x: Images | None, y) -> tuple[Images, torch.Tensor]:
@@ -251,8 +278,10 @@ class InfluenceModel:
         self._require_fitted()
         if x is None and y is None:
             if not hasattr(self, "train_inputs_"):
-                raise InfluenceLensError("This influence model was loaded from a state, not fitted on a training set.",
-                                         "pass the training images and labels explicitly")
+                raise InfluenceLensError(
+                    "This influence model was loaded from a state, not fitted on a training set.",
+                    "pass the training images and labels explicitly",
+                )
             return self.train_inputs_, self.y_train_
         if x is None or y is None:
             raise InfluenceLensError("Pass both x and y, or neither (the training set).", "pass x and y together")
@@ -278,7 +307,8 @@ class InfluenceModel:
                         raise InfluenceLensError(
                             f"The model's output is not the output of its last nn.Linear ({self.head_name_!r}); "
                             "the head scope needs logits = head(features).",
-                            "use scope 'all' or a list of module names")
+                            "use scope 'all' or a list of module names",
+                        )
                     parts.append(feats.reshape(len(feats), -1))
                     self._report("features", rows.stop, len(x))
         finally:
@@ -289,6 +319,7 @@ class InfluenceModel:
         def batches():
             for rows in self._chunks(len(x)):
                 yield x[rows].to(self.device_, torch.float32), y[rows].to(self.device_)
+
         return batches
 
     def _grads(self, x: Images, y: torch.Tensor, stage: str) -> Iterator[tuple[slice, Grads]]:
@@ -354,8 +385,9 @@ class InfluenceModel:
                 solved, scale = InfluenceFactors.compress(solved)
                 scales.append(scale)
             parts.append(solved)
-        return InfluenceFactors(concat(parts), self.regularization, concat(scales) if compress else None,
-                                self.in_basis_)
+        return InfluenceFactors(
+            concat(parts), self.regularization, concat(scales) if compress else None, self.in_basis_
+        )
 
     def _solved(self, x: Images, y: torch.Tensor, stage: str) -> Iterator[Grads]:
         """``(H + λI)⁻¹ ∇ℓ_i`` chunk by chunk, in parameter space or (``in_basis_``) as eigenbasis coordinates."""
@@ -384,7 +416,7 @@ class InfluenceModel:
                 gn = gn.reshape(gn.shape[0], -1).T
                 step = k if factors.scales is None else max(1, GRAD_CHUNK_BYTES // (4 * gn.shape[0]))
                 for start in range(0, k, step):
-                    out[start:start + step, rows] += (factors.rows(n, start, start + step) @ gn).cpu()
+                    out[start : start + step, rows] += (factors.rows(n, start, start + step) @ gn).cpu()
         return out.numpy()
 
     def influences(self, x_test: Images, y_test, x: Images | None = None, y=None) -> np.ndarray:
@@ -419,7 +451,7 @@ class InfluenceModel:
         x_test, y_test = self._check(x_test, y_test)
         if len(x_test) != 1:
             raise InfluenceLensError(f"saliency takes one test point, got {len(x_test)}.", "pass x_test[i:i+1]")
-        (_, g), = self._grads(*self._block_data(x_test, y_test), "test factors")
+        ((_, g),) = self._grads(*self._block_data(x_test, y_test), "test factors")
         solved = self._solve(g)  # in parameter space: the double backward runs through parameter gradients
         x, y = self._check(x_train, y_train)
         full_params = {self.full_names_[n]: p for n, p in detached(self.params_).items()}
@@ -428,6 +460,7 @@ class InfluenceModel:
         def influence_sum(images, labels):
             def loss(p):
                 return F.cross_entropy(functional_call(self.model, p, (images,)), labels, reduction="sum")
+
             g = grad(loss)(full_params)
             return sum((g[n] * test_factor[n]).sum() for n in g)
 
@@ -446,15 +479,20 @@ class InfluenceModel:
     def _check_factors(self, factors: InfluenceFactors) -> None:
         self._require_fitted()
         if not isinstance(factors, InfluenceFactors):
-            raise InfluenceLensError("influences_from_factors() takes the InfluenceFactors of test_factors().",
-                                     "call F = im.test_factors(x_test, y_test) first")
+            raise InfluenceLensError(
+                "influences_from_factors() takes the InfluenceFactors of test_factors().",
+                "call F = im.test_factors(x_test, y_test) first",
+            )
         if factors.in_basis != self.in_basis_:
-            raise InfluenceLensError("These test factors come from an influence model with another method.",
-                                     "call test_factors() on this influence model")
+            raise InfluenceLensError(
+                "These test factors come from an influence model with another method.",
+                "call test_factors() on this influence model",
+            )
         if factors.damping != self.regularization:
             raise InfluenceLensError(
                 f"These test factors were solved with λ = {factors.damping}, but λ is now {self.regularization}.",
-                "call test_factors() again after set_regularization()")
+                "call test_factors() again after set_regularization()",
+            )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The fitted curvature tensors of the method (empty for ``cg``/``lissa``, which keep none)."""
@@ -465,8 +503,10 @@ class InfluenceModel:
         """Restore a fitted curvature from :meth:`state_dict` instead of calling :meth:`fit` (influences then take
         the training images explicitly)."""
         if not state:
-            raise InfluenceLensError(f"Method {self.method.name!r} keeps no cached curvature state.",
-                                     "call fit(x_train, y_train) instead of load_state_dict()")
+            raise InfluenceLensError(
+                f"Method {self.method.name!r} keeps no cached curvature state.",
+                "call fit(x_train, y_train) instead of load_state_dict()",
+            )
         self._prepare()
         self.inverse_.load_state_dict({k: v.to(self.device_) for k, v in state.items()})
         self.fitted_ = True

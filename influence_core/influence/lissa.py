@@ -41,8 +41,10 @@ class LiSSA(Method):
     def __post_init__(self):
         positive("LiSSA", depth=self.depth, tol=self.tol, rhs_chunk=self.rhs_chunk)
         if self.scale != "auto" and not float(self.scale) > 0:
-            raise InfluenceLensError(f"lissa scale must be positive or 'auto', got {self.scale!r}.",
-                                     "use scale='auto' or a value above half the largest eigenvalue of H")
+            raise InfluenceLensError(
+                f"lissa scale must be positive or 'auto', got {self.scale!r}.",
+                "use scale='auto' or a value above half the largest eigenvalue of H",
+            )
         if not self.damping >= 0:
             raise InfluenceLensError(f"lissa damping must be ≥ 0, got {self.damping!r}.", "use damping=0")
 
@@ -91,8 +93,11 @@ class LiSSAInverse(IterativeInverse):
                 x[n][active] = new[n]
             active = active[row_dot(step, step).sqrt() > method.tol * norm]
         if len(active):
-            warnings.warn(f"lissa used all depth={method.depth} steps before {len(active)} columns reached "
-                          f"tol={method.tol:g}; raise depth or regularization", stacklevel=4)
+            warnings.warn(
+                f"lissa used all depth={method.depth} steps before {len(active)} columns reached "
+                f"tol={method.tol:g}; raise depth or regularization",
+                stacklevel=4,
+            )
         return {n: t / scale for n, t in x.items()}
 
 

@@ -65,7 +65,7 @@ def shape_state(shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
 
 
 def state_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
-    return {k[len("shape."):]: torch.Size(v.tolist()) for k, v in state.items() if k.startswith("shape.")}
+    return {k[len("shape.") :]: torch.Size(v.tolist()) for k, v in state.items() if k.startswith("shape.")}
 
 
 def unflatten(flat: torch.Tensor, like: dict[str, torch.Size]) -> Grads:
@@ -73,7 +73,7 @@ def unflatten(flat: torch.Tensor, like: dict[str, torch.Size]) -> Grads:
     out, start = {}, 0
     for name, shape in like.items():
         size = math.prod(shape)
-        out[name] = flat[:, start:start + size].reshape(flat.shape[0], *shape)
+        out[name] = flat[:, start : start + size].reshape(flat.shape[0], *shape)
         start += size
     return out
 
@@ -87,7 +87,7 @@ def split(grads: Grads, size: int) -> Iterator[Grads]:
     """Consecutive slices of ``size`` rows."""
     k = next(iter(grads.values())).shape[0]
     for start in range(0, k, size):
-        yield {n: g[start:start + size] for n, g in grads.items()}
+        yield {n: g[start : start + size] for n, g in grads.items()}
 
 
 def concat(parts: list[Grads]) -> Grads:
@@ -156,11 +156,11 @@ def curvature_matvec(
     group = rows_per_chunk(values, next(iter(vectors.values())).shape[0], TANGENT_BYTES)
     for x, y in batches():
         for start in range(0, len(next(iter(out.values()))), group):
-            part = {n: v[start:start + group] for n, v in vectors.items()}
+            part = {n: v[start : start + group] for n, v in vectors.items()}
             with torch.no_grad():  # torch.func transforms still differentiate; this only drops outside graphs
                 chunk = _chunk_matvec(model, values, x, y, curvature, part)
             for n in out:
-                out[n][start:start + group] += chunk[n]
+                out[n][start : start + group] += chunk[n]
     return {n: v / n_samples for n, v in out.items()}
 
 
@@ -168,6 +168,7 @@ def _chunk_matvec(model, values, x, y, curvature, vectors):
     if isinstance(model, nn.Linear):
         return _linear_matvec(model, values, x, vectors)
     if curvature == "hessian":
+
         def gradient(p):
             return grad(lambda q: _loss_sum(model, q, x, y))(p)
 
@@ -247,7 +248,7 @@ def curvature_matrix(
     for x, _ in batches():
         step = max(1, min(len(x), rows_per_chunk(values, 2**30) // 16))
         for start in range(0, len(x), step):
-            xs = x[start:start + step]
+            xs = x[start : start + step]
             with torch.no_grad():
                 jac = vmap(jacrev(logits_one), in_dims=(None, 0))(values, xs)  # (b, C, *shape)
             jac = torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()], dim=2).double()
@@ -286,16 +287,18 @@ def _linear_curvature_matrix(model: nn.Linear, values, batches, n_samples, progr
         for e in range(c):
             blocks[c, e] = blocks[e, c].T
     # row (c, j) of the [W, b] layout → flat index: weight (c, j) at c·d + j, bias c at C·d + c
-    order = torch.cat([torch.arange(classes * d).view(classes, d),
-                       classes * d + torch.arange(classes).view(classes, 1)], dim=1)[:, :width]
+    order = torch.cat(
+        [torch.arange(classes * d).view(classes, d), classes * d + torch.arange(classes).view(classes, 1)], dim=1
+    )[:, :width]
     position = torch.empty(classes * width, dtype=torch.long)
     position[order.flatten()] = torch.arange(classes * width)
     full = blocks.permute(0, 2, 1, 3).reshape(classes * width, classes * width) / n_samples
     return full[position][:, position]
 
 
-def power_iteration(matvec: Callable[[Grads], Grads], like: dict[str, torch.Tensor], steps: int = 20,
-                    seed: int = 0) -> float:
+def power_iteration(
+    matvec: Callable[[Grads], Grads], like: dict[str, torch.Tensor], steps: int = 20, seed: int = 0
+) -> float:
     """Estimate of the largest-magnitude eigenvalue of a symmetric operator (a lower bound on it)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     v = {n: torch.randn((1, *p.shape), generator=gen).to(p.device) for n, p in like.items()}
@@ -309,8 +312,9 @@ def power_iteration(matvec: Callable[[Grads], Grads], like: dict[str, torch.Tens
     return estimate
 
 
-def hutchinson_mean_eigenvalue(matvec: Callable[[Grads], Grads], like: dict[str, torch.Tensor],
-                               probes: int = TRACE_PROBES, seed: int = 0) -> float:
+def hutchinson_mean_eigenvalue(
+    matvec: Callable[[Grads], Grads], like: dict[str, torch.Tensor], probes: int = TRACE_PROBES, seed: int = 0
+) -> float:
     """``trace(H)/p`` estimated as the mean of ``vᵀ H v / p`` over Rademacher vectors ``v`` (one batched product).
 
     Unbiased; its relative error is ``√(2(‖H‖_F² − Σ H_ii²)/probes)/trace(H)``, at most ``√(2/probes)``

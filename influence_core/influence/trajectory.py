@@ -109,16 +109,24 @@ def scope_parameters(model: nn.Module, scope: str | list[str]) -> dict[str, nn.P
         chosen = list(scope)
         missing = [n for n in chosen if n not in modules]
         if missing:
-            raise InfluenceLensError(f"Scope names modules the model does not have: {', '.join(missing)}.",
-                                     "use names from model.named_modules()")
+            raise InfluenceLensError(
+                f"Scope names modules the model does not have: {', '.join(missing)}.",
+                "use names from model.named_modules()",
+            )
     params = {f"{n}.{p}": t for n in chosen for p, t in modules[n].named_parameters(recurse=False)}
     if not params:
         raise InfluenceLensError(f"Scope {scope!r} selects no parameters.", "pick Conv2d or Linear modules")
     return params
 
 
-def per_sample_grads(model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor, y: torch.Tensor,
-                     batch_size: int, device: torch.device) -> Iterator[tuple[slice, Grads]]:
+def per_sample_grads(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[tuple[slice, Grads]]:
     """``(rows, grads)`` chunks: ``grads[name]`` ``(b, *param.shape)`` float32, the per-sample cross-entropy
     gradients of ``model`` (eval mode) for ``x[rows]`` ``(b, C, H, W)``, ``y[rows]``."""
     values = {n: p.detach() for n, p in params.items()}
@@ -150,8 +158,9 @@ class KroneckerEigen:
     layers: list[tuple[str | None, str | None, torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def fit(cls, model: nn.Module, scope, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-            device: torch.device) -> KroneckerEigen:
+    def fit(
+        cls, model: nn.Module, scope, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device
+    ) -> KroneckerEigen:
         """Fit EK-FAC (Gauss-Newton) on ``x``, ``y`` through the influence engine and keep its eigenbases."""
         from .engine import InfluenceModel
         from .kfac import EKFAC
@@ -163,8 +172,15 @@ class KroneckerEigen:
         layers = []
         for key in sorted({k.rpartition("|")[0] for k in state}):
             w, b = key.split("|")
-            layers.append((w or None, b or None, state[f"{key}|Q_A"].float(), state[f"{key}|Q_G"].float(),
-                           state[f"{key}|eigenvalues"].float().clamp_min(0)))
+            layers.append(
+                (
+                    w or None,
+                    b or None,
+                    state[f"{key}|Q_A"].float(),
+                    state[f"{key}|Q_G"].float(),
+                    state[f"{key}|eigenvalues"].float().clamp_min(0),
+                )
+            )
         return cls(layers)
 
     def apply(self, vectors: Grads, functions: list[Callable[[torch.Tensor], torch.Tensor]]) -> list[Grads]:
@@ -172,8 +188,9 @@ class KroneckerEigen:
         vectors ``v`` (``vectors[name]`` ``(k, *param.shape)``); the basis rotation is shared by all ``f``."""
         outs: list[Grads] = [{} for _ in functions]
         for w, b, q_a, q_g, evals in self.layers:
-            parts = ([vectors[w].flatten(2) if vectors[w].dim() > 2 else vectors[w]] if w else []) + \
-                    ([vectors[b][..., None]] if b else [])
+            parts = ([vectors[w].flatten(2) if vectors[w].dim() > 2 else vectors[w]] if w else []) + (
+                [vectors[b][..., None]] if b else []
+            )
             m = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]  # (k, out, d)
             rotated = q_g.T @ m @ q_a
             zero = torch.zeros((), dtype=evals.dtype)
@@ -190,9 +207,11 @@ class KroneckerEigen:
 
 def unrolled_gain(horizon: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """``λ ↦ (1 − exp(−horizon λ)) / λ`` (``horizon`` at λ = 0): SOURCE's segment operator ``(I − S) H⁻¹``."""
+
     def f(lam: torch.Tensor) -> torch.Tensor:
         safe = torch.where(lam > 0, lam, torch.ones_like(lam))
         return torch.where(lam * horizon > 1e-8, -torch.expm1(-horizon * lam) / safe, horizon * (1 - lam * horizon / 2))
+
     return f
 
 
@@ -214,15 +233,26 @@ class TrajectoryInfluence:
     (default :meth:`KroneckerEigen.fit`; tests pass an exact one).
     """
 
-    def __init__(self, models: list[nn.Module], lr_sums: list[float], method: str = "source",
-                 scope: str | list[str] = "all", step_scale: float = 1.0, batch_size: int = 16,
-                 test_chunk: int = 64, device: str | torch.device = "auto", progress: Progress | None = None,
-                 curvature_fit: Callable[..., KroneckerEigen] | None = None):
+    def __init__(
+        self,
+        models: list[nn.Module],
+        lr_sums: list[float],
+        method: str = "source",
+        scope: str | list[str] = "all",
+        step_scale: float = 1.0,
+        batch_size: int = 16,
+        test_chunk: int = 64,
+        device: str | torch.device = "auto",
+        progress: Progress | None = None,
+        curvature_fit: Callable[..., KroneckerEigen] | None = None,
+    ):
         if method not in TRAJECTORY_METHODS:
             raise InfluenceLensError(f"Unknown trajectory method {method!r}.", f"use one of {TRAJECTORY_METHODS}")
         if len(models) != len(lr_sums) or not models:
-            raise InfluenceLensError("Trajectory influence needs one step-size sum per checkpoint.",
-                                     "pass models and lr_sums of the same, nonzero length")
+            raise InfluenceLensError(
+                "Trajectory influence needs one step-size sum per checkpoint.",
+                "pass models and lr_sums of the same, nonzero length",
+            )
         if not step_scale > 0:
             raise InfluenceLensError(f"step_scale must be positive, got {step_scale!r}.", "use e.g. 1")
         self.device = resolve_device(device)
@@ -239,8 +269,9 @@ class TrajectoryInfluence:
         if self.method == "source":
             self.curvatures = []
             for k, model in enumerate(self.models):
-                self.curvatures.append(self.curvature_fit(model, self.scope, x_train, y_train, self.batch_size,
-                                                          self.device))
+                self.curvatures.append(
+                    self.curvature_fit(model, self.scope, x_train, y_train, self.batch_size, self.device)
+                )
                 self._report("curvature", k + 1, len(self.models))
         return self
 
@@ -250,9 +281,9 @@ class TrajectoryInfluence:
 
     def _test_vectors(self, x: torch.Tensor, y: torch.Tensor) -> list[Grads]:
         """Per segment, the test-side vectors ``v_ℓ`` ``(k, *param.shape)`` with ``I[t, i] = Σ_ℓ v_ℓ,tᵀ g_ℓ,i``."""
+
         def grads_at(k: int) -> Grads:
-            parts = [g for _, g in per_sample_grads(self.models[k], self.params[k], x, y, self.batch_size,
-                                                    self.device)]
+            parts = [g for _, g in per_sample_grads(self.models[k], self.params[k], x, y, self.batch_size, self.device)]
             return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
         if self.method == "tracin":
@@ -312,8 +343,13 @@ class TrajectorySettings:
         return self.scope if self.scope in ("head", "all") else [s.strip() for s in self.scope.split(",")]
 
 
-def compute_trajectory(run, settings: TrajectorySettings = TrajectorySettings(), device: str = "auto",
-                       progress: Progress | None = None, recompute: bool = False) -> InfluencePaths:
+def compute_trajectory(
+    run,
+    settings: TrajectorySettings = TrajectorySettings(),
+    device: str = "auto",
+    progress: Progress | None = None,
+    recompute: bool = False,
+) -> InfluencePaths:
     """Compute (or fetch) a trajectory method's results for ``run`` (an ``influence_core.Run``) and cache them in
     ``run_dir/influence/<key>/`` in the format of ``influence_core.pipeline`` (zarr matrix, summaries,
     ``self_influence.npy``; ``checkpoint_self_influence.npy`` holds each segment's term, (n_segments, n_train)),
@@ -323,8 +359,14 @@ def compute_trajectory(run, settings: TrajectorySettings = TrajectorySettings(),
 
     segments = run_segments(run)
     samples = run.samples[run.samples["split"].isin(["train", "test"])]
-    key = stable_hash(CACHE_VERSION, [file_hash(s.checkpoint) for s in segments], samples["id"].tolist(),
-                      samples["label"].to_numpy(), samples["split"].tolist(), dataclasses.asdict(settings))
+    key = stable_hash(
+        CACHE_VERSION,
+        [file_hash(s.checkpoint) for s in segments],
+        samples["id"].tolist(),
+        samples["label"].to_numpy(),
+        samples["split"].tolist(),
+        dataclasses.asdict(settings),
+    )
     paths = run.paths.influence_entry(key)
     if not recompute and paths.is_complete():
         return paths
@@ -336,9 +378,15 @@ def compute_trajectory(run, settings: TrajectorySettings = TrajectorySettings(),
     try:
         timings = {}
         t = time.perf_counter()
-        ti = TrajectoryInfluence([run.load_model(s.checkpoint) for s in segments], [s.lr_sum for s in segments],
-                                 settings.method, settings.scope_arg(), settings.step_scale, device=device,
-                                 progress=progress).fit(x_train, y_train)
+        ti = TrajectoryInfluence(
+            [run.load_model(s.checkpoint) for s in segments],
+            [s.lr_sum for s in segments],
+            settings.method,
+            settings.scope_arg(),
+            settings.step_scale,
+            device=device,
+            progress=progress,
+        ).fit(x_train, y_train)
         timings["fit"] = time.perf_counter() - t
         t = time.perf_counter()
         segment_si = ti.segment_self_influence(x_train, y_train)
@@ -354,15 +402,22 @@ def compute_trajectory(run, settings: TrajectorySettings = TrajectorySettings(),
         summaries.write(tmp)
         write_histograms(tmp, y_train.numpy(), run.n_classes)
         np.save(tmp.checkpoint_self_influence, segment_si)
-        atomic_write_json(tmp.meta, {
-            "settings": dataclasses.asdict(settings) | {"kind": "trajectory"},
-            "checkpoints": [s.checkpoint.name for s in segments], "lr_sums": [s.lr_sum for s in segments],
-            "n_train": len(y_train), "n_test": len(y_test), "timings_s": timings, "created": time.time(),
-            "device": str(ti.device)})
+        atomic_write_json(
+            tmp.meta,
+            {
+                "settings": dataclasses.asdict(settings) | {"kind": "trajectory"},
+                "checkpoints": [s.checkpoint.name for s in segments],
+                "lr_sums": [s.lr_sum for s in segments],
+                "n_train": len(y_train),
+                "n_test": len(y_test),
+                "timings_s": timings,
+                "created": time.time(),
+                "device": str(ti.device),
+            },
+        )
         shutil.rmtree(paths.root, ignore_errors=True)
         os.replace(tmp.root, paths.root)
     finally:
         shutil.rmtree(tmp.root, ignore_errors=True)
-    log.info("trajectory influence (%s, %s) computed in %.1f s", settings.method, settings.scope,
-             sum(timings.values()))
+    log.info("trajectory influence (%s, %s) computed in %.1f s", settings.method, settings.scope, sum(timings.values()))
     return paths

@@ -34,13 +34,26 @@ def influence_histogram(h: GroupedHistogram, title: str, x_title: str) -> go.Fig
     rows = -(-n // cols)
     totals = h.counts.sum(1) + h.below + h.above
     titles = [f"{g} — {int(t):,} images" for g, t in zip(h.groups, totals, strict=True)]
-    fig = make_subplots(rows, cols, shared_xaxes="all", subplot_titles=titles, vertical_spacing=min(0.3 / rows, 0.12),
-                        horizontal_spacing=0.06)
+    fig = make_subplots(
+        rows,
+        cols,
+        shared_xaxes="all",
+        subplot_titles=titles,
+        vertical_spacing=min(0.3 / rows, 0.12),
+        horizontal_spacing=0.06,
+    )
     centres, widths = (h.edges[1:] + h.edges[:-1]) / 2, np.diff(h.edges)
     for i, (group, counts) in enumerate(zip(h.groups, h.counts, strict=True)):
-        fig.add_bar(x=centres, y=counts, width=widths, name=group, marker_color=COLORS[i % len(COLORS)],
-                    hovertemplate=f"{group}<br>%{{x:.3g}}: %{{y}} images<extra></extra>", row=i // cols + 1,
-                    col=i % cols + 1)
+        fig.add_bar(
+            x=centres,
+            y=counts,
+            width=widths,
+            name=group,
+            marker_color=COLORS[i % len(COLORS)],
+            hovertemplate=f"{group}<br>%{{x:.3g}}: %{{y}} images<extra></extra>",
+            row=i // cols + 1,
+            col=i % cols + 1,
+        )
     fig.add_vline(x=0, line_dash="dot", line_color="grey")
     fig.update_xaxes(range=[h.edges[0], h.edges[-1]])
     for c in range(1, cols + 1):
@@ -54,8 +67,15 @@ def influence_histogram(h: GroupedHistogram, title: str, x_title: str) -> go.Fig
 def loss_curve_figure(history: list[dict]) -> go.Figure:
     """Training and validation loss per epoch, with human names in the legend (``history.json`` rows)."""
     df = pd.DataFrame(history).melt("epoch", list(LOSS_NAMES), "curve", "loss").replace({"curve": LOSS_NAMES})
-    fig = px.line(df, x="epoch", y="loss", color="curve", markers=True, title="Training and validation loss",
-                  color_discrete_map={"training loss": "#4477aa", "validation loss": "#ee6677"})
+    fig = px.line(
+        df,
+        x="epoch",
+        y="loss",
+        color="curve",
+        markers=True,
+        title="Training and validation loss",
+        color_discrete_map={"training loss": "#4477aa", "validation loss": "#ee6677"},
+    )
     fig.update_layout(height=420, xaxis_dtick=1, legend=dict(title_text="", orientation="h", y=-0.2))
     return fig
 
@@ -64,15 +84,31 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], k: int = 15) -
     """The confusion matrix as a heatmap, or with many classes the ``k`` largest confusions as bars."""
     if len(classes) > MAX_HEATMAP_CLASSES:
         top = top_confusions(matrix, classes, k).iloc[::-1]
-        fig = go.Figure(go.Bar(x=top["test images"], y=top["true"] + " → " + top["predicted"], orientation="h",
-                               marker_color=BAD, customdata=top["share of true class"],
-                               hovertemplate="%{y}: %{x} test images (%{customdata:.0%} of the true class)"
-                                             "<extra></extra>"))
-        fig.update_layout(title=f"Largest confusions (true → predicted), {len(top)} of {len(classes)}² cells",
-                          xaxis_title="test images", height=max(300, 60 + 24 * len(top)))
+        fig = go.Figure(
+            go.Bar(
+                x=top["test images"],
+                y=top["true"] + " → " + top["predicted"],
+                orientation="h",
+                marker_color=BAD,
+                customdata=top["share of true class"],
+                hovertemplate="%{y}: %{x} test images (%{customdata:.0%} of the true class)<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            title=f"Largest confusions (true → predicted), {len(top)} of {len(classes)}² cells",
+            xaxis_title="test images",
+            height=max(300, 60 + 24 * len(top)),
+        )
         return fig
-    fig = px.imshow(np.asarray(matrix), x=classes, y=classes, text_auto=True, color_continuous_scale="Blues",
-                    labels=dict(x="predicted", y="true", color="test images"), title="Confusion matrix (test set)")
+    fig = px.imshow(
+        np.asarray(matrix),
+        x=classes,
+        y=classes,
+        text_auto=True,
+        color_continuous_scale="Blues",
+        labels=dict(x="predicted", y="true", color="test images"),
+        title="Confusion matrix (test set)",
+    )
     fig.update_xaxes(type="category", side="bottom")
     fig.update_yaxes(type="category")
     fig.update_layout(height=420, coloraxis_showscale=False)
@@ -85,14 +121,22 @@ def detection_figure(curves: dict[str, pd.DataFrame], max_points: int = 400) -> 
     fig = go.Figure()
     for i, (name, d) in enumerate(curves.items()):
         keep = np.unique(np.linspace(0, len(d) - 1, min(len(d), max_points)).round().astype(int))
-        fig.add_scatter(x=d["inspected"].to_numpy()[keep], y=d["found"].to_numpy()[keep], mode="lines", name=name,
-                        line_color=COLORS[i % len(COLORS)])
+        fig.add_scatter(
+            x=d["inspected"].to_numpy()[keep],
+            y=d["found"].to_numpy()[keep],
+            mode="lines",
+            name=name,
+            line_color=COLORS[i % len(COLORS)],
+        )
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="random order", line=dict(dash="dot", color="grey"))
     ticks = dict(tickformat=".0%", tickvals=np.linspace(0, 1, 6), range=[-0.01, 1.02])
-    fig.update_layout(title="Share of flipped labels found<br>vs share of training images inspected",
-                      xaxis=dict(title="training images inspected", **ticks),
-                      yaxis=dict(title="flipped labels found", **ticks), height=380 + 22 * len(curves),
-                      legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0))
+    fig.update_layout(
+        title="Share of flipped labels found<br>vs share of training images inspected",
+        xaxis=dict(title="training images inspected", **ticks),
+        yaxis=dict(title="flipped labels found", **ticks),
+        height=380 + 22 * len(curves),
+        legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),
+    )
     return fig
 
 
@@ -100,14 +144,21 @@ def clean_vs_flipped_figure(values: np.ndarray, labels: list[str], flipped: np.n
     """Box plots of ``values`` (n,) for clean and flipped training points by given label (``order``: labels drawn)."""
     df = pd.DataFrame({"label": labels, "mean influence": values, "points": np.where(flipped, "flipped", "clean")})
     df = df[df["label"].isin(order)]
-    fig = px.box(df, x="label", y="mean influence", color="points", points="outliers",
-                 color_discrete_map={"clean": GOOD, "flipped": BAD},
-                 category_orders={"label": order, "points": ["clean", "flipped"]},
-                 title="Mean influence on the test set of clean and flipped training images, by given label")
+    fig = px.box(
+        df,
+        x="label",
+        y="mean influence",
+        color="points",
+        points="outliers",
+        color_discrete_map={"clean": GOOD, "flipped": BAD},
+        category_orders={"label": order, "points": ["clean", "flipped"]},
+        title="Mean influence on the test set of clean and flipped training images, by given label",
+    )
     fig.add_hline(y=0, line_dash="dot", line_color="grey")
     fig.update_xaxes(type="category")
-    fig.update_layout(height=420, legend=dict(title_text="", orientation="h", yanchor="bottom", y=1.0, x=1,
-                                              xanchor="right"))
+    fig.update_layout(
+        height=420, legend=dict(title_text="", orientation="h", yanchor="bottom", y=1.0, x=1, xanchor="right")
+    )
     return fig
 
 

@@ -84,8 +84,9 @@ class LayerFactors:
             q_a, q_g = complete_basis(self.q_a), complete_basis(self.q_g)
             evals = self.eigenvalues.new_zeros(q_g.shape[1], q_a.shape[1])
             evals[: self.eigenvalues.shape[0], : self.eigenvalues.shape[1]] = self.eigenvalues
-            self._completed[dtype] = LayerFactors(self.weight_name, self.bias_name, self.weight_shape,
-                                                  q_a.to(dtype), q_g.to(dtype), evals.to(dtype))
+            self._completed[dtype] = LayerFactors(
+                self.weight_name, self.bias_name, self.weight_shape, q_a.to(dtype), q_g.to(dtype), evals.to(dtype)
+            )
         return self._completed[dtype]
 
 

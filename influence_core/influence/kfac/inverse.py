@@ -111,7 +111,8 @@ class KFAC(Method):
             raise InfluenceLensError(
                 f"Method {self.name!r} approximates the Gauss-Newton (Fisher) matrix only; curvature "
                 f"{curvature.value!r} has no Kronecker-factored form.",
-                "use curvature='gauss-newton', or a method that supports 'hessian' (direct, cg, lissa, arnoldi)")
+                "use curvature='gauss-newton', or a method that supports 'hessian' (direct, cg, lissa, arnoldi)",
+            )
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,14 @@ class KFACInverse(EigenbasisInverse):
     method: KFAC
 
     # ------------------------------------------------------------------ fit
-    def fit(self, model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, n_samples: int,
-            progress: Progress | None = None) -> KFACInverse:
+    def fit(
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        batches: Batches,
+        n_samples: int,
+        progress: Progress | None = None,
+    ) -> KFACInverse:
         """Covariances → eigendecomposition → (EK-FAC) eigenvalue correction, over ``batches()``."""
         if n_samples < 1:
             raise InfluenceLensError("The training set is empty.", "pass at least one training sample")
@@ -174,9 +181,16 @@ class KFACInverse(EigenbasisInverse):
             device = next(layer.module.parameters()).device
             q_a, l_a = cov_a.eig(n_samples, self.dtype, device)
             q_g, l_g = cov_g.eig(n_samples, self.dtype, device)
-            layers.append(LayerFactors(layer.weight_name, layer.bias_name,
-                                       tuple(layer.module.weight.shape) if layer.weight_name else (),
-                                       q_a, q_g, l_g[:, None] * l_a[None, :]))
+            layers.append(
+                LayerFactors(
+                    layer.weight_name,
+                    layer.bias_name,
+                    tuple(layer.module.weight.shape) if layer.weight_name else (),
+                    q_a,
+                    q_g,
+                    l_g[:, None] * l_a[None, :],
+                )
+            )
             covariances[i] = None  # free the dense covariance before the next layer's eigendecomposition
         if progress:
             progress(stage, len(tracked), len(tracked))
@@ -203,7 +217,7 @@ class KFACInverse(EigenbasisInverse):
                         sums[i].addmm_(((g @ f.q_g)[:, 0] ** 2).T, a[:, 0] ** 2)
                         continue
                     for rot in _rotated_per_sample(g, a, f, rotate_first):
-                        sums[i].add_((rot ** 2).sum(0))
+                        sums[i].add_((rot**2).sum(0))
 
         pass_.run(f"{self.method.name}: eigenvalue correction", correct)
         for f, total in zip(self.layers, sums, strict=True):
@@ -222,7 +236,7 @@ class KFACInverse(EigenbasisInverse):
             # ascending eigenvalues of a PSD matrix with null vector 1: the first is 0 and is dropped
             evals, vecs = torch.linalg.eigh(torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
             roots = evals[:, 1:].clamp_min(0).sqrt()
-            return [(vecs[:, :, k + 1] * roots[:, k:k + 1]).to(logits.dtype) for k in range(n_classes - 1)]
+            return [(vecs[:, :, k + 1] * roots[:, k : k + 1]).to(logits.dtype) for k in range(n_classes - 1)]
         if self.generator is None:
             self.generator = torch.Generator(device=logits.device).manual_seed(self.method.seed)
         m = self.method.label_samples
@@ -243,8 +257,9 @@ class KFACInverse(EigenbasisInverse):
         known = {n for f in self.layers for n in (f.weight_name, f.bias_name) if n is not None}
         extra, missing = set(grads) - known, known - set(grads)
         if extra or missing:
-            raise ValueError(f"solve() got gradients for parameters {sorted(extra)} that were not fitted"
-                             f" and lacks {sorted(missing)}")
+            raise ValueError(
+                f"solve() got gradients for parameters {sorted(extra)} that were not fitted and lacks {sorted(missing)}"
+            )
         lams = self.block_regularization(damping)
         out: Grads = {}
         for f in self.layers:
@@ -271,15 +286,17 @@ class KFACInverse(EigenbasisInverse):
         return {name: out[name] for name in grads}
 
     # ------------------------------------------------------------------ eigenbasis
-    def basis_grads(self, model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor,
-                    y: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    def basis_grads(
+        self, model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor, y: torch.Tensor
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Per layer block ``key``: ``Q_Gᵀ [∇_W ℓ_i | ∇_b ℓ_i] Q_A`` for each sample, ``(b, out, d)`` in ``x``'s
         precision (complete bases), from one forward and one backward pass with hooks."""
         tracked = tracked_layers(model, params)
         by_key = {f.key: f for f in self.layers}
         if {layer.key for layer in tracked} != set(by_key):
-            raise ValueError(f"basis_grads() got layers {sorted(layer.key for layer in tracked)} but fitted "
-                             f"{sorted(by_key)}")
+            raise ValueError(
+                f"basis_grads() got layers {sorted(layer.key for layer in tracked)} but fitted {sorted(by_key)}"
+            )
         dtype = x.dtype
         with hooked(tracked), torch.enable_grad():
             logits = model(x)
@@ -319,11 +336,21 @@ class KFACInverse(EigenbasisInverse):
         layers = []
         for prefix, t in groups.items():
             if set(t) != {"Q_A", "Q_G", "eigenvalues", "weight_shape"} or prefix.count("|") != 1:
-                raise InfluenceLensError(f"The cached {self.method.name} state is incomplete or from another method.",
-                                         "delete the cache and fit again")
+                raise InfluenceLensError(
+                    f"The cached {self.method.name} state is incomplete or from another method.",
+                    "delete the cache and fit again",
+                )
             w, b = prefix.split("|")
-            layers.append(LayerFactors(w or None, b or None, tuple(int(s) for s in t["weight_shape"].tolist()),
-                                       t["Q_A"], t["Q_G"], t["eigenvalues"]))
+            layers.append(
+                LayerFactors(
+                    w or None,
+                    b or None,
+                    tuple(int(s) for s in t["weight_shape"].tolist()),
+                    t["Q_A"],
+                    t["Q_G"],
+                    t["eigenvalues"],
+                )
+            )
         self.layers = layers
 
 
@@ -349,13 +376,17 @@ class _DataPass:
             with torch.enable_grad():
                 logits = self.model(x)
                 if logits.dim() != 2:
-                    raise InfluenceLensError(f"K-FAC needs logits of shape (b, classes), got {tuple(logits.shape)}.",
-                                             "use a classifier that returns (b, C) logits")
+                    raise InfluenceLensError(
+                        f"K-FAC needs logits of shape (b, classes), got {tuple(logits.shape)}.",
+                        "use a classifier that returns (b, C) logits",
+                    )
                 silent = [layer.module_name or "<model>" for layer in self.layers if not layer.inputs]
                 if silent:
                     raise InfluenceLensError(
                         f"Module(s) {', '.join(silent)} were not called through their forward(), so K-FAC "
-                        "cannot see their inputs.", "limit the scope to modules called as module(x)")
+                        "cannot see their inputs.",
+                        "limit the scope to modules called as module(x)",
+                    )
                 on_batch(logits, self.columns(logits.detach()))
             for layer in self.layers:
                 layer.clear()
@@ -376,8 +407,9 @@ def _rotate_first(t: int, f: LayerFactors, n_columns: int) -> bool:
     return rotate <= per_sample
 
 
-def _rotated_per_sample(g: torch.Tensor, a: torch.Tensor, f: LayerFactors,
-                        rotate_first: bool) -> Iterator[torch.Tensor]:
+def _rotated_per_sample(
+    g: torch.Tensor, a: torch.Tensor, f: LayerFactors, rotate_first: bool
+) -> Iterator[torch.Tensor]:
     """Per-sample gradients ``Q_Gᵀ (Σ_t g_t a_tᵀ) Q_A`` ``(s, r_G, r_A)`` for consecutive sub-chunks of the batch.
 
     ``g (b, T, out)`` output gradients; ``rotate_first``: ``a (b, T, r_A)`` inputs already rotated
@@ -389,9 +421,9 @@ def _rotated_per_sample(g: torch.Tensor, a: torch.Tensor, f: LayerFactors,
         g = g @ f.q_g
         step = max(1, PER_SAMPLE_BUDGET // max(1, g.shape[2] * a.shape[2]))
         for start in range(0, g.shape[0], step):
-            yield g[start:start + step].transpose(1, 2) @ a[start:start + step]
+            yield g[start : start + step].transpose(1, 2) @ a[start : start + step]
         return
     step = max(1, PER_SAMPLE_BUDGET // max(1, g.shape[2] * a.shape[2]))
     for start in range(0, g.shape[0], step):
-        per_sample = g[start:start + step].transpose(1, 2) @ a[start:start + step]  # (s, out, d)
+        per_sample = g[start : start + step].transpose(1, 2) @ a[start : start + step]  # (s, out, d)
         yield sandwich(f.q_g.T, per_sample, f.q_a)

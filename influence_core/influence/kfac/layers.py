@@ -91,8 +91,10 @@ class TrackedLayer(ABC):
 
     def output_grads(self, grads: list[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         """Gradients w.r.t. the outputs of the last forward as ``(b, T, out)``."""
-        parts = [self.output_rows(torch.zeros_like(out) if g is None else g)
-                 for g, out in zip(grads, self.outputs, strict=True)]
+        parts = [
+            self.output_rows(torch.zeros_like(out) if g is None else g)
+            for g, out in zip(grads, self.outputs, strict=True)
+        ]
         g = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return g.to(dtype)
 
@@ -129,7 +131,8 @@ class TrackedConv2d(TrackedLayer):
             raise InfluenceLensError(
                 f"K-FAC/EK-FAC support Conv2d with groups=1 and zero padding only; {module_name!r} has groups="
                 f"{module.groups}, padding_mode={module.padding_mode!r}.",
-                "exclude that layer from the scope, or use another method (direct, cg, lissa, arnoldi)")
+                "exclude that layer from the scope, or use another method (direct, cg, lissa, arnoldi)",
+            )
         super().__init__(module, module_name, weight_name, bias_name)
 
     @property
@@ -139,8 +142,10 @@ class TrackedConv2d(TrackedLayer):
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         if x.dim() != 4:
-            raise InfluenceLensError(f"K-FAC needs batched 4-D inputs for Conv2d {self.module_name!r}, got shape "
-                                     f"{tuple(x.shape)}.", "feed (b, C, H, W) tensors")
+            raise InfluenceLensError(
+                f"K-FAC needs batched 4-D inputs for Conv2d {self.module_name!r}, got shape {tuple(x.shape)}.",
+                "feed (b, C, H, W) tensors",
+            )
         padding = m.padding
         if isinstance(padding, str):
             if padding == "same":  # stride 1: pad like nn.Conv2d does, then unfold without padding
@@ -174,16 +179,25 @@ def tracked_layers(model: nn.Module, params: dict[str, nn.Parameter]) -> list[Tr
                 f"K-FAC/EK-FAC support only {', '.join(t.__name__ for t in LAYER_TYPES)} layers, but parameter(s) "
                 f"{', '.join(by_id[id(p)] for p in own.values())} belong to {mname or '<model>'!r} "
                 f"({type(module).__name__}).",
-                "limit the scope to those modules, or use another method (direct, cg, lissa, arnoldi)")
+                "limit the scope to those modules, or use another method (direct, cg, lissa, arnoldi)",
+            )
         if set(own) - {"weight", "bias"}:
             raise ValueError(f"unexpected parameters {sorted(own)} in {mname!r}")
         owned.update(id(p) for p in own.values())
-        layers.append(kind(module, mname, by_id[id(own["weight"])] if "weight" in own else None,
-                           by_id[id(own["bias"])] if "bias" in own else None))
+        layers.append(
+            kind(
+                module,
+                mname,
+                by_id[id(own["weight"])] if "weight" in own else None,
+                by_id[id(own["bias"])] if "bias" in own else None,
+            )
+        )
     stray = [n for n, p in params.items() if id(p) not in owned]
     if stray:
-        raise InfluenceLensError(f"Parameter(s) {', '.join(stray)} are not parameters of the model.",
-                                 "pass parameters taken from model.named_parameters()")
+        raise InfluenceLensError(
+            f"Parameter(s) {', '.join(stray)} are not parameters of the model.",
+            "pass parameters taken from model.named_parameters()",
+        )
     return layers
 
 
@@ -201,6 +215,7 @@ def hooked(layers: list[TrackedLayer]):
             layer.inputs.append(args[0].detach())
             layer.outputs.append(output)
             return output.clone()
+
         return hook
 
     try:
@@ -219,16 +234,16 @@ def hooked(layers: list[TrackedLayer]):
             layer.clear()
 
 
-def column_grads(layers: list[TrackedLayer], logits: torch.Tensor,
-                 columns: list[torch.Tensor]) -> Iterator[list[list[torch.Tensor | None]]]:
+def column_grads(
+    layers: list[TrackedLayer], logits: torch.Tensor, columns: list[torch.Tensor]
+) -> Iterator[list[list[torch.Tensor | None]]]:
     """For each output-curvature column ``s``: per layer, the gradients of ``logitsᵀ s`` w.r.t. its outputs."""
     outs = [o for layer in layers for o in layer.outputs]
     for i, s in enumerate(columns):
-        flat = torch.autograd.grad(logits, outs, grad_outputs=s, retain_graph=i < len(columns) - 1,
-                                   allow_unused=True)
+        flat = torch.autograd.grad(logits, outs, grad_outputs=s, retain_graph=i < len(columns) - 1, allow_unused=True)
         grads: list[list[torch.Tensor | None]] = []
         pos = 0
         for layer in layers:
-            grads.append(list(flat[pos:pos + len(layer.outputs)]))
+            grads.append(list(flat[pos : pos + len(layer.outputs)]))
             pos += len(layer.outputs)
         yield grads
