@@ -121,7 +121,7 @@ def _split_arg(values: list[str]) -> tuple[float, float, float] | str:
             f"--split takes three fractions or 'official', not {' '.join(values)}.",
             "for example --split 0.8 0.1 0.1, or --split official for fashion-mnist",
         )
-    return fractions  # type: ignore[return-value]
+    return fractions
 
 
 def _influence(args) -> None:

@@ -133,17 +133,24 @@ class ImageView:
         self.positions = state["positions"]
 
 
-class ModelInputs(ImageView):
-    """The same rows as normalised model inputs: ``x[rows] -> (k, 3, S, S)`` float32 (ImageNet mean/std), the
-    lazy image source the engine and training read batch by batch. Memory: the rows asked for, nothing more."""
+class ModelInputs:
+    """Rows of an image array as normalised model inputs: ``x[rows] -> (k, 3, S, S)`` float32 (ImageNet mean/std),
+    ``len(x)``, ``x.shape``: the lazy image source the engine and training read batch by batch. ``pixels`` is the
+    :class:`ImageView` it reads (and pickles) through. Memory: the rows asked for, nothing more."""
+
+    def __init__(self, images: np.ndarray, positions: np.ndarray | None = None):
+        self.pixels = ImageView(images, positions)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        n, s, _, c = super().shape
+        n, s, _, c = self.pixels.shape
         return (n, c, s, s)
 
     def __getitem__(self, rows) -> torch.Tensor:
-        return normalise(super().__getitem__(rows))
+        return normalise(self.pixels[rows])
 
 
 def normalise(images: np.ndarray) -> torch.Tensor:
@@ -256,10 +263,11 @@ def split_dataset(
     """
     from sklearn.model_selection import train_test_split
 
-    fractions = fractions if isinstance(fractions, str) else tuple(float(f) for f in fractions)
-    check_split(fractions, downsample)
     if isinstance(fractions, str):
+        check_split(fractions, downsample)
         return _official_split(np.asarray(labels), fractions, seed, downsample, ids)
+    fractions = (float(fractions[0]), float(fractions[1]), float(fractions[2])) if len(fractions) == 3 else fractions
+    check_split(tuple(fractions), downsample)
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
         name = f" ({classes[int(labels[0])]})" if classes and len(labels) else ""
@@ -340,7 +348,8 @@ class ImageCache:
         tmp, compact = (
             self.images_path.with_name(f".{self.images_path.stem}-{os.getpid()}{part}.npy") for part in ("", "-compact")
         )
-        kept, skipped = [], []
+        kept: list[int] = []
+        skipped: list[tuple[str, str]] = []
         shape = (self.size, self.size, 3)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
@@ -579,7 +588,7 @@ def _load_rgb(path: Path, size: int) -> np.ndarray:
         im.load()
         rgb = im.convert("RGB")
     if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.BILINEAR)
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -595,7 +604,9 @@ def _from_gray_arrays(spec, ids, gray: np.ndarray, labels, class_names, classes,
     ids = [i for i, k in zip(ids, keep, strict=True) if k]
 
     def resize(i: int) -> np.ndarray:
-        return np.repeat(np.asarray(Image.fromarray(gray[i]).resize((size, size), Image.BILINEAR))[..., None], 3, 2)
+        return np.repeat(
+            np.asarray(Image.fromarray(gray[i]).resize((size, size), Image.Resampling.BILINEAR))[..., None], 3, 2
+        )
 
     images, _, _ = ImageCache(stable_hash("arrays", ids, gray, size), size).open(len(gray), resize, ids)
     return ImageSet(

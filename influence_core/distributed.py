@@ -17,8 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from .errors import InfluenceLensError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .pipeline import BlockScorer
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +57,10 @@ class WorkerPayload:
     """Everything a worker needs to score blocks, shipped once: the model (CPU), the engine settings, the fitted
     curvature state, the test factors (CPU) and a :class:`~.pipeline.BlockScorer` template without its model."""
 
-    model: object
+    model: nn.Module
     engine_options: dict
     curvature_state: dict
-    scorer: object
+    scorer: BlockScorer
 
     @cached_property
     def local_scorer(self):
@@ -111,7 +117,7 @@ def connect(spec: ClusterSpec):
         with client:
             yield client
         return
-    threads = max(1, (os.cpu_count() or 1) // spec.workers)
+    threads = max(1, (os.cpu_count() or 1) // (spec.workers or 1))
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with (
         LocalCluster(

@@ -30,11 +30,24 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .analysis import SIGNALS, cross_entropy
 from .distributed import ClusterSpec
 from .errors import InfluenceLensError
-from .influence import METHODS, Curvature, Damping, InfluenceModel, Method, Scope, ScopeArg, parse_scope, scope_text
+from .influence import (
+    METHODS,
+    Curvature,
+    Damping,
+    InfluenceFactors,
+    InfluenceModel,
+    Method,
+    Scope,
+    ScopeArg,
+    parse_scope,
+    scope_text,
+)
+from .influence.engine import Images
 from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress, tagged
 from .results import (
@@ -369,15 +382,16 @@ class BlockScorer:
     number of classes. Picklable, so :mod:`.distributed` ships one to each worker once.
     """
 
-    im: object
-    factors: object
-    x_train: object
-    y_train: object
+    im: InfluenceModel | None  # None in the template shipped to Dask workers, which rebuild their own
+    factors: InfluenceFactors
+    x_train: Images
+    y_train: torch.Tensor
     test_labels: np.ndarray
     n_classes: int
 
     def score(self, paths: InfluencePaths, start: int, stop: int) -> BlockSummary:
         """Write ``I[:, start:stop]`` into ``paths``' matrix; return the block's summaries (incl. self-influence)."""
+        assert self.im is not None, "a worker scores with its own rebuilt model (distributed.WorkerPayload)"
         x, y = self.x_train[start:stop], self.y_train[start:stop]
         block = self.im.influences_from_factors(self.factors, x, y)
         open_matrix(paths, mode="r+")[:, start:stop] = block

@@ -98,7 +98,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle flag
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -397,9 +397,9 @@ def _write_samples(paths: RunPaths, data: TrainingData) -> None:
 def fit_model(
     model: nn.Module,
     config: TrainConfig,
-    x_train: torch.Tensor,
+    x_train: torch.Tensor | ModelInputs,
     y_train: torch.Tensor,
-    x_val: torch.Tensor,
+    x_val: torch.Tensor | ModelInputs,
     y_val: torch.Tensor,
     *,
     run_paths: RunPaths | None = None,
@@ -503,7 +503,7 @@ def _logits(model, x, batch_size: int = 256) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros((0, model.fc.out_features), device=device)
 
 
-def _predict(model, x: torch.Tensor) -> np.ndarray:
+def _predict(model, x: torch.Tensor | ModelInputs) -> np.ndarray:
     """(n, K) float32 class probabilities."""
     return _logits(model, x).softmax(1).float().cpu().numpy()
 
