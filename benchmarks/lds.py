@@ -321,6 +321,7 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None) 
 
     report = json.loads(bench_results.read_text()) if bench_results and bench_results.is_file() else None
     recipe = result["workload"]
+    previous = json.loads(path.read_text())["methods"] if path.is_file() else {}
     methods = {}
     for job, s in result["scores"].items():
         key = job_method_scope(job)
@@ -333,6 +334,7 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None) 
             "slope": s["magnitude"]["slope"],
             "cost_x_floor": None,
             "fidelity": None,
+            "note": previous.get("/".join(key), {}).get("note"),  # the measured accuracy text stays
         }
         if report and job in report.get("jobs", {}):
             matrix = report["jobs"][job].get("matrix") or {}

@@ -5,9 +5,10 @@
 
     {"workload": "goldfish vs lemon, 880 train / 110 test, 32 px, ResNet18 from scratch, 15 epochs, 10 % flips",
      "n_models": M, "commit": "abc1234", "created": "2026-11-29T17:00:00Z",
-     "methods": {"<method>/<scope>": {"job": "ours_ekfac_all", "lds": 0.21, "lds_se": 0.02,
+     "methods": {"<method>/<scope>": {"job": "ours_ekfac_all", "lds": 0.21 | null, "lds_se": 0.02 | null,
                                       "slope": 0.01 | null, "cost_x_floor": 31.0 | null,
-                                      "fidelity": "rel. err 1.6 vs direct (head)" | null}}}
+                                      "fidelity": "rel. err 1.6 vs direct (head)" | null,
+                                      "note": "what the measurements mean for a user" | null}}}
 
 ``lds``: linear datamodeling score (mean over test points of the Spearman correlation between the margins of
 M models retrained on random halves of the training set and the sums of the method's influences over each half);
@@ -32,17 +33,22 @@ class MethodMeasurement:
     method: str
     scope: str
     job: str
-    lds: float
-    lds_se: float
+    lds: float | None
+    lds_se: float | None
     workload: str
     n_models: int
     slope: float | None = None
     cost_x_floor: float | None = None
     fidelity: str | None = None
+    note: str | None = None
 
     def describe(self) -> str:
-        """One line for the app, e.g. ``LDS 0.21 ± 0.02 (50 retrained models, goldfish vs lemon …)``."""
-        parts = [f"LDS {self.lds:.2f} ± {self.lds_se:.2f} ({self.n_models} retrained models; {self.workload})"]
+        """For the app: the measured note, then e.g. ``LDS 0.21 ± 0.02 (50 retrained models, goldfish vs lemon …)``
+        when the LDS was measured, the magnitude slope and the cost."""
+        parts = []
+        if self.lds is not None:
+            se = f" ± {self.lds_se:.2f}" if self.lds_se is not None else ""
+            parts.append(f"LDS {self.lds:.2f}{se} ({self.n_models} retrained models; {self.workload})")
         if self.slope is not None:
             parts.append(
                 f"magnitudes ×{1 / self.slope:.3g} the measured loss changes"
@@ -53,7 +59,8 @@ class MethodMeasurement:
             parts.append(f"{self.cost_x_floor:.3g}× a forward+backward pass")
         if self.fidelity:
             parts.append(self.fidelity)
-        return "Measured: " + "; ".join(parts) + "."
+        measured = ("Measured: " + "; ".join(parts) + ".") if parts else ""
+        return " ".join(p for p in (self.note, measured) if p)
 
 
 def load_measured(path: str | Path | None = None) -> dict[tuple[str, str], MethodMeasurement] | None:
@@ -69,13 +76,14 @@ def load_measured(path: str | Path | None = None) -> dict[tuple[str, str], Metho
             method,
             scope,
             m["job"],
-            m["lds"],
-            m["lds_se"],
+            m.get("lds"),
+            m.get("lds_se"),
             data["workload"],
             data["n_models"],
             m.get("slope"),
             m.get("cost_x_floor"),
             m.get("fidelity"),
+            m.get("note"),
         )
     return out
 

@@ -48,6 +48,7 @@ from .influence import (
     scope_text,
 )
 from .influence.engine import Images
+from .measured import measured_for
 from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress, tagged
 from .results import (
@@ -124,34 +125,11 @@ class InfluenceSettings:
         )
 
     def accuracy_note(self) -> str:
-        """How exact these settings are, with the error measured by ``benchmarks/run.py`` (see RESULTS.md)."""
-        if self.scope == "head":
-            return HEAD_ACCURACY[self.method]
-        return WHOLE_NETWORK_ACCURACY
-
-
-HEAD_ACCURACY = {
-    "direct": "Exact on the last layer (matches a brute-force curvature to 2e-6).",
-    "cg": "Exact up to the solver's tolerance on the last layer (relative error 5e-5 against direct).",
-    "arnoldi": "Approximate: a low-rank inverse (20 directions by default). Measured on the last layer of "
-    "goldfish/lemon: keeping 100 of its 1,026 directions gave relative error 0.19 against direct "
-    "(Pearson 0.98); 20 directions gave Pearson 0.17.",
-    "lissa": "Approximate at small λ: the series converges at a rate of about λ/scale per step. Measured on the "
-    "last layer of goldfish/lemon at λ = 1e-3 after 300 steps: relative error 0.58 against direct "
-    "(Pearson 0.82).",
-    "kfac": "Approximate (Kronecker-factored curvature). Measured on the last layer of goldfish/lemon: relative "
-    "error 2.1 against direct (Pearson 0.85); self-influence Pearson 0.9996.",
-    "ekfac": "Approximate (Kronecker factors with fitted eigenvalues). Measured on the last layer of "
-    "goldfish/lemon: relative error 1.6 against direct (Pearson 0.86); self-influence Pearson 0.9996.",
-}
-"""Per method, on the ``head`` scope: measured on goldfish vs lemon (880 / 110 images, ResNet18 from scratch)."""
-WHOLE_NETWORK_ACCURACY = (
-    "Approximate: influence functions assume the training loss is convex around the final weights, which a "
-    "network trained from scratch is not. Measured on goldfish/lemon by retraining the whole network without the "
-    "20 points EK-FAC ranked most helpful, most harmful, or random (3 test images): Pearson 0.91 between "
-    "predicted and measured test-loss changes, but the predictions about 100 times too large and the sign right "
-    "in 6 of 9 cases. EK-FAC on 880 images takes about 2.6 min on 2 CPU cores and about 3 s on a GPU."
-)
+        """How exact these settings are, as the benchmarks measured them (``benchmarks/measured.json``, written
+        next to the benchmark results; see :mod:`.measured`)."""
+        scope = self.scope.value if isinstance(self.scope, Scope) else "modules"
+        found = measured_for(self.method, scope)
+        return found.describe() if found else f"Not measured by the benchmarks for {self.method} on scope {scope}."
 
 
 DEFAULT_SETTINGS = InfluenceSettings()
