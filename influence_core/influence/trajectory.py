@@ -143,7 +143,8 @@ def per_sample_grads(
 
 def _dot(a: Grads, b: Grads) -> torch.Tensor:
     """``(k, m)`` inner products of ``k`` stacked vectors ``a`` with ``m`` stacked vectors ``b``."""
-    return sum(a[n].reshape(len(a[n]), -1) @ b[n].reshape(len(b[n]), -1).T for n in a)
+    products = [a[n].reshape(len(a[n]), -1) @ b[n].reshape(len(b[n]), -1).T for n in a]
+    return torch.stack(products).sum(0)
 
 
 # --------------------------------------------------------------------------------------------- curvature
@@ -276,8 +277,13 @@ class TrajectoryInfluence:
         return self
 
     def _require_fit(self) -> None:
-        if self.method == "source" and self.curvatures is None:
+        if self.method == "source":
+            self._fitted_curvatures()
+
+    def _fitted_curvatures(self) -> list[KroneckerEigen]:
+        if self.curvatures is None:
             raise InfluenceLensError("SOURCE needs its curvature first.", "call fit(x_train, y_train)")
+        return self.curvatures
 
     def _test_vectors(self, x: torch.Tensor, y: torch.Tensor) -> list[Grads]:
         """Per segment, the test-side vectors ``v_ℓ`` ``(k, *param.shape)`` with ``I[t, i] = Σ_ℓ v_ℓ,tᵀ g_ℓ,i``."""
@@ -291,7 +297,8 @@ class TrajectoryInfluence:
         vectors: list[Grads] = [{} for _ in self.models]
         u = grads_at(len(self.models) - 1)  # ∇ℓ_t at the final model, carried back through later segments
         for k in reversed(range(len(self.models))):
-            vectors[k], u = self.curvatures[k].apply(u, [unrolled_gain(self.horizons[k]), decay(self.horizons[k])])
+            curvature = self._fitted_curvatures()[k]
+            vectors[k], u = curvature.apply(u, [unrolled_gain(self.horizons[k]), decay(self.horizons[k])])
         return vectors
 
     def influences(self, x_test, y_test, x_train, y_train) -> np.ndarray:
@@ -316,8 +323,8 @@ class TrajectoryInfluence:
                 if self.method == "tracin":
                     v = {n: self.horizons[k] * t for n, t in g.items()}
                 else:
-                    (v,) = self.curvatures[k].apply(g, [unrolled_gain(self.horizons[k])])
-                out[k, rows] = sum((v[n] * g[n]).flatten(1).sum(1) for n in g).cpu().numpy()
+                    (v,) = self._fitted_curvatures()[k].apply(g, [unrolled_gain(self.horizons[k])])
+                out[k, rows] = torch.stack([(v[n] * g[n]).flatten(1).sum(1) for n in g]).sum(0).cpu().numpy()
                 self._report(f"self-influence, checkpoint {k + 1}/{len(self.models)}", rows.stop, len(x_train))
         return out
 
@@ -395,7 +402,7 @@ def compute_trajectory(
         matrix = ti.influences(x_test, y_test, x_train, y_train)
         timings["test_x_train_matrix"] = time.perf_counter() - t
         create_matrix(tmp, *matrix.shape)[:] = matrix
-        summaries = SummaryBuilder(*matrix.shape, run.n_classes)
+        summaries = SummaryBuilder(matrix.shape[0], matrix.shape[1], run.n_classes)
         self_influence = segment_si.sum(0)
         for a, b in column_blocks(matrix.shape[1]):
             summaries.add(summarise_block(matrix[:, a:b], a, y_test.numpy(), run.n_classes, self_influence[a:b]))
