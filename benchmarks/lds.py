@@ -1,7 +1,7 @@
 """Linear datamodeling score (LDS, Park et al. 2023 "TRAK"): the field's yardstick for influence matrices.
 
-    /work/main/.venv/bin/python benchmarks/lds.py train [--models 50] [--worker 0/1] [workload options]
-    /work/main/.venv/bin/python benchmarks/lds.py score NAME=MATRIX.npy ... [workload options]
+    .venv/bin/python benchmarks/lds.py train [--models 50] [--worker 0/1] [workload options]
+    .venv/bin/python benchmarks/lds.py score NAME=MATRIX.npy ... [workload options]
 
 ``train`` trains the full-data run (``run/``, the product's recipe through ``influence_core.train``) and then M
 models, each on its own random half of the run's training set (subset ``m`` drawn by

@@ -1,6 +1,6 @@
 """Mislabel detection from trajectory signals vs the current best (``mean_loss``), on runs with flipped labels.
 
-    PYTHONPATH=. /work/main/.venv/bin/python benchmarks/lds_detection.py RUN_DIR [RUN_DIR ...] [--scopes all,head]
+    PYTHONPATH=. .venv/bin/python benchmarks/lds_detection.py RUN_DIR [RUN_DIR ...] [--scopes all,head]
         [--out benchmarks/out/lds/detection/results.json]
 
 Per run, per-segment self-influence of TracInCP (``all`` and ``head``) and SOURCE (``head``) over the kept

@@ -1,6 +1,6 @@
 """Influence matrices of every method of ours on the LDS workload's full-data run, for ``lds.py score``.
 
-    PYTHONPATH=. /work/main/.venv/bin/python benchmarks/lds_methods.py WORKLOAD_DIR [--jobs a,b,...] [--threads 1]
+    PYTHONPATH=. .venv/bin/python benchmarks/lds_methods.py WORKLOAD_DIR [--jobs a,b,...] [--threads 1]
 
 Each job writes ``WORKLOAD_DIR/matrices/<job>.npy`` ((n_test, n_train) float32, positive = helpful) and
 ``<job>.json`` (seconds, settings) atomically, and is skipped when its matrix exists (resumable). Jobs: every
