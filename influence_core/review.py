@@ -78,6 +78,20 @@ SELECT COUNT(*) FROM (SELECT 1 FROM actions WHERE undone_at IS NULL AND data_key
 """
 
 
+def _use_wal(con: sqlite3.Connection) -> None:
+    """Switch the file to WAL (it stays so). Changing the journal mode ignores the busy timeout, so two reviewers
+    opening a new store at once would see "database is locked" at once: retry within the timeout instead."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            con.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 @dataclass(frozen=True)
 class Action:
     """One recorded review action."""
@@ -170,7 +184,7 @@ class ReviewStore:
             con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             try:
                 con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-                con.execute("PRAGMA journal_mode = WAL")
+                _use_wal(con)
                 yield con
             finally:
                 con.close()

@@ -64,18 +64,18 @@ def test_a_missing_block_is_an_error(tmp_path, small_blocks):
 
 
 def test_pipeline_writes_the_engine_matrix_in_blocks_with_its_summaries(demo_run, small_blocks):
-    from influence_core.influence import InfluenceModel
+    from influence_core.influence import Direct, InfluenceModel
 
     result = compute_influence(demo_run, DEFAULT_SETTINGS, recompute=True)
     x_train, y_train = demo_run.tensors("train")
     x_test, y_test = demo_run.tensors("test")
-    im = InfluenceModel(demo_run.load_model(), scope="head", method="direct").fit(x_train[:], y_train)
-    expected = im.influences(im.test_factors(x_test[:], y_test), x_train[:], y_train)
+    im = InfluenceModel(demo_run.load_model(), scope="head", method=Direct()).fit(x_train, y_train)
+    expected = im.influences(x_test, y_test)
     assert result.influences.shape == expected.shape and len(results.column_blocks(len(y_train))) > 1
     np.testing.assert_allclose(result.row(3), expected[3], rtol=1e-4, atol=1e-6 * np.abs(expected).max())
     pos, _ = result.top_helpful(3, 50)
     np.testing.assert_array_equal(np.sort(pos), np.sort(np.argsort(-expected[3])[:50]))
     np.testing.assert_allclose(result.mean_influence, expected.mean(0), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(result.self_influence, im.self_influence(x_train[:], y_train), rtol=1e-4)
+    np.testing.assert_allclose(result.self_influence, im.self_influence(), rtol=1e-4)
     assert result.mean_influence_by_label.shape == (demo_run.n_classes, len(y_train))
     assert result.checkpoint_self_influence.shape == (2, len(y_train))
