@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from browsing import CHROMIUM_ARGS, need, serve
 from sklearn.datasets import load_digits
 from torch import nn
+
+from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_IMAGENET = Path(os.environ.get("TINY_IMAGENET", ROOT.parent / "shared" / "data" / "tiny-imagenet-200"))
@@ -193,3 +197,27 @@ def frozen_backbone_model(x: torch.Tensor, y: torch.Tensor, lam: float, channels
         head.weight.copy_(theta[:, :-1])
         head.bias.copy_(theta[:, -1])
     return nn.Sequential(*backbone, head).eval(), features
+
+
+# ------------------------------------------------------------------ browser tests (helpers: browsing.py)
+@pytest.fixture(scope="module")
+def browser():
+    executable = shutil.which("chromium")
+    if executable is None:
+        need("chromium", "install Debian's chromium package (playwright cannot download browsers here)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need("playwright", "pip install playwright")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(demo_run, runs_root):
+    """``streamlit run app.py`` on a free port against the demo run with its influences: (base URL, run name)."""
+    compute_influence(demo_run, DEFAULT_SETTINGS)
+    with serve(runs_root) as base:
+        yield base, demo_run.path.name

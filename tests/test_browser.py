@@ -6,35 +6,17 @@ computed beforehand, so nothing trains), and saves screenshots under ``test-outp
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
+from browsing import SHOTS, VIEWPORT, open_page, serve, settle
 
 from influence_core.analysis import rank_suspects
 from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
 from influence_core.review import ReviewStore
 
 pytestmark = pytest.mark.browser
-ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "test-output"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-VIEWPORT = {"width": 1400, "height": 2400}  # Streamlit scrolls inside the page: a tall window shows it all
 PAGES = {  # screenshot name: (address, text that shows once the page is drawn); the default page lives at /
     "overview": ("", "Flips found in the top 10 %"),
     "setup": ("setup_run", "Sample images per class"),
@@ -43,106 +25,6 @@ PAGES = {  # screenshot name: (address, text that shows once the page is drawn);
     "review": ("review_queue", "Rank suspects by"),
     "corruption": ("corruption_lab", "Mean influence per label"),
 }
-
-
-def _need(what: str, reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} missing in CI: {reason}")
-    pytest.skip(f"{what} missing: {reason}")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = shutil.which("chromium")
-    if executable is None:
-        _need("chromium", "install Debian's chromium package (playwright cannot download browsers here)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _need("playwright", "pip install playwright")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@contextmanager
-def serve(runs_root: Path, log_name: str = "streamlit.log"):
-    """A freshly started ``streamlit run app.py`` on a free port over ``runs_root``: yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, INFLUENCE_LENS_RUNS=str(runs_root))
-    SHOTS.mkdir(exist_ok=True)
-    log = open(SHOTS / log_name, "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.headless",
-            "true",
-            "--server.port",
-            str(port),
-            "--browser.gatherUsageStats",
-            "false",
-            "--server.fileWatcherType",
-            "none",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("streamlit did not start within 60 s")
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def server(demo_run, runs_root):
-    """``streamlit run app.py`` on a free port against the demo run with its influences: (base URL, run name)."""
-    compute_influence(demo_run, DEFAULT_SETTINGS)
-    with serve(runs_root) as base:
-        yield base, demo_run.path.name
-
-
-def url(server: tuple[str, str], page: str) -> str:
-    """The address of ``page`` (``path?query``) on the demo run."""
-    base, run = server
-    return f"{base}/{page}{'&' if '?' in page else '?'}run={run}"
-
-
-def open_page(context, server, page: str, text: str):
-    """Open ``page`` and wait until ``text`` shows and the script has finished running."""
-    tab = context.new_page()
-    tab.set_default_timeout(120_000)
-    tab.goto(url(server, page))
-    tab.get_by_text(text).first.wait_for()
-    settle(tab)
-    return tab
-
-
-def settle(tab) -> None:
-    """Wait until Streamlit has no script run in flight and every element has replaced its placeholder."""
-    tab.wait_for_timeout(300)
-    tab.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden")
-    tab.wait_for_function("() => !document.querySelector('[data-testid=\"stSkeleton\"]')")
-    tab.wait_for_timeout(500)
 
 
 def suspect(demo_run, rank: int) -> tuple[int, str]:
