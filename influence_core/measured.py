@@ -88,6 +88,12 @@ def load_measured(path: str | Path | None = None) -> dict[tuple[str, str], Metho
     return out
 
 
+def scope_note(scope: str, path: str | Path | None = None) -> str | None:
+    """What the benchmarks found for a whole scope (e.g. the whole network), whatever the method, or None."""
+    path = Path(path) if path else MEASURED_FILE
+    return json.loads(path.read_text()).get("scope_notes", {}).get(scope) if path.is_file() else None
+
+
 def measured_for(method: str, scope: str, path: str | Path | None = None) -> MethodMeasurement | None:
     """The measurement of one method and scope, or None (no file, or not measured)."""
     table = load_measured(path)

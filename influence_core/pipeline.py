@@ -48,7 +48,7 @@ from .influence import (
     scope_text,
 )
 from .influence.engine import Images
-from .measured import measured_for
+from .measured import measured_for, scope_note
 from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress, tagged
 from .results import (
@@ -129,7 +129,10 @@ class InfluenceSettings:
         next to the benchmark results; see :mod:`.measured`)."""
         scope = self.scope.value if isinstance(self.scope, Scope) else "modules"
         found = measured_for(self.method, scope)
-        return found.describe() if found else f"Not measured by the benchmarks for {self.method} on scope {scope}."
+        if found:
+            return found.describe()
+        missing = f"Not measured by the benchmarks for {self.method} on scope {scope}."
+        return " ".join(filter(None, (scope_note(scope), missing)))
 
 
 DEFAULT_SETTINGS = InfluenceSettings()
