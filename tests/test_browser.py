@@ -36,6 +36,7 @@ def suspect(demo_run, rank: int) -> tuple[int, str]:
 
 def review(tab, name: str, pos: int, action: str) -> None:
     """Type the reviewer name (if not yet there) and press ``action`` on the suspect at training position ``pos``."""
+    settle(tab)  # the previous click's rerun must be over: its stale copy of the page still holds the buttons
     box = tab.get_by_role("textbox", name="Your name")
     if box.input_value() != name:
         box.fill(name)
