@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
 from influence_core import TrainConfig, available_classes
@@ -66,18 +65,7 @@ with current:
 
     left, right = st.columns(2)
     with left:
-        history = pd.DataFrame(run.history).melt("epoch", ["train_loss", "val_loss"], "curve", "loss")
-        fig = px.line(
-            history,
-            x="epoch",
-            y="loss",
-            color="curve",
-            markers=True,
-            title="Training and validation loss",
-            color_discrete_map={"train_loss": "#4477aa", "val_loss": "#ee6677"},
-        )
-        fig.update_layout(height=420, xaxis_dtick=1)
-        charts.chart(fig, key="loss")
+        charts.chart(charts.loss_curve_figure(run.history), key="loss")
     with right:
         charts.chart(charts.confusion_figure(run.metrics["confusion_matrix"], run.classes), key="confusion")
 
