@@ -308,7 +308,7 @@ def markdown(result: dict) -> str:
 
 def job_method_scope(job: str) -> tuple[str, str] | None:
     """``ours_ekfac_all`` → (ekfac, all), ``tracin_all`` → (tracin, all); None for λ-scan variants."""
-    if "_lambda" in job:
+    if "_lambda" in job or "_rel" in job:
         return None
     parts = job.removeprefix("ours_").rsplit("_", 1)
     return (parts[0], parts[1]) if len(parts) == 2 else None

@@ -23,13 +23,20 @@ import torch
 from lds import materialised
 
 from influence_core import Run
+from influence_core.influence import Damping
 from influence_core.influence.trajectory import TrajectoryInfluence, run_segments
 from influence_core.storage import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-LAMBDAS_ALL = (1e-3, 1e-2, 1e-1, 1.0)
-"""Absolute damping values scanned for EK-FAC on the whole network (one fit, one test-factor solve per λ)."""
+DEFAULT_DAMPING = Damping.absolute(1e-3)
+LAMBDAS_ALL = (
+    DEFAULT_DAMPING,
+    Damping.absolute(1e-1),
+    *(Damping.relative(v) for v in (1e-3, 1e-2, 1e-1, 1.0)),
+)
+"""Damping scanned for EK-FAC on the whole network, absolute and relative to each layer's mean eigenvalue (one
+fit, one test-factor solve per value)."""
 ALL_OPTIONS = {"dtype": "float32"}
 """Whole-network K-FAC/EK-FAC factors in float32. At 16 px ``linalg.eigh`` failed to converge on a rank-deficient
 layer-input factor both with the engine's default (float64) and with this (error 1325948): an engine issue."""
@@ -37,19 +44,19 @@ HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {"rank"
 """Method → options (as benchmarks/run.py: Arnoldi keeps 100 of the head's directions, LiSSA runs 300 steps)."""
 
 
-def engine_matrices(run: Run, method: str, scope: str, lambdas: tuple[float, ...], options: dict) -> dict:
-    """``{λ: (n_test, n_train) matrix}`` from one fit of the influence engine at the final checkpoint."""
-    from influence_core.influence import InfluenceModel
+def engine_matrices(run: Run, method: str, scope: str, lambdas: tuple[Damping, ...], options: dict) -> dict:
+    """``{damping: (n_test, n_train) matrix}`` from one fit of the influence engine at the final checkpoint."""
+    from influence_core.influence import InfluenceModel, Method
 
     (x_train, y_train), (x_test, y_test) = materialised(run, "train"), materialised(run, "test")
     im = InfluenceModel(
-        run.load_model(), scope=scope, method=method, regularization=lambdas[0], device="cpu", **options
+        run.load_model(), scope=scope, method=Method.named(method, **options), regularization=lambdas[0], device="cpu"
     )
     im.fit(x_train, y_train)
     out = {}
     for lam in lambdas:
         im.set_regularization(lam)
-        out[lam] = im.influences(im.test_factors(x_test, y_test), x_train, y_train)
+        out[lam] = im.influences_from_factors(im.test_factors(x_test, y_test), x_train, y_train)
     return out
 
 
@@ -75,11 +82,13 @@ def trajectory_matrix(
 def jobs(run: Run) -> dict:
     """Job name → callable returning ``{job name: matrix}`` (one fit may give several λ)."""
     out = {
-        f"ours_{m}_head": (lambda m=m, o=o: {f"ours_{m}_head": engine_matrices(run, m, "head", (1e-3,), o)[1e-3]})
+        f"ours_{m}_head": (
+            lambda m=m, o=o: {f"ours_{m}_head": engine_matrices(run, m, "head", (DEFAULT_DAMPING,), o)[DEFAULT_DAMPING]}
+        )
         for m, o in HEAD_JOBS.items()
     }
     for method in ("ekfac", "kfac"):
-        lambdas = LAMBDAS_ALL if method == "ekfac" else (1e-3,)
+        lambdas = LAMBDAS_ALL if method == "ekfac" else (DEFAULT_DAMPING,)
         out[f"ours_{method}_all"] = lambda method=method, lambdas=lambdas: {
             _lambda_job(method, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, ALL_OPTIONS).items()
         }
@@ -93,8 +102,11 @@ def jobs(run: Run) -> dict:
     return out
 
 
-def _lambda_job(method: str, lam: float) -> str:
-    return f"ours_{method}_all" + ("" if lam == 1e-3 else f"_lambda{lam:g}")
+def _lambda_job(method: str, damping: Damping) -> str:
+    """``ours_ekfac_all`` at the default damping, ``ours_ekfac_all_lambda0.01`` / ``ours_ekfac_all_rel0.1`` else."""
+    if damping == DEFAULT_DAMPING:
+        return f"ours_{method}_all"
+    return f"ours_{method}_all_{'rel' if damping.relative_to_mean else 'lambda'}{damping.value:g}"
 
 
 def save_matrix(directory: Path, name: str, matrix: np.ndarray, record: dict) -> None:

@@ -182,32 +182,24 @@ def describe_ranking(ranked: pd.DataFrame, run_has_flips: bool) -> RankingNote:
     return RankingNote(n, flipped, mislabeled, text)
 
 
-def flips_in_top(scores: np.ndarray, flipped: np.ndarray, fraction: float) -> tuple[int, int]:
-    """(flips among the top ``ceil(fraction · n_train)`` training images by ``scores``, flips in total).
-
-    ``scores``: (n_train,) higher = more suspicious; ``flipped``: (n_train,) bool.
-    """
-    flipped = np.asarray(flipped, bool)
-    top = rank_suspects(scores, int(np.ceil(fraction * len(flipped))))
-    return int(flipped[top].sum()), int(flipped.sum())
-
-
 def detection_metrics(scores: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
     """AUROC and the fraction of flips found after inspecting the top 5 / 10 / 20 % by score."""
     flipped = np.asarray(flipped, bool)
     out = {"auroc": float(roc_auc_score(flipped, scores)) if 0 < flipped.sum() < len(flipped) else float("nan")}
+    found = np.cumsum(flipped[rank_suspects(scores)])  # one sort for every fraction
     for f in RECALL_FRACTIONS:
-        found, total = flips_in_top(scores, flipped, f)
-        out[f"recall_at_{round(f * 100)}pct"] = found / max(total, 1)
+        out[f"recall_at_{round(f * 100)}pct"] = int(found[int(np.ceil(f * len(flipped))) - 1]) / max(found[-1], 1)
     return out
 
 
-def detection_curve(scores: np.ndarray, flipped: np.ndarray) -> pd.DataFrame:
-    """Fraction of flips found vs fraction of the training set inspected, best score first."""
+def detection_curve(scores: np.ndarray, flipped: np.ndarray, points: int = 1000) -> pd.DataFrame:
+    """Fraction of flips found vs fraction of the training set inspected, best score first: at most ``points``
+    rows, evenly spaced in the number inspected and ending with all of it (exact at every row, for a chart)."""
     flipped = np.asarray(flipped, bool)
     found = np.cumsum(flipped[rank_suspects(scores)])
     n = len(scores)
-    return pd.DataFrame({"inspected": np.arange(1, n + 1) / n, "found": found / max(flipped.sum(), 1)})
+    inspected = np.unique(np.linspace(1, n, min(n, points)).round().astype(np.int64))
+    return pd.DataFrame({"inspected": inspected / n, "found": found[inspected - 1] / max(flipped.sum(), 1)})
 
 
 def corruption_table(

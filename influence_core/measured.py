@@ -94,6 +94,12 @@ def scope_note(scope: str, path: str | Path | None = None) -> str | None:
     return json.loads(path.read_text()).get("scope_notes", {}).get(scope) if path.is_file() else None
 
 
+def method_label(method: str, scope: str, path: str | Path | None = None) -> str:
+    """A method's name for pickers, with its measured LDS on ``scope`` when there is one: ``"ekfac · LDS 0.21"``."""
+    found = measured_for(method, scope, path)
+    return method if found is None or found.lds is None else f"{method} · LDS {found.lds:.2f}"
+
+
 def measured_for(method: str, scope: str, path: str | Path | None = None) -> MethodMeasurement | None:
     """The measurement of one method and scope, or None (no file, or not measured)."""
     table = load_measured(path)

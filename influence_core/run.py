@@ -182,14 +182,14 @@ class Run:
     @cached_property
     def _positions(self) -> np.ndarray:
         """(n_samples,) int64: where each row of ``samples.csv`` is in :attr:`dataset`."""
-        pos = {i: k for k, i in enumerate(self.dataset.ids)}
-        missing = [i for i in self.samples["id"] if i not in pos]
-        if missing:
+        found = pd.Index(list(self.dataset.ids)).get_indexer(self.samples["id"].astype(str))
+        missing = self.samples["id"][found < 0]
+        if len(missing):
             raise InfluenceLensError(
-                f"{len(missing)} sample(s) of the run are no longer in the dataset, e.g. {missing[0]}.",
+                f"{len(missing)} sample(s) of the run are no longer in the dataset, e.g. {missing.iloc[0]}.",
                 "restore the files or retrain the run",
             )
-        return np.array([pos[i] for i in self.samples["id"]], dtype=np.int64)
+        return found.astype(np.int64)
 
     def images(self, split: str) -> ImageView:
         """Display images of one split, in split order: a lazy ``(k, S, S, 3)`` uint8 view (index it)."""

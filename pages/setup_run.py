@@ -9,6 +9,7 @@ import streamlit as st
 from influence_core import TrainConfig, available_classes
 from influence_core.data import DEFAULT_FASHION_MNIST
 from influence_core.influence import Curvature, Damping, Scope
+from influence_core.measured import method_label
 from influence_core.paths import RunPaths
 from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, InfluenceSettings
 from pages.ui import charts, runs, state, widgets
@@ -24,7 +25,11 @@ DEFAULT_PATHS = {
     "folder": "",
     "fashion-mnist": DEFAULT_FASHION_MNIST,
 }
-LAMBDAS = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+SAMPLE_CLASSES = 10
+"""Classes whose sample images are shown at first (the others through a searchable picker)."""
+DAMPINGS = [Damping.absolute(v) for v in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)] + [
+    Damping.relative(v) for v in (1e-3, 1e-2, 1e-1, 1.0)
+]
 
 
 @st.cache_data(show_spinner="Listing classes…")
@@ -54,10 +59,18 @@ with current:
     cols[3].metric("Seconds per epoch", f"{run.metrics['epoch_seconds']:.1f}")
 
     st.subheader("Sample images per class")
+    shown = list(range(run.n_classes))
+    if run.n_classes > SAMPLE_CLASSES:
+        shown = st.multiselect(
+            f"Classes to show (type to search; {run.n_classes} in all)",
+            shown,
+            default=shown[:SAMPLE_CLASSES],
+            format_func=lambda c: run.classes[c],
+        )
     train_true, images = run.true_labels("train"), run.images("train")
-    for start in range(0, run.n_classes, 2):
+    for start in range(0, len(shown), 2):
         cols = st.columns(2)
-        for c, col in zip(range(start, min(start + 2, run.n_classes)), cols, strict=False):
+        for c, col in zip(shown[start : start + 2], cols, strict=False):
             with col:
                 st.markdown(f"**{run.classes[c]}**")
                 picks = np.flatnonzero(train_true == c)[:6]
@@ -138,25 +151,35 @@ with open_dir:
 with influence_tab:
     s = state.settings()
     c1, c2, c3, c4 = st.columns(4)
-    method = c1.selectbox(
-        "Method",
-        METHOD_CHOICES,
-        index=METHOD_CHOICES.index(s.method),
-        help="direct: exact inverse (small scopes); cg / lissa: iterative; arnoldi: low rank; "
-        "kfac / ekfac: Kronecker-factored approximations.",
-    )
-    scope = c2.radio(
+    scope = c1.radio(
         "Parameters",
         list(Scope),
         index=list(Scope).index(s.scope) if isinstance(s.scope, Scope) else 0,
         format_func={Scope.HEAD: "last layer", Scope.ALL: "whole network"}.get,
     )
-    current = Damping.of(s.regularization).value
-    lam = c3.select_slider(
+    method = c2.selectbox(
+        "Method",
+        METHOD_CHOICES,
+        index=METHOD_CHOICES.index(s.method),
+        format_func=lambda m: method_label(m, scope.value),
+        help="direct: exact inverse (small scopes); cg / lissa: iterative; arnoldi: low rank; "
+        "kfac / ekfac: Kronecker-factored approximations. LDS: the linear datamodeling score measured by "
+        "benchmarks/lds.py (correlation with models retrained on random halves of the data; higher is better).",
+    )
+    current = Damping.of(s.regularization)
+    lam = c3.selectbox(
         "Regularization λ",
-        LAMBDAS,
-        value=min(LAMBDAS, key=lambda v: abs(np.log(v / current))),
-        format_func=lambda v: f"{v:g}",
+        DAMPINGS,
+        index=DAMPINGS.index(
+            min(
+                DAMPINGS,
+                key=lambda d: (d.relative_to_mean != current.relative_to_mean, abs(np.log(d.value / current.value))),
+            )
+        ),
+        format_func=lambda d: f"{d.value:g} × mean eigenvalue" if d.relative_to_mean else f"{d.value:g}",
+        help="Absolute λ added to the curvature, or λ relative to the curvature's scale (per layer for kfac / "
+        "ekfac: a fraction of that layer's mean eigenvalue). An absolute λ that suits the last layer is tiny for "
+        "the whole network; relative damping means the same on every layer.",
     )
     curvature = c4.radio("Curvature", list(Curvature), index=list(Curvature).index(s.curvature))
     chosen = InfluenceSettings(method=method, scope=scope, regularization=lam, curvature=curvature)

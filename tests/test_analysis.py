@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from influence_core.analysis import (
     describe_ranking,
+    detection_curve,
     detection_metrics,
-    flips_in_top,
     most_harmful,
     most_helpful,
     rank_suspects,
@@ -32,12 +33,19 @@ def test_rank_suspects_orders_by_score_with_ties_by_position():
     assert rank_suspects(scores, 2).tolist() == [1, 3]
 
 
-def test_flips_in_top_counts_what_detection_metrics_reports():
+def test_detection_metrics_and_curve_count_flips_among_the_top():
     scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0])
     flipped = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 1], bool)
-    assert flips_in_top(scores, flipped, 0.1) == (1, 3)  # ceil(0.1 * 10) = 1 image inspected
-    assert flips_in_top(scores, flipped, 0.3) == (2, 3)
-    assert detection_metrics(scores, flipped)["recall_at_20pct"] == pytest.approx(1 / 3)
+    metrics = detection_metrics(scores, flipped)
+    assert metrics["recall_at_10pct"] == pytest.approx(1 / 3)  # ceil(0.1 * 10) = 1 image inspected: one flip
+    assert metrics["recall_at_20pct"] == pytest.approx(1 / 3)
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(flipped, scores))
+    curve = detection_curve(scores, flipped)
+    assert curve["inspected"].tolist() == pytest.approx(np.arange(1, 11) / 10)
+    assert curve["found"].tolist() == pytest.approx(np.array([1, 1, 2, 2, 2, 2, 2, 2, 2, 3]) / 3)
+    thin = detection_curve(scores, flipped, points=4)  # 1, 4, 7 and 10 images inspected, exact at each
+    assert thin["inspected"].tolist() == pytest.approx([0.1, 0.4, 0.7, 1.0])
+    assert thin["found"].tolist() == pytest.approx([1 / 3, 2 / 3, 2 / 3, 1.0])
 
 
 def test_flags_mark_flipped_and_reviewed_images():

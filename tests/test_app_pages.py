@@ -13,7 +13,8 @@ from streamlit.testing.v1 import AppTest
 
 from influence_core.analysis import rank_suspects
 from influence_core.paths import RunPaths
-from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
+from influence_core.measured import method_label
+from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, compute_influence
 from influence_core.review import ReviewStore
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
@@ -88,6 +89,11 @@ def test_setup_page_shows_quality_and_weights(app, demo_run):
     assert any(c.value == DEFAULT_SETTINGS.accuracy_note() and "Exact" in c.value for c in at.caption)
     next(r for r in at.radio if r.label == "Parameters").set_value("all").run()
     assert any(c.value.startswith("Approximate: influence functions assume") for c in at.caption)
+    methods = next(b for b in at.selectbox if b.label == "Method")
+    assert methods.options == [method_label(m, "all") for m in METHOD_CHOICES]  # with LDS where measured
+    damping = next(b for b in at.selectbox if b.label == "Regularization λ")
+    damping.select_index(damping.options.index("0.1 × mean eigenvalue")).run()
+    assert any("λ=rel:0.1" in c.value for c in at.caption)
 
 
 def test_setup_page_opens_a_run_directory_inside_the_roots_only(app, demo_run, runs_root, tmp_path):

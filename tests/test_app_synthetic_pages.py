@@ -140,3 +140,15 @@ def test_corruption_lab_checks_the_notebooks_claim_on_the_runs_numbers(page, syn
         assert ("**held**" in verdict) == (name == "many")  # small: half the flips help
         assert len({x for t in figure(at, 0)["data"] for x in t["x"]}) == min(10, run.n_classes)  # box plot labels
         assert len(at.dataframe[0].value) == min(20, run.n_classes)  # one page of the per-label table
+
+
+def test_setup_page_with_200_classes_shows_ten_classes_and_a_searchable_picker(page, synthetic_runs):
+    run, _ = synthetic_runs[1]["many"]
+    at = page("setup_run", "many")
+    picker = next(m for m in at.multiselect if m.label.startswith("Classes to show"))
+    assert picker.value == list(range(10)) and "200 in all" in picker.label
+    shown = [m.value for m in at.markdown if m.value.startswith("**class-")]
+    assert shown == [f"**{run.classes[c]}**" for c in range(10)]
+    picker.set_value([150]).run()
+    assert [m.value for m in at.markdown if m.value.startswith("**class-")] == [f"**{run.classes[150]}**"]
+    assert not any(m.label.startswith("Classes to show") for m in page("setup_run", "small").multiselect)  # 10 classes: all shown

@@ -41,3 +41,57 @@ def test_cluster_spec_needs_exactly_one_target():
         ClusterSpec(scheduler="tcp://localhost:8786", workers=2)
     with pytest.raises(InfluenceLensError, match="at least 1"):
         ClusterSpec(workers=0)
+
+
+def test_a_worker_killed_mid_block_is_replaced_and_its_blocks_rescored(tiny_run, monkeypatch):
+    """Issue 11, item 3: a worker process killed (SIGKILL) while it holds blocks; the scheduler hands its blocks to
+    the surviving or restarted worker, and the result equals the single-process one."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setattr(results, "COLUMN_BLOCK", 8)  # many short blocks: the kill lands while blocks are in flight
+    settings = InfluenceSettings(checkpoints=False)
+    single = compute_influence(tiny_run, settings, recompute=True)
+    n_test = single.influences.shape[0]
+    expected_rows = np.stack([single.row(t) for t in range(n_test)])
+    expected_self = single.self_influence.copy()
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as watcher,
+    ):
+        pids_before = watcher.run(os.getpid)  # worker address -> pid
+        outcome: dict = {}
+
+        def spread():
+            try:
+                spec = ClusterSpec(scheduler=cluster.scheduler_address)
+                outcome["result"] = compute_influence(tiny_run, settings, recompute=True, cluster=spec)
+            except BaseException as e:  # re-raised in the test thread below
+                outcome["error"] = e
+
+        thread = threading.Thread(target=spread)
+        thread.start()
+        killed = None
+        deadline = time.monotonic() + 300
+        while killed is None and thread.is_alive() and time.monotonic() < deadline:
+            busy = [w for w, keys in watcher.processing().items() if any("_score_block" in str(k) for k in keys)]
+            if busy:
+                killed = pids_before[busy[0]]
+                os.kill(killed, signal.SIGKILL)
+            else:
+                time.sleep(0.02)
+        thread.join(600)
+        assert killed is not None, "no block was ever in flight on a worker"
+        assert "error" not in outcome, outcome.get("error")
+        assert killed not in watcher.run(os.getpid).values()  # the process that held blocks is gone
+
+    spread_result = outcome["result"]
+    rows = np.stack([spread_result.row(t) for t in range(n_test)])
+    scale = np.abs(expected_rows).max()
+    np.testing.assert_allclose(rows, expected_rows, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(spread_result.self_influence, expected_self, rtol=1e-5)

@@ -347,3 +347,32 @@ def test_resnet18_smoke():
     assert ("ekfac: factors", 24, 24) in stages and ("ekfac: eigenvalue correction", 24, 24) in stages
     # positive definite: gᵀ (H + λI)⁻¹ g > 0
     assert (_flat(out, list(params)) * _flat(g, list(params))).sum(1).min() > 0
+
+
+def test_eigh_that_does_not_converge_is_retried_shifted_and_in_float64(monkeypatch):
+    """LAPACK's eigh failed on a rank-deficient whole-ResNet18 covariance at 16 px; the retry gives the same
+    eigenpairs (shift removed) and an unrecoverable failure names the fix."""
+    from influence_core.influence.kfac import factors
+
+    x = torch.randn(40, 12, dtype=torch.float64)
+    m = x.T @ x / 40
+    m[:, -1] = m[-1, :] = 0  # rank-deficient, as the failing layer inputs were
+    true_evals, _ = torch.linalg.eigh(m)
+    real_eigh, calls = torch.linalg.eigh, []
+
+    def failing(a, fail_first: int):
+        calls.append(a)
+        if len(calls) <= fail_first:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(a)
+
+    for fail_first in (1, 4):  # the first shift works; every shift fails and float64 works
+        calls.clear()
+        monkeypatch.setattr(torch.linalg, "eigh", lambda a, n=fail_first: failing(a, n))
+        evals, q = factors.robust_eigh(m)
+        assert len(calls) == fail_first + 1
+        torch.testing.assert_close(evals, true_evals, atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(q @ torch.diag(evals) @ q.T, m, atol=1e-10, rtol=1e-8)
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: failing(a, 99))
+    with pytest.raises(InfluenceLensError, match="did not converge"):
+        factors.robust_eigh(m)

@@ -39,3 +39,25 @@ def test_an_lds_measurement_is_shown_with_its_error(tmp_path):
     assert "magnitudes ×2 the measured loss changes" in text
     assert measured_for("kfac", "all", path).describe() == "Measured: 23× a forward+backward pass."
     assert measured_for("lissa", "head", path) is None and load_measured(tmp_path / "absent.json") is None
+
+
+def test_method_label_shows_the_measured_lds_only(tmp_path):
+    from influence_core.measured import method_label
+
+    path = tmp_path / "measured.json"
+    path.write_text(
+        json.dumps(
+            {
+                "workload": "w",
+                "n_models": 50,
+                "methods": {
+                    "ekfac/all": {"job": "ours_ekfac_all", "lds": 0.2149, "lds_se": 0.01},
+                    "kfac/all": {"job": "ours_kfac_all", "lds": None, "lds_se": None},
+                },
+            }
+        )
+    )
+    assert method_label("ekfac", "all", path) == "ekfac · LDS 0.21"
+    assert method_label("kfac", "all", path) == "kfac"  # not measured by LDS: the plain name
+    assert method_label("direct", "head", path) == "direct"
+    assert method_label("ekfac", "all", tmp_path / "absent.json") == "ekfac"

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...errors import InfluenceLensError
+
 GRAM_FRACTION = 0.5
 """A covariance is eigendecomposed through its Gram matrix while it has seen at most this fraction × dim rows."""
 
@@ -39,18 +41,50 @@ class Covariance:
         ``r = dim`` for dense covariances; fewer (nonzero eigenvalues only) for those kept as rows.
         """
         if self.dense is not None:
-            m = (self.dense + self.dense.T) / (2 * n)
-            evals, q = torch.linalg.eigh(m)
+            evals, q = robust_eigh((self.dense + self.dense.T) / (2 * n))
             return q, evals.clamp_min(0)
         if not self.rows:
             return torch.zeros(self.dim, 0, dtype=dtype, device=device), torch.zeros(0, dtype=dtype, device=device)
         x = torch.cat(self.rows)  # (N, dim)
         gram = x @ x.T / n
-        s, u = torch.linalg.eigh((gram + gram.T) / 2)
+        s, u = robust_eigh((gram + gram.T) / 2)
         keep = s > s.max().clamp_min(0) * 1e-10
         s, u = s[keep], u[:, keep]
         q = (x.T @ u) / torch.sqrt(s * n)
         return q, s
+
+
+def robust_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a symmetric PSD ``m (dim, dim)``: ``(eigenvalues (dim,), Q (dim, dim))`` in ``m``'s
+    dtype and device.
+
+    LAPACK's solver can fail to converge on rank-deficient covariances with clustered zero eigenvalues (seen on a
+    whole ResNet18 at 16 px in float32 and float64). Then the decomposition is retried on ``m + δI`` with ``δ`` =
+    1e-6, 1e-4, then 1e-2 × the mean eigenvalue (the shift is subtracted from the eigenvalues again; the
+    eigenvectors of ``m + δI`` are those of ``m``), and last in float64 on the CPU.
+    """
+    try:
+        return torch.linalg.eigh(m)
+    except torch.linalg.LinAlgError:
+        pass
+    scale = float(torch.diagonal(m).mean().abs()) or 1.0
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    for relative in (1e-6, 1e-4, 1e-2):
+        delta = relative * scale
+        try:
+            evals, q = torch.linalg.eigh(m + delta * eye)
+            return evals - delta, q
+        except torch.linalg.LinAlgError:
+            continue
+    try:
+        evals, q = torch.linalg.eigh(m.detach().to("cpu", torch.float64))
+    except torch.linalg.LinAlgError as e:
+        raise InfluenceLensError(
+            f"The eigendecomposition of a {m.shape[0]}×{m.shape[0]} K-FAC covariance did not converge, even "
+            "after shifting it and in float64.",
+            "fit on more training images, or use scope='head' or another method (cg, arnoldi)",
+        ) from e
+    return evals.to(m.device, m.dtype), q.to(m.device, m.dtype)
 
 
 @dataclass
