@@ -12,8 +12,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from influence_core.analysis import rank_suspects
-from influence_core.paths import RunPaths
 from influence_core.measured import method_label
+from influence_core.paths import RunPaths
 from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, compute_influence
 from influence_core.review import ReviewStore
 
