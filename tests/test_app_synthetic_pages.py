@@ -151,4 +151,6 @@ def test_setup_page_with_200_classes_shows_ten_classes_and_a_searchable_picker(p
     assert shown == [f"**{run.classes[c]}**" for c in range(10)]
     picker.set_value([150]).run()
     assert [m.value for m in at.markdown if m.value.startswith("**class-")] == [f"**{run.classes[150]}**"]
-    assert not any(m.label.startswith("Classes to show") for m in page("setup_run", "small").multiselect)  # 10 classes: all shown
+    assert not any(
+        m.label.startswith("Classes to show") for m in page("setup_run", "small").multiselect
+    )  # 10 classes: all shown
