@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -140,7 +141,12 @@ def main(argv=None) -> None:
                 out_dir,
                 name,
                 matrix,
-                {"job": job, "seconds_whole_job": round(seconds, 1), "threads": a.threads, "shared_machine": True},
+                {
+                    "job": job,
+                    "seconds_whole_job": round(seconds, 1),
+                    "threads": a.threads,
+                    "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+                },
             )
         log.info("%s: %.0f s", job, seconds)
 
