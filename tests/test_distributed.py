@@ -85,9 +85,11 @@ def test_a_worker_killed_mid_block_is_replaced_and_its_blocks_rescored(tiny_run,
                 os.kill(killed, signal.SIGKILL)
             else:
                 time.sleep(0.02)
-        thread.join(600)
+        thread.join(900)
+        assert not thread.is_alive(), "the cluster run did not finish after the kill"
         assert killed is not None, "no block was ever in flight on a worker"
         assert "error" not in outcome, outcome.get("error")
+        watcher.wait_for_workers(2, timeout=120)  # the nanny restarts the killed worker
         assert killed not in watcher.run(os.getpid).values()  # the process that held blocks is gone
 
     spread_result = outcome["result"]
