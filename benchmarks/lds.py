@@ -321,7 +321,8 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None) 
 
     report = json.loads(bench_results.read_text()) if bench_results and bench_results.is_file() else None
     recipe = result["workload"]
-    previous = json.loads(path.read_text())["methods"] if path.is_file() else {}
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    previous = before.get("methods", {})
     methods = {}
     for job, s in result["scores"].items():
         key = job_method_scope(job)
@@ -332,9 +333,10 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None) 
             "lds": round(s["margin"]["lds"], 4),
             "lds_se": round(s["margin"]["se"], 4),
             "slope": s["magnitude"]["slope"],
-            "cost_x_floor": None,
-            "fidelity": None,
-            "note": previous.get("/".join(key), {}).get("note"),  # the measured accuracy text stays
+            # the measured accuracy text, and cost and fidelity from an earlier benchmark run, stay unless remeasured
+            "cost_x_floor": previous.get("/".join(key), {}).get("cost_x_floor"),
+            "fidelity": previous.get("/".join(key), {}).get("fidelity"),
+            "note": previous.get("/".join(key), {}).get("note"),
         }
         if report and job in report.get("jobs", {}):
             matrix = report["jobs"][job].get("matrix") or {}
@@ -353,7 +355,8 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None) 
         "n_models": result["n_models"],
         "commit": commit,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "methods": methods,
+        "methods": {**{k: v for k, v in previous.items() if k not in methods}, **methods},
+        "scope_notes": before.get("scope_notes", {}),
     }
     atomic_write_json(path, data)
     return data

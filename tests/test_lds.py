@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -110,3 +111,38 @@ def test_measured_file_round_trip(tmp_path):
     m = measured_for("ekfac", "all", tmp_path / "measured.json")
     assert (m.lds, m.lds_se, m.n_models, m.job) == (0.2, 0.02, 50, "ours_ekfac_all")
     assert "LDS 0.20 ± 0.02 (50 retrained models" in m.describe() and "×100" in m.describe()
+
+
+def test_writing_measured_keeps_notes_costs_scope_notes_and_unscored_methods(tmp_path):
+    from influence_core.measured import load_measured, scope_note
+
+    path = tmp_path / "measured.json"
+    path.write_text(
+        json.dumps(
+            {
+                "workload": "old",
+                "n_models": 0,
+                "methods": {
+                    "ekfac/all": {"job": "ours_ekfac_all", "lds": None, "cost_x_floor": 31.0, "note": "Approx."},
+                    "cg/head": {"job": "ours_cg_head", "lds": None, "note": "Exact up to tolerance."},
+                },
+                "scope_notes": {"all": "Whole network: approximate."},
+            }
+        )
+    )
+    scores = {
+        "ours_ekfac_all": {"margin": {"lds": 0.2, "se": 0.02}, "magnitude": {"slope": 0.5}},
+        "ours_ekfac_all_rel0.1": {"margin": {"lds": 0.3, "se": 0.02}, "magnitude": {"slope": 1.0}},
+    }
+    result = {
+        "n_models": 50,
+        "scores": scores,
+        "workload": {"classes": ["goldfish", "lemon"], "image_size": 64, "epochs": 15, "corrupt_fraction": 0.1},
+    }
+    lds_module.write_measured(result, path)
+    table = load_measured(path)
+    assert set(table) == {("ekfac", "all"), ("cg", "head")}  # the damping-scan row stays out; cg/head is kept
+    ekfac = table[("ekfac", "all")]
+    assert (ekfac.lds, ekfac.cost_x_floor, ekfac.note) == (0.2, 31.0, "Approx.")
+    assert table[("cg", "head")].note == "Exact up to tolerance." and table[("cg", "head")].lds is None
+    assert scope_note("all", path) == "Whole network: approximate."
