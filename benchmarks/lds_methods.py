@@ -24,6 +24,7 @@ import torch
 from lds import materialised
 
 from influence_core import Run
+from influence_core.errors import InfluenceLensError
 from influence_core.influence import Damping
 from influence_core.influence.trajectory import TrajectoryInfluence, run_segments
 from influence_core.storage import atomic_write_bytes, atomic_write_json
@@ -57,7 +58,10 @@ def engine_matrices(run: Run, method: str, scope: str, lambdas: tuple[Damping, .
     out = {}
     for lam in lambdas:
         im.set_regularization(lam)
-        out[lam] = im.influences_from_factors(im.test_factors(x_test, y_test), x_train, y_train)
+        try:
+            out[lam] = im.influences_from_factors(im.test_factors(x_test, y_test), x_train, y_train)
+        except InfluenceLensError as e:  # e.g. a relative λ below float32 resolution on some layer: skip that λ
+            log.warning("%s %s at λ = %s refused: %s", method, scope, lam, e.problem)
     return out
 
 
