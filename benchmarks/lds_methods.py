@@ -40,8 +40,8 @@ LAMBDAS_ALL = (
 """Damping scanned for EK-FAC on the whole network, absolute and relative to each layer's mean eigenvalue (one
 fit, one test-factor solve per value)."""
 ALL_OPTIONS = {"dtype": "float32"}
-"""Whole-network K-FAC/EK-FAC factors in float32. At 16 px ``linalg.eigh`` failed to converge on a rank-deficient
-layer-input factor both with the engine's default (float64) and with this (error 1325948): an engine issue."""
+"""Whole-network K-FAC/EK-FAC factors in float32 (what the engine's ``dtype="auto"`` picks for blocks above 1M
+parameters, fixed here for every block)."""
 HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {"rank": 100}, "lissa": {"depth": 300}}
 """Method → options (as benchmarks/run.py: Arnoldi keeps 100 of the head's directions, LiSSA runs 300 steps)."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 MEASURED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "measured.json"
@@ -65,10 +66,9 @@ class MethodMeasurement:
 
 def load_measured(path: str | Path | None = None) -> dict[tuple[str, str], MethodMeasurement] | None:
     """``(method, scope) → measurement`` from ``path`` (default :data:`MEASURED_FILE`), or None when absent."""
-    path = Path(path) if path else MEASURED_FILE
-    if not path.is_file():
+    data = _read(path)
+    if data is None:
         return None
-    data = json.loads(path.read_text())
     out = {}
     for key, m in data["methods"].items():
         method, _, scope = key.partition("/")
@@ -90,8 +90,24 @@ def load_measured(path: str | Path | None = None) -> dict[tuple[str, str], Metho
 
 def scope_note(scope: str, path: str | Path | None = None) -> str | None:
     """What the benchmarks found for a whole scope (e.g. the whole network), whatever the method, or None."""
+    data = _read(path)
+    return None if data is None else data.get("scope_notes", {}).get(scope)
+
+
+def _read(path: str | Path | None) -> dict | None:
+    """The parsed file at ``path`` (default :data:`MEASURED_FILE`), or None when absent; parsed once per version
+    of the file (the app asks for it once per method on every rerun, and a benchmark may rewrite it)."""
     path = Path(path) if path else MEASURED_FILE
-    return json.loads(path.read_text()).get("scope_notes", {}).get(scope) if path.is_file() else None
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return _parse(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=8)
+def _parse(path: str, mtime_ns: int, size: int) -> dict:
+    return json.loads(Path(path).read_text())
 
 
 def method_label(method: str, scope: str, path: str | Path | None = None) -> str:

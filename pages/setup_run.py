@@ -170,11 +170,12 @@ with influence_tab:
     lam = c3.selectbox(
         "Regularization λ",
         DAMPINGS,
-        index=DAMPINGS.index(
-            min(
-                DAMPINGS,
-                key=lambda d: (d.relative_to_mean != current.relative_to_mean, abs(np.log(d.value / current.value))),
-            )
+        index=min(  # the offered damping closest to the current one, of the same kind
+            range(len(DAMPINGS)),
+            key=lambda i: (
+                DAMPINGS[i].relative_to_mean != current.relative_to_mean,
+                abs(np.log(DAMPINGS[i].value / current.value)),
+            ),
         ),
         format_func=lambda d: f"{d.value:g} × mean eigenvalue" if d.relative_to_mean else f"{d.value:g}",
         help="Absolute λ added to the curvature, or λ relative to the curvature's scale (per layer for kfac / "
