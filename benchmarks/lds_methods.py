@@ -42,6 +42,8 @@ fit, one test-factor solve per value)."""
 ALL_OPTIONS = {"dtype": "float32"}
 """Whole-network K-FAC/EK-FAC factors in float32 (what the engine's ``dtype="auto"`` picks for blocks above 1M
 parameters, fixed here for every block)."""
+FULL_RANK_OPTIONS = {**ALL_OPTIONS, "rank": None}
+"""Every eigenvector of every factor kept (the default projects factors larger than 512 to their 512 leading ones)."""
 HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {"rank": 100}, "lissa": {"depth": 300}}
 """Method → options (as benchmarks/run.py: Arnoldi keeps 100 of the head's directions, LiSSA runs 300 steps)."""
 
@@ -92,11 +94,12 @@ def jobs(run: Run) -> dict:
         )
         for m, o in HEAD_JOBS.items()
     }
-    for method in ("ekfac", "kfac"):
-        lambdas = LAMBDAS_ALL if method == "ekfac" else (DEFAULT_DAMPING,)
-        out[f"ours_{method}_all"] = lambda method=method, lambdas=lambdas: {
-            _lambda_job(method, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, ALL_OPTIONS).items()
-        }
+    for method in ("ekfac", "kfac"):  # the default (projected to rank 512) and full-rank factors
+        for job, options in ((f"ours_{method}_all", ALL_OPTIONS), (f"ours_{method}_all_full", FULL_RANK_OPTIONS)):
+            lambdas = LAMBDAS_ALL if job == "ours_ekfac_all" else (DEFAULT_DAMPING,)
+            out[job] = lambda method=method, job=job, options=options, lambdas=lambdas: {
+                _lambda_job(job, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, options).items()
+            }
     out["tracin_all"] = lambda: {"tracin_all": trajectory_matrix(run, "tracin", "all")}
     out["tracin_all_first22"] = lambda: {"tracin_all_first22": trajectory_matrix(run, "tracin", "all", n_test=22)}
     out["source_all_first22"] = lambda: {"source_all_first22": trajectory_matrix(run, "source", "all", n_test=22)}
@@ -107,11 +110,11 @@ def jobs(run: Run) -> dict:
     return out
 
 
-def _lambda_job(method: str, damping: Damping) -> str:
-    """``ours_ekfac_all`` at the default damping, ``ours_ekfac_all_lambda0.01`` / ``ours_ekfac_all_rel0.1`` else."""
+def _lambda_job(job: str, damping: Damping) -> str:
+    """``job`` at the default damping, ``<job>_lambda0.01`` / ``<job>_rel0.1`` else."""
     if damping == DEFAULT_DAMPING:
-        return f"ours_{method}_all"
-    return f"ours_{method}_all_{'rel' if damping.relative_to_mean else 'lambda'}{damping.value:g}"
+        return job
+    return f"{job}_{'rel' if damping.relative_to_mean else 'lambda'}{damping.value:g}"
 
 
 def save_matrix(directory: Path, name: str, matrix: np.ndarray, record: dict) -> None:

@@ -48,7 +48,8 @@ from .influence import (
     scope_text,
 )
 from .influence.engine import Images
-from .measured import measured_for, scope_note
+from .influence.kfac.inverse import EXACT_MAX_CLASSES
+from .measured import MethodMeasurement, load_measured, measured_for, scope_note
 from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress, tagged
 from .results import (
@@ -65,12 +66,12 @@ from .results import (
 )
 from .run import Run
 from .rundir import remove_orphans, run_lock
-from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json, stable_hash
+from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json, resolve_device, stable_hash
 
 log = logging.getLogger(__name__)
 
 METHOD_CHOICES = tuple(METHODS)
-CACHE_VERSION = "influence-v3"  # bump when the engine's results or curvature.pt format change
+CACHE_VERSION = "influence-v4"  # bump when the engine's results or curvature.pt format change
 DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Finding wrong labels")
 
 
@@ -124,10 +125,15 @@ class InfluenceSettings:
             f"{self.curvature.value}"
         )
 
+    @property
+    def scope_key(self) -> str:
+        """``"head"``, ``"all"`` or ``"modules"``: how the benchmarks' measurements name the scope."""
+        return self.scope.value if isinstance(self.scope, Scope) else "modules"
+
     def accuracy_note(self) -> str:
         """How exact these settings are, as the benchmarks measured them (``benchmarks/measured.json``, written
         next to the benchmark results; see :mod:`.measured`)."""
-        scope = self.scope.value if isinstance(self.scope, Scope) else "modules"
+        scope = self.scope_key
         found = measured_for(self.method, scope)
         if found:
             return found.describe()
@@ -136,6 +142,61 @@ class InfluenceSettings:
 
 
 DEFAULT_SETTINGS = InfluenceSettings()
+
+AFFORDABLE_CPU_SECONDS = 300.0
+"""A better-measured whole-network result is offered by default only when its estimated CPU time is at most this
+(on a GPU it always is)."""
+CPU_SECONDS_PER_MEGAPIXEL = 17.5
+"""Whole-network EK-FAC (fit, test factors, matrix, self-influence) per million training + test pixels and per
+output-curvature column on 2 CPU cores: about 70 s for goldfish/lemon (990 images at 64 px, one column;
+README, "Whole network"). Convolution cost grows with the pixels, the fit's backward passes with the columns."""
+
+
+@dataclass(frozen=True)
+class RankingUpgrade:
+    """Settings whose helpful / harmful rankings measured better than the current ones, and by how much."""
+
+    settings: InfluenceSettings
+    measured: MethodMeasurement  # its LDS (benchmarks/measured.json)
+    current: MethodMeasurement  # that of the settings it replaces
+    estimated_s: float | None  # estimated CPU seconds (None on a GPU)
+
+    def describe(self) -> str:
+        """E.g. ``ekfac on the whole network (LDS 0.083 ± 0.015 against 0.073 ± 0.016 for the last layer)``."""
+
+        def lds(m: MethodMeasurement) -> str:
+            return f"{m.lds:.3f}" + (f" ± {m.lds_se:.3f}" if m.lds_se is not None else "")
+
+        return (
+            f"{self.settings.method} on the whole network (LDS {lds(self.measured)} against {lds(self.current)} "
+            "for the last layer)"
+        )
+
+
+def ranking_upgrade(run: Run, settings: InfluenceSettings, device: str = "auto") -> RankingUpgrade | None:
+    """What the explorer should rank helpful / harmful training images with instead of the default ``settings``:
+    the product method with the best measured LDS on the whole network, when that beats the default's LDS and is
+    affordable for ``run`` on ``device`` (see :data:`AFFORDABLE_CPU_SECONDS`). None when ``settings`` are not the
+    defaults (a choice the user made stands), nothing measured better, or it would take too long."""
+    if settings != DEFAULT_SETTINGS:
+        return None
+    table = load_measured() or {}
+    current = table.get((settings.method, settings.scope_key))
+    candidates = [m for (method, scope), m in table.items() if scope == "all" and method in METHODS and m.lds]
+    if current is None or current.lds is None or not candidates:
+        return None
+    best = max(candidates, key=lambda m: m.lds or 0.0)
+    if best.lds is None or best.lds <= current.lds:
+        return None
+    estimated = None
+    if resolve_device(device).type != "cuda":
+        columns = run.n_classes - 1 if run.n_classes <= EXACT_MAX_CLASSES else 1
+        pixels = (len(run.labels("train")) + len(run.labels("test"))) * run.config["image_size"] ** 2
+        estimated = pixels / 1e6 * CPU_SECONDS_PER_MEGAPIXEL * max(columns, 1)
+        if estimated > AFFORDABLE_CPU_SECONDS:
+            return None
+    upgraded = InfluenceSettings(method=best.method, scope=Scope.ALL, checkpoints=False)
+    return RankingUpgrade(upgraded, best, current, estimated)
 
 
 @dataclass
@@ -374,9 +435,9 @@ class BlockScorer:
         """Write ``I[:, start:stop]`` into ``paths``' matrix; return the block's summaries (incl. self-influence)."""
         assert self.im is not None, "a worker scores with its own rebuilt model (distributed.WorkerPayload)"
         x, y = self.x_train[start:stop], self.y_train[start:stop]
-        block = self.im.influences_from_factors(self.factors, x, y)
+        block, self_inf = self.im.influences_and_self_influence(self.factors, x, y)
         open_matrix(paths, mode="r+")[:, start:stop] = block
-        return summarise_block(block, start, self.test_labels, self.n_classes, self.im.self_influence(x, y))
+        return summarise_block(block, start, self.test_labels, self.n_classes, self_inf)
 
 
 def saliency_maps(

@@ -16,7 +16,14 @@ st.caption(
 )
 
 run = runs.current_run()
-result = runs.influence(run)
+ranking = runs.rankings(run)
+result = ranking.result
+if ranking.note:
+    st.caption(ranking.note)
+if ranking.job is not None and ranking.job.status == "failed":
+    st.warning(str(ranking.job.error))
+elif ranking.job is not None and ranking.job.status == "running":
+    runs.show_job(ranking.job)  # the page reruns with the better rankings once they are computed
 test_true, test_pred = run.labels("test"), runs.predicted(run, "test")
 train_labels, train_ids = run.labels("train"), run.ids("train")
 
@@ -146,7 +153,7 @@ def saliency_panel(pick: int, key: str) -> None:
                 "image; blue: less helpful."
             )
         with c2, st.spinner("Computing the saliency map…"):
-            sal = runs.saliency(run, test, pick)
+            sal = runs.saliency(run, test, pick, ranking.settings)
             charts.chart(
                 charts.saliency_figure(runs.images_at(run, "train", [pick])[0], sal, overlay), key=f"{key}-saliency"
             )

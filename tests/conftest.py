@@ -15,6 +15,10 @@ from torch import nn
 
 from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
 
+# The explorer's background whole-network computation (pipeline.ranking_upgrade) stays off unless a test turns it
+# on: otherwise every app and browser test would start one on the demo run and share the CPU with it.
+os.environ.setdefault("INFLUENCE_LENS_RANKING_UPGRADE", "0")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_IMAGENET = Path(os.environ.get("TINY_IMAGENET", ROOT.parent / "shared" / "data" / "tiny-imagenet-200"))
 TINY_SPEC = f"tiny-imagenet:{TINY_IMAGENET}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from contextlib import closing
@@ -222,6 +223,39 @@ def test_explorer_shows_top_k_for_the_test_image_in_the_url(app, demo_run):
     assert not at.exception
     assert at.session_state["train_pick"] is not None
     assert any("Red pixels" in c.value for c in at.caption)
+
+
+def test_explorer_ranks_with_the_better_whole_network_result_once_computed(app, tiny_run, runs_root, monkeypatch):
+    """With the upgrade on (off elsewhere in the tests), the explorer shows the last layer's rankings and computes
+    the better-measured whole-network result in the background; once it is cached, the rankings come from it
+    (two real tiny-imagenet classes: one output-curvature column, so the whole network takes seconds)."""
+    from influence_core import measured
+    from influence_core.pipeline import load_influence, ranking_upgrade
+
+    path = runs_root / "measured-upgrade.json"
+    methods = {"direct/head": 0.073, "ekfac/all": 0.083}
+    path.write_text(
+        json.dumps({"workload": "w", "n_models": 50, "methods": {k: {"job": k, "lds": v} for k, v in methods.items()}})
+    )
+    monkeypatch.setattr(measured, "MEASURED_FILE", path)
+    monkeypatch.setenv("INFLUENCE_LENS_RANKING_UPGRADE", "1")
+    compute_influence(tiny_run, DEFAULT_SETTINGS)
+    run_path = copy_run(tiny_run.path, runs_root / "tiny-upgrade")
+    at = app("explorer", run=run_path.name, test="3")
+    assert any(c.value.startswith("Ranked by the last layer while ekfac on the whole network") for c in at.caption)
+    at = finish_jobs(at)
+    assert not at.exception
+    assert any(c.value.startswith("Ranked by ekfac on the whole network (LDS 0.083") for c in at.caption)
+    from influence_core import Run
+
+    run = Run(run_path)
+    whole = load_influence(run, ranking_upgrade(run, DEFAULT_SETTINGS).settings)
+    head = load_influence(run, DEFAULT_SETTINGS)
+    captions = [i.caption for img in at.get("image") for i in img.proto.imgs]
+    shown = [c.split(" · id ")[1].split(" · ")[0] for c in captions if " · id " in c][:8]  # the helpful row
+    names = [Path(i).name for i in run.ids("train")]
+    assert shown == [names[p] for p in whole.top_helpful(3, 8)[0]]
+    assert shown != [names[p] for p in head.top_helpful(3, 8)[0]]
 
 
 def test_whole_test_set_page_lists_every_training_image(app, demo_run):

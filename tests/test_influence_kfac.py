@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from influence_core.errors import InfluenceLensError
 from influence_core.influence import Curvature, Damping, InfluenceModel, Method
+from influence_core.influence.kfac import factors
 from influence_core.influence.kfac import inverse as kfac_inverse
 from influence_core.influence.ops import per_sample_grads
 
@@ -207,33 +208,40 @@ def test_influences_correlate_with_exact_gauss_newton(cnn_setup, method, thresho
 
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
-def test_another_lambda_and_state_dict_round_trip(cnn_setup, method):
-    """One fit serves every λ (a solve at 0.1 after one at 1e-3 equals a fresh fit's); the state round-trips."""
+@pytest.mark.parametrize("rank", [None, 6])
+def test_another_lambda_and_state_dict_round_trip(cnn_setup, method, rank):
+    """One fit serves every λ (a solve at 0.1 after one at 1e-3 equals a fresh fit's); the state round-trips
+    (with projected bases too)."""
     model, params, x_tr, y_tr, *_ = cnn_setup
     torch.manual_seed(2)
     v = _unflat(torch.randn(4, sum(p.numel() for p in params.values())), params)
     batches = _batches(x_tr, y_tr, 128)
     small, large = Damping.of(1e-3), Damping.of(0.1)
 
-    inv = _fit(method, model, params, batches, len(x_tr))
+    inv = _fit(method, model, params, batches, len(x_tr), rank=rank)
+    assert all(f.projected for f in inv.layers) == (rank is not None)
     before = inv.solve(v, small)
-    refit = _fit(method, model, params, batches, len(x_tr))
+    refit = _fit(method, model, params, batches, len(x_tr), rank=rank)
     after, expected = inv.solve(v, large), refit.solve(v, large)
     for n in params:
         torch.testing.assert_close(after[n], expected[n], rtol=1e-6, atol=1e-9)
         assert not torch.allclose(after[n], before[n])
 
-    loaded = Method.named(method).inverse(Curvature.GAUSS_NEWTON)
+    loaded = Method.named(method, rank=rank).inverse(Curvature.GAUSS_NEWTON)
     loaded.load_state_dict({k: t.clone() for k, t in inv.state_dict().items()})
+    assert [f.projected for f in loaded.layers] == [f.projected for f in inv.layers]
     again = loaded.solve(v, large)
     for n in params:
         assert torch.equal(again[n], after[n])
 
 
 @pytest.mark.parametrize("rotate_first", [True, False])
-def test_ekfac_eigenvalues_are_the_exact_curvature_in_the_kronecker_basis(monkeypatch, rotate_first):
+@pytest.mark.parametrize("rank", [None, 8, 4])
+def test_ekfac_eigenvalues_are_the_exact_curvature_in_the_kronecker_basis(monkeypatch, rotate_first, rank):
     """EK-FAC's Λ_jk must equal ((Q_G ⊗ Q_A)ᵀ GN (Q_G ⊗ Q_A))_jk,jk exactly: checks the conv per-sample gradients
-    (stride, padding, dilation, bias column) through both ways of forming them. Only the conv is in ``params``."""
+    (stride, padding, dilation, bias column) through both ways of forming them. Only the conv is in ``params``.
+    With a ``rank`` the input factor (19 columns) is cut, by a full eigendecomposition (8) or the randomized one
+    (4): the kept directions must be the leading eigenvectors of the full factor and Λ exact in them."""
     monkeypatch.setattr(kfac_inverse, "_rotate_first", lambda *args: rotate_first)
     torch.manual_seed(3)
     model = nn.Sequential(
@@ -241,34 +249,47 @@ def test_ekfac_eigenvalues_are_the_exact_curvature_in_the_kronecker_basis(monkey
     ).eval()
     x, y = torch.randn(37, 2, 9, 9), torch.randint(0, 4, (37,))
     params = {"0.weight": model[0].weight, "0.bias": model[0].bias}
-    inv = _fit("ekfac", model, params, _batches(x, y, 10), len(x))
+    inv = _fit("ekfac", model, params, _batches(x, y, 10), len(x), rank=rank)
     (f,) = inv.layers
+    if rank is not None:
+        (full,) = _fit("kfac", model, params, _batches(x, y, 10), len(x)).layers
+        kept = full.q_a[:, -rank:]  # ascending eigenvalues: the leading ones last
+        assert f.projected and f.q_a.shape == (19, rank) and f.q_g.shape == (3, 3)
+        torch.testing.assert_close(f.q_a @ f.q_a.T, kept @ kept.T, atol=1e-8, rtol=0)
     gn = _exact_gn(model, params, x)  # over [vec W (54), b (3)]
     cols = torch.arange(54).reshape(3, 18)
     order = torch.cat([cols, torch.arange(54, 57)[:, None]], dim=1).flatten()  # [W | b] row-major -> flat index
     h = gn[order][:, order].reshape(3, 19, 3, 19)
     expected = torch.einsum("aibj,ap,iq,bp,jq->pq", h, f.q_g, f.q_a, f.q_g, f.q_a)
-    assert f.q_a.shape == (19, 19) and f.q_g.shape == (3, 3)
+    assert rank is not None or (f.q_a.shape == (19, 19) and f.q_g.shape == (3, 3))
     assert _rel(f.eigenvalues, expected) <= 1e-6
 
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
-@pytest.mark.parametrize("scope, rotate_first", [("all", True), ("all", False), ("head", True)])
-def test_eigenbasis_scores_equal_parameter_space_solves(cnn_setup, monkeypatch, method, scope, rotate_first):
+@pytest.mark.parametrize(
+    "scope, rotate_first, rank", [("all", True, None), ("all", False, None), ("head", True, None), ("all", True, 5)]
+)
+def test_eigenbasis_scores_equal_parameter_space_solves(cnn_setup, monkeypatch, method, scope, rotate_first, rank):
     """The engine's eigenbasis path (coordinates straight from hooks, completed bases) must give the same
     influences and self-influences as per-sample gradients + ``solve`` in parameter space. 12 training points
-    in uneven chunks of 5 leave the fc input factor rank-deficient (Gram path, basis completion)."""
+    in uneven chunks of 5 leave the fc input factor rank-deficient (Gram path, basis completion); with a
+    ``rank`` both paths drop the complement of the projected bases (the Gram path cut as well)."""
     monkeypatch.setattr(kfac_inverse, "_rotate_first", lambda *args: rotate_first)
     model, _, x_tr, y_tr, x_te, y_te = cnn_setup
     x_tr, y_tr = x_tr[:12], y_tr[:12]
-    im = InfluenceModel(model, method=Method.named(method), scope=scope, regularization=1e-2, batch_size=5)
+    im = InfluenceModel(model, method=Method.named(method, rank=rank), scope=scope, regularization=1e-2, batch_size=5)
     im.fit(x_tr, y_tr)
-    if scope == "all":
+    if rank is not None:
+        assert all(f.projected and f.q_a.shape[1] <= rank for f in im.inverse_.layers)
+    elif scope == "all":
         assert not next(f for f in im.inverse_.layers if f.weight_name == "fc.weight").full_rank
     factors = im.test_factors(x_te, y_te)
     assert factors.in_basis
     # self-influence of points outside the fit set reaches the complement of the fitted bases (1/λ there)
     basis = im.influences_from_factors(factors), im.self_influence(), im.self_influence(x_te, y_te)
+    one_pass = im.influences_and_self_influence(factors)  # the pipeline's: both from the same coordinates
+    np.testing.assert_allclose(one_pass[0], basis[0], rtol=1e-5, atol=1e-7 * np.abs(basis[0]).max())
+    np.testing.assert_allclose(one_pass[1], basis[1], rtol=1e-5)
 
     block_model = im.block_model_
     inputs = (lambda x: block_model_inputs(im, x)) if scope == "head" else (lambda x: x)
@@ -376,3 +397,22 @@ def test_eigh_that_does_not_converge_is_retried_shifted_and_in_float64(monkeypat
     monkeypatch.setattr(torch.linalg, "eigh", lambda a: failing(a, 99))
     with pytest.raises(InfluenceLensError, match="did not converge"):
         factors.robust_eigh(m)
+
+
+def test_leading_eigh_finds_the_leading_eigenpairs_of_a_decaying_spectrum():
+    """The randomized eigensolver behind ``rank``: on a 600 × 600 covariance with a spectrum decaying like a
+    layer's, its 40 leading eigenvalues and their subspace match ``eigh``'s."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 600, generator=gen, dtype=torch.float64) * torch.logspace(0, -3, 600, dtype=torch.float64)
+    m = x.T @ x / len(x)
+    evals, q = factors.leading_eigh(m, 40)
+    want_evals, want_q = torch.linalg.eigh(m)
+    assert q.shape == (600, 40)
+    torch.testing.assert_close(q.T @ q, torch.eye(40, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert _rel(evals, want_evals[-40:]) <= 1e-3
+    assert torch.linalg.matrix_norm(q.T @ want_q[:, -40:]) ** 2 / 40 >= 0.999
+
+
+def test_rank_must_be_positive():
+    with pytest.raises(InfluenceLensError, match="rank must be at least 1"):
+        Method.named("ekfac", rank=0)

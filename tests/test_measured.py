@@ -2,8 +2,12 @@
 
 import json
 
+import pytest
+
+from influence_core import measured, pipeline
+from influence_core.influence import Scope
 from influence_core.measured import MEASURED_FILE, load_measured, measured_for
-from influence_core.pipeline import DEFAULT_SETTINGS, InfluenceSettings
+from influence_core.pipeline import DEFAULT_SETTINGS, InfluenceSettings, ranking_upgrade
 
 
 def test_notes_come_from_the_benchmarks_file():
@@ -61,3 +65,36 @@ def test_method_label_shows_the_measured_lds_only(tmp_path):
     assert method_label("kfac", "all", path) == "kfac"  # not measured by LDS: the plain name
     assert method_label("direct", "head", path) == "direct"
     assert method_label("ekfac", "all", tmp_path / "absent.json") == "ekfac"
+
+
+def _measured_file(path, lds: dict[str, float]):
+    methods = {key: {"job": key, "lds": value, "lds_se": 0.015} for key, value in lds.items()}
+    path.write_text(json.dumps({"workload": "w", "n_models": 50, "methods": methods}))
+    return path
+
+
+def test_rankings_upgrade_to_the_best_measured_whole_network_method_when_affordable(tmp_path, monkeypatch, demo_run):
+    """At the default settings the explorer ranks with the whole-network method of best LDS when that beats the
+    default's LDS and is estimated affordable; a choice the user made, a better head, or a run too large for the
+    CPU keep the current settings."""
+    path = _measured_file(
+        tmp_path / "m.json",
+        {"direct/head": 0.073, "ekfac/all": 0.083, "kfac/all": 0.079, "tracin/all": 0.2, "ekfac/head": 0.06},
+    )
+    monkeypatch.setattr(measured, "MEASURED_FILE", path)
+    up = ranking_upgrade(demo_run, DEFAULT_SETTINGS, device="cpu")
+    assert up is not None  # tracin is not a method of the influence engine: never picked
+    assert up.settings == InfluenceSettings(method="ekfac", scope=Scope.ALL, checkpoints=False)
+    assert (up.measured.lds, up.current.lds) == (0.083, 0.073)
+    pixels = (len(demo_run.labels("train")) + len(demo_run.labels("test"))) * demo_run.config["image_size"] ** 2
+    assert up.estimated_s == pytest.approx(pixels / 1e6 * pipeline.CPU_SECONDS_PER_MEGAPIXEL * 9)  # 10 classes
+    assert "LDS 0.083 ± 0.015 against 0.073 ± 0.015" in up.describe()
+
+    assert ranking_upgrade(demo_run, InfluenceSettings(method="cg"), device="cpu") is None
+    monkeypatch.setattr(pipeline, "AFFORDABLE_CPU_SECONDS", up.estimated_s / 2)
+    assert ranking_upgrade(demo_run, DEFAULT_SETTINGS, device="cpu") is None
+    monkeypatch.setattr(pipeline, "AFFORDABLE_CPU_SECONDS", up.estimated_s * 2)
+    _measured_file(path, {"direct/head": 0.09, "ekfac/all": 0.083})
+    assert ranking_upgrade(demo_run, DEFAULT_SETTINGS, device="cpu") is None
+    monkeypatch.setattr(measured, "MEASURED_FILE", tmp_path / "absent.json")
+    assert ranking_upgrade(demo_run, DEFAULT_SETTINGS, device="cpu") is None

@@ -71,7 +71,8 @@ class InfluenceFactors:
     With ``in_basis`` (methods that are diagonal in a per-layer eigenbasis, :class:`EigenbasisInverse`) the
     keys are the method's blocks and the values the solved vectors' coordinates in that basis.
     Computed once by :meth:`InfluenceModel.test_factors`; tied to the damping it was solved with.
-    Blocks over :func:`factor_budget` (``all`` scope on a ResNet: 45 MB per test point) are stored as float16
+    Factors over :func:`factor_budget` (``all`` scope on a ResNet18: 45 MB per test point in parameter space,
+    8.6 MB in EK-FAC's default projected bases) are stored as float16
     values in ``[-1, 1]`` times ``scales[name]`` ``(n,)``; read them with :meth:`rows`. That changed a
     whole-network influence matrix by 1.5e-3 (relative, measured; see the README).
     """
@@ -143,6 +144,11 @@ def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
             "use scope 'all' or a list of module names, or a classifier that ends in nn.Linear",
         )
     return found[-1]
+
+
+def _weighted_squares(r: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``Σ_j d_j r_ij²`` per sample: eigenbasis coordinates ``r (b, ...)``, inverse diagonal ``d`` → ``(b,)``."""
+    return (r.square() * d).flatten(1).sum(1)
 
 
 DEFAULT_METHOD = Direct()
@@ -378,9 +384,12 @@ class InfluenceModel:
         """``(H + λI)⁻¹ ∇ℓ(z_test)`` for every test point, solved once (right-hand sides batched as memory
         allows; test gradients are streamed, never all held at once)."""
         x, y = self._block_data(x_test, y_test)
-        compress = len(x) * 4 * sum(p.numel() for p in self.params_.values()) > factor_budget(self.device_)
-        parts, scales = [], []
+        compress: bool | None = None  # decided on the first chunk: coordinates per test point (projected bases
+        parts, scales = [], []  # have fewer than the scope's parameters)
         for solved in self._solved(x, y, "test factors"):
+            if compress is None:
+                per_point = sum(f[0].numel() for f in solved.values())
+                compress = len(x) * 4 * per_point > factor_budget(self.device_)
             if compress:
                 solved, scale = InfluenceFactors.compress(solved)
                 scales.append(scale)
@@ -404,20 +413,46 @@ class InfluenceModel:
         """``I[t, i] = F_tᵀ ∇ℓ(z_i)``: ``(n_test, n)`` float32, positive = helpful (removing ``z_i`` raises test
         point ``t``'s loss by about ``I[t, i] / n_train``). ``x``/``y`` default to the training set; streamed."""
         self._check_factors(factors)
-        x, y = self._block_data(x, y)
+        return self._score(factors, *self._block_data(x, y), with_self=False)[0]
+
+    @_fp32
+    def influences_and_self_influence(
+        self, factors: InfluenceFactors, x: Images | None = None, y=None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`influences_from_factors` ``(n_test, n)`` and :meth:`self_influence` ``(n,)`` of the same points,
+        from one pass over them for methods scored in an eigenbasis (K-FAC/EK-FAC; two passes otherwise)."""
+        self._check_factors(factors)
+        if not factors.in_basis:
+            return self.influences_from_factors(factors, x, y), self.self_influence(x, y)
+        matrix, self_inf = self._score(factors, *self._block_data(x, y), with_self=True)
+        assert self_inf is not None
+        return matrix, self_inf
+
+    def _score(
+        self, factors: InfluenceFactors, x: Images, y: torch.Tensor, with_self: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The influence matrix against ``x`` (block data), and with ``with_self`` (eigenbasis methods only) the
+        self-influence of ``x`` from the same coordinates."""
         k = len(factors)
         out = torch.zeros(k, len(x), dtype=torch.float32)
+        self_inf = torch.zeros(len(x), dtype=torch.float32) if with_self else None
+        inverse: dict[str, torch.Tensor] = {}
+        if with_self:
+            assert isinstance(self.inverse_, EigenbasisInverse)
+            inverse = self.inverse_.inverse_diagonal(self.regularization)
         if factors.in_basis:
             chunks = self._basis_grads(x, y, "influences")
         else:
             chunks = ((rows, g.items()) for rows, g in self._grads(x, y, "influences"))
         for rows, blocks in chunks:
             for n, gn in blocks:
+                if self_inf is not None:
+                    self_inf[rows] += _weighted_squares(gn, inverse[n]).cpu()
                 gn = gn.reshape(gn.shape[0], -1).T
                 step = k if factors.scales is None else max(1, GRAD_CHUNK_BYTES // (4 * gn.shape[0]))
                 for start in range(0, k, step):
                     out[start : start + step, rows] += (factors.rows(n, start, start + step) @ gn).cpu()
-        return out.numpy()
+        return out.numpy(), None if self_inf is None else self_inf.numpy()
 
     def influences(self, x_test: Images, y_test, x: Images | None = None, y=None) -> np.ndarray:
         """:meth:`test_factors` then :meth:`influences_from_factors`: ``(n_test, n)`` float32."""
@@ -431,7 +466,7 @@ class InfluenceModel:
         if isinstance(self.inverse_, EigenbasisInverse):
             inverse = self.inverse_.inverse_diagonal(self.regularization)
             for rows, blocks in self._basis_grads(x, y, "self-influence"):
-                out[rows] = sum((r.square() * inverse[key]).flatten(1).sum(1) for key, r in blocks).cpu()
+                out[rows] = torch.stack([_weighted_squares(r, inverse[key]) for key, r in blocks]).sum(0).cpu()
         else:
             for rows, g in self._grad_groups(x, y, "self-influence"):
                 out[rows] = row_dot(g, self._solve(g)).cpu()

@@ -12,6 +12,7 @@ process), so they go on when the page is left; a page that needs their result sh
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -28,6 +29,7 @@ from influence_core.pipeline import (
     InfluenceSettings,
     cache_key,
     compute_influence,
+    ranking_upgrade,
     saliency_maps,
 )
 from influence_core.review import Action, ReviewStore
@@ -37,6 +39,7 @@ from .state import settings
 
 RUNS_ENV = "INFLUENCE_LENS_RUNS"
 EXTRA_ROOTS_ENV = "INFLUENCE_LENS_EXTRA_ROOTS"
+UPGRADE_ENV = "INFLUENCE_LENS_RANKING_UPGRADE"
 DEMO_CONFIG = TrainConfig(
     dataset="demo", image_size=16, downsample=0.5, epochs=5, corrupt_fraction=0.1, n_checkpoints=2
 )  # ~900 digits, test F1 ≈ 0.85
@@ -237,6 +240,19 @@ def cached_influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceR
     return _result(str(run.path), key) if RunPaths(run.path).influence_entry(key).is_complete() else None
 
 
+def _influence_key(run: Run, s: InfluenceSettings) -> str:
+    return f"influence:{run.path}:{_cache_key(str(run.path), _trained_at(run), s)}"
+
+
+def _influence_job(run: Run, s: InfluenceSettings) -> Job:
+    """The background computation of ``s`` for ``run`` (the running or finished one, else a new one)."""
+    return job_registry().submit(
+        _influence_key(run, s),
+        lambda progress: compute_influence(run, s, progress=progress),
+        f"Computing influences ({s.describe()})",
+    )
+
+
 def influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult:
     """The influence result of ``run``; when not cached yet it is computed in the background while this page
     shows the progress and stops (every page asking for it meanwhile shows the same job)."""
@@ -244,13 +260,41 @@ def influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult:
     found = cached_influence(run, s)
     if found is not None:
         return found
-    key = f"influence:{run.path}:{_cache_key(str(run.path), _trained_at(run), s)}"
-    if job_registry().get(key) is None:
-        job_registry().submit(
-            key, lambda progress: compute_influence(run, s, progress=progress), f"Computing influences ({s.describe()})"
-        )
-    _settled(key)
+    _settled(_influence_job(run, s).key)
     return cached_influence(run, s)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """What the explorer ranks helpful / harmful images with: ``result`` of ``settings``; ``note`` says why when
+    they are not the session's settings; ``job`` computes a better-measured result meanwhile, or holds its error."""
+
+    result: InfluenceResult
+    settings: InfluenceSettings
+    note: str | None = None
+    job: Job | None = None
+
+
+def rankings(run: Run) -> Ranking:
+    """The session's influence result (computed first: the page waits for it), or, at the default settings, the
+    better-measured whole-network one when it is affordable (:func:`influence_core.pipeline.ranking_upgrade`):
+    used once cached, computed in the background meanwhile. ``INFLUENCE_LENS_RANKING_UPGRADE=0`` turns this off."""
+    s = settings()
+    base = influence(run, s)
+    upgrade = None if os.environ.get(UPGRADE_ENV) == "0" else ranking_upgrade(run, s)
+    if upgrade is None:
+        return Ranking(base, s)
+    found = cached_influence(run, upgrade.settings)
+    if found is not None:
+        return Ranking(found, upgrade.settings, f"Ranked by {upgrade.describe()}, computed in the background.")
+    failed = job_registry().get(_influence_key(run, upgrade.settings))
+    if failed is not None and failed.status == "failed":  # shown with its error, not retried by this server
+        return Ranking(base, s, f"Ranked by the last layer: {upgrade.describe()} could not be computed.", failed)
+    job = _influence_job(run, upgrade.settings)
+    eta = f"; about {upgrade.estimated_s:.0f} s on the CPU" if upgrade.estimated_s is not None else ""
+    return Ranking(
+        base, s, f"Ranked by the last layer while {upgrade.describe()} is computed in the background{eta}.", job
+    )
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -258,9 +302,9 @@ def _saliency(path: str, mtime: float, s: InfluenceSettings, test: int, train_po
     return saliency_maps(open_run(path), s, test, [train_position])[0]
 
 
-def saliency(run: Run, test: int, train_position: int) -> np.ndarray:
-    """(S, S) signed saliency of one training image for one test image (cached)."""
-    return _saliency(str(run.path), _trained_at(run), settings(), test, train_position)
+def saliency(run: Run, test: int, train_position: int, s: InfluenceSettings | None = None) -> np.ndarray:
+    """(S, S) signed saliency of one training image for one test image under ``s`` (default: the session's)."""
+    return _saliency(str(run.path), _trained_at(run), s or settings(), test, train_position)
 
 
 def describe_run(run: Run) -> str:
