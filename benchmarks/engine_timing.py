@@ -1,7 +1,7 @@
 """Time the engine's stages (fit, test factors, influence matrix, self-influence) on one device.
 
     python benchmarks/engine_timing.py [--run RUN_DIR | --synthetic 880 110] [--method ekfac] [--scope all]
-                                       [--device auto|cpu|cuda] [--check 32]
+                                       [--device auto|cpu|cuda] [--check 32] [--option rank=none ...]
 
 ``--synthetic N M`` uses an untrained ResNet18 (2 classes) on N training / M test random 64 px images, so the
 timing needs no data (e.g. on a GPU machine); ``--run`` uses a trained run's final checkpoint and split.
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 import numpy as np
 import torch
 import torchvision
+from ours import method_options
 
 from influence_core import Run
 from influence_core.influence import METHODS, InfluenceModel, Method, Scope, parse_scope
@@ -53,6 +55,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--regularization", type=float, default=1e-3)
     p.add_argument("--check", type=int, default=0)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. rank=none")
     args = p.parse_args()
     device = resolve_device(args.device)
     model, x, y, xt, yt = data(args)
@@ -67,7 +70,11 @@ def main() -> None:
         return out, round(time.perf_counter() - t, 3)
 
     im = InfluenceModel(
-        model, method=Method.named(args.method), scope=args.scope, device=device, regularization=args.regularization
+        model,
+        method=Method.named(args.method, **method_options(args.option)),
+        scope=args.scope,
+        device=device,
+        regularization=args.regularization,
     )
     _, fit_s = timed(lambda: im.fit(x, y))
     factors, factors_s = timed(lambda: im.test_factors(xt, yt))
@@ -84,6 +91,8 @@ def main() -> None:
         "test_factors_s": factors_s,
         "influences_s": matrix_s,
         "self_influence_s": self_s,
+        "options": method_options(args.option),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     if device.type == "cuda":
         record["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)

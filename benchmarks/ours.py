@@ -107,7 +107,14 @@ def influence(run: Run, method: str, scope: str, regularization: float, cap: flo
     return record, scores.T, self_inf
 
 
-def _number(text: str):
+def method_options(pairs: list[str]) -> dict:
+    """``["rank=100", "rank=none"]`` → ``{"rank": None}``: ints, floats, ``none``, else strings (later wins)."""
+    return {key: _value(text) for key, text in (pair.split("=", 1) for pair in pairs)}
+
+
+def _value(text: str):
+    if text.lower() == "none":
+        return None
     for kind in (int, float):
         try:
             return kind(text)
@@ -130,10 +137,10 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="method option (int, float or string), repeatable",
+        help="method option (int, float, none or string), repeatable",
     )
     args = parser.parse_args()
-    options = {k: _number(v) for k, v in (o.split("=", 1) for o in args.option)}
+    options = method_options(args.option)
     run = Run(args.run_dir)
     record = {
         "peer": "influence-lens",
