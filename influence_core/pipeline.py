@@ -146,10 +146,10 @@ DEFAULT_SETTINGS = InfluenceSettings()
 AFFORDABLE_CPU_SECONDS = 300.0
 """A better-measured whole-network result is offered by default only when its estimated CPU time is at most this
 (on a GPU it always is)."""
-CPU_SECONDS_PER_MEGAPIXEL = 17.5
+CPU_SECONDS_PER_MEGAPIXEL = 20.0
 """Whole-network EK-FAC (fit, test factors, matrix, self-influence) per million training + test pixels and per
-output-curvature column on 2 CPU cores: about 70 s for goldfish/lemon (990 images at 64 px, one column;
-README, "Whole network"). Convolution cost grows with the pixels, the fit's backward passes with the columns."""
+output-curvature column on 2 CPU cores: about 80 s for goldfish/lemon (990 images at 64 px, one column; README,
+"Defaults, and why"). Convolution cost grows with the pixels, the fit's backward passes with the columns."""
 
 
 @dataclass(frozen=True)
