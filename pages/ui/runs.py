@@ -260,7 +260,10 @@ def influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult:
     found = cached_influence(run, s)
     if found is not None:
         return found
-    _settled(_influence_job(run, s).key)
+    key = _influence_key(run, s)
+    if job_registry().get(key) is None:  # a failed job stays until _settled has shown its error once
+        _influence_job(run, s)
+    _settled(key)
     return cached_influence(run, s)
 
 
