@@ -290,10 +290,10 @@ def rankings(run: Run) -> Ranking:
     found = cached_influence(run, upgrade.settings)
     if found is not None:
         return Ranking(found, upgrade.settings, f"Ranked by {upgrade.describe()}, computed in the background.")
-    failed = job_registry().get(_influence_key(run, upgrade.settings))
-    if failed is not None and failed.status == "failed":  # shown with its error, not retried by this server
-        return Ranking(base, s, f"Ranked by the last layer: {upgrade.describe()} could not be computed.", failed)
-    job = _influence_job(run, upgrade.settings)
+    # a failed job stays in the registry: shown with its error, not retried by this server
+    job = job_registry().get(_influence_key(run, upgrade.settings)) or _influence_job(run, upgrade.settings)
+    if job.status == "failed":
+        return Ranking(base, s, f"Ranked by the last layer: {upgrade.describe()} could not be computed.", job)
     eta = f"; about {upgrade.estimated_s:.0f} s on the CPU" if upgrade.estimated_s is not None else ""
     return Ranking(
         base, s, f"Ranked by the last layer while {upgrade.describe()} is computed in the background{eta}.", job

@@ -51,31 +51,33 @@ class Covariance:
         ``r = dim`` for dense covariances; fewer (nonzero eigenvalues only) for those kept as rows; at most
         ``rank`` (the largest eigenvalues) when given.
         """
-        if self.dense is not None and rank is not None and rank * RANDOMIZED_RATIO <= self.dim:
-            evals, q = leading_eigh((self.dense + self.dense.T) / (2 * n), rank)
-            return q, evals.clamp_min(0), True
         if self.dense is not None:
-            evals, q = robust_eigh((self.dense + self.dense.T) / (2 * n))
-            evals = evals.clamp_min(0)
-        elif not self.rows:
+            m = (self.dense + self.dense.T) / (2 * n)
+            if rank is not None and rank * RANDOMIZED_RATIO <= self.dim:
+                evals, q = leading_eigh(m, rank)
+                return q, evals.clamp_min(0), True
+            evals, q = robust_eigh(m)
+            first = _first_kept(len(evals), rank)
+            return q[:, first:], evals[first:].clamp_min(0), first > 0
+        if not self.rows:
             return (
                 torch.zeros(self.dim, 0, dtype=dtype, device=device),
                 torch.zeros(0, dtype=dtype, device=device),
                 False,
             )
-        else:
-            x = torch.cat(self.rows)  # (N, dim)
-            gram = x @ x.T / n
-            s, u = robust_eigh((gram + gram.T) / 2)
-            keep = s > s.max().clamp_min(0) * 1e-10
-            s, u = s[keep], u[:, keep]
-            if rank is not None and rank < len(s):
-                u = u[:, -rank:]  # only the kept eigenvectors are lifted to dim
-            q = (x.T @ u) / torch.sqrt(s[-u.shape[1] :] * n)
-            evals = s
-        if rank is not None and rank < len(evals):
-            return q[:, -rank:], evals[-rank:], True
-        return q, evals, False
+        x = torch.cat(self.rows)  # (N, dim)
+        gram = x @ x.T / n
+        s, u = robust_eigh((gram + gram.T) / 2)
+        keep = s > s.max().clamp_min(0) * 1e-10
+        s, u = s[keep], u[:, keep]
+        first = _first_kept(len(s), rank)
+        s, u = s[first:], u[:, first:]  # only the kept eigenvectors are lifted to dim
+        return (x.T @ u) / torch.sqrt(s * n), s, first > 0
+
+
+def _first_kept(count: int, rank: int | None) -> int:
+    """Index of the first of ``count`` ascending eigenpairs that ``rank`` keeps (0: all of them)."""
+    return 0 if rank is None else max(count - rank, 0)
 
 
 def robust_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
