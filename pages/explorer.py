@@ -20,8 +20,8 @@ ranking = runs.rankings(run)
 result = ranking.result
 if ranking.note:
     st.caption(ranking.note)
-if ranking.job is not None and ranking.job.status == "failed":
-    st.warning(str(ranking.job.error))
+if ranking.job is not None and ranking.job.error is not None:
+    widgets.show_error(ranking.job.error)  # the last layer's rankings stay on the page
 elif ranking.job is not None and ranking.job.status == "running":
     runs.show_job(ranking.job)  # the page reruns with the better rankings once they are computed
 test_true, test_pred = run.labels("test"), runs.predicted(run, "test")

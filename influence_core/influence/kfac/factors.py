@@ -119,7 +119,8 @@ def leading_eigh(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     2011) and an exact ``eigh`` of the ``(rank + OVERSAMPLE)``-sized projection. Cost ``O(dim²·rank)`` instead of
     ``O(dim³)``; the start vectors come from a fixed seed, so the result is reproducible on one device.
 
-    On a 4,609 × 4,609 covariance it took 1.4 s against 8.7 s for ``eigh`` (2 CPU cores).
+    On a synthetic 4,609 × 4,609 covariance (decaying spectrum) it took 1.4 s against 8.7 s for ``eigh`` (2 CPU
+    cores).
     """
     k = min(m.shape[0], rank + OVERSAMPLE)
     gen = torch.Generator(device=m.device).manual_seed(0)
