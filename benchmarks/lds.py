@@ -239,6 +239,17 @@ def lds(influences: np.ndarray, masks: np.ndarray, measured: np.ndarray) -> dict
     }
 
 
+PAIRED_REFERENCE = "ours_ekfac_all"
+"""The job every other job's margin LDS is compared with test point by test point (the product's default whole
+network method): the per-job standard errors mostly come from the test points, which all jobs share."""
+
+
+def paired_difference(per_test: np.ndarray, reference: np.ndarray) -> dict:
+    """Mean over test points of ``per_test − reference`` (per-test-point LDS) and its standard error."""
+    d = (per_test - reference)[np.isfinite(per_test - reference)]
+    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))), "n_test": int(len(d))}
+
+
 def score(measurements: Measurements, influences: np.ndarray) -> dict:
     """LDS of one matrix against the margin and against minus the loss (JSON-able, without per-test values);
     a matrix with fewer rows than test points covers the first ones."""
@@ -270,7 +281,7 @@ def score_all(root: Path) -> dict:
     y_test = run.labels("test")
     measurements = Measurements.collect(root, y_test)
     full_losses = cross_entropy(np.log(np.clip(run.predictions["probs_test"], 1e-30, None)), y_test)
-    scores = {}
+    scores, per_test = {}, {}
     for path in sorted((root / "matrices").glob("*.npy")):
         matrix = np.load(path)
         t = time.perf_counter()
@@ -278,6 +289,11 @@ def score_all(root: Path) -> dict:
             "magnitude": magnitude(measurements, matrix, full_losses),
             "scoring_seconds": round(time.perf_counter() - t, 3),
         }
+        per_test[path.stem] = lds(matrix, measurements.masks, measurements.margins[:, : len(matrix)])["per_test"]
+    reference = per_test.get(PAIRED_REFERENCE)
+    for job, values in per_test.items():
+        if reference is not None and len(values) == len(reference) and job != PAIRED_REFERENCE:
+            scores[job]["paired_vs_reference"] = paired_difference(values, reference)
     result = {
         "n_models": int(len(measurements.masks)),
         "seeds": measurements.seeds.tolist(),
@@ -292,13 +308,15 @@ def markdown(result: dict) -> str:
     """One table row per matrix, best margin LDS first."""
     rows = sorted(result["scores"].items(), key=lambda kv: -np.nan_to_num(kv[1]["margin"]["lds"], nan=-9))
     lines = [
-        "| job | LDS (margin) ± s.e. | LDS (loss) ± s.e. | slope measured/predicted Δloss | Pearson |",
-        "| --- | --- | --- | --- | --- |",
+        f"| job | LDS (margin) ± s.e. | paired vs {PAIRED_REFERENCE} | LDS (loss) ± s.e. | "
+        "slope measured/predicted Δloss | Pearson |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for job, s in rows:
-        mag = s["magnitude"]
+        mag, paired = s["magnitude"], s.get("paired_vs_reference")
         lines.append(
             f"| {job} | {s['margin']['lds']:.3f} ± {s['margin']['se']:.3f} | "
+            f"{'–' if paired is None else format(paired['mean'], '+.4f') + ' ± ' + format(paired['se'], '.4f')} | "
             f"{s['loss']['lds']:.3f} ± {s['loss']['se']:.3f} | "
             f"{'–' if mag['slope'] is None else format(mag['slope'], '.3g')} | "
             f"{'–' if mag['pearson'] is None else format(mag['pearson'], '.2f')} |"

@@ -146,3 +146,11 @@ def test_writing_measured_keeps_notes_costs_scope_notes_and_unscored_methods(tmp
     assert (ekfac.lds, ekfac.cost_x_floor, ekfac.note) == (0.2, 31.0, "Approx.")
     assert table[("cg", "head")].note == "Exact up to tolerance." and table[("cg", "head")].lds is None
     assert scope_note("all", path) == "Whole network: approximate."
+
+
+def test_paired_difference_is_the_mean_per_test_point_gap_with_its_error():
+    reference = np.array([0.1, 0.2, np.nan, 0.4])
+    same = lds_module.paired_difference(reference.copy(), reference)
+    assert same["mean"] == 0 and same["se"] == 0 and same["n_test"] == 3  # the undefined test point is left out
+    shifted = lds_module.paired_difference(reference + np.array([0.01, 0.03, 0.0, 0.02]), reference)
+    assert shifted["mean"] == pytest.approx(0.02) and shifted["se"] == pytest.approx(0.01 / np.sqrt(3))
