@@ -325,9 +325,12 @@ def markdown(result: dict) -> str:
 
 
 def job_method_scope(job: str) -> tuple[str, str] | None:
-    """``ours_ekfac_all`` → (ekfac, all), ``tracin_all`` → (tracin, all); None for λ-scan and full-rank variants
-    and for the peers' jobs (the app shows the LDS of the product's own methods at their defaults)."""
-    if any(tag in job for tag in ("_lambda", "_rel", "_full")) or job.startswith(("kronfluence_", "pydvl_")):
+    """``ours_ekfac_all`` → (ekfac, all), ``tracin_all`` → (tracin, all); None for λ-scan, full-rank, fit-size and
+    test-subset variants and for the peers' jobs (the app shows the LDS of the product's own methods at their
+    defaults)."""
+    if any(tag in job for tag in ("_lambda", "_rel", "_full", "_fit", "_first")) or job.startswith(
+        ("kronfluence_", "pydvl_")
+    ):
         return None
     parts = job.removeprefix("ours_").rsplit("_", 1)
     return (parts[0], parts[1]) if len(parts) == 2 else None

@@ -51,6 +51,42 @@ def segment_self_influences(run: Run, methods=TRAJECTORY_SIGNALS) -> dict[str, n
     return have
 
 
+NEIGHBOURS = 10
+"""``k`` of the feature-neighbour signals."""
+
+
+def checkpoint_features(run: Run) -> np.ndarray:
+    """(n_segments, n_train, d) float32: the inputs of the final nn.Linear for every training image at every kept
+    checkpoint (eval mode), cached beside the run."""
+    cache = run.path / "checkpoint_features.npy"
+    if cache.is_file():
+        return np.load(cache)
+    x, _ = materialised(run, "train")
+    out = []
+    for segment in run_segments(run):
+        model = run.load_model(segment.checkpoint)
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        seen: list[torch.Tensor] = []
+        handle = head.register_forward_hook(lambda _m, inputs, _out, seen=seen: seen.append(inputs[0].detach()))
+        with torch.no_grad():
+            for a in range(0, len(x), 128):
+                model(x[a : a + 128])
+        handle.remove()
+        out.append(torch.cat(seen).numpy())
+    features = np.stack(out).astype(np.float32)
+    np.save(cache, features)
+    return features
+
+
+def neighbour_disagreement(features: np.ndarray, labels: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
+    """(n,) fraction of each row's ``k`` nearest other rows (cosine) whose label differs from its own."""
+    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    similarity = f @ f.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = np.argpartition(-similarity, k, axis=1)[:, :k]
+    return (labels[nearest] != labels[:, None]).mean(1)
+
+
 def rank01(s: np.ndarray) -> np.ndarray:
     """Ranks scaled to (0, 1]: higher = more suspicious."""
     return rankdata(s) / len(s)
@@ -65,6 +101,16 @@ def signals(run: Run, per_segment: dict[str, np.ndarray]) -> dict[str, np.ndarra
         out[f"{key}_self_first_segment"] = seg[0].astype(np.float64)
     for key in per_segment:
         out[f"rank_mean(mean_loss, {key}_self)"] = (rank01(out["mean_loss"]) + rank01(out[f"{key}_self"])) / 2
+    n_epochs = len(loss)
+    for e in (n_epochs // 4, n_epochs // 2):
+        out[f"mean_loss_first_{e}_epochs"] = loss[:e].mean(0)
+    labels = run.labels("train")
+    features = checkpoint_features(run)
+    for k, f in enumerate(features):
+        out[f"neighbours_checkpoint_{k + 1}"] = neighbour_disagreement(f, labels)
+    out["neighbours_mean"] = np.mean([out[f"neighbours_checkpoint_{k + 1}"] for k in range(len(features))], axis=0)
+    for name in ("neighbours_mean", f"neighbours_checkpoint_{len(features)}"):
+        out[f"rank_mean(mean_loss, {name})"] = (rank01(out["mean_loss"]) + rank01(out[name])) / 2
     return out
 
 

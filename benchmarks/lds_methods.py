@@ -42,8 +42,11 @@ fit, one test-factor solve per value)."""
 ALL_OPTIONS = {"dtype": "float32"}
 """Whole-network K-FAC/EK-FAC factors in float32 (what the engine's ``dtype="auto"`` picks for blocks above 1M
 parameters, fixed here for every block)."""
-FULL_RANK_OPTIONS = {**ALL_OPTIONS, "rank": None}
-"""Every eigenvector of every factor kept (the default projects factors larger than 512 to their 512 leading ones)."""
+FULL_RANK_OPTIONS = {**ALL_OPTIONS, "rank": None, "fit_examples": None}
+"""Every eigenvector of every factor kept, fitted on every training example (the full estimator; the default
+projects factors larger than 512 to their 512 leading ones)."""
+FIT_EXAMPLES_SCAN = (128, 256, 512, None)
+"""``fit_examples`` scanned for whole-network EK-FAC at the default rank (``ours_ekfac_all_fit<k>``, ``…_fitall``)."""
 HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {"rank": 100}, "lissa": {"depth": 300}}
 """Method → options (as benchmarks/run.py: Arnoldi keeps 100 of the head's directions, LiSSA runs 300 steps)."""
 
@@ -81,7 +84,7 @@ def trajectory_matrix(
         method,
         scope,
         device="cpu",
-        test_chunk=16,
+        test_chunk=64,  # two passes over the training set per checkpoint for 110 test points (2.8 GB of vectors)
     )
     return ti.fit(x_train, y_train).influences(x_test, y_test, x_train, y_train)
 
@@ -100,6 +103,13 @@ def jobs(run: Run) -> dict:
             out[job] = lambda method=method, job=job, options=options, lambdas=lambdas: {
                 _lambda_job(job, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, options).items()
             }
+    for k in FIT_EXAMPLES_SCAN:
+        job = f"ours_ekfac_all_fit{k or 'all'}"
+        out[job] = lambda job=job, k=k: {
+            job: engine_matrices(run, "ekfac", "all", (DEFAULT_DAMPING,), {**ALL_OPTIONS, "fit_examples": k})[
+                DEFAULT_DAMPING
+            ]
+        }
     out["tracin_all"] = lambda: {"tracin_all": trajectory_matrix(run, "tracin", "all")}
     out["tracin_all_first22"] = lambda: {"tracin_all_first22": trajectory_matrix(run, "tracin", "all", n_test=22)}
     out["source_all_first22"] = lambda: {"source_all_first22": trajectory_matrix(run, "source", "all", n_test=22)}

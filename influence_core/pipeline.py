@@ -48,7 +48,7 @@ from .influence import (
     scope_text,
 )
 from .influence.engine import Images
-from .influence.kfac.inverse import EXACT_MAX_CLASSES
+from .influence.kfac.inverse import KFAC
 from .measured import MethodMeasurement, load_measured, measured_for, scope_note
 from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress, tagged
@@ -190,7 +190,7 @@ def ranking_upgrade(run: Run, settings: InfluenceSettings, device: str = "auto")
         return None
     estimated = None
     if resolve_device(device).type != "cuda":
-        columns = run.n_classes - 1 if run.n_classes <= EXACT_MAX_CLASSES else 1
+        columns = KFAC().backward_passes(run.n_classes)
         pixels = (len(run.labels("train")) + len(run.labels("test"))) * run.config["image_size"] ** 2
         estimated = pixels / 1e6 * CPU_SECONDS_PER_MEGAPIXEL * max(columns, 1)
         if estimated > AFFORDABLE_CPU_SECONDS:

@@ -182,6 +182,40 @@ def test_sampled_labels_approximate_the_exact_output_curvature():
     assert 1e-4 < _rel(runs[0], exact) < 0.1
 
 
+def test_leading_label_columns_are_the_truncated_output_curvature():
+    """``labels="leading"`` keeps each sample's ``label_columns`` largest eigen-directions of ``diag p − p pᵀ``:
+    their outer products sum to that truncation exactly, to the whole matrix once ``label_columns ≥ C − 1`` (and
+    then a fit equals the exact one); ``"auto"`` resolves to it above :data:`EXACT_MAX_CLASSES` classes."""
+    torch.manual_seed(4)
+    logits = 3 * torch.randn(6, 20, dtype=torch.float64)
+    p = torch.softmax(logits, 1)
+    curvature = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    evals, vecs = torch.linalg.eigh(curvature)
+    for k in (1, 4, 19, 30):
+        inv = Method.named("ekfac", labels="leading", label_columns=k).inverse(Curvature.GAUSS_NEWTON)
+        cols = inv._columns(logits)
+        assert len(cols) == min(k, 19)
+        got = sum(c[:, :, None] * c[:, None, :] for c in cols)
+        top = vecs[:, :, -min(k, 19) :]
+        want = top @ torch.diag_embed(evals[:, -min(k, 19) :]) @ top.transpose(1, 2)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, curvature, rtol=0, atol=1e-12)
+    auto = Method.named("ekfac")
+    above = kfac_inverse.AUTO_LABELS
+    assert [auto.label_mode(c) for c in (2, 16, 17, 200)] == ["exact", "exact", above, above]
+    assert [auto.backward_passes(c) for c in (2, 16, 200)] == [1, 15, 15 if above == "leading" else 1]
+
+    x, y = _digits()
+    model = nn.Linear(64, 10)
+    params = dict(model.eval().named_parameters())
+    exact = _fit("kfac", model, params, _batches(x, y, 256), len(x))
+    leading = _fit("kfac", model, params, _batches(x, y, 256), len(x), labels="leading", label_columns=9)
+    fewer = _fit("kfac", model, params, _batches(x, y, 256), len(x), labels="leading", label_columns=3)
+    (e,), (lead,), (few,) = exact.layers, leading.layers, fewer.layers
+    torch.testing.assert_close(lead.eigenvalues, e.eigenvalues, rtol=1e-6, atol=1e-12)
+    assert few.eigenvalues.sum() < e.eigenvalues.sum()  # a truncation drops curvature
+
+
 @pytest.mark.parametrize("method, threshold", [("ekfac", 0.9), ("kfac", 0.85)])
 def test_influences_correlate_with_exact_gauss_newton(cnn_setup, method, threshold):
     """Influence matrices vs the exact (full, not block-diagonal) GN solve.
@@ -416,3 +450,27 @@ def test_leading_eigh_finds_the_leading_eigenpairs_of_a_decaying_spectrum():
 def test_rank_must_be_positive():
     with pytest.raises(InfluenceLensError, match="rank must be at least 1"):
         Method.named("ekfac", rank=0)
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_fit_examples_fits_on_a_seeded_subset(cnn_setup, method):
+    """``fit_examples=k`` over the whole training set equals a plain fit on the ``k`` rows it draws (eigenvalues
+    divided by ``k``, not ``n``; regrouping into chunks of the original size across an uneven last chunk); another
+    seed draws other rows; ``k ≥ n`` is the plain fit; 0 is refused."""
+    from influence_core.influence.ops import fit_subset
+
+    model, params, x_tr, y_tr, *_ = cnn_setup
+    rows = fit_subset(len(x_tr), 150, seed=4)
+    assert len(rows) == len(set(rows.tolist())) == 150 and bool((rows[1:] > rows[:-1]).all())
+    assert not torch.equal(rows, fit_subset(len(x_tr), 150, seed=5))
+    sub = _fit(method, model, params, _batches(x_tr, y_tr, 64), len(x_tr), fit_examples=150, seed=4)
+    plain = _fit(method, model, params, _batches(x_tr[rows], y_tr[rows], 64), 150)
+    everything = _fit(method, model, params, _batches(x_tr, y_tr, 64), len(x_tr))
+    capped_above = _fit(method, model, params, _batches(x_tr, y_tr, 64), len(x_tr), fit_examples=len(x_tr))
+    for a, b, c, d in zip(sub.layers, plain.layers, everything.layers, capped_above.layers, strict=True):
+        torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(a.q_a @ a.q_a.T, b.q_a @ b.q_a.T, rtol=0, atol=1e-5)
+        assert _rel(a.eigenvalues, c.eigenvalues) > 1e-3  # a subset is not the whole set
+        assert torch.equal(c.eigenvalues, d.eigenvalues)
+    with pytest.raises(InfluenceLensError, match="fit_examples must be at least 1"):
+        Method.named(method, fit_examples=0)

@@ -154,3 +154,21 @@ def test_paired_difference_is_the_mean_per_test_point_gap_with_its_error():
     assert same["mean"] == 0 and same["se"] == 0 and same["n_test"] == 3  # the undefined test point is left out
     shifted = lds_module.paired_difference(reference + np.array([0.01, 0.03, 0.0, 0.02]), reference)
     assert shifted["mean"] == pytest.approx(0.02) and shifted["se"] == pytest.approx(0.01 / np.sqrt(3))
+
+
+def test_only_default_jobs_of_ours_name_a_method_for_the_app():
+    """Variants (λ scan, full rank, fit size, test subsets) and peers' jobs must not pose as a product default."""
+    scope = lds_module.job_method_scope
+    assert scope("ours_ekfac_all") == ("ekfac", "all") and scope("tracin_all") == ("tracin", "all")
+    assert scope("ours_direct_head") == ("direct", "head")
+    for variant in (
+        "ours_ekfac_all_full",
+        "ours_ekfac_all_lambda0.1",
+        "ours_ekfac_all_rel0.01",
+        "ours_ekfac_all_fit256",
+        "ours_ekfac_all_fitall",
+        "tracin_all_first22",
+        "kronfluence_ekfac_all",
+        "pydvl_cg_head",
+    ):
+        assert scope(variant) is None, variant

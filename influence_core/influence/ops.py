@@ -37,6 +37,40 @@ TRACE_PROBES = 16
 """Rademacher probes of the Hutchinson estimate of ``trace(H)`` (relative damping of the matrix-free methods)."""
 
 
+def fit_subset(n_samples: int, keep: int, seed: int) -> torch.Tensor:
+    """Sorted indices ``(keep,)`` int64 of a random subset of ``range(n_samples)`` drawn with ``seed``."""
+    order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))
+    return order[:keep].sort().values
+
+
+def subset_batches(batches: Batches, rows: torch.Tensor) -> Batches:
+    """``batches`` restricted to the training rows ``rows`` (sorted indices), regrouped into chunks of the
+    original chunk size so that a sample costs what it did (the skipped rows are still read, not computed on)."""
+    n_total = int(rows.max()) + 1 if len(rows) else 0
+    keep = torch.zeros(n_total, dtype=torch.bool)
+    keep[rows] = True
+
+    def subset() -> Iterator[Batch]:
+        start, held, size = 0, 0, 0
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        for x, y in batches():
+            size = size or len(x)
+            mask = keep[start : start + len(x)]
+            start += len(x)
+            if mask.any():
+                mask = F.pad(mask, (0, len(x) - len(mask))).to(x.device)
+                xs, ys, held = [*xs, x[mask]], [*ys, y[mask]], held + int(mask.sum())
+            if held >= size:
+                x_all, y_all = torch.cat(xs), torch.cat(ys)
+                yield x_all[:size], y_all[:size]
+                xs, ys, held = [x_all[size:]], [y_all[size:]], held - size
+        if held:
+            yield torch.cat(xs), torch.cat(ys)
+
+    return subset
+
+
 def detached(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in params.items()}
 

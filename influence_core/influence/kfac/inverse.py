@@ -8,9 +8,11 @@ Conventions (on top of those in :mod:`.base`):
 * **Output curvature, option ``labels``.** ``"exact"``: the *pseudo-gradients* ``s_k = √μ_k u_k`` of the logits
   are back-propagated, ``(μ_k, u_k)`` the nonzero eigenpairs of each sample's ``diag p − p pᵀ``; since
   ``Σ_k s_k s_kᵀ = diag p − p pᵀ`` this reproduces the GN exactly with ``C − 1`` backward passes per chunk (the
-  curvature's null direction ``1`` is dropped: one pass for a binary problem). ``"sampled"``: ``label_samples`` labels
-  ``y ~ p`` per sample, back-propagating ``(p − e_y)/√m`` (Monte-Carlo Fisher, unbiased, noisy).
-  ``"auto"`` (default): exact when the model has at most 16 classes, sampled otherwise.
+  curvature's null direction ``1`` is dropped: one pass for a binary problem). ``"leading"``: only the
+  ``label_columns`` pseudo-gradients of largest ``μ_k`` per sample (a truncation: it drops the curvature
+  ``Σ_{dropped} μ_k``, small when each prediction puts its mass on a few classes; exact when
+  ``label_columns ≥ C − 1``). ``"sampled"``: ``label_samples`` labels ``y ~ p`` per sample, back-propagating
+  ``(p − e_y)/√m`` (Monte-Carlo Fisher, unbiased, noisy). ``"auto"`` (default): see :data:`AUTO_LABELS`.
 * **Blocks.** One block per tracked module; weight and bias form one matrix ``[W | b]`` of shape
   ``(out, d)`` with ``d = in·kh·kw (+1)`` (a constant-1 column is appended to the layer inputs for the bias).
   The curvature is block-diagonal across layers.
@@ -72,12 +74,15 @@ from ...errors import InfluenceLensError
 from ...progress import Progress
 from ..base import BlockScale, EigenbasisInverse, Grads, Method
 from ..choices import Curvature, Damping
-from ..ops import Batches
+from ..ops import Batches, fit_subset, subset_batches
 from .factors import Covariance, LayerFactors, sandwich
 from .layers import TrackedLayer, column_grads, hooked, tracked_layers
 
 EXACT_MAX_CLASSES = 16
-"""``labels="auto"``: exact output curvature up to this many classes, one sampled label per example above."""
+"""``labels="auto"``: exact output curvature up to this many classes (``C − 1`` backward passes per chunk)."""
+AUTO_LABELS: Literal["leading", "sampled"] = "leading"
+"""``labels="auto"`` above :data:`EXACT_MAX_CLASSES` classes: ``"leading"`` (``label_columns`` passes) or
+``"sampled"`` (``label_samples`` passes)."""
 PER_SAMPLE_BUDGET = 1 << 24
 """Elements of rotated per-sample gradients held at once (per layer)."""
 ACTIVATION_CACHE = 1 << 26
@@ -86,6 +91,8 @@ DEFAULT_RANK = 512
 """Default ``rank``: factors larger than this are projected (on a ResNet18, the inputs of every 3×3 conv after the
 stem and of the 512-feature head with its bias column). Chosen by LDS and cost on goldfish/lemon (README,
 "Linear datamodeling score")."""
+DEFAULT_FIT_EXAMPLES: int | None = None
+"""Default ``fit_examples``."""
 AUTO_FLOAT64_PARAMS = 1 << 20
 """``dtype="auto"``: float64 factors up to this many parameters in the block, float32 above."""
 
@@ -95,32 +102,60 @@ class KFAC(Method):
     """K-FAC: ``H ≈ ⊕_layers A ⊗ G`` (block-diagonal over tracked layers), inverted via eigenbases.
 
     * ``labels``: output curvature, ``"exact"``, ``"sampled"`` or ``"auto"`` (see the module docstring).
-    * ``label_samples``: labels drawn per example for ``"sampled"``; ``seed``: their random seed.
+    * ``label_columns``: output-curvature columns kept per example by ``"leading"``.
+    * ``label_samples``: labels drawn per example for ``"sampled"``; ``seed``: their random seed (and that of
+      the ``fit_examples`` subset).
     * ``dtype``: factor precision, ``"auto"``, ``"float64"`` or ``"float32"``.
     * ``rank``: keep at most this many eigenvectors of each Kronecker factor (largest eigenvalues) and score
       influences in that subspace (see "Projection" in the module docstring); ``None``: all of them.
       Default :data:`DEFAULT_RANK`.
+    * ``fit_examples``: fit the factors (and EK-FAC's eigenvalues) on at most this many training examples, a
+      random subset drawn with ``seed`` (Kronfluence's ``covariance_max_examples``); influences are still
+      computed for every training example. ``None``: all of them. Default :data:`DEFAULT_FIT_EXAMPLES`.
 
     One pass over the data (EK-FAC: two).
     """
 
     name = "kfac"
     supports = (Curvature.GAUSS_NEWTON,)
-    labels: Literal["auto", "exact", "sampled"] = "auto"
+    labels: Literal["auto", "exact", "leading", "sampled"] = "auto"
+    label_columns: int = EXACT_MAX_CLASSES - 1
     label_samples: int = 1
     seed: int = 0
     dtype: Literal["auto", "float64", "float32"] = "auto"
     rank: int | None = DEFAULT_RANK
+    fit_examples: int | None = DEFAULT_FIT_EXAMPLES
 
     def __post_init__(self):
-        if self.labels not in ("auto", "exact", "sampled"):
-            raise InfluenceLensError(f"Unknown labels option {self.labels!r}.", "use 'auto', 'exact' or 'sampled'")
+        if self.labels not in ("auto", "exact", "leading", "sampled"):
+            raise InfluenceLensError(
+                f"Unknown labels option {self.labels!r}.", "use 'auto', 'exact', 'leading' or 'sampled'"
+            )
+        if not int(self.label_columns) >= 1:
+            raise InfluenceLensError(f"label_columns must be at least 1, got {self.label_columns}.", "use e.g. 15")
         if not int(self.label_samples) >= 1:
             raise InfluenceLensError(f"label_samples must be at least 1, got {self.label_samples}.", "use e.g. 1")
         if self.dtype not in ("auto", "float64", "float32"):
             raise InfluenceLensError(f"Unknown dtype {self.dtype!r}.", "use 'auto', 'float64' or 'float32'")
         if self.rank is not None and not int(self.rank) >= 1:
             raise InfluenceLensError(f"rank must be at least 1 or None, got {self.rank}.", "use e.g. 512, or None")
+        if self.fit_examples is not None and not int(self.fit_examples) >= 1:
+            raise InfluenceLensError(
+                f"fit_examples must be at least 1 or None, got {self.fit_examples}.", "use e.g. 256, or None"
+            )
+
+    def label_mode(self, n_classes: int) -> Literal["exact", "leading", "sampled"]:
+        """The output-curvature mode ``labels`` resolves to for ``n_classes``."""
+        if self.labels == "auto":
+            return "exact" if n_classes <= EXACT_MAX_CLASSES else AUTO_LABELS
+        return self.labels
+
+    def backward_passes(self, n_classes: int) -> int:
+        """Backward passes per chunk and data pass (output-curvature columns) for ``n_classes``."""
+        mode = self.label_mode(n_classes)
+        if mode == "sampled":
+            return int(self.label_samples)
+        return max(1, n_classes - 1 if mode == "exact" else min(n_classes - 1, int(self.label_columns)))
 
     def check_curvature(self, curvature: Curvature) -> None:
         if curvature != Curvature.GAUSS_NEWTON:
@@ -155,9 +190,13 @@ class KFACInverse(EigenbasisInverse):
         n_samples: int,
         progress: Progress | None = None,
     ) -> KFACInverse:
-        """Covariances → eigendecomposition → (EK-FAC) eigenvalue correction, over ``batches()``."""
+        """Covariances → eigendecomposition → (EK-FAC) eigenvalue correction, over ``batches()`` (or the subset
+        of ``fit_examples`` of its ``n_samples`` rows)."""
         if n_samples < 1:
             raise InfluenceLensError("The training set is empty.", "pass at least one training sample")
+        if self.method.fit_examples is not None and self.method.fit_examples < n_samples:
+            batches = subset_batches(batches, fit_subset(n_samples, self.method.fit_examples, self.method.seed))
+            n_samples = self.method.fit_examples
         tracked = tracked_layers(model, params)
         self.dtype = torch.float64 if self.method.dtype == "float64" else torch.float32
         if self.method.dtype == "auto" and sum(p.numel() for p in params.values()) <= AUTO_FLOAT64_PARAMS:
@@ -244,16 +283,15 @@ class KFACInverse(EigenbasisInverse):
         """Square-root columns ``s`` of the output curvature, ``Σ s sᵀ = diag p − p pᵀ`` (or a sample of it)."""
         p = torch.softmax(logits.double(), dim=1)
         n_classes = p.shape[1]
-        mode = self.method.labels
-        if mode == "auto":
-            mode = "exact" if n_classes <= EXACT_MAX_CLASSES else "sampled"
-        if mode == "exact":
+        mode = self.method.label_mode(n_classes)
+        if mode in ("exact", "leading"):
             if n_classes == 1:
                 return [torch.zeros_like(logits)]
             # ascending eigenvalues of a PSD matrix with null vector 1: the first is 0 and is dropped
             evals, vecs = torch.linalg.eigh(torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
-            roots = evals[:, 1:].clamp_min(0).sqrt()
-            return [(vecs[:, :, k + 1] * roots[:, k : k + 1]).to(logits.dtype) for k in range(n_classes - 1)]
+            roots = evals.clamp_min(0).sqrt()
+            first = 1 if mode == "exact" else max(1, n_classes - self.method.label_columns)
+            return [(vecs[:, :, k] * roots[:, k : k + 1]).to(logits.dtype) for k in range(first, n_classes)]
         if self.generator is None:
             self.generator = torch.Generator(device=logits.device).manual_seed(self.method.seed)
         m = self.method.label_samples
