@@ -84,7 +84,9 @@ def trajectory_matrix(
         method,
         scope,
         device="cpu",
-        test_chunk=64,  # two passes over the training set per checkpoint for 110 test points (2.8 GB of vectors)
+        # test points per pass over the training set: each holds a parameter-sized vector per checkpoint (44 MB);
+        # SOURCE at 64 ran out of 24 GB (its curvature products add transient copies)
+        test_chunk=64 if method == "tracin" else 32,
     )
     return ti.fit(x_train, y_train).influences(x_test, y_test, x_train, y_train)
 

@@ -71,7 +71,7 @@ from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json,
 log = logging.getLogger(__name__)
 
 METHOD_CHOICES = tuple(METHODS)
-CACHE_VERSION = "influence-v4"  # bump when the engine's results or curvature.pt format change
+CACHE_VERSION = "influence-v5"  # bump when the engine's results or curvature.pt format change
 DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Finding wrong labels")
 
 

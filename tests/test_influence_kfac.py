@@ -453,10 +453,11 @@ def test_rank_must_be_positive():
 
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
-def test_fit_examples_fits_on_a_seeded_subset(cnn_setup, method):
+def test_fit_examples_fits_on_a_seeded_subset(cnn_setup, method, monkeypatch):
     """``fit_examples=k`` over the whole training set equals a plain fit on the ``k`` rows it draws (eigenvalues
     divided by ``k``, not ``n``; regrouping into chunks of the original size across an uneven last chunk); another
-    seed draws other rows; ``k ≥ n`` is the plain fit; 0 is refused."""
+    seed draws other rows; ``k ≥ n`` is the plain fit; ``"auto"`` is ``DEFAULT_FIT_EXAMPLES`` for blocks above
+    ``AUTO_FLOAT64_PARAMS`` parameters and every example below; 0 is refused."""
     from influence_core.influence.ops import fit_subset
 
     model, params, x_tr, y_tr, *_ = cnn_setup
@@ -472,5 +473,13 @@ def test_fit_examples_fits_on_a_seeded_subset(cnn_setup, method):
         torch.testing.assert_close(a.q_a @ a.q_a.T, b.q_a @ b.q_a.T, rtol=0, atol=1e-5)
         assert _rel(a.eigenvalues, c.eigenvalues) > 1e-3  # a subset is not the whole set
         assert torch.equal(c.eigenvalues, d.eigenvalues)
+    small_block = _fit(method, model, params, _batches(x_tr, y_tr, 64), len(x_tr))  # "auto", 2.6k parameters
+    monkeypatch.setattr(kfac_inverse, "AUTO_FLOAT64_PARAMS", 100)
+    monkeypatch.setattr(kfac_inverse, "DEFAULT_FIT_EXAMPLES", 150)
+    large_block = _fit(method, model, params, _batches(x_tr, y_tr, 64), len(x_tr), dtype="float64", seed=4)
+    layers = zip(sub.layers, everything.layers, small_block.layers, large_block.layers, strict=True)
+    for a, c, auto_small, auto_large in layers:
+        assert torch.equal(auto_small.eigenvalues, c.eigenvalues)
+        torch.testing.assert_close(auto_large.eigenvalues, a.eigenvalues, rtol=1e-5, atol=1e-12)
     with pytest.raises(InfluenceLensError, match="fit_examples must be at least 1"):
         Method.named(method, fit_examples=0)

@@ -56,7 +56,7 @@ from ..storage import atomic_write_json, file_hash, resolve_device, stable_hash
 log = logging.getLogger(__name__)
 
 TRAJECTORY_METHODS = ("tracin", "source")
-CACHE_VERSION = "trajectory-v1"
+CACHE_VERSION = "trajectory-v2"
 Grads = dict[str, torch.Tensor]
 
 

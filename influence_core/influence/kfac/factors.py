@@ -46,10 +46,12 @@ class Covariance:
         self, n: int, dtype: torch.dtype, device: torch.device, rank: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Eigenpairs of ``(1/n) Σ x xᵀ`` in ascending order: ``Q (dim, r)`` with orthonormal columns, eigenvalues
-        ``(r,)``, and whether directions were cut by ``rank``.
+        ``(r,)``, and whether the factor is projected (``dim > rank``: only ``Q``'s span is kept).
 
         ``r = dim`` for dense covariances; fewer (nonzero eigenvalues only) for those kept as rows; at most
-        ``rank`` (the largest eigenvalues) when given.
+        ``rank`` (the largest eigenvalues) when given. A factor larger than ``rank`` is projected even when it has
+        seen fewer than ``rank`` independent rows, so that the fitted subset's size does not switch a layer
+        between dropping and keeping (at ``1/λ``) the directions outside ``Q``.
         """
         if self.dense is not None:
             m = (self.dense + self.dense.T) / (2 * n)
@@ -72,7 +74,7 @@ class Covariance:
         s, u = s[keep], u[:, keep]
         first = _first_kept(len(s), rank)
         s, u = s[first:], u[:, first:]  # only the kept eigenvectors are lifted to dim
-        return (x.T @ u) / torch.sqrt(s * n), s, first > 0
+        return (x.T @ u) / torch.sqrt(s * n), s, rank is not None and self.dim > rank
 
 
 def _first_kept(count: int, rank: int | None) -> int:

@@ -91,8 +91,12 @@ DEFAULT_RANK = 512
 """Default ``rank``: factors larger than this are projected (on a ResNet18, the inputs of every 3×3 conv after the
 stem and of the 512-feature head with its bias column). Chosen by LDS and cost on goldfish/lemon (README,
 "Linear datamodeling score")."""
-DEFAULT_FIT_EXAMPLES: int | None = None
-"""Default ``fit_examples``."""
+DEFAULT_FIT_EXAMPLES = 128
+"""``fit_examples="auto"`` for blocks of more than :data:`AUTO_FLOAT64_PARAMS` parameters (all examples for smaller
+ones, whose fit is cheap: on the head, 128 examples lowered the LDS of EK-FAC from 0.060 to 0.048). On goldfish/lemon's whole ResNet18 (880 training images) fitting on 128 instead of all
+left the LDS unchanged (paired difference −0.0001 ± 0.0021; 256: −0.0004 ± 0.0025; 512: −0.0021 ± 0.0018) while
+the matrix moved by a relative 0.22 (Pearson 0.983, scale 1.08) and the fit took 9.7 s instead of 50 s (README,
+"Linear datamodeling score")."""
 AUTO_FLOAT64_PARAMS = 1 << 20
 """``dtype="auto"``: float64 factors up to this many parameters in the block, float32 above."""
 
@@ -111,7 +115,8 @@ class KFAC(Method):
       Default :data:`DEFAULT_RANK`.
     * ``fit_examples``: fit the factors (and EK-FAC's eigenvalues) on at most this many training examples, a
       random subset drawn with ``seed`` (Kronfluence's ``covariance_max_examples``); influences are still
-      computed for every training example. ``None``: all of them. Default :data:`DEFAULT_FIT_EXAMPLES`.
+      computed for every training example. ``None``: all of them; ``"auto"`` (default):
+      :data:`DEFAULT_FIT_EXAMPLES` for blocks above :data:`AUTO_FLOAT64_PARAMS` parameters, all below.
 
     One pass over the data (EK-FAC: two).
     """
@@ -124,7 +129,7 @@ class KFAC(Method):
     seed: int = 0
     dtype: Literal["auto", "float64", "float32"] = "auto"
     rank: int | None = DEFAULT_RANK
-    fit_examples: int | None = DEFAULT_FIT_EXAMPLES
+    fit_examples: int | Literal["auto"] | None = "auto"
 
     def __post_init__(self):
         if self.labels not in ("auto", "exact", "leading", "sampled"):
@@ -139,7 +144,7 @@ class KFAC(Method):
             raise InfluenceLensError(f"Unknown dtype {self.dtype!r}.", "use 'auto', 'float64' or 'float32'")
         if self.rank is not None and not int(self.rank) >= 1:
             raise InfluenceLensError(f"rank must be at least 1 or None, got {self.rank}.", "use e.g. 512, or None")
-        if self.fit_examples is not None and not int(self.fit_examples) >= 1:
+        if self.fit_examples not in (None, "auto") and not int(self.fit_examples) >= 1:
             raise InfluenceLensError(
                 f"fit_examples must be at least 1 or None, got {self.fit_examples}.", "use e.g. 256, or None"
             )
@@ -194,12 +199,16 @@ class KFACInverse(EigenbasisInverse):
         of ``fit_examples`` of its ``n_samples`` rows)."""
         if n_samples < 1:
             raise InfluenceLensError("The training set is empty.", "pass at least one training sample")
-        if self.method.fit_examples is not None and self.method.fit_examples < n_samples:
-            batches = subset_batches(batches, fit_subset(n_samples, self.method.fit_examples, self.method.seed))
-            n_samples = self.method.fit_examples
+        small = sum(p.numel() for p in params.values()) <= AUTO_FLOAT64_PARAMS
+        fit_examples = self.method.fit_examples
+        if fit_examples == "auto":
+            fit_examples = None if small else DEFAULT_FIT_EXAMPLES
+        if fit_examples is not None and int(fit_examples) < n_samples:
+            batches = subset_batches(batches, fit_subset(n_samples, int(fit_examples), self.method.seed))
+            n_samples = int(fit_examples)
         tracked = tracked_layers(model, params)
         self.dtype = torch.float64 if self.method.dtype == "float64" else torch.float32
-        if self.method.dtype == "auto" and sum(p.numel() for p in params.values()) <= AUTO_FLOAT64_PARAMS:
+        if self.method.dtype == "auto" and small:
             self.dtype = torch.float64
         self.generator: torch.Generator | None = None
         pass_ = _DataPass(model, tracked, batches, n_samples, progress, self._columns)
