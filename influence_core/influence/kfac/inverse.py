@@ -37,7 +37,11 @@ Conventions (on top of those in :mod:`.base`):
   precision (float32) with bases completed to square matrices (eigenvalue 0 on the complement).
 * **Rank-deficient factors.** When a factor has seen fewer rows than half its size (few samples, small
   feature maps) it is eigendecomposed through its Gram matrix; ``Q`` then has fewer columns than rows, the
-  curvature is exactly zero on the orthogonal complement and the solve adds ``(V − Q_G Q_Gᵀ V Q_A Q_Aᵀ)/λ``.
+  curvature is exactly zero on the orthogonal complement and the solve adds ``(V − Q_G Q_Gᵀ V Q_A Q_Aᵀ)/λ`` — unless
+  the factor is larger than ``rank``: then it is projected (below) whatever the number of rows it saw.
+* **Fit size (option ``fit_examples``).** Covariances and EK-FAC's eigenvalues may be fitted on a seeded random
+  subset of the training set (by default 128 examples for blocks above 1M parameters); every sum is then divided
+  by the subset's size.
 * **Projection (option ``rank``).** Each factor keeps only its ``rank`` leading eigenvectors; a layer whose
   bases were cut scores influences in that ``r_G × r_A`` subspace and drops the rest of every gradient (the
   PCA-initialised Kronecker projection of LoGra, Choe et al. 2024, with EK-FAC's eigenvalues inside). Rotations
