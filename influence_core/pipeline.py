@@ -146,10 +146,11 @@ DEFAULT_SETTINGS = InfluenceSettings()
 AFFORDABLE_CPU_SECONDS = 300.0
 """A better-measured whole-network result is offered by default only when its estimated CPU time is at most this
 (on a GPU it always is)."""
-CPU_SECONDS_PER_MEGAPIXEL = 20.0
-"""Whole-network EK-FAC (fit, test factors, matrix, self-influence) per million training + test pixels and per
-output-curvature column on 2 CPU cores: about 80 s for goldfish/lemon (990 images at 64 px, one column; README,
-"Defaults, and why"). Convolution cost grows with the pixels, the fit's backward passes with the columns."""
+CPU_SECONDS_PER_MEGAPIXEL = 10.0
+"""Whole-network EK-FAC (fit, test factors, matrix and self-influence in one pass) per million training + test
+pixels and per output-curvature column on 2 CPU cores: about 37 s for goldfish/lemon (990 images at 64 px, one
+column; README, "Defaults, and why"). Convolution cost grows with the pixels, the fit's backward passes with the
+columns (only the fit's, on 128 examples: for many classes this overestimates)."""
 
 
 @dataclass(frozen=True)
