@@ -42,7 +42,8 @@ def review(tab, name: str, pos: int, action: str) -> None:
         box.fill(name)
         box.press("Enter")
         settle(tab)
-    tab.locator(f".st-key-suspect-{pos}").get_by_role("button", name=action, exact=True).click()
+    buttons = tab.locator(f".st-key-suspect-{pos}").get_by_role("button", name=action, exact=True)
+    buttons.and_(tab.locator("button:enabled")).click()  # under load a disabled stale copy may still be on the page
 
 
 def test_every_page_renders(browser, server):
