@@ -4,9 +4,10 @@
 
 Each job writes ``WORKLOAD_DIR/matrices/<job>.npy`` ((n_test, n_train) float32, positive = helpful) and
 ``<job>.json`` (seconds, settings) atomically, and is skipped when its matrix exists (resumable). Jobs: every
-influence-function method on the head (exact curvature), EK-FAC/K-FAC on the whole network with a λ scan, and
-the trajectory methods of ``influence_core.influence.trajectory`` (TracInCP on the whole network and the head,
-SOURCE on the head; ``grad_dot_all`` = TracInCP on the final checkpoint alone, a plain gradient dot product).
+influence-function method on the head (exact curvature), EK-FAC/K-FAC on the whole network with a λ scan, full
+rank and a fit-size scan (``ours_ekfac_all_fit<k>``), and the trajectory methods of
+``influence_core.influence.trajectory`` (TracInCP and SOURCE on the whole network and the head; ``grad_dot_all`` =
+TracInCP on the final checkpoint alone, a plain gradient dot product).
 """
 
 from __future__ import annotations
