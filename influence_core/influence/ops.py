@@ -44,28 +44,24 @@ def fit_subset(n_samples: int, keep: int, seed: int) -> torch.Tensor:
 
 
 def subset_batches(batches: Batches, rows: torch.Tensor) -> Batches:
-    """``batches`` restricted to the training rows ``rows`` (sorted indices), regrouped into chunks of the
-    original chunk size so that a sample costs what it did (the skipped rows are still read, not computed on)."""
-    n_total = int(rows.max()) + 1 if len(rows) else 0
-    keep = torch.zeros(n_total, dtype=torch.bool)
-    keep[rows] = True
+    """``batches`` restricted to the training rows ``rows`` (indices), regrouped into chunks of the original chunk
+    size so that a sample costs what it did (the skipped rows are still read, not computed on)."""
 
     def subset() -> Iterator[Batch]:
-        start, held, size = 0, 0, 0
+        start, size = 0, 0
         xs: list[torch.Tensor] = []
         ys: list[torch.Tensor] = []
         for x, y in batches():
             size = size or len(x)
-            mask = keep[start : start + len(x)]
+            mask = torch.isin(torch.arange(start, start + len(x)), rows).to(x.device)
             start += len(x)
-            if mask.any():
-                mask = F.pad(mask, (0, len(x) - len(mask))).to(x.device)
-                xs, ys, held = [*xs, x[mask]], [*ys, y[mask]], held + int(mask.sum())
-            if held >= size:
+            xs.append(x[mask])
+            ys.append(y[mask])
+            if sum(len(part) for part in xs) >= size:
                 x_all, y_all = torch.cat(xs), torch.cat(ys)
                 yield x_all[:size], y_all[:size]
-                xs, ys, held = [x_all[size:]], [y_all[size:]], held - size
-        if held:
+                xs, ys = [x_all[size:]], [y_all[size:]]
+        if sum(len(part) for part in xs):
             yield torch.cat(xs), torch.cat(ys)
 
     return subset
