@@ -187,7 +187,8 @@ class EigenbasisInverse(InverseCurvature):
     def basis_grads(
         self, model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor, y: torch.Tensor
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(block, r)`` per block: coordinates ``r (b, ...)`` of each sample's loss gradient in the basis."""
+        """``(block, r)`` per block: coordinates ``r (b, ...)`` of each sample's loss gradient in the basis (fresh
+        tensors, which the caller may overwrite)."""
 
     @abstractmethod
     def inverse_diagonal(self, damping: Damping) -> dict[str, torch.Tensor]:
