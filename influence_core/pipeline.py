@@ -48,7 +48,7 @@ from .influence import (
     scope_text,
 )
 from .influence.engine import Images
-from .influence.kfac.inverse import KFAC
+from .influence.kfac.inverse import DEFAULT_FIT_EXAMPLES, KFAC
 from .measured import MethodMeasurement, load_measured, measured_for, scope_note
 from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress, tagged
@@ -146,11 +146,34 @@ DEFAULT_SETTINGS = InfluenceSettings()
 AFFORDABLE_CPU_SECONDS = 300.0
 """A better-measured whole-network result is offered by default only when its estimated CPU time is at most this
 (on a GPU it always is)."""
-CPU_SECONDS_PER_MEGAPIXEL = 10.0
-"""Whole-network EK-FAC (fit, test factors, matrix and self-influence in one pass) per million training + test
-pixels and per output-curvature column on 2 CPU cores: about 37 s for goldfish/lemon (990 images at 64 px, one
-column; README, "Defaults, and why"). Convolution cost grows with the pixels, the fit's backward passes with the
-columns (only the fit's, on 128 examples: for many classes this overestimates)."""
+CPU_FIT_SECONDS = 4.0
+"""Whole-network EK-FAC on 2 CPU cores, the part of the fit that does not grow with the data: the
+eigendecompositions of a ResNet18's Kronecker factors (calibration: :func:`estimated_cpu_seconds`)."""
+CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN = 11.0
+"""The fit's two passes (covariances, eigenvalue correction) per million pixels of the images it is fitted on
+(:data:`~.influence.kfac.inverse.DEFAULT_FIT_EXAMPLES` of the training set) and per output-curvature column."""
+CPU_SCORE_SECONDS_PER_MEGAPIXEL = 6.0
+"""Test factors, then the matrix and self-influence in one pass, per million training + test pixels."""
+
+
+def estimated_cpu_seconds(run: Run) -> float:
+    """Estimated seconds of the whole-network EK-FAC upgrade (fit, test factors, matrix, self-influence) on
+    ``run`` on 2 CPU cores: :data:`CPU_FIT_SECONDS` + :data:`CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN` × fitted
+    megapixels × output-curvature columns + :data:`CPU_SCORE_SECONDS_PER_MEGAPIXEL` × all megapixels.
+    Convolution cost grows with the pixels; only the fit's backward passes grow with the columns.
+
+    Calibrated on goldfish/lemon (880 + 110 images at 64 px, 1 column) and checked on the app's digits demo (718 +
+    90 at 16 px, 9 columns), idle machine, 2026-11-30: estimated 34.1 s / 8.5 s, measured 32.7 s / 8.5 s (the
+    previous model, linear in pixels × columns, estimated the demo at 18.6 s)."""
+    pixels = run.config["image_size"] ** 2 / 1e6
+    n_train, n_test = len(run.labels("train")), len(run.labels("test"))
+    columns = KFAC().backward_passes(run.n_classes)
+    fitted = min(n_train, DEFAULT_FIT_EXAMPLES) * pixels
+    return (
+        CPU_FIT_SECONDS
+        + CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN * fitted * columns
+        + CPU_SCORE_SECONDS_PER_MEGAPIXEL * (n_train + n_test) * pixels
+    )
 
 
 @dataclass(frozen=True)
@@ -191,9 +214,7 @@ def ranking_upgrade(run: Run, settings: InfluenceSettings, device: str = "auto")
         return None
     estimated = None
     if resolve_device(device).type != "cuda":
-        columns = KFAC().backward_passes(run.n_classes)
-        pixels = (len(run.labels("train")) + len(run.labels("test"))) * run.config["image_size"] ** 2
-        estimated = pixels / 1e6 * CPU_SECONDS_PER_MEGAPIXEL * max(columns, 1)
+        estimated = estimated_cpu_seconds(run)
         if estimated > AFFORDABLE_CPU_SECONDS:
             return None
     upgraded = InfluenceSettings(method=best.method, scope=Scope.ALL, checkpoints=False)

@@ -86,8 +86,7 @@ def test_rankings_upgrade_to_the_best_measured_whole_network_method_when_afforda
     assert up is not None  # tracin is not a method of the influence engine: never picked
     assert up.settings == InfluenceSettings(method="ekfac", scope=Scope.ALL, checkpoints=False)
     assert (up.measured.lds, up.current.lds) == (0.083, 0.073)
-    pixels = (len(demo_run.labels("train")) + len(demo_run.labels("test"))) * demo_run.config["image_size"] ** 2
-    assert up.estimated_s == pytest.approx(pixels / 1e6 * pipeline.CPU_SECONDS_PER_MEGAPIXEL * 9)  # 10 classes
+    assert up.estimated_s == pipeline.estimated_cpu_seconds(demo_run)
     assert "LDS 0.083 ± 0.015 against 0.073 ± 0.015" in up.describe()
 
     assert ranking_upgrade(demo_run, InfluenceSettings(method="cg"), device="cpu") is None
@@ -98,3 +97,24 @@ def test_rankings_upgrade_to_the_best_measured_whole_network_method_when_afforda
     assert ranking_upgrade(demo_run, DEFAULT_SETTINGS, device="cpu") is None
     monkeypatch.setattr(measured, "MEASURED_FILE", tmp_path / "absent.json")
     assert ranking_upgrade(demo_run, DEFAULT_SETTINGS, device="cpu") is None
+
+
+def test_cpu_estimate_counts_output_columns_in_the_fit_only(demo_run, monkeypatch):
+    """The explorer's cost model: more classes add backward passes to the fit (on its subset of training images),
+    not to the pass that scores every image; above 16 classes the columns stop growing (15 leading ones)."""
+    from influence_core.influence.kfac.inverse import DEFAULT_FIT_EXAMPLES
+    from influence_core.run import Run
+
+    pixels = demo_run.config["image_size"] ** 2 / 1e6
+    fitted = min(len(demo_run.labels("train")), DEFAULT_FIT_EXAMPLES) * pixels
+    per_column = pipeline.CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN * fitted
+    estimates = {}
+    for n_classes in (2, 10, 17, 200):
+        monkeypatch.setattr(Run, "n_classes", property(lambda self, n=n_classes: n))
+        estimates[n_classes] = pipeline.estimated_cpu_seconds(demo_run)
+    assert estimates[10] - estimates[2] == pytest.approx(8 * per_column)  # 9 columns against 1
+    assert estimates[17] - estimates[2] == pytest.approx(14 * per_column)  # 15 leading columns
+    assert estimates[200] == pytest.approx(estimates[17])
+    all_pixels = (len(demo_run.labels("train")) + len(demo_run.labels("test"))) * pixels
+    scoring = pipeline.CPU_SCORE_SECONDS_PER_MEGAPIXEL * all_pixels
+    assert estimates[2] == pytest.approx(pipeline.CPU_FIT_SECONDS + per_column + scoring)
