@@ -163,8 +163,9 @@ def estimated_cpu_seconds(run: Run) -> float:
     Convolution cost grows with the pixels; only the fit's backward passes grow with the columns.
 
     Calibrated on goldfish/lemon (880 + 110 images at 64 px, 1 column) and checked on the app's digits demo (718 +
-    90 at 16 px, 9 columns), idle machine, 2026-11-30: estimated 34.1 s / 8.5 s, measured 32.7 s / 8.5 s (the
-    previous model, linear in pixels × columns, estimated the demo at 18.6 s)."""
+    90 at 16 px, 9 columns) with ``benchmarks/upgrade_timing.py``, 2026-11-30: estimated 34.1 s / 8.5 s, measured
+    32.7–43.4 s (3 runs) / 8.5–9.1 s (2 runs) on this VM (the previous model, linear in pixels × columns,
+    estimated the demo at 18.6 s)."""
     pixels = run.config["image_size"] ** 2 / 1e6
     n_train, n_test = len(run.labels("train")), len(run.labels("test"))
     columns = KFAC().backward_passes(run.n_classes)
