@@ -23,7 +23,7 @@ from lds import materialised
 from scipy.stats import rankdata
 
 from influence_core import Run
-from influence_core.analysis import detection_metrics
+from influence_core.analysis import cross_entropy, detection_metrics
 from influence_core.influence.trajectory import TrajectoryInfluence, run_segments
 from influence_core.storage import atomic_save_npz, atomic_write_json
 
@@ -96,6 +96,9 @@ def signals(run: Run, per_segment: dict[str, np.ndarray]) -> dict[str, np.ndarra
     """Signal name → (n_train,) score, higher = more suspicious."""
     loss = run.dynamics["loss"].astype(np.float64)
     out = {"mean_loss": loss.mean(0), "mean_margin": -run.dynamics["margin"].mean(0).astype(np.float64)}
+    labels = run.labels("train")
+    out["final_loss"] = cross_entropy(run.predictions["probs_train"], labels).astype(np.float64)
+    out["rank_mean(mean_loss, final_loss)"] = (rank01(out["mean_loss"]) + rank01(out["final_loss"])) / 2
     for key, seg in per_segment.items():
         out[f"{key}_self"] = seg.sum(0).astype(np.float64)
         out[f"{key}_self_first_segment"] = seg[0].astype(np.float64)
@@ -104,7 +107,6 @@ def signals(run: Run, per_segment: dict[str, np.ndarray]) -> dict[str, np.ndarra
     n_epochs = len(loss)
     for e in (n_epochs // 4, n_epochs // 2):
         out[f"mean_loss_first_{e}_epochs"] = loss[:e].mean(0)
-    labels = run.labels("train")
     features = checkpoint_features(run)
     for k, f in enumerate(features):
         out[f"neighbours_checkpoint_{k + 1}"] = neighbour_disagreement(f, labels)

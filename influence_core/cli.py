@@ -38,6 +38,7 @@ def _train(args) -> None:
         weight_decay=args.weight_decay,
         train_layers=args.train_layers,
         augment_flip=not args.no_flip,
+        augment_shift=args.augment_shift,
         n_checkpoints=args.checkpoints,
         corrupt_fraction=args.corrupt_fraction,
         corrupt_mode=args.corrupt_mode,
@@ -231,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(torchvision's ImageNet weights, downloaded once into the torch hub cache) | PATH",
     )
     t.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
+    t.add_argument(
+        "--augment-shift",
+        type=float,
+        default=0.25,
+        metavar="SHARE",
+        help="shift each training image at random by up to this share of its side (16 px at 64 px; 0: no shifts)",
+    )
     t.add_argument(
         "--on-bad-image",
         choices=["skip", "error"],

@@ -24,7 +24,7 @@ from .pipeline import DEFAULT_SETTINGS, InfluenceResult, InfluenceSettings, comp
 from .progress import Progress, tagged
 from .run import Run
 from .storage import stable_hash
-from .training import TrainConfig, train
+from .training import TrainConfig, keyed_settings, train
 
 # --- names of runs ------------------------------------------------------------------------------------------
 
@@ -59,10 +59,7 @@ def run_dir_name(config: TrainConfig, class_names: Sequence[str] | None = None) 
     8 hex digits of the config's hash so that different settings never share a folder, e.g.
     ``tiny-imagenet-goldfish+lemon-10pct-flipped-3fa9c1e2``."""
     slug = re.sub(r"[^A-Za-z0-9+._-]+", "-", run_title(config, class_names).replace("%", "pct")).strip("-.")
-    settings = dataclasses.asdict(config) | {
-        "split": config.split if isinstance(config.split, str) else list(config.split)
-    }
-    return f"{slug}-{stable_hash(settings, length=8)}"
+    return f"{slug}-{stable_hash(keyed_settings(config), length=8)}"
 
 
 # --- the notebook's claim -----------------------------------------------------------------------------------

@@ -47,6 +47,11 @@ from .storage import (
 log = logging.getLogger(__name__)
 
 
+SETTINGS_ADDED_LATER: dict[str, object] = {"augment_shift": 0.0}
+"""Settings added after runs were first cached, with the value that reproduces those runs: a ``config.json``
+without one was trained with this value, and at this value a setting stays out of the cache key (older keys hold)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a trained model; equal configs on equal data hit the cache."""
@@ -64,6 +69,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     train_layers: str = "all"
     augment_flip: bool = True
+    augment_shift: float = 0.25  # random translation by up to this share of the image side (16 px at 64 px), 0 = none
     n_checkpoints: int = 4
     corrupt_fraction: float = 0.0
     corrupt_mode: str = "random"
@@ -76,6 +82,7 @@ class TrainConfig:
         """The config that trained ``run`` (classes by their keys; corruption scores are not kept)."""
         cfg = run.config
         fields = {f.name for f in dataclasses.fields(cls)} - {"corrupt_scores", "weights"}
+        cfg = SETTINGS_ADDED_LATER | cfg
         return cls(
             **{k: cfg[k] for k in fields if k in cfg}
             | {
@@ -103,6 +110,11 @@ class TrainConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise InfluenceLensError(
                 f"weight_decay must be a number ≥ 0, not {self.weight_decay}.", "for example 1e-4, or 0 for none"
+            )
+        if not 0 <= self.augment_shift < 0.5:
+            raise InfluenceLensError(
+                f"augment_shift is a share of the image side in [0, 0.5), not {self.augment_shift}.",
+                "for example 0.25 (16 px at 64 px), or 0 for no shifts",
             )
         if self.lr_schedule not in ("cosine", "constant"):
             raise InfluenceLensError(
@@ -262,7 +274,7 @@ def training_key(data: TrainingData) -> str:
         split.val,
         split.test,
         data.y_train,
-        _config_dict(data.config),
+        keyed_settings(data.config),
     )
 
 
@@ -365,6 +377,16 @@ def _corrupt(config: TrainConfig, y_true: np.ndarray, n_classes: int) -> tuple[n
     )
 
 
+def keyed_settings(config: TrainConfig) -> dict:
+    """The settings a cache key hashes: all of them, less those still at their value from before they existed
+    (``SETTINGS_ADDED_LATER``)."""
+    return {
+        k: v
+        for k, v in _config_dict(config).items()
+        if not (k in SETTINGS_ADDED_LATER and v == SETTINGS_ADDED_LATER[k])
+    }
+
+
 def _config_dict(config: TrainConfig) -> dict:
     d = dataclasses.asdict(config)
     d["split"] = config.split if isinstance(config.split, str) else list(config.split)
@@ -432,6 +454,7 @@ def fit_model(
         else None
     )
     gen = torch.Generator().manual_seed(config.seed)
+    max_shift = round(config.augment_shift * x_train.shape[-1])  # pixels
     keep = set(checkpoint_epochs(config.epochs, config.n_checkpoints))
     losses = np.zeros((config.epochs, n), np.float32)
     margins = np.zeros((config.epochs, n), np.float32)
@@ -443,9 +466,13 @@ def fit_model(
         # array_split keeps batches within one sample of each other: no size-1 batch for BatchNorm
         for b, idx in enumerate(np.array_split(perm.numpy(), n_batches)):
             flip = torch.rand(len(idx), generator=gen) < 0.5 if config.augment_flip else None
+            shift = torch.randint(-max_shift, max_shift + 1, (len(idx), 2), generator=gen) if max_shift else None
             if exclude is not None:
                 kept = ~exclude[idx]
-                idx, flip = idx[kept], (None if flip is None else flip[torch.from_numpy(kept)])
+                keep_t = torch.from_numpy(kept)
+                idx = idx[kept]
+                flip = None if flip is None else flip[keep_t]
+                shift = None if shift is None else shift[keep_t]
                 if len(idx) == 0:  # the whole batch left out: keep the learning-rate schedule aligned
                     if schedule is not None:
                         schedule.step()
@@ -453,6 +480,8 @@ def fit_model(
             x, y = x_train[idx].to(dev), y_train[torch.from_numpy(idx).to(dev)]
             if flip is not None:
                 x = torch.where(flip.to(dev)[:, None, None, None], x.flip(3), x)
+            if shift is not None:
+                x = _translate(x, shift.to(dev))
             logits = model(x)
             loss_each = F.cross_entropy(logits, y, reduction="none")
             loss = loss_each.mean()
@@ -486,6 +515,19 @@ def fit_model(
     if run_paths is not None:
         atomic_torch_save(run_paths.final_checkpoint, _cpu_state(model))
     return history, {"loss": losses, "margin": margins}
+
+
+def _translate(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(b, C, H, W) images moved by ``offsets`` (b, 2) int64 pixels (rows, columns), borders reflected: the
+    random-crop augmentation without changing the image size."""
+    b, _, h, w = x.shape
+    pad = min(int(offsets.abs().max()), h - 1, w - 1)
+    offsets = offsets.clamp(-pad, pad)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    rows = pad + offsets[:, :1] + torch.arange(h, device=x.device)  # (b, H)
+    cols = pad + offsets[:, 1:] + torch.arange(w, device=x.device)  # (b, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,8 @@ def fill(args: list[str], tmp_path) -> list[str]:
         ([*TRAIN, "--batch-size", "1"], "batch_size must be at least 2"),
         ([*TRAIN, "--weight-decay", "nan"], "weight_decay must be a number"),
         ([*TRAIN, "--seed", "-1"], "seed must be ≥ 0"),
+        ([*TRAIN, "--augment-shift", "0.5"], "augment_shift is a share of the image side in [0, 0.5)"),
+        ([*TRAIN, "--augment-shift", "nan"], "augment_shift is a share of the image side in [0, 0.5)"),
         ([*TRAIN, "--downsample", "0"], "Downsampling ratio 0.0 must be in (0, 1]"),
         ([*TRAIN, "--downsample", "1.5"], "Downsampling ratio 1.5 must be in (0, 1]"),
         ([*TRAIN, "--split", "0.8", "0.1", "0.2"], "must be three positive numbers summing to 1"),

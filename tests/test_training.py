@@ -1,5 +1,7 @@
 """Cached ResNet18 training and the run directory it writes."""
 
+import dataclasses
+import json
 import time
 
 import numpy as np
@@ -8,7 +10,7 @@ import torch
 
 from influence_core import InfluenceLensError, Run, TrainConfig, train
 from influence_core.model import build_resnet18, load_checkpoint
-from influence_core.training import checkpoint_epochs
+from influence_core.training import SETTINGS_ADDED_LATER, _translate, checkpoint_epochs, keyed_settings
 
 
 def test_run_directory_is_self_contained(demo_run):
@@ -51,6 +53,35 @@ def test_config_rebuilt_from_a_run_hits_its_cache(demo_run):
     stamp = (demo_run.path / "checkpoints" / "final.pt").stat().st_mtime_ns
     train(config, demo_run.path)
     assert (demo_run.path / "checkpoints" / "final.pt").stat().st_mtime_ns == stamp
+
+
+def test_runs_cached_before_a_setting_existed_keep_their_key(demo_run):
+    """A ``config.json`` without ``augment_shift`` was trained without shifts, and at that value the setting stays
+    out of the key: such runs are still cache hits. Any other value enters the key."""
+    config = TrainConfig.from_run(demo_run)
+    recorded = (demo_run.path / "config.json").read_text()
+    older = {k: v for k, v in json.loads(recorded).items() if k not in SETTINGS_ADDED_LATER}
+    (demo_run.path / "config.json").write_text(json.dumps(older))
+    try:
+        assert TrainConfig.from_run(Run(demo_run.path)).augment_shift == 0.0
+    finally:
+        (demo_run.path / "config.json").write_text(recorded)
+    unshifted = keyed_settings(dataclasses.replace(config, augment_shift=0.0))
+    assert "augment_shift" not in unshifted
+    assert keyed_settings(config) == unshifted | {"augment_shift": config.augment_shift}
+
+
+def test_shifts_move_every_image_by_its_own_offset_with_reflected_borders():
+    """``_translate`` against numpy's reflect padding and slicing, image by image (offsets up to the pad and
+    beyond the image, which are clamped to the side − 1)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 9, 9, generator=gen)
+    offsets = torch.tensor([[0, 0], [2, -1], [-3, 3], [1, 1], [-2, 0], [0, 3]])
+    got = _translate(x, offsets).numpy()
+    for i, (dy, dx) in enumerate(offsets.tolist()):
+        padded = np.pad(x[i].numpy(), ((0, 0), (3, 3), (3, 3)), mode="reflect")
+        np.testing.assert_array_equal(got[i], padded[:, 3 + dy : 3 + dy + 9, 3 + dx : 3 + dx + 9])
+    np.testing.assert_array_equal(_translate(x[:1], torch.tensor([[20, 0]])), _translate(x[:1], torch.tensor([[8, 0]])))
 
 
 def test_checkpoint_epochs_are_evenly_spaced():
@@ -105,12 +136,14 @@ def test_local_pretrained_weights_are_used_and_bad_ones_refused(tmp_path):
 
 def test_leave_group_out_fit_keeps_the_full_sets_batches(demo_run):
     """``fit_model(exclude=...)``: an empty mask reproduces the plain fit bit for bit; a mask keeps the removed points
-    out of every batch (their recorded losses stay 0) while the others see the same order and flips."""
+    out of every batch (their recorded losses stay 0) while the others see the same order, flips and shifts."""
     from influence_core.training import fit_model
 
     x, y = demo_run.tensors("train")
     x_te, y_te = demo_run.tensors("test")
-    config = TrainConfig(dataset="demo", epochs=2, image_size=16, n_checkpoints=0, augment_flip=True)
+    config = TrainConfig(
+        dataset="demo", epochs=2, image_size=16, n_checkpoints=0, augment_flip=True, augment_shift=0.25
+    )
 
     def fit(exclude):
         torch.manual_seed(0)
