@@ -27,7 +27,7 @@ from sklearn.metrics import confusion_matrix, f1_score
 from torch import nn
 
 from .corruption import flip_random, flip_top_influence
-from .data import ImageSet, ModelInputs, Split, check_image_size, check_split, load_dataset, split_dataset
+from .data import ImageSet, ModelInputs, Split, check_image_size, check_split, load_dataset, parse_spec, split_dataset
 from .errors import InfluenceLensError
 from .model import IMAGENET, build_resnet18
 from .paths import TRAIN_KEY_FIELD, RunPaths
@@ -46,6 +46,11 @@ from .storage import (
 
 log = logging.getLogger(__name__)
 
+
+AUGMENT_SHIFT_BY_KIND = {"tiny-imagenet": 0.25, "folder": 0.25, "demo": 0.0, "fashion-mnist": 0.0}
+"""Default share of the image side by which training images are shifted at random, per dataset kind: photos gain
+(tiny-imagenet: flips found at AUROC 0.963 instead of 0.934 on four pairs, README), centred items lose (digits:
+test accuracy 0.889 → 0.600; Fashion-MNIST pullover vs coat: AUROC 0.928 → 0.791)."""
 
 SETTINGS_ADDED_LATER: dict[str, object] = {"augment_shift": 0.0}
 """Settings added after runs were first cached, with the value that reproduces those runs: a ``config.json``
@@ -69,13 +74,17 @@ class TrainConfig:
     weight_decay: float = 1e-4
     train_layers: str = "all"
     augment_flip: bool = True
-    augment_shift: float = 0.25  # random translation by up to this share of the image side (16 px at 64 px), 0 = none
+    augment_shift: float | None = None  # random shifts by up to this share of the side; None: AUGMENT_SHIFT_BY_KIND
     n_checkpoints: int = 4
     corrupt_fraction: float = 0.0
     corrupt_mode: str = "random"
     weights: str = "auto"
     on_bad_image: str = "skip"
     corrupt_scores: list[float] | None = field(default=None, repr=False)
+
+    def shift_share(self) -> float:
+        """``augment_shift``, or the default of the dataset's kind when it is None."""
+        return AUGMENT_SHIFT_BY_KIND[parse_spec(self.dataset)[0]] if self.augment_shift is None else self.augment_shift
 
     @classmethod
     def from_run(cls, run: Run) -> TrainConfig:
@@ -111,7 +120,7 @@ class TrainConfig:
             raise InfluenceLensError(
                 f"weight_decay must be a number ≥ 0, not {self.weight_decay}.", "for example 1e-4, or 0 for none"
             )
-        if not 0 <= self.augment_shift < 0.5:
+        if self.augment_shift is not None and not 0 <= self.augment_shift < 0.5:
             raise InfluenceLensError(
                 f"augment_shift is a share of the image side in [0, 0.5), not {self.augment_shift}.",
                 "for example 0.25 (16 px at 64 px), or 0 for no shifts",
@@ -257,7 +266,9 @@ def load_data(config: TrainConfig) -> ImageSet:
 def split_data(ds: ImageSet, config: TrainConfig) -> TrainingData:
     """Seeded stratified split, resolved config, and the corrupted training labels."""
     split = split_dataset(ds.labels, config.split, config.seed, config.downsample, ds.classes, ids=ds.ids)
-    resolved = dataclasses.replace(config, classes=list(ds.class_keys), image_size=int(ds.images.shape[1]))
+    resolved = dataclasses.replace(
+        config, classes=list(ds.class_keys), image_size=int(ds.images.shape[1]), augment_shift=config.shift_share()
+    )
     y_train, flipped = _corrupt(resolved, ds.labels[split.train], len(ds.classes))
     return TrainingData(resolved, ds, split, y_train, flipped)
 
@@ -454,7 +465,7 @@ def fit_model(
         else None
     )
     gen = torch.Generator().manual_seed(config.seed)
-    max_shift = round(config.augment_shift * x_train.shape[-1])  # pixels
+    max_shift = round(config.shift_share() * x_train.shape[-1])  # pixels
     keep = set(checkpoint_epochs(config.epochs, config.n_checkpoints))
     losses = np.zeros((config.epochs, n), np.float32)
     margins = np.zeros((config.epochs, n), np.float32)

@@ -66,9 +66,19 @@ def test_runs_cached_before_a_setting_existed_keep_their_key(demo_run):
         assert TrainConfig.from_run(Run(demo_run.path)).augment_shift == 0.0
     finally:
         (demo_run.path / "config.json").write_text(recorded)
-    unshifted = keyed_settings(dataclasses.replace(config, augment_shift=0.0))
+    assert config.augment_shift == 0.0  # the digits' default
+    unshifted = keyed_settings(config)
     assert "augment_shift" not in unshifted
-    assert keyed_settings(config) == unshifted | {"augment_shift": config.augment_shift}
+    assert keyed_settings(dataclasses.replace(config, augment_shift=0.25)) == unshifted | {"augment_shift": 0.25}
+
+
+def test_photos_are_shifted_by_default_and_centred_items_are_not():
+    """``augment_shift=None`` resolves by dataset kind; an explicit value, 0 included, wins."""
+    assert TrainConfig(dataset="tiny-imagenet:/data/ti").shift_share() == 0.25
+    assert TrainConfig(dataset="folder:/data/pets").shift_share() == 0.25
+    assert TrainConfig(dataset="demo").shift_share() == 0.0 == TrainConfig(dataset="fashion-mnist:").shift_share()
+    assert TrainConfig(dataset="tiny-imagenet:/data/ti", augment_shift=0.0).shift_share() == 0.0
+    assert TrainConfig(dataset="demo", augment_shift=0.125).shift_share() == 0.125
 
 
 def test_shifts_move_every_image_by_its_own_offset_with_reflected_borders():
