@@ -89,9 +89,8 @@ class TrainConfig:
     @classmethod
     def from_run(cls, run: Run) -> TrainConfig:
         """The config that trained ``run`` (classes by their keys; corruption scores are not kept)."""
-        cfg = run.config
+        cfg = SETTINGS_ADDED_LATER | run.config  # a config.json from before a setting existed
         fields = {f.name for f in dataclasses.fields(cls)} - {"corrupt_scores", "weights"}
-        cfg = SETTINGS_ADDED_LATER | cfg
         return cls(
             **{k: cfg[k] for k in fields if k in cfg}
             | {
