@@ -27,9 +27,8 @@ import torch.nn.functional as F
 
 from influence_core import Run, TrainConfig
 from influence_core.errors import InfluenceLensError
-from influence_core.model import build_resnet18
 from influence_core.storage import atomic_write_json, read_json, resolve_device, stable_hash
-from influence_core.training import fit_model  # the exact training loop of the run
+from influence_core.training import retrain_without  # the run's own training, minus the removed points
 
 KEY_JOBS = ("ours_direct_head", "ours_ekfac_all", "kronfluence_ekfac_all")
 """Jobs shown in the raw table besides the selector (when present)."""
@@ -55,26 +54,16 @@ def retrain(run: Run, config: TrainConfig, removed: np.ndarray, work_dir: Path, 
     cache = work_dir / "result.json"
     if cache.is_file() and (hit := read_json(cache))["key"] == key:
         return hit | {"cached": True}
-    x, y = run.tensors("train")
-    x_te, y_te = run.tensors("test")
-    x, x_te = x[:], x_te[:]  # whole tensors: this workload fits in memory
-    exclude = np.zeros(len(y), bool)
+    exclude = np.zeros(len(run.labels("train")), bool)
     exclude[removed] = True
-    pretrained = run.config["weights"] == "pretrained" and (True if config.weights == "auto" else config.weights)
     t0 = time.perf_counter()
-    torch.manual_seed(config.seed)  # as influence_core.training.train: seed, then build (fc init draws from it)
-    model, weights = build_resnet18(run.n_classes, pretrained)
-    if weights != run.config["weights"]:
-        raise InfluenceLensError(
-            f"The run was trained from {run.config['weights']} weights, a retrain here would start from {weights}.",
-            "put the ImageNet weights file in the torch hub cache",
-        )
-    fit_model(model, config, x.to(dev), y.to(dev), x_te.to(dev), y_te.to(dev), exclude=exclude)
+    model, _ = retrain_without(run, exclude, config=config, device=str(dev))
+    x_te, y_te = run.tensors("test")
     result = {
         "key": key,
         "n_removed": int(len(removed)),
         "seconds": round(time.perf_counter() - t0, 1),
-        "test_loss": per_sample_loss(model, x_te, y_te, dev).tolist(),
+        "test_loss": per_sample_loss(model, x_te[:], y_te, dev).tolist(),
     }
     atomic_write_json(cache, result)
     return result | {"cached": False}

@@ -37,7 +37,16 @@ SIGNALS: dict[str, Signal] = {
             "High loss during training",
             "The given label's cross-entropy averaged over every epoch's training pass. A flipped label "
             "disagrees with what the image looks like, so it stays hard to fit for many epochs, even if the "
-            "final model memorises it in the end. Best measured signal (see README), hence the default.",
+            "final model memorises it in the end. Best first-pass signal measured (see README), hence the default "
+            "until a second pass is computed.",
+        ),
+        Signal(
+            "loss_without_suspects",
+            "Loss after retraining without the top suspects (second pass)",
+            "The given label's cross-entropy under a model retrained without the top 10 % of suspects by high "
+            "training loss: most flips are out of that training, so the model is cleaner and judges the "
+            "suspects out of sample. Costs one more training; better than the first pass on each run measured "
+            "(see README), hence the default once computed.",
         ),
         Signal(
             "checkpoint_self_influence",

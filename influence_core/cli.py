@@ -154,6 +154,35 @@ def _influence(args) -> None:
     print(f"influence ({settings.describe()}) cached in {result.path}", file=sys.stderr)
 
 
+def _second_pass(args) -> None:
+    from .analysis import detection_metrics
+    from .run import Run
+    from .second_pass import check_share, compute_second_pass
+
+    check_share(args.share)
+    run = Run(args.run_dir)
+    bar = TqdmProgress()
+    try:
+        second = compute_second_pass(run, args.share, device=args.device, progress=bar)
+    finally:
+        bar.close()
+    flipped = run.flipped()
+    print(
+        f"second pass: left out {second.left_out.sum()} suspects ({second.share:.0%}), retrained in "
+        f"{second.seconds:.0f} s; test accuracy {second.accuracy_test:.3f} (the run: "
+        f"{run.metrics['accuracy_test']:.3f}); cached in {run.paths.second_pass}",
+        file=sys.stderr,
+    )
+    if flipped.any():
+        first = detection_metrics(run.dynamics["loss"].mean(0), flipped)["auroc"]
+        second_auroc = detection_metrics(second.loss, flipped)["auroc"]
+        print(
+            f"flipped labels: {(second.left_out & flipped).sum()} of {flipped.sum()} left out; AUROC "
+            f"{first:.3f} (mean_loss) -> {second_auroc:.3f} (loss_without_suspects)",
+            file=sys.stderr,
+        )
+
+
 def _report(args) -> None:
     from .report import run_report, to_json
     from .run import Run
@@ -176,6 +205,7 @@ def _classes(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .influence import Curvature, Damping, scope_text
     from .pipeline import DEFAULT_SETTINGS, METHOD_CHOICES
+    from .second_pass import DEFAULT_SHARE
 
     p = argparse.ArgumentParser(prog="influence-core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -272,6 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--workers", type=int, metavar="N", help="score on a local Dask cluster of N worker processes")
     i.set_defaults(func=_influence)
+
+    s = sub.add_parser(
+        "second-pass",
+        help="retrain without the top suspects by training loss and score every label again (one more training)",
+    )
+    s.add_argument("--run-dir", required=True)
+    s.add_argument(
+        "--share",
+        type=float,
+        default=DEFAULT_SHARE,
+        help=f"share of the training set to leave out: the top suspects by mean training loss (default: {DEFAULT_SHARE})",
+    )
+    s.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
+    s.set_defaults(func=_second_pass)
 
     r = sub.add_parser("report", help="summarise a run (metrics, detection, timings)")
     r.add_argument("--run-dir", required=True)

@@ -11,6 +11,7 @@ Layout (all files written atomically; ``train_key`` is written last and marks a 
     metrics.json       f1_test, confusion_matrix, accuracy_test, timings_s, ...
     checkpoints/       epoch_<e>.pt (evenly spaced) and final.pt: ResNet18 state_dicts
     influence/<key>/   cached influence results (see :class:`InfluencePaths`)
+    second_pass.npz    loss (n_train,) under a retrain without the top suspects, left_out, key (:mod:`.second_pass`)
     reviews.sqlite     the mislabel review store
     train_key          hash of data ids + labels + config; equal key = cached training (also in config.json)
 
@@ -161,6 +162,10 @@ class RunPaths:
         return self.influence / f"{TEMP_PREFIX}{key}-{pid}"
 
     @property
+    def second_pass(self) -> Path:
+        return self.root / "second_pass.npz"
+
+    @property
     def reviews(self) -> Path:
         return self.root / "reviews.sqlite"
 
@@ -199,6 +204,7 @@ class RunPaths:
             self.metrics,
             self.checkpoints,
             self.influence,
+            self.second_pass,
             self.train_key,
         )
 

@@ -66,13 +66,14 @@ from .results import (
 )
 from .run import Run
 from .rundir import remove_orphans, run_lock
+from .second_pass import SECOND_PASS_SIGNAL, load_second_pass
 from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json, resolve_device, stable_hash
 
 log = logging.getLogger(__name__)
 
 METHOD_CHOICES = tuple(METHODS)
 CACHE_VERSION = "influence-v5"  # bump when the engine's results or curvature.pt format change
-DEFAULT_SIGNAL = "mean_loss"  # best AUROC measured on real data (README, "Finding wrong labels")
+DEFAULT_SIGNAL = "mean_loss"  # best first-pass AUROC measured on real data (README, "Finding wrong labels")
 
 
 @dataclass(frozen=True)
@@ -282,9 +283,17 @@ class InfluenceResult:
     def checkpoint_self_influence(self) -> np.ndarray:
         return np.load(self.files.checkpoint_self_influence)
 
-    @cached_property
+    @property
     def signals(self) -> dict[str, np.ndarray]:
-        """Signal key (see :data:`analysis.SIGNALS`) → (n_train,) float64, higher = more suspicious."""
+        """Signal key (see :data:`analysis.SIGNALS`) → (n_train,) float64, higher = more suspicious; with the
+        run's second pass once it is computed (looked up on each call)."""
+        out = dict(self._signals)
+        if (second := load_second_pass(self.run)) is not None:
+            out[SECOND_PASS_SIGNAL] = second.loss.astype(np.float64)
+        return {k: out[k] for k in SIGNALS if k in out}
+
+    @cached_property
+    def _signals(self) -> dict[str, np.ndarray]:
         labels = self.run.labels("train")
         out = {
             "self_influence": self.self_influence.astype(np.float64),
@@ -295,11 +304,13 @@ class InfluenceResult:
         }
         if len(self.checkpoint_self_influence) > 1:
             out["checkpoint_self_influence"] = self.checkpoint_self_influence.sum(0).astype(np.float64)
-        return {k: out[k] for k in SIGNALS if k in out}
+        return out
 
     @property
     def best_signal(self) -> str:
-        return DEFAULT_SIGNAL if DEFAULT_SIGNAL in self.signals else "self_influence"
+        """The second pass once computed, else ``mean_loss`` (else final-model self-influence)."""
+        signals = self.signals
+        return next(k for k in (SECOND_PASS_SIGNAL, DEFAULT_SIGNAL, "self_influence") if k in signals)
 
 
 def cache_key(run: Run, settings: InfluenceSettings) -> str:

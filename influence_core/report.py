@@ -9,10 +9,12 @@ from typing import Any
 from .analysis import SIGNALS, detection_metrics
 from .pipeline import DEFAULT_SETTINGS, cached_results, load_influence
 from .run import Run
+from .second_pass import load_second_pass
 
 
 def run_report(run: Run) -> dict:
-    """classes, split sizes, test F1, confusion matrix, corruption, weights, timings_s; with an influence
+    """classes, split sizes, test F1, confusion matrix, corruption, weights, timings_s; ``second_pass`` once
+    computed (what it left out, its model's test accuracy and, with flips, its detection); with an influence
     entry cached: its settings and timings, and ``detection`` (signal → AUROC and recalls) when labels
     were flipped. The default settings' entry is preferred, else the newest one."""
     m, samples = run.metrics, run.samples
@@ -36,6 +38,16 @@ def run_report(run: Run) -> dict:
         "device": m["device"],
         "timings_s": dict(m["timings_s"]),
     }
+    if (second := load_second_pass(run)) is not None:
+        report["second_pass"] = {
+            "share": second.share,
+            "n_left_out": int(second.left_out.sum()),
+            "flips_left_out": int((second.left_out & flipped).sum()),
+            "accuracy_test": second.accuracy_test,
+            "seconds": second.seconds,
+        }
+        if flipped.any():
+            report["second_pass"]["detection"] = detection_metrics(second.loss, flipped)
     result = load_influence(run, DEFAULT_SETTINGS) or next(iter(cached_results(run)), None)
     if result is None:
         return report

@@ -527,6 +527,40 @@ def fit_model(
     return history, {"loss": losses, "margin": margins}
 
 
+def retrain_without(
+    run: Run,
+    exclude: np.ndarray,
+    *,
+    config: TrainConfig | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> tuple[nn.Module, dict[str, np.ndarray]]:
+    """The run's training again with the training points ``exclude`` (n_train,) bool left out of every batch:
+    the same recipe, seed and initial weights, and the full set's shuffling and augmentation draws (leave-group-out
+    retraining). ``config`` replaces the run's recipe (e.g. no checkpoints, fewer epochs). Writes nothing.
+
+    Returns the model (eval mode, on the device) and its training dynamics ``{"loss", "margin"}`` (epochs,
+    n_train) float32 (0 for the excluded points)."""
+    config = config or TrainConfig.from_run(run)
+    dev = resolve_device(device)
+    was_pretrained = run.config["weights"] == "pretrained"
+    torch.manual_seed(config.seed)  # as _build_model: seed, then build (the fc initialisation draws from it)
+    model, weights = build_resnet18(
+        run.n_classes, was_pretrained and (True if config.weights == "auto" else config.weights)
+    )
+    if weights != run.config["weights"]:
+        raise InfluenceLensError(
+            f"The run was trained from {run.config['weights']} weights, a retrain here would start from {weights}.",
+            "put the ImageNet weights file in the torch hub cache",
+        )
+    x, y = run.tensors("train")
+    x_val, y_val = run.tensors("val")
+    _, dynamics = fit_model(
+        model, config, x, y.to(dev), x_val, y_val.to(dev), progress=progress, exclude=np.asarray(exclude, bool)
+    )
+    return model.eval(), dynamics
+
+
 def _translate(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """(b, C, H, W) images moved by ``offsets`` (b, 2) int64 pixels (rows, columns), borders reflected: the
     random-crop augmentation without changing the image size."""

@@ -58,6 +58,8 @@ size = c3.number_input(
     help="The review queue holds this many of the most suspicious training images.",
 )
 st.caption(SIGNALS[signal].explanation)
+with widgets.errors_shown():
+    runs.second_pass_control(run)
 
 queue = rank_suspects(result.signals[signal], size)
 queue_ids = [ids[p] for p in queue]

@@ -345,3 +345,29 @@ def test_every_page_works_on_a_tiny_imagenet_run(tiny_run, runs_root, monkeypatc
     assert not at.error, [e.value for e in at.error]
     run = at.query_params["run"]
     assert (run[0] if isinstance(run, list) else run) == tiny_run.path.name  # no fallback to the demo
+
+
+def test_review_page_runs_the_second_pass_and_ranks_by_it(demo_run, demo_result, runs_root, monkeypatch):
+    """The button trains the second pass in the background; once done, the queue is ranked by it by default."""
+    from influence_core.analysis import SIGNALS
+    from influence_core.second_pass import SECOND_PASS_SIGNAL, load_second_pass
+
+    run = copy_run(demo_run.path, runs_root / "second-pass")
+    monkeypatch.setenv("INFLUENCE_LENS_RUNS", str(runs_root))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.query_params["run"] = run.name
+    at.run()
+    at.switch_page("pages/review_queue.py").run()
+    ranked_by = next(b for b in at.selectbox if b.label == "Rank suspects by")
+    assert ranked_by.value == "mean_loss" and SECOND_PASS_SIGNAL not in ranked_by.options
+    next(b for b in at.button if b.label.startswith("Second pass: retrain without the top 10 %")).click().run()
+    finish_jobs(at)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    from influence_core import Run
+
+    second = load_second_pass(Run(run))
+    assert second is not None
+    assert next(b for b in at.selectbox if b.label == "Rank suspects by").value == SECOND_PASS_SIGNAL
+    assert any(c.value == SIGNALS[SECOND_PASS_SIGNAL].explanation for c in at.caption)
+    assert any(c.value.startswith("Second pass: retrained without the top") for c in at.caption)
+    assert not any(b.label.startswith("Second pass: retrain") for b in at.button)

@@ -145,6 +145,9 @@ def fill(args: list[str], tmp_path) -> list[str]:
         (["influence", "--run-dir", "{tmp}/run", "--regularization", "0"], "regularization must be positive"),
         (["influence", "--run-dir", "{tmp}/run", "--regularization", "-1"], "regularization must be positive"),
         (["influence", "--run-dir", "{tmp}/run", "--scope", ","], "Unknown scope"),
+        (["second-pass", "--run-dir", "{tmp}/run", "--share", "0.6"], "must be in (0, 0.5]"),
+        (["second-pass", "--run-dir", "{tmp}/run", "--share", "nan"], "must be in (0, 0.5]"),
+        (["second-pass", "--run-dir", "{tmp}/none"], "not a finished run directory"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, args, message):
@@ -178,7 +181,7 @@ def test_a_failing_folder_creation_is_one_clear_line(tmp_path, capsys, monkeypat
     assert_one_line_error(code, err, "Read-only file system")
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["influence"], ["report"], ["classes"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["influence"], ["second-pass"], ["report"], ["classes"]])
 def test_help_shows_no_markup(capsys, command):
     from influence_core.cli import main
 

@@ -33,6 +33,7 @@ from influence_core.pipeline import (
     saliency_maps,
 )
 from influence_core.review import Action, ReviewStore
+from influence_core.second_pass import DEFAULT_SHARE, compute_second_pass, load_second_pass
 
 from .navigation import require_frame
 from .state import settings
@@ -265,6 +266,43 @@ def influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult:
         _influence_job(run, s)
     _settled(key)
     return cached_influence(run, s)
+
+
+def second_pass_control(run: Run) -> None:
+    """The second pass of ``run``: a button that starts it in the background, its progress while it runs (the
+    page goes on), its error once if it failed, or one line on what it did once computed."""
+    second = load_second_pass(run)
+    if second is not None:
+        flipped = run.flipped()
+        found = f", {(second.left_out & flipped).sum()} of them flipped on purpose" if flipped.any() else ""
+        st.caption(
+            f"Second pass: retrained without the top {second.left_out.sum()} suspects{found}; that model's test "
+            f"accuracy is {second.accuracy_test:.3f} (this run's: {run.metrics['accuracy_test']:.3f})."
+        )
+        return
+    key = f"second-pass:{run.path}:{run.key}"
+    job = job_registry().get(key)
+    if job is not None and job.status == "running":
+        show_job(job)
+        return
+    if job is not None:
+        job_registry().forget(key)
+        if job.error is not None:
+            raise job.error
+    minutes = run.metrics.get("timings_s", {}).get("train", 0) / 60
+    if st.button(
+        f"Second pass: retrain without the top {DEFAULT_SHARE * 100:.0f} % suspects (about {max(minutes, 0.1):.1f} min)",
+        icon=":material/replay:",
+        help="One more training of this run's recipe without the most suspicious images by training loss, which "
+        "then judges every label again: a cleaner model, and on each run measured a better ranking (README, "
+        "'Finding wrong labels'). Runs on the server; the ranking switches to it when done.",
+    ):
+        job_registry().submit(
+            key,
+            lambda progress: compute_second_pass(run, progress=progress),
+            f"Second pass: retraining without the top {DEFAULT_SHARE * 100:.0f} % suspects",
+        )
+        st.rerun()
 
 
 @dataclass(frozen=True)
