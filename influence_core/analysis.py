@@ -43,10 +43,10 @@ SIGNALS: dict[str, Signal] = {
         Signal(
             "loss_without_suspects",
             "Loss after retraining without the top suspects (second pass)",
-            "The given label's cross-entropy under a model retrained without the top 10 % of suspects by high "
-            "training loss: most flips are out of that training, so the model is cleaner and judges the "
-            "suspects out of sample. Costs one more training; better than the first pass on each run measured "
-            "(see README), hence the default once computed.",
+            "The given label's cross-entropy under a model retrained without the top suspects by high training "
+            "loss (10 % of the training set by default): most flips are out of that training, so the model is "
+            "cleaner and judges the suspects out of sample. Costs one more training; better than the first pass "
+            "on each run measured (see README), hence the default once computed.",
         ),
         Signal(
             "checkpoint_self_influence",

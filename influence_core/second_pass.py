@@ -45,15 +45,16 @@ class SecondPass:
     seconds: float
 
 
-def load_second_pass(run: Run, share: float = DEFAULT_SHARE) -> SecondPass | None:
-    """The cached second pass of ``run`` at ``share``, or None (never computed, another share, or the run was
-    retrained since)."""
+def load_second_pass(run: Run, share: float | None = None) -> SecondPass | None:
+    """The cached second pass of ``run`` (at ``share``; None: at whichever share it was computed), or None (never
+    computed, another share, or the run was retrained since)."""
     path = run.paths.second_pass
     if not path.is_file():
         return None
     try:
         with np.load(path) as f:
-            if str(f["key"]) != _key(run, share):
+            stored = float(f["share"])
+            if (share is not None and share != stored) or str(f["key"]) != _key(run, stored):
                 return None
             return SecondPass(
                 loss=f["loss"],

@@ -50,6 +50,7 @@ def test_second_pass_leaves_out_the_top_suspects_and_is_cached(own_demo, monkeyp
     again = compute_second_pass(Run(own_demo.path), 0.1)
     np.testing.assert_array_equal(again.loss, second.loss)
     assert load_second_pass(own_demo, 0.2) is None  # another share is another pass
+    assert load_second_pass(own_demo).share == 0.1  # the report and the app take whichever share was computed
 
 
 def test_second_pass_finds_the_flips_and_reports_them(own_demo):
