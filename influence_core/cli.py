@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .influence import Curvature, Damping, scope_text
     from .pipeline import DEFAULT_SETTINGS, METHOD_CHOICES
     from .second_pass import DEFAULT_SHARE
+    from .training import RECOMMENDED_EPOCHS
 
     p = argparse.ArgumentParser(prog="influence-core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes", nargs="+", metavar="NAME", help="classes by id, name (unique prefix) or index; default: all"
     )
     t.add_argument("--run-dir", required=True)
-    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--epochs", type=int, default=RECOMMENDED_EPOCHS)
     t.add_argument(
         "--train-layers",
         choices=["head", "all"],

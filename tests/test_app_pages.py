@@ -87,6 +87,12 @@ def test_setup_page_shows_quality_and_weights(app, demo_run):
     weights = "trained from scratch" if demo_run.config["weights"] == "scratch" else "ImageNet-pretrained"
     assert any(weights in box.value for box in [*at.warning, *at.success])
     assert [m.label for m in at.multiselect][0].startswith("Classes (type to search; empty = all 10)")
+    from influence_core.cli import build_parser
+    from influence_core.training import RECOMMENDED_EPOCHS, TrainConfig
+
+    # the app, the CLI and the library train for the same default number of epochs
+    assert next(s for s in at.slider if s.label == "Epochs").value == RECOMMENDED_EPOCHS == TrainConfig().epochs
+    assert build_parser().parse_args(["train", "--run-dir", "r"]).epochs == RECOMMENDED_EPOCHS
     assert any(c.value == DEFAULT_SETTINGS.accuracy_note() and "Exact" in c.value for c in at.caption)
     next(r for r in at.radio if r.label == "Parameters").set_value("all").run()
     assert any(c.value.startswith("Approximate: influence functions assume") for c in at.caption)
