@@ -59,7 +59,7 @@ def load_second_pass(run: Run, share: float | None = None) -> SecondPass | None:
             return SecondPass(
                 loss=f["loss"],
                 left_out=f["left_out"],
-                share=float(f["share"]),
+                share=stored,
                 accuracy_test=float(f["accuracy_test"]),
                 seconds=float(f["seconds"]),
             )

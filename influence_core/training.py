@@ -311,13 +311,21 @@ def holds_training(paths: RunPaths, key: str) -> bool:
 def _build_model(data: TrainingData) -> tuple[nn.Module, str]:
     """Seeded ResNet18 for the data's classes; weights "pretrained" or "scratch"."""
     config = data.config
-    torch.manual_seed(config.seed)
-    model, weights = build_resnet18(
-        data.n_classes, None if config.weights == "auto" else (False if config.weights == "scratch" else config.weights)
+    model, weights = _seeded_resnet18(
+        config.seed,
+        data.n_classes,
+        None if config.weights == "auto" else (False if config.weights == "scratch" else config.weights),
     )
     if weights == "scratch" and config.train_layers == "head":
         log.warning("warning: training only the head on a randomly initialised backbone gives weak features")
     return model, weights
+
+
+def _seeded_resnet18(seed: int, n_classes: int, pretrained: str | bool | None) -> tuple[nn.Module, str]:
+    """:func:`build_resnet18` after seeding torch: the ``fc`` initialisation draws from the seed, so a run and its
+    retrains start from the same weights."""
+    torch.manual_seed(seed)
+    return build_resnet18(n_classes, pretrained)
 
 
 def evaluate(data: TrainingData, probs: dict[str, np.ndarray], history: list[dict]) -> dict:
@@ -547,9 +555,8 @@ def retrain_without(
     config = config or TrainConfig.from_run(run)
     dev = resolve_device(device)
     was_pretrained = run.config["weights"] == "pretrained"
-    torch.manual_seed(config.seed)  # as _build_model: seed, then build (the fc initialisation draws from it)
-    model, weights = build_resnet18(
-        run.n_classes, was_pretrained and (True if config.weights == "auto" else config.weights)
+    model, weights = _seeded_resnet18(
+        config.seed, run.n_classes, was_pretrained and (True if config.weights == "auto" else config.weights)
     )
     if weights != run.config["weights"]:
         raise InfluenceLensError(

@@ -26,8 +26,11 @@ run = runs.current_run()
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def detection(result_path: str, _result: InfluenceResult) -> tuple[dict[str, dict], dict[str, pd.DataFrame]]:
-    """Per signal: detection metrics and curve of the result at ``result_path``, computed once."""
+def detection(
+    result_path: str, second_pass: int | None, _result: InfluenceResult
+) -> tuple[dict[str, dict], dict[str, pd.DataFrame]]:
+    """Per signal: detection metrics and curve of the result at ``result_path`` (and of the run's second pass,
+    written at ``second_pass``), computed once."""
     flipped = _result.run.flipped()
     return (
         {key: detection_metrics(score, flipped) for key, score in _result.signals.items()},
@@ -87,7 +90,7 @@ st.caption(f"Run `{runs.run_ref(run.path)}` · test F1 {run.metrics['f1_test']:.
 
 mean = result.mean_influence
 labels = run.labels("train")
-metrics, curves = detection(str(result.path), result)
+metrics, curves = detection(str(result.path), runs.second_pass_stamp(run), result)
 claim = notebook_claim(result)
 box = st.success if claim.check.verdict == "held" else st.warning  # a failed claim is a finding, not an app error
 box(f"{claim.check.summary()}\n\n{claim.check.implication()}", icon=":material/fact_check:")

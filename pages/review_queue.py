@@ -46,9 +46,12 @@ reviewer = c1.text_input(
     "keeps it); Undo reverts your own latest action.",
 ).strip()
 st.session_state["reviewer"] = reviewer
-signals = list(result.signals)
+scores = result.signals  # read once per page run (the second pass is looked up on disk)
 signal = c2.selectbox(
-    "Rank suspects by", signals, index=signals.index(result.best_signal), format_func=lambda key: SIGNALS[key].label
+    "Rank suspects by",
+    list(scores),
+    index=list(scores).index(result.best_signal),
+    format_func=lambda key: SIGNALS[key].label,
 )
 size = c3.number_input(
     "Queue length",
@@ -61,7 +64,7 @@ st.caption(SIGNALS[signal].explanation)
 with widgets.errors_shown():
     runs.second_pass_control(run)
 
-queue = rank_suspects(result.signals[signal], size)
+queue = rank_suspects(scores[signal], size)
 queue_ids = [ids[p] for p in queue]
 progress = store.progress(queue_ids)
 done = progress["reviewed"]
@@ -127,7 +130,7 @@ for pos, rank, marks in zip(shown, shown_ranks, flags["marks"], strict=True):
         info.markdown(
             ("▶ " if pos == focus else "") + f"**#{rank}** · `{sid}`  \nGiven label "
             f"**{run.classes[given]}** · model predicts **{run.classes[pred]}** "
-            f"({pred_probs[pos, pred]:.0%})  \nScore {result.signals[signal][pos]:.3g}"
+            f"({pred_probs[pos, pred]:.0%})  \nScore {scores[signal][pos]:.3g}"
         )
         if current:
             info.markdown(f"{VERDICTS[current.decision].format(current.corrected_label)} by {current.reviewer}")

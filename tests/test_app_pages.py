@@ -363,6 +363,12 @@ def test_review_page_runs_the_second_pass_and_ranks_by_it(demo_run, demo_result,
     at = AppTest.from_file(str(APP), default_timeout=120)
     at.query_params["run"] = run.name
     at.run()
+
+    def detection_chart() -> str:
+        at.switch_page("pages/corruption_lab.py").run()
+        return next(c.proto.spec for c in at.get("plotly_chart") if "AUROC" in c.proto.spec)
+
+    assert SIGNALS[SECOND_PASS_SIGNAL].label not in detection_chart()
     at.switch_page("pages/review_queue.py").run()
     ranked_by = next(b for b in at.selectbox if b.label == "Rank suspects by")
     assert ranked_by.value == "mean_loss" and SECOND_PASS_SIGNAL not in ranked_by.options
@@ -377,3 +383,4 @@ def test_review_page_runs_the_second_pass_and_ranks_by_it(demo_run, demo_result,
     assert any(c.value == SIGNALS[SECOND_PASS_SIGNAL].explanation for c in at.caption)
     assert any(c.value.startswith("Second pass: retrained without the top") for c in at.caption)
     assert not any(b.label.startswith("Second pass: retrain") for b in at.button)
+    assert SIGNALS[SECOND_PASS_SIGNAL].label in detection_chart()  # the lab's cached curves include it now

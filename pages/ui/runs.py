@@ -171,19 +171,22 @@ def show_job(job: Job) -> None:
     progress()
 
 
-def _settled(key: str) -> None:
-    """Return once no job runs under ``key``: a running one is shown and the page stops there; a failed one
-    raises its error once (the next visit tries again)."""
+def _settled(key: str, wait: bool = True) -> bool:
+    """Whether no job runs under ``key``: a running one is shown and the page stops there (``wait=False``: goes
+    on, and this returns False); a failed one raises its error once (the next visit tries again)."""
     registry = job_registry()
     job = registry.get(key)
     if job is None:
-        return
+        return True
     if job.status == "running":
         show_job(job)
-        st.stop()
+        if wait:
+            st.stop()
+        return False
     registry.forget(key)
     if job.error is not None:
         raise job.error
+    return True
 
 
 def finished_run(run_dir: Path) -> Run:
@@ -268,6 +271,12 @@ def influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult:
     return cached_influence(run, s)
 
 
+def second_pass_stamp(run: Run) -> int | None:
+    """When ``run``'s second pass was written (None: not yet): part of the key of caches holding its signals."""
+    path = RunPaths(run.path).second_pass
+    return path.stat().st_mtime_ns if path.is_file() else None
+
+
 def second_pass_control(run: Run) -> None:
     """The second pass of ``run``: a button that starts it in the background, its progress while it runs (the
     page goes on), its error once if it failed, or one line on what it did once computed."""
@@ -281,14 +290,8 @@ def second_pass_control(run: Run) -> None:
         )
         return
     key = f"second-pass:{run.path}:{run.key}"
-    job = job_registry().get(key)
-    if job is not None and job.status == "running":
-        show_job(job)
+    if not _settled(key, wait=False):
         return
-    if job is not None:
-        job_registry().forget(key)
-        if job.error is not None:
-            raise job.error
     minutes = run.metrics.get("timings_s", {}).get("train", 0) / 60
     if st.button(
         f"Second pass: retrain without the top {DEFAULT_SHARE * 100:.0f} % suspects (about {max(minutes, 0.1):.1f} min)",
