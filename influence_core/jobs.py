@@ -4,7 +4,9 @@ A web page can be left at any moment; work started from it must not stop with it
 runs each piece of work in a daemon thread under a key naming what it produces (e.g. ``train:<run>``), so the
 page that started it, another page or another browser session asking for the same key all see the same
 :class:`Job`: its progress ``(stage, done, total)``, its status, and in the end its result or its error.
-The registry knows nothing about the web app; the app keeps one per server process.
+The registry knows nothing about the web app; the app keeps one per server process, with one compute slot:
+two trainings sharing a CPU each with every core ran about 4× slower per epoch than one at a time, so a second
+job waits (its stage says for what) instead of competing.
 
 Errors a user can act on come back as :class:`InfluenceLensError`; file-system and SQLite failures are
 turned into one by :func:`user_error`, naming neither the server's folders nor a traceback.
@@ -82,9 +84,15 @@ class Job:
     def _report(self, stage: str, done: int, total: int) -> None:
         self.stage, self.done, self.total = stage, done, total
 
-    def _run(self, work: Callable[[Progress], Any]) -> None:
+    def _run(self, work: Callable[[Progress], Any], slots: _Slots | None) -> None:
         try:
-            self.result = work(self._report)
+            if slots is not None:
+                slots.acquire(self)
+            try:
+                self.result = work(self._report)
+            finally:
+                if slots is not None:
+                    slots.release(self)
             self.status = "done"
         except BaseException as e:  # noqa: BLE001 - the thread must record every failure, never die silently
             log.exception("job %s failed", self.key)
@@ -95,12 +103,47 @@ class Job:
             self._finished_event.set()
 
 
-class JobRegistry:
-    """Jobs of one server process by key: at most one running job per key, shared by every caller."""
+class _Slots:
+    """At most ``n`` jobs working at once, first come first served; a waiting job's stage names what it waits for."""
 
-    def __init__(self) -> None:
+    def __init__(self, n: int) -> None:
+        self._n = n
+        self._changed = threading.Condition()
+        self._waiting: list[Job] = []
+        self._working: list[Job] = []
+
+    def enqueue(self, job: Job) -> None:
+        """Take ``job``'s place in the queue (when it is submitted, so the order is the order of submission)."""
+        with self._changed:
+            self._waiting.append(job)
+
+    def acquire(self, job: Job) -> None:
+        """Block until ``job`` is first in the queue and a slot is free (``job`` was enqueued)."""
+        with self._changed:
+            while len(self._working) >= self._n or self._waiting[0] is not job:
+                ahead = (self._working or self._waiting)[0].description
+                job._report(f"waiting for: {ahead}", 0, 0)
+                self._changed.wait()
+            self._waiting.pop(0)
+            self._working.append(job)
+        job._report("starting", 0, 0)
+
+    def release(self, job: Job) -> None:
+        with self._changed:
+            self._working.remove(job)
+            self._changed.notify_all()
+
+
+class JobRegistry:
+    """Jobs of one server process by key: at most one running job per key, shared by every caller. ``slots``:
+    how many jobs compute at once (None: no limit); the others wait in their threads, status ``"running"``."""
+
+    def __init__(self, slots: int | None = None) -> None:
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots must be at least 1 or None, not {slots}")
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._slots = _Slots(slots) if slots is not None else None
 
     def submit(self, key: str, work: Callable[[Progress], Any], description: str) -> Job:
         """The job under ``key``: the running or finished one if there is one, else ``work(progress)`` started
@@ -110,7 +153,9 @@ class JobRegistry:
             if job is not None and job.status != "failed":
                 return job
             job = self._jobs[key] = Job(key, description)
-        threading.Thread(target=job._run, args=(work,), name=f"job {key}", daemon=True).start()
+            if self._slots is not None:
+                self._slots.enqueue(job)
+        threading.Thread(target=job._run, args=(work, self._slots), name=f"job {key}", daemon=True).start()
         log.info("job %s started: %s", key, description)
         return job
 

@@ -83,3 +83,39 @@ def test_user_error_keeps_project_errors_and_hides_paths():
     assert "review store" in db.problem and "/srv/secret" not in str(db)
     other = user_error(ValueError("/srv/secret"))
     assert "/srv/secret" not in str(other) and "server log" in other.fix
+
+
+def test_one_slot_runs_jobs_one_at_a_time_in_order_and_says_what_they_wait_for():
+    registry, calls = JobRegistry(slots=1), []
+    gates = {k: threading.Event() for k in "abc"}
+    jobs = {k: registry.submit(k, gated_work(gates[k], calls, k), f"training {k}") for k in "abc"}
+    for _ in range(300):
+        if jobs["a"].stage == "epoch" and all(jobs[k].stage.startswith("waiting") for k in "bc"):
+            break
+        threading.Event().wait(0.01)
+    assert len(calls) == 1 and jobs["a"].describe_progress() == "epoch — 1/3"
+    assert jobs["b"].describe_progress() == jobs["c"].describe_progress() == "waiting for: training a"
+    assert [j.status for j in jobs.values()] == ["running"] * 3
+    gates["c"].set()  # c may finish its work once it runs, but it waits for b, which waits for a
+    gates["a"].set()
+    assert jobs["a"].wait(30)
+    for _ in range(300):
+        if jobs["c"].stage == "waiting for: training b":
+            break
+        threading.Event().wait(0.01)
+    assert jobs["c"].stage == "waiting for: training b" and not jobs["c"].wait(0.2)
+    gates["b"].set()
+    assert jobs["b"].wait(30) and jobs["c"].wait(30)
+    assert [j.result for j in jobs.values()] == ["a", "b", "c"] and len(calls) == 3
+
+
+def test_a_failed_job_frees_its_slot():
+    registry = JobRegistry(slots=1)
+
+    def fails(progress):
+        raise InfluenceLensError("bad input", "fix it")
+
+    failed = registry.submit("x", fails, "x")
+    after = registry.submit("y", lambda progress: 7, "y")
+    assert failed.wait(30) and after.wait(30)
+    assert (failed.status, after.result) == ("failed", 7)

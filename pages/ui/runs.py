@@ -131,8 +131,9 @@ def open_run_folder(folder: str) -> Run:
 # --- background jobs --------------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False)
 def job_registry() -> JobRegistry:
-    """The server's one job registry: jobs outlive the page and the session that started them."""
-    return JobRegistry()
+    """The server's one job registry: jobs outlive the page and the session that started them; one computes at
+    a time (the others show what they wait for)."""
+    return JobRegistry(slots=1)
 
 
 def _training_key(run_dir: Path) -> str:
