@@ -357,6 +357,7 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None) 
             "lds": round(s["margin"]["lds"], 4),
             "lds_se": round(s["margin"]["se"], 4),
             "slope": s["magnitude"]["slope"],
+            "pearson": s["magnitude"].get("pearson"),
             # the measured accuracy text, and cost and fidelity from an earlier benchmark run, stay unless remeasured
             "cost_x_floor": previous.get("/".join(key), {}).get("cost_x_floor"),
             "fidelity": previous.get("/".join(key), {}).get("fidelity"),

@@ -12,7 +12,8 @@
 
 ``lds``: linear datamodeling score (mean over test points of the Spearman correlation between the margins of
 M models retrained on random halves of the training set and the sums of the method's influences over each half);
-``slope``: measured over predicted loss change on those halves (1 = calibrated magnitudes); ``cost_x_floor``: time
+``slope``: measured over predicted loss change on those halves (1 = calibrated magnitudes), ``pearson``: their
+correlation (below :data:`TRACKS_PEARSON` the slope means nothing and the app says so); ``cost_x_floor``: time
 to the full test × train matrix in multiples of one forward+backward pass (``benchmarks/run.py``).
 """
 
@@ -25,6 +26,11 @@ from pathlib import Path
 
 MEASURED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "measured.json"
 """Where the benchmark writes its measurements in a checkout (absent in an installed package)."""
+
+
+TRACKS_PEARSON = 0.2
+"""Below this Pearson correlation between predicted and measured loss changes the predictions do not track them,
+and the app shows no magnitude factor (a least-squares slope of uncorrelated numbers is noise)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class MethodMeasurement:
     cost_x_floor: float | None = None
     fidelity: str | None = None
     note: str | None = None
+    pearson: float | None = None
 
     def describe(self) -> str:
         """For the app: the measured note, then e.g. ``LDS 0.21 ± 0.02 (50 retrained models, goldfish vs lemon …)``
@@ -50,7 +57,11 @@ class MethodMeasurement:
         if self.lds is not None:
             se = f" ± {self.lds_se:.2f}" if self.lds_se is not None else ""
             parts.append(f"LDS {self.lds:.2f}{se} ({self.n_models} retrained models; {self.workload})")
-        if self.slope is not None:
+        if self.pearson is not None and abs(self.pearson) < TRACKS_PEARSON:
+            parts.append(
+                f"predicted loss changes do not track those of the retrained models (Pearson {self.pearson:.2f})"
+            )
+        elif self.slope is not None:
             parts.append(
                 f"magnitudes ×{1 / self.slope:.3g} the measured loss changes"
                 if self.slope > 0
@@ -84,6 +95,7 @@ def load_measured(path: str | Path | None = None) -> dict[tuple[str, str], Metho
             m.get("cost_x_floor"),
             m.get("fidelity"),
             m.get("note"),
+            m.get("pearson"),
         )
     return out
 

@@ -92,7 +92,7 @@ def test_measured_file_round_trip(tmp_path):
     assert load_measured(tmp_path / "absent.json") is None
     assert measured_for("ekfac", "all", tmp_path / "absent.json") is None
     scores = {
-        job: {"margin": {"lds": lds, "se": 0.02}, "magnitude": {"slope": slope}}
+        job: {"margin": {"lds": lds, "se": 0.02}, "magnitude": {"slope": slope, "pearson": 0.5}}
         for job, lds, slope in (
             ("ours_ekfac_all", 0.2, 0.01),
             ("ours_ekfac_all_lambda0.1", 0.3, 0.1),
@@ -109,7 +109,7 @@ def test_measured_file_round_trip(tmp_path):
     table = load_measured(tmp_path / "measured.json")
     assert set(table) == {("ekfac", "all"), ("tracin", "all"), ("direct", "head")}  # λ-scan rows stay out
     m = measured_for("ekfac", "all", tmp_path / "measured.json")
-    assert (m.lds, m.lds_se, m.n_models, m.job) == (0.2, 0.02, 50, "ours_ekfac_all")
+    assert (m.lds, m.lds_se, m.n_models, m.job, m.pearson) == (0.2, 0.02, 50, "ours_ekfac_all", 0.5)
     assert "LDS 0.20 ± 0.02 (50 retrained models" in m.describe() and "×100" in m.describe()
 
 

@@ -45,6 +45,20 @@ def test_an_lds_measurement_is_shown_with_its_error(tmp_path):
     assert measured_for("lissa", "head", path) is None and load_measured(tmp_path / "absent.json") is None
 
 
+def test_a_slope_of_uncorrelated_predictions_is_not_shown_as_a_magnitude(tmp_path):
+    path = tmp_path / "measured.json"
+    entry = {"job": "ours_ekfac_all", "lds": 0.35, "lds_se": 0.015, "slope": -8.9e-05}
+    for pearson, shown in (
+        (-0.02, "predicted loss changes do not track those of the retrained models (Pearson -0.02)"),
+        (0.34, "predicted loss changes have the wrong sign on average"),
+        (None, "predicted loss changes have the wrong sign on average"),  # files from before pearson was kept
+    ):
+        methods = {"ekfac/all": entry | ({"pearson": pearson} if pearson is not None else {})}
+        path.write_text(json.dumps({"workload": "w", "n_models": 50, "methods": methods}))
+        text = measured_for("ekfac", "all", path).describe()
+        assert shown in text and text.count("predicted loss changes") == 1
+
+
 def test_method_label_shows_the_measured_lds_only(tmp_path):
     from influence_core.measured import method_label
 
