@@ -26,20 +26,28 @@ from lds import materialised
 
 from influence_core import Run
 from influence_core.errors import InfluenceLensError
-from influence_core.influence import Damping
+from influence_core.influence import Damping, Scope, default_damping
 from influence_core.influence.trajectory import TrajectoryInfluence, run_segments
 from influence_core.storage import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DAMPING = Damping.absolute(1e-3)
-LAMBDAS_ALL = (
-    DEFAULT_DAMPING,
-    Damping.absolute(1e-1),
-    *(Damping.relative(v) for v in (1e-3, 1e-2, 1e-1, 1.0)),
+LAMBDAS_HEAD = (
+    default_damping(Scope.HEAD),
+    *(Damping.relative_to_top(v) for v in (1e-4, 1e-2)),
+    *(Damping.absolute(v) for v in (1e-3, 1e-2, 1e-1)),
 )
-"""Damping scanned for EK-FAC on the whole network, absolute and relative to each layer's mean eigenvalue (one
-fit, one test-factor solve per value)."""
+"""Damping scanned for the exact head (``ours_direct_head``): relative to the head's largest eigenvalue around the
+default, and absolute (one fit, one solve per value)."""
+LAMBDAS_ALL = (
+    default_damping(Scope.ALL),
+    *(Damping.relative_to_top(v) for v in (1e-6, 3e-6, 3e-5, 1e-4, 1e-3)),
+    *(Damping.absolute(v) for v in (1e-3, 1e-1)),
+    Damping.relative(0.1),
+)
+"""Damping scanned for EK-FAC on the whole network: relative to each layer's largest eigenvalue (the default's
+kind), absolute, and relative to each layer's mean eigenvalue (Kronfluence's heuristic); one fit, one test-factor
+solve per value."""
 ALL_OPTIONS = {"dtype": "float32"}
 """Whole-network K-FAC/EK-FAC factors in float32 (what the engine's ``dtype="auto"`` picks for blocks above 1M
 parameters, fixed here for every block)."""
@@ -96,22 +104,27 @@ def jobs(run: Run) -> dict:
     """Job name → callable returning ``{job name: matrix}`` (one fit may give several λ)."""
     out = {
         f"ours_{m}_head": (
-            lambda m=m, o=o: {f"ours_{m}_head": engine_matrices(run, m, "head", (DEFAULT_DAMPING,), o)[DEFAULT_DAMPING]}
+            lambda m=m, o=o: {
+                _lambda_job(f"ours_{m}_head", lam): matrix
+                for lam, matrix in engine_matrices(
+                    run, m, "head", LAMBDAS_HEAD if m == "direct" else (default_damping(Scope.HEAD),), o
+                ).items()
+            }
         )
         for m, o in HEAD_JOBS.items()
     }
     for method in ("ekfac", "kfac"):  # the default (projected to rank 512) and full-rank factors
         for job, options in ((f"ours_{method}_all", ALL_OPTIONS), (f"ours_{method}_all_full", FULL_RANK_OPTIONS)):
-            lambdas = LAMBDAS_ALL if job == "ours_ekfac_all" else (DEFAULT_DAMPING,)
+            lambdas = LAMBDAS_ALL if job == "ours_ekfac_all" else (default_damping(Scope.ALL),)
             out[job] = lambda method=method, job=job, options=options, lambdas=lambdas: {
                 _lambda_job(job, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, options).items()
             }
     for k in FIT_EXAMPLES_SCAN:
         job = f"ours_ekfac_all_fit{k or 'all'}"
         out[job] = lambda job=job, k=k: {
-            job: engine_matrices(run, "ekfac", "all", (DEFAULT_DAMPING,), {**ALL_OPTIONS, "fit_examples": k})[
-                DEFAULT_DAMPING
-            ]
+            job: engine_matrices(
+                run, "ekfac", "all", (default_damping(Scope.ALL),), {**ALL_OPTIONS, "fit_examples": k}
+            )[default_damping(Scope.ALL)]
         }
     out["tracin_all"] = lambda: {"tracin_all": trajectory_matrix(run, "tracin", "all")}
     out["tracin_all_first22"] = lambda: {"tracin_all_first22": trajectory_matrix(run, "tracin", "all", n_test=22)}
@@ -124,10 +137,11 @@ def jobs(run: Run) -> dict:
 
 
 def _lambda_job(job: str, damping: Damping) -> str:
-    """``job`` at the default damping, ``<job>_lambda0.01`` / ``<job>_rel0.1`` else."""
-    if damping == DEFAULT_DAMPING:
+    """``job`` at its scope's default damping, else ``<job>_lambda0.01`` (absolute), ``<job>_top1e-05`` (relative
+    to the largest eigenvalue) or ``<job>_rel0.1`` (to the mean eigenvalue)."""
+    if damping == default_damping(Scope.HEAD if job.endswith("_head") else Scope.ALL):
         return job
-    return f"{job}_{'rel' if damping.relative_to_mean else 'lambda'}{damping.value:g}"
+    return f"{job}_{ {'': 'lambda', 'top': 'top', 'mean': 'rel'}[damping.relative_to] }{damping.value:g}"
 
 
 def save_matrix(directory: Path, name: str, matrix: np.ndarray, record: dict) -> None:

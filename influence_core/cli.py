@@ -203,7 +203,7 @@ def _classes(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .influence import Curvature, Damping, scope_text
+    from .influence import Curvature, Scope, default_damping, scope_text
     from .pipeline import DEFAULT_SETTINGS, METHOD_CHOICES
     from .second_pass import DEFAULT_SHARE
     from .training import RECOMMENDED_EPOCHS
@@ -288,9 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument(
         "--regularization",
-        default=str(Damping.of(DEFAULT_SETTINGS.regularization)),
-        help="λ in (H + λI)⁻¹: a number (absolute, e.g. 1e-3) or rel:FRACTION (FRACTION × the mean "
-        "curvature eigenvalue of each block, e.g. rel:0.1)",
+        default=None,
+        help="λ in (H + λI)⁻¹: a number (absolute, e.g. 1e-3), top:FRACTION (FRACTION × the largest curvature "
+        "eigenvalue of each block, e.g. top:1e-5) or rel:FRACTION (× the mean eigenvalue, e.g. rel:0.1); default: "
+        f"{default_damping(Scope.HEAD)} on the head, {default_damping(Scope.ALL)} on larger scopes (chosen by the "
+        "linear datamodeling score, see the README)",
     )
     i.add_argument("--curvature", choices=list(Curvature), type=Curvature, default=DEFAULT_SETTINGS.curvature)
     i.add_argument("--device", default="auto")

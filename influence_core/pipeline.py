@@ -44,6 +44,7 @@ from .influence import (
     Method,
     Scope,
     ScopeArg,
+    default_damping,
     parse_scope,
     scope_text,
 )
@@ -82,29 +83,31 @@ class InfluenceSettings:
 
     method: str = "direct"  # a key of METHODS (default options)
     scope: ScopeArg = Scope.HEAD
-    regularization: float | Damping = 1e-3  # a float is an absolute λ; Damping.relative(f) scales with the curvature
+    regularization: float | Damping | None = None  # None: default_damping(scope); a float is an absolute λ
     curvature: Curvature = Curvature.GAUSS_NEWTON
     checkpoints: bool = True  # also self-influence at every kept checkpoint (TracIn-style signal)
 
     def __post_init__(self):
-        """Checks every choice and stores it typed (text such as ``"layer4.1.conv2,fc"`` or ``"rel:0.1"`` is read
-        here); an absolute λ is kept as a plain float so the cache key of the defaults stays what it was."""
+        """Checks every choice and stores it typed (text such as ``"layer4.1.conv2,fc"`` or ``"top:1e-5"`` is read
+        here, and no regularization becomes the scope's :func:`default_damping`); an absolute λ is kept as a plain
+        float so that its cache key stays what it was."""
         if self.method not in METHODS:
             raise InfluenceLensError(
                 f"Unknown influence method {self.method!r}.", f"use one of {', '.join(METHOD_CHOICES)}"
             )
-        damping = (
-            Damping.parse(self.regularization)
-            if isinstance(self.regularization, str)
-            else Damping.of(self.regularization)
-        )
+        object.__setattr__(self, "scope", parse_scope(self.scope))
+        if self.regularization is None:
+            damping = default_damping(self.scope)
+        elif isinstance(self.regularization, str):
+            damping = Damping.parse(self.regularization)
+        else:
+            damping = Damping.of(self.regularization)
         if not math.isfinite(damping.value):  # Damping refuses λ ≤ 0 and NaN; an infinite λ gives all-zero influences
             raise InfluenceLensError(
                 f"Regularization λ must be positive and finite, not {damping.value}.",
-                "use e.g. 1e-3 (absolute) or rel:0.1 (relative to the curvature)",
+                "use e.g. 1e-3 (absolute) or top:1e-5 (relative to the curvature)",
             )
-        object.__setattr__(self, "regularization", damping if damping.relative_to_mean else damping.value)
-        object.__setattr__(self, "scope", parse_scope(self.scope))
+        object.__setattr__(self, "regularization", damping if damping.relative_to else damping.value)
         object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
         Method.named(self.method).check_curvature(self.curvature)
 
@@ -114,17 +117,20 @@ class InfluenceSettings:
             model,
             method=Method.named(self.method),
             scope=self.scope,
-            regularization=self.regularization,
+            regularization=self.damping,
             curvature=self.curvature,
             device=device,
             progress=progress,
         )
 
+    @property
+    def damping(self) -> Damping:
+        """The regularization as a :class:`Damping` (``regularization`` keeps an absolute λ as a float)."""
+        assert self.regularization is not None  # resolved in __post_init__
+        return Damping.of(self.regularization)
+
     def describe(self) -> str:
-        return (
-            f"{self.method}, scope {scope_text(self.scope)}, λ={Damping.of(self.regularization)}, "
-            f"{self.curvature.value}"
-        )
+        return f"{self.method}, scope {scope_text(self.scope)}, λ={self.damping}, {self.curvature.value}"
 
     @property
     def scope_key(self) -> str:

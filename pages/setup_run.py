@@ -8,7 +8,7 @@ import streamlit as st
 
 from influence_core import TrainConfig, available_classes
 from influence_core.data import DEFAULT_FASHION_MNIST
-from influence_core.influence import Curvature, Damping, Scope
+from influence_core.influence import Curvature, Damping, Scope, default_damping
 from influence_core.measured import method_label
 from influence_core.paths import RunPaths
 from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, InfluenceSettings
@@ -28,9 +28,12 @@ DEFAULT_PATHS = {
 }
 SAMPLE_CLASSES = 10
 """Classes whose sample images are shown at first (the others through a searchable picker)."""
-DAMPINGS = [Damping.absolute(v) for v in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)] + [
-    Damping.relative(v) for v in (1e-3, 1e-2, 1e-1, 1.0)
+DAMPINGS = [
+    *(Damping.relative_to_top(v) for v in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)),
+    *(Damping.absolute(v) for v in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)),
+    *(Damping.relative(v) for v in (1e-3, 1e-2, 1e-1, 1.0)),
 ]
+"""The dampings offered besides the scope's default (``None``)."""
 
 
 @st.cache_data(show_spinner="Listing classes…")
@@ -174,21 +177,26 @@ with influence_tab:
         "kfac / ekfac: Kronecker-factored approximations. LDS: the linear datamodeling score measured by "
         "benchmarks/lds.py (correlation with models retrained on random halves of the data; higher is better).",
     )
-    current = Damping.of(s.regularization)
+    current = s.damping
+    options = [None, *DAMPINGS]
     lam = c3.selectbox(
         "Regularization λ",
-        DAMPINGS,
-        index=min(  # the offered damping closest to the current one, of the same kind
+        options,
+        index=0  # the scope's default, or else the offered damping closest to the current one, of the same kind
+        if current == default_damping(s.scope)
+        else 1
+        + min(
             range(len(DAMPINGS)),
             key=lambda i: (
-                DAMPINGS[i].relative_to_mean != current.relative_to_mean,
+                DAMPINGS[i].relative_to != current.relative_to,
                 abs(np.log(DAMPINGS[i].value / current.value)),
             ),
         ),
-        format_func=lambda d: f"{d.value:g} × mean eigenvalue" if d.relative_to_mean else f"{d.value:g}",
-        help="Absolute λ added to the curvature, or λ relative to the curvature's scale (per layer for kfac / "
-        "ekfac: a fraction of that layer's mean eigenvalue). An absolute λ that suits the last layer is tiny for "
-        "the whole network; relative damping means the same on every layer.",
+        format_func=lambda d: f"default: {default_damping(scope).describe()}" if d is None else d.describe(),
+        help="λ added to the curvature: relative to its largest eigenvalue (per layer for kfac / ekfac, where "
+        "the whole network's layers differ by orders of magnitude), absolute, or relative to its mean eigenvalue "
+        "(Kronfluence's heuristic; refused where float32 cannot resolve it). The defaults had the best linear "
+        "datamodeling score of the scan in benchmarks/lds_methods.py.",
     )
     curvature = c4.radio("Curvature", list(Curvature), index=list(Curvature).index(s.curvature))
     chosen = InfluenceSettings(method=method, scope=scope, regularization=lam, curvature=curvature)

@@ -99,7 +99,9 @@ def test_setup_page_shows_quality_and_weights(app, demo_run):
     methods = next(b for b in at.selectbox if b.label == "Method")
     assert methods.options == [method_label(m, "all") for m in METHOD_CHOICES]  # with LDS where measured
     damping = next(b for b in at.selectbox if b.label == "Regularization λ")
-    damping.select_index(damping.options.index("0.1 × mean eigenvalue")).run()
+    assert damping.options[0] == "default: 1e-05 × each block's largest eigenvalue"  # the whole network's default
+    assert any("λ=top:1e-05" in c.value for c in at.caption)
+    damping.select_index(damping.options.index("0.1 × each block's mean eigenvalue")).run()
     assert any("λ=rel:0.1" in c.value for c in at.caption)
 
 

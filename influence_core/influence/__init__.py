@@ -7,7 +7,7 @@ Importing this package registers every method in :data:`METHODS`: ``direct``, ``
 from .arnoldi import Arnoldi
 from .base import METHODS, Grads, InverseCurvature, Method
 from .cg import CG
-from .choices import Curvature, Damping, Scope, ScopeArg, parse_scope, scope_text
+from .choices import Curvature, Damping, Scope, ScopeArg, default_damping, parse_scope, scope_text
 from .direct import Direct
 from .engine import ImageSource, InfluenceFactors, InfluenceModel
 from .kfac import EKFAC, KFAC
@@ -31,6 +31,7 @@ __all__ = [
     "Method",
     "Scope",
     "ScopeArg",
+    "default_damping",
     "parse_scope",
     "scope_text",
 ]

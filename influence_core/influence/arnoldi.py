@@ -98,7 +98,7 @@ class ArnoldiInverse(InverseCurvature):
         model, params, batches, n_samples = self.data
         return curvature_matvec(model, params, batches, n_samples, self.curvature, vectors)
 
-    def block_scales(self, with_mean: bool) -> dict[str, BlockScale]:
+    def block_scales(self, with_mean: bool, with_top: bool = False) -> dict[str, BlockScale]:
         if with_mean and self.mean_eigenvalue is None and hasattr(self, "data"):
             self.mean_eigenvalue = hutchinson_mean_eigenvalue(self._product, detached(self.data[1]))
         return {"": BlockScale(self.mean_eigenvalue, float(self.eigenvalues.abs().max()))}

@@ -40,6 +40,7 @@ from .ops import (
     curvature_matvec,
     detached,
     hutchinson_mean_eigenvalue,
+    power_iteration,
     rows_per_chunk,
     split,
 )
@@ -139,15 +140,16 @@ class InverseCurvature(ABC):
         """Return ``(H + λI)⁻¹ g`` for each of the ``k`` vectors in ``grads`` (same shapes)."""
 
     @abstractmethod
-    def block_scales(self, with_mean: bool) -> dict[str, BlockScale]:
-        """The curvature's scale per block of this method; the mean eigenvalue (what relative damping is relative
-        to) only ``with_mean`` (matrix-free methods estimate it with extra passes over the data)."""
+    def block_scales(self, with_mean: bool, with_top: bool = False) -> dict[str, BlockScale]:
+        """The curvature's scale per block of this method: the mean eigenvalue only ``with_mean``, and the largest
+        at least ``with_top`` (matrix-free methods estimate them with extra passes over the data)."""
 
     def block_regularization(self, damping: Damping) -> dict[str, float]:
         """``λ`` per block; refuses a ``λ`` below :data:`FLOAT32_RESOLUTION` × the block's top eigenvalue."""
         out = {}
-        for block, scale in self.block_scales(with_mean=damping.relative_to_mean).items():
-            lam = damping.resolve(scale.mean)
+        scales = self.block_scales(with_mean=damping.relative_to == "mean", with_top=damping.relative_to == "top")
+        for block, scale in scales.items():
+            lam = damping.resolve(scale.mean, scale.top)
             if not math.isfinite(lam) or lam <= 0:
                 raise InfluenceLensError(
                     f"Block {block!r} has no curvature to take λ relative to (λ = {lam:g}).",
@@ -158,7 +160,8 @@ class InverseCurvature(ABC):
                     f"λ = {lam:.3g} is below what float32 gradients resolve for block {block or '(all)'!r}, whose "
                     f"largest curvature eigenvalue is {scale.top:.3g} (condition number "
                     f"{(scale.top + lam) / lam:.2g}); influences would be rounding noise.",
-                    f"use regularization ≥ {FLOAT32_RESOLUTION * scale.top:.2g}, or relative damping (e.g. rel:0.1)",
+                    f"use regularization ≥ {FLOAT32_RESOLUTION * scale.top:.2g}, or damping relative to the largest "
+                    f"eigenvalue (e.g. top:1e-5)",
                 )
             out[block] = lam
         return out
@@ -201,7 +204,8 @@ class IterativeInverse(InverseCurvature):
     :meth:`fit` keeps the data (nothing is cached on disk); :meth:`solve` iterates ``rhs_chunk`` stacked
     right-hand sides at a time (default: as many as fit ``SOLVE_BYTES`` per vector) through
     :meth:`solve_chunk`, which subclasses implement with :meth:`curvature_product`.
-    Relative damping uses ``trace(H)/p`` estimated with Rademacher probes (:func:`.ops.hutchinson_mean_eigenvalue`).
+    Relative damping uses ``trace(H)/p`` estimated with Rademacher probes (:func:`.ops.hutchinson_mean_eigenvalue`)
+    or the largest eigenvalue from power iteration (:func:`.ops.power_iteration`), each computed once per fit.
     """
 
     rhs_chunk: int | None = None
@@ -210,6 +214,7 @@ class IterativeInverse(InverseCurvature):
         self.data = (model, params, batches, n_samples)
         self.progress = progress  # subclasses also report their solve iterations through it
         self.mean_eigenvalue: float | None = None
+        self.top: float | None = None  # the largest eigenvalue of H, once known
 
     def curvature_product(self, vectors: Grads) -> Grads:
         """``H v`` (without ``λ``) for each stacked vector: one pass over the training set."""
@@ -224,14 +229,12 @@ class IterativeInverse(InverseCurvature):
             )
         return self.data
 
-    def block_scales(self, with_mean: bool) -> dict[str, BlockScale]:
+    def block_scales(self, with_mean: bool, with_top: bool = False) -> dict[str, BlockScale]:
         if with_mean and self.mean_eigenvalue is None:
             self.mean_eigenvalue = hutchinson_mean_eigenvalue(self.curvature_product, detached(self.fitted_data()[1]))
-        return {"": BlockScale(self.mean_eigenvalue, self.top_eigenvalue())}
-
-    def top_eigenvalue(self) -> float | None:
-        """The largest eigenvalue of ``H`` when the method knows it (for the float32 check), else ``None``."""
-        return None
+        if with_top and self.top is None:
+            self.top = abs(power_iteration(self.curvature_product, detached(self.fitted_data()[1])))
+        return {"": BlockScale(self.mean_eigenvalue, self.top)}
 
     def solve(self, grads: Grads, damping: Damping) -> Grads:
         params = self.fitted_data()[1]

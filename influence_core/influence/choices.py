@@ -65,24 +65,35 @@ def scope_text(scope: ScopeArg) -> str:
 
 @dataclass(frozen=True)
 class Damping:
-    """``λ`` of ``(H + λI)⁻¹``, absolute or relative to the curvature's scale.
+    """``λ`` of ``(H + λI)⁻¹``, absolute or relative to the curvature's scale, per block.
 
     * ``Damping.absolute(1e-3)``: ``λ = 1e-3`` for every block.
-    * ``Damping.relative(0.1)``: ``λ_b = 0.1 × mean eigenvalue of block b`` (Kronfluence's heuristic). The blocks
-      are the method's: one per Linear/Conv2d layer for ``kfac``/``ekfac``, the whole scope for the others (whose
-      mean eigenvalue is ``trace(H)/p``, exact for ``direct``, estimated for the matrix-free methods).
+    * ``Damping.relative_to_top(1e-5)``: ``λ_b = 1e-5 × the largest eigenvalue of block b`` (condition number
+      about ``1/fraction``; never below what float32 gradients resolve while ``fraction ≥ 1e-6``). The defaults
+      (:func:`default_damping`) are of this kind.
+    * ``Damping.relative(0.1)``: ``λ_b = 0.1 × mean eigenvalue of block b`` (Kronfluence's heuristic).
 
-    ``value`` is λ or the fraction. Written as text (CLI, app): ``"1e-3"`` or ``"rel:0.1"`` (:meth:`parse`).
+    The blocks are the method's: one per Linear/Conv2d layer for ``kfac``/``ekfac``, the whole scope for the others
+    (whose largest eigenvalue comes from their fit or from power iteration, and whose mean eigenvalue is
+    ``trace(H)/p``, exact for ``direct``, estimated for the matrix-free methods).
+
+    ``value`` is λ or the fraction. Written as text (CLI, app): ``"1e-3"``, ``"top:1e-5"`` or ``"rel:0.1"``
+    (:meth:`parse`).
     """
 
     value: float
-    relative_to_mean: bool = False
+    relative_to: str = ""
+    """``""`` (absolute), ``"top"`` (the block's largest eigenvalue) or ``"mean"`` (its mean eigenvalue)."""
 
     def __post_init__(self):
         if not float(self.value) > 0:
             raise InfluenceLensError(
                 f"regularization must be positive, got {self.value!r}.",
-                "use e.g. 1e-3 (absolute) or rel:0.1 (relative to the curvature)",
+                "use e.g. 1e-3 (absolute), top:1e-5 or rel:0.1 (relative to the curvature)",
+            )
+        if self.relative_to not in _PREFIXES:
+            raise InfluenceLensError(
+                f"Unknown damping kind {self.relative_to!r}.", "use absolute, relative_to_top or relative"
             )
         object.__setattr__(self, "value", float(self.value))
 
@@ -91,9 +102,14 @@ class Damping:
         return cls(value)
 
     @classmethod
+    def relative_to_top(cls, fraction: float) -> Damping:
+        """``λ_b = fraction × largest eigenvalue of block b``."""
+        return cls(fraction, "top")
+
+    @classmethod
     def relative(cls, fraction: float) -> Damping:
         """``λ_b = fraction × mean eigenvalue of block b``."""
-        return cls(fraction, relative_to_mean=True)
+        return cls(fraction, "mean")
 
     @classmethod
     def of(cls, value: float | Damping) -> Damping:
@@ -102,26 +118,53 @@ class Damping:
 
     @classmethod
     def parse(cls, text: str) -> Damping:
-        """``"1e-3"`` (absolute) or ``"rel:0.1"`` (relative)."""
-        relative = text.strip().startswith("rel:")
+        """``"1e-3"`` (absolute), ``"top:1e-5"`` (relative to the largest eigenvalue) or ``"rel:0.1"`` (to the
+        mean eigenvalue)."""
+        text = text.strip()
+        kind = next((k for k, prefix in _PREFIXES.items() if prefix and text.startswith(prefix)), "")
         try:
-            value = float(text.strip()[4:] if relative else text)
+            value = float(text[len(_PREFIXES[kind]) :])
         except ValueError:
             raise InfluenceLensError(
-                f"Cannot read regularization {text!r}.", "use a number (e.g. 1e-3) or rel:FRACTION (e.g. rel:0.1)"
+                f"Cannot read regularization {text!r}.",
+                "use a number (e.g. 1e-3), top:FRACTION (e.g. top:1e-5) or rel:FRACTION (e.g. rel:0.1)",
             ) from None
-        return cls(value, relative)
+        return cls(value, kind)
 
     def __str__(self) -> str:
-        return f"rel:{self.value:g}" if self.relative_to_mean else f"{self.value:g}"
+        return f"{_PREFIXES[self.relative_to]}{self.value:g}"
 
-    def resolve(self, mean_eigenvalue: float | None) -> float:
-        """λ for a block whose curvature has this mean eigenvalue (needed only when relative)."""
-        if not self.relative_to_mean:
+    def describe(self) -> str:
+        """For people: ``"1e-05 × each block's largest eigenvalue"``, ``"0.001"``."""
+        what = {"": "", "top": " × each block's largest eigenvalue", "mean": " × each block's mean eigenvalue"}
+        return f"{self.value:g}{what[self.relative_to]}"
+
+    def resolve(self, mean_eigenvalue: float | None, top_eigenvalue: float | None) -> float:
+        """λ for a block whose curvature has these mean and largest eigenvalues (needed only when relative)."""
+        if not self.relative_to:
             return self.value
-        if mean_eigenvalue is None:
+        reference = top_eigenvalue if self.relative_to == "top" else mean_eigenvalue
+        if reference is None:
             raise InfluenceLensError(
-                "Relative damping needs the curvature's mean eigenvalue, which this fitted state does not have.",
+                f"Relative damping needs the curvature's {self.relative_to} eigenvalue, which this fitted state "
+                "does not have.",
                 "fit again, or use an absolute regularization",
             )
-        return self.value * mean_eigenvalue
+        return self.value * reference
+
+
+_PREFIXES = {"": "", "top": "top:", "mean": "rel:"}
+"""Damping kind → its prefix as text."""
+
+
+def default_damping(scope: ScopeArg) -> Damping:
+    """The damping chosen by the linear datamodeling score of goldfish vs lemon (``benchmarks/lds.py``, README
+    "Linear datamodeling score"): ``1e-3 ×`` the largest eigenvalue on the head, ``1e-5 ×`` each layer's largest
+    on any larger scope (the whole network's layers want about the least damping float32 resolves)."""
+    return Damping.relative_to_top(HEAD_DAMPING if scope == Scope.HEAD else NETWORK_DAMPING)
+
+
+HEAD_DAMPING = 1e-3
+"""Default fraction of the head's largest curvature eigenvalue (:func:`default_damping`)."""
+NETWORK_DAMPING = 1e-5
+"""Default fraction of each layer's largest curvature eigenvalue beyond the head (:func:`default_damping`)."""

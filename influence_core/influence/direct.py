@@ -56,7 +56,7 @@ class DirectInverse(InverseCurvature):
         )
         return self
 
-    def block_scales(self, with_mean: bool) -> dict[str, BlockScale]:
+    def block_scales(self, with_mean: bool, with_top: bool = False) -> dict[str, BlockScale]:
         return {"": self.scale}
 
     def _factor(self, lam: float) -> tuple[str, tuple[torch.Tensor, ...]]:

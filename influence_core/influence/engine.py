@@ -19,7 +19,7 @@ from ..errors import InfluenceLensError
 from ..progress import Progress
 from ..storage import resolve_device
 from .base import EigenbasisInverse, InverseCurvature, Method
-from .choices import Curvature, Damping, Scope, ScopeArg, parse_scope
+from .choices import Curvature, Damping, Scope, ScopeArg, default_damping, parse_scope
 from .direct import Direct
 from .ops import (
     GRAD_CHUNK_BYTES,
@@ -168,7 +168,8 @@ class InfluenceModel:
       ``KFAC()``, ``EKFAC()``; by name: ``Method.named("ekfac")``).
     * ``scope``: ``"head"`` (the last ``nn.Linear``, on backbone features computed once per image set),
       ``"all"`` (every Conv2d and Linear weight and bias) or module names (their parameters).
-    * ``regularization``: ``λ``, a float (absolute) or a :class:`Damping` (e.g. ``Damping.relative(0.1)``).
+    * ``regularization``: ``λ``, a float (absolute) or a :class:`Damping` (e.g. ``Damping.relative_to_top(1e-5)``);
+      ``None``: :func:`.choices.default_damping` of the scope (``top:1e-3`` on the head, ``top:1e-5`` beyond).
     * ``curvature``: ``"gauss-newton"`` or ``"hessian"``.
     * ``progress(stage, done, total)`` is called during long loops (stages: ``features``, the method's own fit
       stages, ``test factors``, ``influences``, ``self-influence``, ``saliency``).
@@ -185,7 +186,7 @@ class InfluenceModel:
         model: nn.Module,
         method: Method = DEFAULT_METHOD,
         scope: ScopeArg | str | Sequence[str] = Scope.HEAD,
-        regularization: float | Damping = 1e-3,
+        regularization: float | Damping | None = None,
         curvature: Curvature | str = Curvature.GAUSS_NEWTON,
         device: str | torch.device = "auto",
         batch_size: int = 64,
@@ -199,7 +200,7 @@ class InfluenceModel:
         if int(batch_size) < 1:
             raise InfluenceLensError(f"batch_size must be at least 1, got {batch_size!r}.", "use e.g. 64")
         self.model, self.method, self.scope = model, method, parse_scope(scope)
-        self.regularization = Damping.of(regularization)
+        self.regularization = default_damping(self.scope) if regularization is None else Damping.of(regularization)
         self.curvature = Curvature.parse(curvature)
         method.check_curvature(self.curvature)
         self.device, self.batch_size, self.progress = device, int(batch_size), progress

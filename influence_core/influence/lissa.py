@@ -57,13 +57,9 @@ class LiSSAInverse(IterativeInverse):
     def fit(self, model, params, batches, n_samples, progress=None):
         self.keep_data(model, params, batches, n_samples, progress)  # progress also gets ("lissa", step, depth)
         self.rhs_chunk = self.method.rhs_chunk
-        self.top: float | None = None
         if self.method.scale == "auto":
             self.top = abs(power_iteration(self.curvature_product, detached(params)))
         return self
-
-    def top_eigenvalue(self) -> float | None:
-        return self.top
 
     def solve_chunk(self, g: Grads, lam: float) -> Grads:
         method = self.method

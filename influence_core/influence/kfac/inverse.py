@@ -321,7 +321,7 @@ class KFACInverse(EigenbasisInverse):
         return cols
 
     # ------------------------------------------------------------------ damping and solve
-    def block_scales(self, with_mean: bool) -> dict[str, BlockScale]:
+    def block_scales(self, with_mean: bool, with_top: bool = False) -> dict[str, BlockScale]:
         return {f.key: BlockScale(f.mean_eigenvalue, float(f.eigenvalues.max())) for f in self.layers}
 
     def solve(self, grads: Grads, damping: Damping) -> Grads:
