@@ -23,7 +23,7 @@ import torchvision
 from ours import method_options
 
 from influence_core import Run
-from influence_core.influence import METHODS, InfluenceModel, Method, Scope, parse_scope
+from influence_core.influence import METHODS, Damping, InfluenceModel, Method, Scope, parse_scope
 from influence_core.influence.ops import flatten, per_sample_grads
 from influence_core.storage import resolve_device
 
@@ -53,7 +53,9 @@ def main() -> None:
     p.add_argument("--method", choices=list(METHODS), default="ekfac")
     p.add_argument("--scope", type=parse_scope, default=Scope.ALL, help="head | all | comma-separated module names")
     p.add_argument("--device", default="auto")
-    p.add_argument("--regularization", type=float, default=1e-3)
+    p.add_argument(
+        "--regularization", type=Damping.parse, default=None, help="e.g. 1e-3, top:1e-5 (default: the scope's)"
+    )
     p.add_argument("--check", type=int, default=0)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. rank=none")
     args = p.parse_args()
@@ -92,6 +94,7 @@ def main() -> None:
         "influences_s": matrix_s,
         "self_influence_s": self_s,
         "options": method_options(args.option),
+        "regularization": str(im.regularization),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     if device.type == "cuda":

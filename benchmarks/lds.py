@@ -241,9 +241,10 @@ def lds(influences: np.ndarray, masks: np.ndarray, measured: np.ndarray) -> dict
     }
 
 
-PAIRED_REFERENCE = "ours_ekfac_all"
-"""The job every other job's margin LDS is compared with test point by test point (the product's default whole
-network method): the per-job standard errors mostly come from the test points, which all jobs share."""
+PAIRED_REFERENCE = "ours_kfac_all"
+"""The job every other job's margin LDS is compared with test point by test point (the whole-network method of
+best LDS at its defaults, which the app ranks with; ``ours_ekfac_all`` until 2026-11-30): the per-job standard
+errors mostly come from the test points, which all jobs share."""
 
 
 def paired_difference(per_test: np.ndarray, reference: np.ndarray) -> dict:
@@ -338,12 +339,15 @@ def job_method_scope(job: str) -> tuple[str, str] | None:
     return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
-def write_measured(result: dict, path: Path, bench_results: Path | None = None) -> dict:
+def write_measured(result: dict, path: Path, bench_results: Path | None = None, matrices: Path | None = None) -> dict:
     """``benchmarks/measured.json`` (format in ``influence_core/measured.py``) from the LDS scores, with the
-    cost (× floor) and fidelity to exact ``direct`` on the head of ``benchmarks/run.py``'s results.json if given."""
+    cost (× floor) of ``benchmarks/run.py``'s results.json if given, and for every head job the relative error
+    of its matrix against ``ours_direct_head`` (the exact head at the same damping) in ``matrices`` if given."""
     import subprocess
 
     report = json.loads(bench_results.read_text()) if bench_results and bench_results.is_file() else None
+    exact = matrices / "ours_direct_head.npy" if matrices else None
+    exact_head = np.load(exact).astype(np.float64) if exact and exact.is_file() else None
     recipe = result["workload"]
     before = json.loads(path.read_text()) if path.is_file() else {}
     previous = before.get("methods", {})
@@ -367,9 +371,10 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None) 
             matrix = report["jobs"][job].get("matrix") or {}
             if "seconds_full" in matrix:
                 entry["cost_x_floor"] = round(matrix["seconds_full"] / report["floor"]["forward_backward_s"], 2)
-            fid = report.get("fidelity", {}).get(job)
-            if fid and key[1] == "head":  # on another scope the matrix is a different quantity than the head's
-                entry["fidelity"] = f"rel. err {fid['rel_frobenius']:.2g} vs exact direct (head)"
+        if exact_head is not None and key[1] == "head" and job != "ours_direct_head" and job.startswith("ours_"):
+            m = np.load(matrices / f"{job}.npy").astype(np.float64)
+            error = np.linalg.norm(m - exact_head) / np.linalg.norm(exact_head)
+            entry["fidelity"] = f"rel. err {error:.2g} vs exact direct (head, same damping)"
         methods["/".join(key)] = entry
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH
@@ -433,10 +438,11 @@ def main(argv=None) -> None:
     if a.command == "train":
         train_models(a)
     else:
-        result = score_all(workload_dir(workload_config(a), a.fraction, a.out))
+        root = workload_dir(workload_config(a), a.fraction, a.out)
+        result = score_all(root)
         print(markdown(result))
         if a.measured:
-            write_measured(result, a.measured, a.bench_results)
+            write_measured(result, a.measured, a.bench_results, root / "matrices")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 
 Each job writes ``WORKLOAD_DIR/matrices/<job>.npy`` ((n_test, n_train) float32, positive = helpful) and
 ``<job>.json`` (seconds, settings) atomically, and is skipped when its matrix exists (resumable). Jobs: every
-influence-function method on the head (exact curvature), EK-FAC/K-FAC on the whole network with a λ scan, full
-rank and a fit-size scan (``ours_ekfac_all_fit<k>``), and the trajectory methods of
+influence-function method on the head (exact curvature; ``direct`` with a damping scan), EK-FAC/K-FAC on the whole
+network with a damping scan, full rank and a fit-size scan (``ours_ekfac_all_fit<k>``), each at its scope's default
+damping unless its name says otherwise (``_top1e-06``, ``_lambda0.1``, ``_rel0.1``), and the trajectory methods of
 ``influence_core.influence.trajectory`` (TracInCP and SOURCE on the whole network and the head; ``grad_dot_all`` =
 TracInCP on the final checkpoint alone, a plain gradient dot product).
 """
@@ -55,7 +56,8 @@ FULL_RANK_OPTIONS = {**ALL_OPTIONS, "rank": None, "fit_examples": None}
 """Every eigenvector of every factor kept, fitted on every training example (the full estimator; the default
 projects factors larger than 512 to their 512 leading ones)."""
 FIT_EXAMPLES_SCAN = (128, 256, 512, None)
-"""``fit_examples`` scanned for whole-network EK-FAC at the default rank (``ours_ekfac_all_fit<k>``, ``…_fitall``)."""
+"""``fit_examples`` scanned for whole-network EK-FAC and K-FAC at the default rank (``ours_ekfac_all_fit<k>``,
+``…_fitall``, ``ours_kfac_all_fit<k>``)."""
 HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {"rank": 100}, "lissa": {"depth": 300}}
 """Method → options (as benchmarks/run.py: Arnoldi keeps 100 of the head's directions, LiSSA runs 300 steps)."""
 
@@ -119,13 +121,14 @@ def jobs(run: Run) -> dict:
             out[job] = lambda method=method, job=job, options=options, lambdas=lambdas: {
                 _lambda_job(job, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, options).items()
             }
-    for k in FIT_EXAMPLES_SCAN:
-        job = f"ours_ekfac_all_fit{k or 'all'}"
-        out[job] = lambda job=job, k=k: {
-            job: engine_matrices(
-                run, "ekfac", "all", (default_damping(Scope.ALL),), {**ALL_OPTIONS, "fit_examples": k}
-            )[default_damping(Scope.ALL)]
-        }
+    for method in ("ekfac", "kfac"):
+        for k in FIT_EXAMPLES_SCAN:
+            job = f"ours_{method}_all_fit{k or 'all'}"
+            out[job] = lambda job=job, method=method, k=k: {
+                job: engine_matrices(
+                    run, method, "all", (default_damping(Scope.ALL),), {**ALL_OPTIONS, "fit_examples": k}
+                )[default_damping(Scope.ALL)]
+            }
     out["tracin_all"] = lambda: {"tracin_all": trajectory_matrix(run, "tracin", "all")}
     out["tracin_all_first22"] = lambda: {"tracin_all_first22": trajectory_matrix(run, "tracin", "all", n_test=22)}
     out["source_all_first22"] = lambda: {"source_all_first22": trajectory_matrix(run, "source", "all", n_test=22)}

@@ -205,6 +205,13 @@ class RankingUpgrade:
         )
 
 
+def best_whole_network_method() -> MethodMeasurement | None:
+    """The engine method (at its defaults) with the best measured LDS on the whole network, if any was measured."""
+    table = load_measured() or {}
+    candidates = [m for (method, scope), m in table.items() if scope == "all" and method in METHODS and m.lds]
+    return max(candidates, key=lambda m: m.lds or 0.0, default=None)
+
+
 def ranking_upgrade(run: Run, settings: InfluenceSettings, device: str = "auto") -> RankingUpgrade | None:
     """What the explorer should rank helpful / harmful training images with instead of the default ``settings``:
     the product method with the best measured LDS on the whole network, when that beats the default's LDS and is
@@ -212,13 +219,9 @@ def ranking_upgrade(run: Run, settings: InfluenceSettings, device: str = "auto")
     defaults (a choice the user made stands), nothing measured better, or it would take too long."""
     if settings != DEFAULT_SETTINGS:
         return None
-    table = load_measured() or {}
-    current = table.get((settings.method, settings.scope_key))
-    candidates = [m for (method, scope), m in table.items() if scope == "all" and method in METHODS and m.lds]
-    if current is None or current.lds is None or not candidates:
-        return None
-    best = max(candidates, key=lambda m: m.lds or 0.0)
-    if best.lds is None or best.lds <= current.lds:
+    current = (load_measured() or {}).get((settings.method, settings.scope_key))
+    best = best_whole_network_method()
+    if current is None or current.lds is None or best is None or best.lds is None or best.lds <= current.lds:
         return None
     estimated = None
     if resolve_device(device).type != "cuda":

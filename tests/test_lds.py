@@ -172,3 +172,30 @@ def test_only_default_jobs_of_ours_name_a_method_for_the_app():
         "pydvl_cg_head",
     ):
         assert scope(variant) is None, variant
+
+
+def test_writing_measured_gives_head_jobs_their_error_against_the_exact_head(tmp_path):
+    """A head job's fidelity is the relative Frobenius error of its matrix against ``ours_direct_head`` in the
+    same matrices folder (same run, same damping); whole-network jobs get none from it."""
+    from influence_core.measured import load_measured
+
+    matrices = tmp_path / "matrices"
+    matrices.mkdir()
+    exact = np.arange(1.0, 13.0).reshape(3, 4)
+    np.save(matrices / "ours_direct_head.npy", exact)
+    np.save(matrices / "ours_ekfac_head.npy", exact * 1.1)  # 10 % too large everywhere: relative error 0.1
+    np.save(matrices / "ours_ekfac_all.npy", exact * 3)
+    scores = {
+        job: {"margin": {"lds": 0.3, "se": 0.02}, "magnitude": {"slope": 1.0, "pearson": 0.5}}
+        for job in ("ours_direct_head", "ours_ekfac_head", "ours_ekfac_all")
+    }
+    result = {
+        "n_models": 50,
+        "scores": scores,
+        "workload": {"classes": ["goldfish", "lemon"], "image_size": 64, "epochs": 15, "corrupt_fraction": 0.1},
+    }
+    path = tmp_path / "measured.json"
+    lds_module.write_measured(result, path, matrices=matrices)
+    table = load_measured(path)
+    assert table[("ekfac", "head")].fidelity == "rel. err 0.1 vs exact direct (head, same damping)"
+    assert table[("direct", "head")].fidelity is None and table[("ekfac", "all")].fidelity is None
