@@ -46,9 +46,9 @@ LAMBDAS_ALL = (
     *(Damping.absolute(v) for v in (1e-3, 1e-1)),
     Damping.relative(0.1),
 )
-"""Damping scanned for EK-FAC on the whole network: relative to each layer's largest eigenvalue (the default's
-kind), absolute, and relative to each layer's mean eigenvalue (Kronfluence's heuristic); one fit, one test-factor
-solve per value."""
+"""Damping scanned for EK-FAC and K-FAC on the whole network: relative to each layer's largest eigenvalue (the
+default's kind), absolute, and relative to each layer's mean eigenvalue (Kronfluence's heuristic); one fit, one
+test-factor solve per value."""
 ALL_OPTIONS = {"dtype": "float32"}
 """Whole-network K-FAC/EK-FAC factors in float32 (what the engine's ``dtype="auto"`` picks for blocks above 1M
 parameters, fixed here for every block)."""
@@ -117,7 +117,7 @@ def jobs(run: Run) -> dict:
     }
     for method in ("ekfac", "kfac"):  # the default (projected to rank 512) and full-rank factors
         for job, options in ((f"ours_{method}_all", ALL_OPTIONS), (f"ours_{method}_all_full", FULL_RANK_OPTIONS)):
-            lambdas = LAMBDAS_ALL if job == "ours_ekfac_all" else (default_damping(Scope.ALL),)
+            lambdas = LAMBDAS_ALL if job in ("ours_ekfac_all", "ours_kfac_all") else (default_damping(Scope.ALL),)
             out[job] = lambda method=method, job=job, options=options, lambdas=lambdas: {
                 _lambda_job(job, lam): m for lam, m in engine_matrices(run, method, "all", lambdas, options).items()
             }
