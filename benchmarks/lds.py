@@ -328,9 +328,9 @@ def markdown(result: dict) -> str:
 
 
 def job_method_scope(job: str) -> tuple[str, str] | None:
-    """``ours_ekfac_all`` → (ekfac, all), ``tracin_all`` → (tracin, all); None for damping-scan, full-rank, fit-size and
-    test-subset variants and for the peers' jobs (the app shows the LDS of the product's own methods at their
-    defaults)."""
+    """``ours_ekfac_all`` → (ekfac, all), ``tracin_all`` → (tracin, all); None for damping-scan, full-rank,
+    fit-size and test-subset variants and for the peers' jobs (the app shows the LDS of the product's own methods
+    at their defaults)."""
     if any(tag in job for tag in ("_lambda", "_rel", "_top", "_full", "_fit", "_first")) or job.startswith(
         ("kronfluence_", "pydvl_")
     ):

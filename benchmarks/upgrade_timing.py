@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/upgrade_timing.py --demo benchmarks/out/demo_run   # trains the app's demo first
 
 Computes (``recompute=True``) what ``pipeline.ranking_upgrade`` would start in the background — the method of best
-measured LDS on the whole network (``pipeline.best_whole_network_method``), final checkpoint, on the CPU — and prints one JSON line: the run's size, ``estimated_s``
-(``pipeline.estimated_cpu_seconds``), ``measured_s`` (the pipeline's own ``timings_s.total``) and its stages.
+measured LDS on the whole network (``pipeline.best_whole_network_method``), final checkpoint, on the CPU — and
+prints one JSON line: the run's size, ``estimated_s`` (``pipeline.estimated_cpu_seconds``), ``measured_s`` (the
+pipeline's own ``timings_s.total``) and its stages.
 """
 
 from __future__ import annotations

@@ -36,6 +36,18 @@ DAMPINGS = [
 """The dampings offered besides the scope's default (``None``)."""
 
 
+def damping_choice(settings: InfluenceSettings) -> int:
+    """Index in ``[None, *DAMPINGS]`` for ``settings``: 0 (the scope's default) when they use it, else the offered
+    damping closest to theirs, of the same kind."""
+    current = settings.damping
+    if current == default_damping(settings.scope):
+        return 0
+    return 1 + min(
+        range(len(DAMPINGS)),
+        key=lambda i: (DAMPINGS[i].relative_to != current.relative_to, abs(np.log(DAMPINGS[i].value / current.value))),
+    )
+
+
 @st.cache_data(show_spinner="Listing classes…")
 def classes_of(spec: str) -> list[tuple[str, str]]:
     return available_classes(spec)
@@ -177,21 +189,10 @@ with influence_tab:
         "kfac / ekfac: Kronecker-factored approximations. LDS: the linear datamodeling score measured by "
         "benchmarks/lds.py (correlation with models retrained on random halves of the data; higher is better).",
     )
-    current = s.damping
-    options = [None, *DAMPINGS]
     lam = c3.selectbox(
         "Regularization λ",
-        options,
-        index=0  # the scope's default, or else the offered damping closest to the current one, of the same kind
-        if current == default_damping(s.scope)
-        else 1
-        + min(
-            range(len(DAMPINGS)),
-            key=lambda i: (
-                DAMPINGS[i].relative_to != current.relative_to,
-                abs(np.log(DAMPINGS[i].value / current.value)),
-            ),
-        ),
+        [None, *DAMPINGS],
+        index=damping_choice(s),
         format_func=lambda d: f"default: {default_damping(scope).describe()}" if d is None else d.describe(),
         help="λ added to the curvature: relative to its largest eigenvalue (per layer for kfac / ekfac, where "
         "the whole network's layers differ by orders of magnitude), absolute, or relative to its mean eigenvalue "
