@@ -3,14 +3,16 @@
 Run in the product's venv (``run.py`` starts one process per method so that peak memory is per method)::
 
     python benchmarks/ours.py RUN_DIR OUT_DIR --method direct|cg|lissa|arnoldi|kfac|ekfac|floor
-                              [--scope head|all] [--regularization λ] [--time-cap SECONDS] [--batch-size B]
+                              [--scope head|all] [--regularization DAMPING] [--time-cap SECONDS] [--batch-size B]
                               [--option KEY=VALUE ...]   (method options, e.g. rank=100 for arnoldi)
 
 Stages, timed like the peers' (see workload.py): ``fit`` (uncapped; the head scope's backbone pass is
 part of it), ``factors`` (test factors (H+λI)⁻¹∇ℓ_test, capped), ``scores`` (factors × training
 gradients, capped) and ``self`` (self-influence, capped). A stage cut short at the cap is linearly
 extrapolated and marked ``"extrapolated": true``. Writes ``OUT_DIR/result.json``, ``influence.npy``
-(k, j) and ``self_influence.npy`` (s,).
+(k, j) and ``self_influence.npy`` (s,). ``--regularization`` takes the CLI's damping text (``1e-3``, ``top:1e-5``,
+``rel:0.1``); without it the scope's default. ``result.json`` records the damping and the λ it resolved to per
+block (``block_regularization``), so peers can be given the same absolute λ.
 
 ``--method floor`` times instead one forward pass and one forward+backward pass (mean CE loss, every
 parameter) of the final model over train+test, eval mode, in batches of ``--batch-size``: the cost floor
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from workload import capped_loop, environment, peak_memory, pipeline_record, stage_record, write_result
 
 from influence_core import Run
-from influence_core.influence import METHODS, InfluenceFactors, InfluenceModel, Method, Scope
+from influence_core.influence import METHODS, Damping, InfluenceFactors, InfluenceModel, Method, Scope
 
 CHUNKS = {Scope.HEAD: (None, None), Scope.ALL: (None, 64)}
 """(test, train) points per capped step; ``None`` = one step over all points (head scope is fast, and the
@@ -60,7 +62,9 @@ def floor(run: Run, batch_size: int) -> dict:
     return {"n_images": len(x), "forward_s": round(forward_s, 3), "forward_backward_s": round(backward_s, 3)}
 
 
-def influence(run: Run, method: str, scope: str, regularization: float, cap: float, batch_size: int, options: dict):
+def influence(
+    run: Run, method: str, scope: str, regularization: Damping | None, cap: float, batch_size: int, options: dict
+):
     """(record, influence (k, j), self_influence (s,)) of one method and scope on the final checkpoint."""
     x_train, y_train = run.tensors("train")
     x_test, y_test = run.tensors("test")
@@ -96,6 +100,8 @@ def influence(run: Run, method: str, scope: str, regularization: float, cap: flo
         lambda a, b: im.self_influence(*training_rows(x_train, y_train, a, b)), len(x_train), train_chunk, cap
     )
     record = {
+        "regularization": str(im.regularization),
+        "block_regularization": im.block_regularization(),
         "n_params": sum(p.numel() for p in im.params_.values()),
         "matrix": pipeline_record(
             fit_s,
@@ -129,7 +135,12 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--method", choices=(*METHODS, "floor"), default="direct")
     parser.add_argument("--scope", choices=list(Scope), type=Scope, default=Scope.HEAD)
-    parser.add_argument("--regularization", type=float, default=1e-3)
+    parser.add_argument(
+        "--regularization",
+        type=Damping.parse,
+        default=None,
+        help="damping, e.g. 1e-3 or top:1e-5; default: the scope's",
+    )
     parser.add_argument("--time-cap", type=float, default=600.0, help="seconds per capped stage")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
@@ -147,7 +158,6 @@ def main() -> None:
         "version": "this repo",
         "method": args.method,
         "scope": args.scope,
-        "regularization": args.regularization,
         "options": options,
         **environment("cpu"),
     }

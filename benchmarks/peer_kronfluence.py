@@ -3,7 +3,7 @@
 Run inside ``benchmarks/.venvs/kronfluence``::
 
     python benchmarks/peer_kronfluence.py WORKLOAD_DIR OUT_DIR --method ekfac|identity [--scope head|all]
-                                          [--device cpu|cuda] [--time-cap SECONDS] [--fit-examples M]
+                                          [--device cpu|cuda] [--time-cap SECONDS] [--regularization λ] [--fit-examples M]
 
 Kronfluence's factors and score chunks go to ``OUT_DIR/kronfluence/``; dataloaders use no worker
 processes. Stages (see workload.py): ``fit`` = ``fit_all_factors`` (uncapped; for ``ekfac`` its
@@ -91,6 +91,7 @@ def main() -> None:
     w = load_workload(args.workload_dir, "cpu")  # Kronfluence moves the model and batches itself
     s = w.settings
     scope, cap = args.scope or s.scope, args.time_cap or s.time_cap_s
+    damping = s.regularization if args.regularization is None else args.regularization
     tracked = scope_modules(w.model, scope)
     n_train, n_test = len(w.y_train), len(w.y_test)
     record = {
@@ -98,7 +99,7 @@ def main() -> None:
         "version": version("kronfluence"),
         "method": args.method,
         "scope": scope,
-        "regularization": s.regularization,
+        "regularization": damping,
         "n_train": n_train,
         "n_test": n_test,
         "sign_factor": 1.0,
@@ -148,7 +149,7 @@ def main() -> None:
         if m < n_train:
             record["note"] = f"factors fitted on {m} of {n_train} training points (fit time extrapolated)"
     fit_s = time.perf_counter() - t0 - sum(st["measured_s"] for st in fit_stages.values())
-    score_args = ScoreArguments(damping_factor=s.regularization)
+    score_args = ScoreArguments(damping_factor=damping)
     chunk = max(s.batch_size, math.ceil(n_train / SCORE_CHUNKS))
 
     def pairwise_step(a: int, b: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 Run inside ``benchmarks/.venvs/pydvl``::
 
     python benchmarks/peer_pydvl.py WORKLOAD_DIR OUT_DIR --method cg|direct [--scope head|all]
-                                    [--device cpu|cuda] [--time-cap SECONDS]
+                                    [--device cpu|cuda] [--time-cap SECONDS] [--regularization λ]
 
 Scope ``head`` runs pyDVL on a copy of ``fc`` fed with precomputed penultimate features (the gradient and
 Hessian of ``fc``'s parameters are the same as in the full network); scope ``all`` runs it on the whole
@@ -97,12 +97,13 @@ def main() -> None:
     w = load_workload(args.workload_dir, device)
     s = w.settings
     scope, cap = args.scope or s.scope, args.time_cap or s.time_cap_s
+    damping = s.regularization if args.regularization is None else args.regularization
     record = {
         "peer": "pydvl",
         "version": version("pyDVL"),
         "method": args.method,
         "scope": scope,
-        "regularization": s.regularization,
+        "regularization": damping,
         "n_train": len(w.y_train),
         "n_test": len(w.y_test),
         "sign_factor": 1.0,
@@ -140,7 +141,7 @@ def main() -> None:
         infl = CgInfluence(
             model,
             F.cross_entropy,
-            regularization=s.regularization,
+            regularization=damping,
             rtol=s.cg_tol,
             atol=0.0,
             maxiter=maxiter,
@@ -153,7 +154,7 @@ def main() -> None:
                 "if CG would converge sooner); outputs not converged"
             )
     else:
-        infl = DirectInfluence(model, F.cross_entropy, regularization=s.regularization)
+        infl = DirectInfluence(model, F.cross_entropy, regularization=damping)
     loader = DataLoader(
         TensorDataset(x_train[:n_fit], w.y_train[:n_fit]), batch_size=even_batch_size(n_fit, s.batch_size)
     )

@@ -3,7 +3,7 @@ harmful for a test image (and a random group), retrain from scratch, and compare
 image's test loss with the change each job's matrix predicts.
 
     .venv/bin/python benchmarks/retrain_fidelity.py RUN_DIR JOBS_DIR OUT_DIR [--n-test-images 3]
-        [--group-size 20] [--selector ours_ekfac_all] [--fallback-selector ours_direct_head] [--seed 0]
+        [--group-size 20] [--selector ours_kfac_all] [--fallback-selector ours_direct_head] [--seed 0]
         [--device cpu] [--epochs N  (smoke tests only: overrides the run's epochs)]
 
 Prediction (influence_core's convention, positive = helpful): removing the set G of training points changes
@@ -30,7 +30,7 @@ from influence_core.errors import InfluenceLensError
 from influence_core.storage import atomic_write_json, read_json, resolve_device, stable_hash
 from influence_core.training import retrain_without  # the run's own training, minus the removed points
 
-KEY_JOBS = ("ours_direct_head", "ours_ekfac_all", "kronfluence_ekfac_all")
+KEY_JOBS = ("ours_direct_head", "ours_kfac_all", "ours_ekfac_all", "kronfluence_ekfac_all")
 """Jobs shown in the raw table besides the selector (when present)."""
 
 
@@ -89,7 +89,7 @@ def retrain_fidelity(
     run: Run,
     jobs_dir,
     out_dir,
-    selector: str = "ours_ekfac_all",
+    selector: str = "ours_kfac_all",
     fallback_selector: str = "ours_direct_head",
     n_test_images: int = 3,
     group_size: int = 20,
@@ -252,7 +252,7 @@ def main(argv=None) -> None:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--n-test-images", type=int, default=3)
     p.add_argument("--group-size", type=int, default=20)
-    p.add_argument("--selector", default="ours_ekfac_all")
+    p.add_argument("--selector", default="ours_kfac_all")
     p.add_argument("--fallback-selector", default="ours_direct_head")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

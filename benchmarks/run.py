@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/run.py [--dataset tiny-imagenet:PATH] [--classes goldfish lemon]
         [--corrupt-fraction 0.1] [--train-layers all] [--epochs 15] [--image-size 64] [--downsample 1.0]
+        [--regularization DAMPING] [--peer-regularization-all 1e-3]
         [--time-cap 60] [--cv-folds 4] [--cv-epochs N] [--peers pydvl,kronfluence,cleanlab]
         [--peer-fit-examples 64] [--retrain-test-images 3] [--retrain-group-size 20] [--out benchmarks/out/NAME]
 
@@ -9,14 +10,18 @@ Steps (every output under ``--out``):
 
 1. ``run/``: train with the product's recipe (``influence_core.train``, cached by config and data).
 2. ``jobs/ours_floor``: forward and forward+backward seconds over train+test — the floor.
-3. ``jobs/ours_<method>_<scope>``: our methods, one process each (``ours.py``), same checkpoint.
-4. ``workload/`` + ``jobs/<peer>_<method>_<scope>``: the same checkpoint, tensors and λ for the peers, each
-   in its venv (``peers.ensure_venv``, built right after training, alongside the untimed cross-validation);
-   cleanlab gets ``--cv-folds`` out-of-fold probabilities (``cv/``, same recipe, ``--cv-epochs`` epochs).
+3. ``jobs/ours_<method>_<scope>``: our methods, one process each (``ours.py``), same checkpoint, each at its
+   scope's default damping (``--regularization`` sets one for all).
+4. ``workload/`` + ``jobs/<peer>_<method>_<scope>``: the same checkpoint and tensors for the peers, each in its
+   venv (``peers.ensure_venv``, built right after training, alongside the untimed cross-validation). The peers
+   take one absolute λ: on the head, the λ our ``ours_direct_head`` resolved its damping to (so pyDVL's exact
+   head computes the same matrix as ours); on the whole network ``--peer-regularization-all`` (one λ cannot
+   match a damping relative to each layer's curvature). cleanlab gets ``--cv-folds`` out-of-fold probabilities
+   (``cv/``, same recipe, ``--cv-epochs`` epochs).
 5. Detection (AUROC, recall at 5/10/20 %) of every signal; fidelity of every matrix against our exact
    ``direct`` on the head scope.
 6. ``retrain/``: the retraining check (``retrain_fidelity.py``): for ``--retrain-test-images`` test images,
-   remove groups of ``--retrain-group-size`` points (most helpful / most harmful by ``ours_ekfac_all``, random),
+   remove groups of ``--retrain-group-size`` points (most helpful / most harmful by ``ours_kfac_all``, random),
    retrain the whole network, compare measured and predicted test-loss changes for every job.
 7. ``results.json`` and ``results.md``.
 
@@ -54,6 +59,7 @@ from workload import Settings, save_workload  # noqa: E402
 
 from influence_core import TrainConfig, train  # noqa: E402
 from influence_core.analysis import detection_metrics  # noqa: E402
+from influence_core.influence import Damping  # noqa: E402
 from influence_core.model import build_resnet18  # noqa: E402
 from influence_core.pipeline import InfluenceSettings, compute_influence  # noqa: E402
 from influence_core.training import fit_model  # noqa: E402  (the exact training loop, reused for the CV folds)
@@ -112,7 +118,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--downsample", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--regularization", type=float, default=1e-3, help="λ for every method and peer")
+    p.add_argument(
+        "--regularization",
+        type=Damping.parse,
+        default=None,
+        help="damping of our jobs, e.g. 1e-3 or top:1e-5 (default: each scope's default); peers: see --peer-*",
+    )
+    p.add_argument(
+        "--peer-regularization-all",
+        type=float,
+        default=1e-3,
+        help="absolute λ of the peers' whole-network jobs (their head jobs take the λ ours_direct_head resolved)",
+    )
     p.add_argument("--time-cap", type=float, default=60.0, help="seconds per capped stage of each job")
     p.add_argument("--job-timeout", type=float, default=None, help="seconds per job; default 4 × cap + 360")
     p.add_argument("--cv-folds", type=int, default=4)
@@ -187,6 +204,17 @@ def out_of_fold_probs(run, config: TrainConfig, folds: int, epochs: int) -> np.n
             probs[held.numpy()] = torch.cat([model(xb).softmax(1) for xb in x[held].split(64)]).numpy()
         log(f"cv fold {k + 1}/{folds} done")
     return probs
+
+
+def head_lambda(jobs: dict[str, dict]) -> float:
+    """The absolute λ ``ours_direct_head`` resolved its damping to: the peers' head λ."""
+    resolved = (jobs.get("ours_direct_head") or {}).get("block_regularization")
+    if not resolved or len(resolved) != 1:
+        raise SystemExit(
+            "run.py: the peers' head λ is the one ours_direct_head resolves; that job has no result with one "
+            "(do not --skip it; delete its jobs folder if it predates block_regularization)."
+        )
+    return float(next(iter(resolved.values())))
 
 
 # ------------------------------------------------------------------------------------------- analysis
@@ -297,7 +325,9 @@ def markdown(report: dict) -> str:
                 "Command:\n\n    " + report["command"],
                 f"Run: {run['n_train']} train / {run['n_test']} test images, {run['n_flipped']} flipped labels, "
                 f"test accuracy {run['accuracy_test']:.3f}, flips memorised {run['flips_memorised']:.2f}, "
-                f"λ = {report['regularization']:g}; time cap {report['time_cap_s']:g} s per stage, "
+                f"damping: ours {report['regularization']}, peers λ = {report['peer_regularization']['head']:.3g} on the "
+                f"head (ours_direct_head's, resolved) and {report['peer_regularization']['all']:g} on the whole "
+                f"network; time cap {report['time_cap_s']:g} s per stage, "
                 f"job timeout {report['job_timeout_s']:g} s.",
                 f"## Floor\n\nOne pass over the {floor['n_images']} train+test images (eval mode, batch 64): forward "
                 f"{floor['forward_s']:.2f} s, forward+backward {floor_s:.2f} s (the unit of the × columns), "
@@ -368,7 +398,7 @@ def main(argv=None) -> None:
     result = compute_influence(run, InfluenceSettings(regularization=args.regularization), device="cpu")
 
     ours = [sys.executable, str(BENCH / "ours.py"), str(run.path)]
-    common = ["--regularization", str(args.regularization)]
+    common = ["--regularization", str(args.regularization)] if args.regularization else []
     jobs: dict[str, dict] = {}
     skip = set(filter(None, args.skip.split(",")))
     jobs["ours_floor"] = run_job(
@@ -388,6 +418,7 @@ def main(argv=None) -> None:
                 args.job_timeout,
             )
 
+    peer_lambda = {"head": head_lambda(jobs), "all": args.peer_regularization_all}
     if wanted:
         x_train, y_train = run.tensors("train")
         x_test, y_test = run.tensors("test")
@@ -407,7 +438,7 @@ def main(argv=None) -> None:
             tensors,
             Settings(
                 num_classes=run.n_classes,
-                regularization=args.regularization,
+                regularization=peer_lambda["head"],
                 time_cap_s=args.time_cap,
                 batch_size=64,
                 extra={"run": str(run.path), "cv_folds": args.cv_folds, "cv_epochs": args.cv_epochs},
@@ -420,7 +451,10 @@ def main(argv=None) -> None:
                     continue
                 more = [str(args.peer_fit_examples) if a == "FIT" else a for a in more]
                 extra = (
-                    ["--method", method, "--scope", scope, "--time-cap", str(args.time_cap), *more] if method else []
+                    ["--method", method, "--scope", scope, "--time-cap", str(args.time_cap)]
+                    + ["--regularization", str(peer_lambda[scope]), *more]
+                    if method
+                    else []
                 )
                 cmd = [
                     str(pythons[peer]),
@@ -457,7 +491,8 @@ def main(argv=None) -> None:
         "command": " ".join(
             shlex.quote(a) for a in [os.path.relpath(sys.executable), "benchmarks/run.py", *(argv or sys.argv[1:])]
         ),
-        "regularization": args.regularization,
+        "regularization": str(args.regularization or "the scope's default"),
+        "peer_regularization": peer_lambda,
         "time_cap_s": args.time_cap,
         "job_timeout_s": args.job_timeout,
         "cv_folds": args.cv_folds,

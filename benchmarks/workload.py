@@ -210,7 +210,8 @@ def write_result(out_dir: Path, record: dict, **arrays: np.ndarray | None) -> Pa
 
 def runner_parser(description: str, methods: tuple[str, ...], influence: bool = True) -> argparse.ArgumentParser:
     """CLI shared by the peer runners: ``WORKLOAD_DIR OUT_DIR [--method M] [--device D]`` and, for influence
-    peers, ``[--scope S] [--time-cap SECONDS]``; unset options fall back to the workload's settings."""
+    peers, ``[--scope S] [--time-cap SECONDS] [--regularization λ]``; unset options fall back to the workload's
+    settings."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("workload_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
@@ -219,4 +220,7 @@ def runner_parser(description: str, methods: tuple[str, ...], influence: bool = 
     if influence:
         parser.add_argument("--scope", choices=SCOPES, default=None, help="default: the workload's scope")
         parser.add_argument("--time-cap", type=float, default=None, help="seconds per stage; default: workload's")
+        parser.add_argument(
+            "--regularization", type=float, default=None, help="absolute λ; default: the workload's regularization"
+        )
     return parser
