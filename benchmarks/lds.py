@@ -367,10 +367,8 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None, 
             "fidelity": previous.get("/".join(key), {}).get("fidelity"),
             "note": previous.get("/".join(key), {}).get("note"),
         }
-        if report and job in report.get("jobs", {}):
-            matrix = report["jobs"][job].get("matrix") or {}
-            if "seconds_full" in matrix:
-                entry["cost_x_floor"] = round(matrix["seconds_full"] / report["floor"]["forward_backward_s"], 2)
+        if report:
+            entry["cost_x_floor"] = job_cost(report, job) or entry["cost_x_floor"]
         if exact_head is not None and key[1] == "head" and job != "ours_direct_head" and job.startswith("ours_"):
             m = np.load(matrices / f"{job}.npy").astype(np.float64)
             error = np.linalg.norm(m - exact_head) / np.linalg.norm(exact_head)
@@ -387,8 +385,36 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None, 
         "commit": commit,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "methods": {**{k: v for k, v in previous.items() if k not in methods}, **methods},
+        **({"costs_from": costs_source(report)} if report else {k: v for k, v in before.items() if k == "costs_from"}),
         "scope_notes": before.get("scope_notes", {}),
     }
+    atomic_write_json(path, data)
+    return data
+
+
+def job_cost(report: dict, job: str) -> float | None:
+    """Seconds to ``job``'s full matrix (fit included) over the floor of ``run.py``'s ``report``; None if absent."""
+    matrix = (report.get("jobs", {}).get(job) or {}).get("matrix") or {}
+    if "seconds_full" not in matrix:
+        return None
+    return round(matrix["seconds_full"] / report["floor"]["forward_backward_s"], 2)
+
+
+def costs_source(report: dict) -> str:
+    """Where measured.json's costs come from: the ``run.py`` run's date and floor."""
+    return (
+        f"benchmarks/run.py of {report['date']}, forward+backward floor {report['floor']['forward_backward_s']:.2f} s"
+    )
+
+
+def update_costs(path: Path, bench_results: Path) -> dict:
+    """Replace every method's ``cost_x_floor`` in ``path`` (measured.json) by ``run.py``'s ``bench_results``
+    where that run has the method's job; the LDS and notes stay."""
+    report = json.loads(bench_results.read_text())
+    data = json.loads(path.read_text())
+    for entry in data["methods"].values():
+        entry["cost_x_floor"] = job_cost(report, entry["job"]) or entry["cost_x_floor"]
+    data["costs_from"] = costs_source(report)
     atomic_write_json(path, data)
     return data
 
@@ -434,9 +460,15 @@ def main(argv=None) -> None:
     add_workload_options(sc)
     sc.add_argument("--measured", type=Path, default=None, help="also write this measured.json for the app")
     sc.add_argument("--bench-results", type=Path, default=None, help="benchmarks/run.py results.json (costs)")
+    c = sub.add_parser("costs", help="only replace measured.json's costs by a benchmarks/run.py results.json")
+    c.add_argument("--measured", type=Path, default=BENCH / "measured.json")
+    c.add_argument("--bench-results", type=Path, required=True)
     a = p.parse_args(argv)
     if a.command == "train":
         train_models(a)
+    elif a.command == "costs":
+        data = update_costs(a.measured, a.bench_results)
+        print("\n".join(f"{k}: {v['cost_x_floor']}× the floor" for k, v in sorted(data["methods"].items())))
     else:
         root = workload_dir(workload_config(a), a.fraction, a.out)
         result = score_all(root)

@@ -148,6 +148,32 @@ def test_writing_measured_keeps_notes_costs_scope_notes_and_unscored_methods(tmp
     assert scope_note("all", path) == "Whole network: approximate."
 
 
+def test_costs_come_from_a_benchmark_run_and_leave_the_rest(tmp_path):
+    from influence_core.measured import load_measured
+
+    path = tmp_path / "measured.json"
+    methods = {
+        "kfac/all": {"job": "ours_kfac_all", "lds": 0.4, "cost_x_floor": 3.0, "note": "Approx."},
+        "cg/head": {"job": "ours_cg_head", "lds": 0.3, "cost_x_floor": 0.5},
+    }
+    path.write_text(json.dumps({"workload": "w", "n_models": 50, "methods": methods}))
+    report = {
+        "date": "2026-11-30 17:12 UTC",
+        "floor": {"forward_backward_s": 4.0},
+        "jobs": {"ours_kfac_all": {"matrix": {"seconds_full": 20.0}}, "ours_cg_head": {"matrix": {}}},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    data = lds_module.update_costs(path, tmp_path / "results.json")
+    table = load_measured(path)
+    assert (table[("kfac", "all")].cost_x_floor, table[("kfac", "all")].lds, table[("kfac", "all")].note) == (
+        5.0,
+        0.4,
+        "Approx.",
+    )
+    assert table[("cg", "head")].cost_x_floor == 0.5  # no timing in that run: the earlier cost stays
+    assert "2026-11-30 17:12 UTC" in data["costs_from"] and "4.00 s" in data["costs_from"]
+
+
 def test_paired_difference_is_the_mean_per_test_point_gap_with_its_error():
     reference = np.array([0.1, 0.2, np.nan, 0.4])
     same = lds_module.paired_difference(reference.copy(), reference)
