@@ -103,7 +103,8 @@ ones, whose fit is cheap: on the head, 128 examples lowered the LDS of EK-FAC fr
 and cost on goldfish/lemon's whole ResNet18 (880 training images, damping ``top:1e-5``, README "Linear
 datamodeling score"): K-FAC fitted on 128 / 256 / 512 / all examples scored 0.396 / 0.407 / 0.412 / 0.411 at the
 product's recipe (0.100 / 0.116 / 0.115 / – with flips only), with fits of 5.6 / 11.3 / 24.4 s on 2 CPU cores;
-256 keeps the matrix within 3× and self-influence within 2.5× the forward+backward floor."""
+256 kept the matrix at 3.0× and self-influence at 2.5× the forward+backward floor of one machine (11.3 s), and at
+5.2× / 3.9× the floor of ``benchmarks/run.py``'s run of 2026-11-30 17:12 (4.88 s), where the floor was faster."""
 AUTO_FLOAT64_PARAMS = 1 << 20
 """``dtype="auto"``: float64 factors up to this many parameters in the block, float32 above."""
 
