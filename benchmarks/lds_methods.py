@@ -5,7 +5,8 @@
 Each job writes ``WORKLOAD_DIR/matrices/<job>.npy`` ((n_test, n_train) float32, positive = helpful) and
 ``<job>.json`` (seconds, settings) atomically, and is skipped when its matrix exists (resumable). Jobs: every
 influence-function method on the head (exact curvature; ``direct`` with a damping scan), EK-FAC/K-FAC on the whole
-network with a damping scan, full rank and a fit-size scan (``ours_ekfac_all_fit<k>``), each at its scope's default
+network with a damping scan, full rank, a fit-size scan (``ours_ekfac_all_fit<k>``) and a rank scan
+(``ours_ekfac_all_rank<k>``), each at its scope's default
 damping unless its name says otherwise (``_top1e-06``, ``_lambda0.1``, ``_rel0.1``), and the trajectory methods of
 ``influence_core.influence.trajectory`` (TracInCP and SOURCE on the whole network and the head; ``grad_dot_all`` =
 TracInCP on the final checkpoint alone, a plain gradient dot product).
@@ -58,6 +59,11 @@ projects factors larger than 512 to their 512 leading ones)."""
 FIT_EXAMPLES_SCAN = (128, 256, 512, None)
 """``fit_examples`` scanned for whole-network EK-FAC and K-FAC at the default rank (``ours_ekfac_all_fit<k>``,
 ``…_fitall``, ``ours_kfac_all_fit<k>``)."""
+RANK_SCAN = (128, 256)
+"""``rank`` scanned for whole-network EK-FAC and K-FAC at the default fit and damping (``ours_kfac_all_rank<k>``):
+every Kronecker factor of more than ``rank`` dimensions is projected to its ``rank`` leading eigenvectors (the
+default, 512, projects the inputs of every 3×3 conv and of fc on a ResNet18; 256 also layer4's output gradients,
+128 also layer3's and the inputs of conv1 and layer4's downsampling)."""
 HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {"rank": 100}, "lissa": {"depth": 300}}
 """Method → options (as benchmarks/run.py: Arnoldi keeps 100 of the head's directions, LiSSA runs 300 steps)."""
 
@@ -128,6 +134,13 @@ def jobs(run: Run) -> dict:
                 job: engine_matrices(
                     run, method, "all", (default_damping(Scope.ALL),), {**ALL_OPTIONS, "fit_examples": k}
                 )[default_damping(Scope.ALL)]
+            }
+        for k in RANK_SCAN:
+            job = f"ours_{method}_all_rank{k}"
+            out[job] = lambda job=job, method=method, k=k: {
+                job: engine_matrices(run, method, "all", (default_damping(Scope.ALL),), {**ALL_OPTIONS, "rank": k})[
+                    default_damping(Scope.ALL)
+                ]
             }
     out["tracin_all"] = lambda: {"tracin_all": trajectory_matrix(run, "tracin", "all")}
     out["tracin_all_first22"] = lambda: {"tracin_all_first22": trajectory_matrix(run, "tracin", "all", n_test=22)}
