@@ -278,7 +278,7 @@ def magnitude(measurements: Measurements, influences: np.ndarray, full_losses: n
     }
 
 
-def score_all(root: Path) -> dict:
+def score_all(root: Path, reference_job: str = PAIRED_REFERENCE) -> dict:
     """LDS (margin and loss) and magnitude of every matrix in ``root/matrices``; written to ``scores.json``."""
     run = Run(root / "run")
     y_test = run.labels("test")
@@ -293,12 +293,13 @@ def score_all(root: Path) -> dict:
             "scoring_seconds": round(time.perf_counter() - t, 3),
         }
         per_test[path.stem] = lds(matrix, measurements.masks, measurements.margins[:, : len(matrix)])["per_test"]
-    reference = per_test.get(PAIRED_REFERENCE)
+    reference = per_test.get(reference_job)
     for job, values in per_test.items():
-        if reference is not None and len(values) == len(reference) and job != PAIRED_REFERENCE:
+        if reference is not None and len(values) == len(reference) and job != reference_job:
             scores[job]["paired_vs_reference"] = paired_difference(values, reference)
     result = {
         "n_models": int(len(measurements.masks)),
+        "paired_reference": reference_job,
         "seeds": measurements.seeds.tolist(),
         "scores": scores,
         "workload": read_json(root / "workload.json")["recipe"],
@@ -311,7 +312,8 @@ def markdown(result: dict) -> str:
     """One table row per matrix, best margin LDS first."""
     rows = sorted(result["scores"].items(), key=lambda kv: -np.nan_to_num(kv[1]["margin"]["lds"], nan=-9))
     lines = [
-        f"| job | LDS (margin) ± s.e. | paired vs {PAIRED_REFERENCE} | LDS (loss) ± s.e. | "
+        f"| job | LDS (margin) ± s.e. | paired vs {result.get('paired_reference', PAIRED_REFERENCE)} | "
+        "LDS (loss) ± s.e. | "
         "slope measured/predicted Δloss | Pearson |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -460,6 +462,11 @@ def main(argv=None) -> None:
     add_workload_options(sc)
     sc.add_argument("--measured", type=Path, default=None, help="also write this measured.json for the app")
     sc.add_argument("--bench-results", type=Path, default=None, help="benchmarks/run.py results.json (costs)")
+    sc.add_argument(
+        "--reference",
+        default=PAIRED_REFERENCE,
+        help=f"job the paired differences are taken against ({PAIRED_REFERENCE})",
+    )
     c = sub.add_parser("costs", help="only replace measured.json's costs by a benchmarks/run.py results.json")
     c.add_argument("--measured", type=Path, default=BENCH / "measured.json")
     c.add_argument("--bench-results", type=Path, required=True)
@@ -471,7 +478,7 @@ def main(argv=None) -> None:
         print("\n".join(f"{k}: {v['cost_x_floor']}× the floor" for k, v in sorted(data["methods"].items())))
     else:
         root = workload_dir(workload_config(a), a.fraction, a.out)
-        result = score_all(root)
+        result = score_all(root, a.reference)
         print(markdown(result))
         if a.measured:
             write_measured(result, a.measured, a.bench_results, root / "matrices")
