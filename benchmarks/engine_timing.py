@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--scope", type=parse_scope, default=Scope.ALL, help="head | all | comma-separated module names")
     p.add_argument("--device", default="auto")
     p.add_argument(
-        "--regularization", type=Damping.parse, default=None, help="e.g. 1e-3, top:1e-5 (default: the scope's)"
+        "--regularization", type=Damping.argument, default=None, help="e.g. 1e-3, top:1e-5 (default: the scope's)"
     )
     p.add_argument("--check", type=int, default=0)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. rank=none")

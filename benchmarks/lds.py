@@ -313,8 +313,7 @@ def markdown(result: dict) -> str:
     rows = sorted(result["scores"].items(), key=lambda kv: -np.nan_to_num(kv[1]["margin"]["lds"], nan=-9))
     lines = [
         f"| job | LDS (margin) ± s.e. | paired vs {result.get('paired_reference', PAIRED_REFERENCE)} | "
-        "LDS (loss) ± s.e. | "
-        "slope measured/predicted Δloss | Pearson |",
+        "LDS (loss) ± s.e. | slope measured/predicted Δloss | Pearson |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for job, s in rows:
@@ -370,7 +369,7 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None, 
             "note": previous.get("/".join(key), {}).get("note"),
         }
         if report:
-            entry["cost_x_floor"] = job_cost(report, job) or entry["cost_x_floor"]
+            entry["cost_x_floor"] = job_cost(report, job, default=entry["cost_x_floor"])
         if exact_head is not None and key[1] == "head" and job != "ours_direct_head" and job.startswith("ours_"):
             m = np.load(matrices / f"{job}.npy").astype(np.float64)
             error = np.linalg.norm(m - exact_head) / np.linalg.norm(exact_head)
@@ -394,11 +393,12 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None, 
     return data
 
 
-def job_cost(report: dict, job: str) -> float | None:
-    """Seconds to ``job``'s full matrix (fit included) over the floor of ``run.py``'s ``report``; None if absent."""
+def job_cost(report: dict, job: str, default: float | None = None) -> float | None:
+    """Seconds to ``job``'s full matrix (fit included) over the floor of ``run.py``'s ``report``; ``default`` when
+    that run did not time it."""
     matrix = (report.get("jobs", {}).get(job) or {}).get("matrix") or {}
     if "seconds_full" not in matrix:
-        return None
+        return default
     return round(matrix["seconds_full"] / report["floor"]["forward_backward_s"], 2)
 
 
@@ -415,7 +415,7 @@ def update_costs(path: Path, bench_results: Path) -> dict:
     report = json.loads(bench_results.read_text())
     data = json.loads(path.read_text())
     for entry in data["methods"].values():
-        entry["cost_x_floor"] = job_cost(report, entry["job"]) or entry["cost_x_floor"]
+        entry["cost_x_floor"] = job_cost(report, entry["job"], default=entry["cost_x_floor"])
     data["costs_from"] = costs_source(report)
     atomic_write_json(path, data)
     return data

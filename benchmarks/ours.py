@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--scope", choices=list(Scope), type=Scope, default=Scope.HEAD)
     parser.add_argument(
         "--regularization",
-        type=Damping.parse,
+        type=Damping.argument,
         default=None,
         help="damping, e.g. 1e-3 or top:1e-5; default: the scope's",
     )

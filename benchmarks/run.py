@@ -120,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--regularization",
-        type=Damping.parse,
+        type=Damping.argument,
         default=None,
         help="damping of our jobs, e.g. 1e-3 or top:1e-5 (default: each scope's default); peers: see --peer-*",
     )

@@ -24,31 +24,21 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from influence_core import Run
 from influence_core.analysis import detection_metrics
+from influence_core.second_pass import label_losses, suspects
 from influence_core.training import retrain_without
 
 BENCH = Path(__file__).resolve().parent
 METRICS = ("auroc", "recall_at_10pct", "recall_at_20pct")
 
 
-def cross_entropy(model: torch.nn.Module, x, y: torch.Tensor) -> np.ndarray:
-    """(n,) float64 cross-entropy of the model on ``(x, y)``, in batches."""
-    with torch.no_grad():
-        logits = torch.cat([model(x[a : a + 256]) for a in range(0, len(y), 256)])
-    return torch.nn.functional.cross_entropy(logits, y, reduction="none").double().numpy()
-
-
 def variants(run: Run, share: float) -> dict[str, np.ndarray]:
     """Every signal of one retraining without the top ``share`` by ``mean_loss`` (higher = more suspect)."""
-    mean_loss = run.dynamics["loss"].mean(0).astype(np.float64)
-    left_out = np.zeros(len(mean_loss), bool)
-    left_out[np.argsort(-mean_loss, kind="stable")[: max(1, round(share * len(mean_loss)))]] = True
+    left_out = suspects(run, share)
     model, dynamics = retrain_without(run, left_out, device="cpu")
-    x, y = run.tensors("train")
-    final = cross_entropy(model, x, y)
+    final = label_losses(model, *run.tensors("train")).astype(np.float64)
     retrain_mean = dynamics["loss"].mean(0).astype(np.float64)
     return {
         "final_loss": final,

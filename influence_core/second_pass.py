@@ -67,6 +67,20 @@ def load_second_pass(run: Run, share: float | None = None) -> SecondPass | None:
         return None  # unreadable: computed again
 
 
+def suspects(run: Run, share: float) -> np.ndarray:
+    """(n_train,) bool: the top ``share`` of the training set by ``mean_loss`` (at least one), left out of the
+    second pass."""
+    mean_loss = run.dynamics["loss"].mean(0)
+    left_out = np.zeros(len(mean_loss), bool)
+    left_out[np.argsort(-mean_loss, kind="stable")[: max(1, round(share * len(mean_loss)))]] = True
+    return left_out
+
+
+def label_losses(model, x, y) -> np.ndarray:
+    """(n,) cross-entropy of each given label ``y`` under ``model`` (eval mode) on images ``x``."""
+    return cross_entropy(_predict(model, x), np.asarray(y))
+
+
 def compute_second_pass(
     run: Run, share: float = DEFAULT_SHARE, device: str = "auto", progress: Progress | None = None
 ) -> SecondPass:
@@ -76,12 +90,9 @@ def compute_second_pass(
     if (cached := load_second_pass(run, share)) is not None:
         return cached
     t0 = time.perf_counter()
-    mean_loss = run.dynamics["loss"].mean(0)
-    left_out = np.zeros(len(mean_loss), bool)
-    left_out[np.argsort(-mean_loss, kind="stable")[: max(1, round(share * len(mean_loss)))]] = True
+    left_out = suspects(run, share)
     model, _ = retrain_without(run, left_out, device=device, progress=progress)
-    x, y = run.tensors("train")
-    loss = cross_entropy(_predict(model, x), y.numpy()).astype(np.float32)
+    loss = label_losses(model, *run.tensors("train")).astype(np.float32)
     x_test, y_test = run.tensors("test")
     accuracy = float((_predict(model, x_test).argmax(1) == y_test.numpy()).mean()) if len(y_test) else float("nan")
     result = SecondPass(loss, left_out, share, accuracy, time.perf_counter() - t0)

@@ -4,6 +4,8 @@ relative to the largest eigenvalue per scope; λ below float32 resolution is ref
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -202,6 +204,15 @@ def test_damping_text_round_trips():
         Damping.parse("relative 0.1")
     with pytest.raises(InfluenceLensError, match="positive"):
         Damping.relative(0)
+
+
+def test_damping_argument_is_a_usage_error_for_argparse(capsys):
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--regularization", type=Damping.argument)
+    assert parser.parse_args(["--regularization", "top:1e-5"]).regularization == Damping.relative_to_top(1e-5)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--regularization", "foo"])
+    assert "Cannot read regularization 'foo'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["direct", "ekfac"])

@@ -5,6 +5,7 @@ The CLI, the app and the benchmarks read their option lists from here (methods: 
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -130,6 +131,14 @@ class Damping:
                 "use a number (e.g. 1e-3), top:FRACTION (e.g. top:1e-5) or rel:FRACTION (e.g. rel:0.1)",
             ) from None
         return cls(value, kind)
+
+    @classmethod
+    def argument(cls, text: str) -> Damping:
+        """:meth:`parse` as an argparse ``type=``: unreadable text is a usage error with the fix, not a traceback."""
+        try:
+            return cls.parse(text)
+        except InfluenceLensError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     def __str__(self) -> str:
         return f"{_PREFIXES[self.relative_to]}{self.value:g}"
