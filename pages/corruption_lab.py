@@ -15,14 +15,13 @@ from influence_core.experiments import notebook_claim, run_corruption_experiment
 from influence_core.pipeline import InfluenceResult, InfluenceSettings
 from pages.ui import charts, runs, state, widgets
 
+run = runs.current_run()  # first: on a fresh server's first link this runs the page inside app.py
 st.title("Corruption run")
 st.markdown(
     "Flip a share of the training labels, retrain, recompute influences — then check whether the flipped "
     "images stand out. The reference notebook claims they have *lower* mean influence on the test set "
     "than the clean ones; below, that claim is checked on the run's own numbers."
 )
-
-run = runs.current_run()
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)

@@ -9,13 +9,13 @@ from pages.ui import charts, runs, widgets
 
 PER_PAGE = 24
 
+run = runs.current_run()  # first: on a fresh server's first link this runs the page inside app.py
 st.title("Test image explorer")
 st.caption(
     "Influence of a training image on a test image: positive = it helped the model get the test image "
     "right (removing it would raise the test loss), negative = it pushed the prediction the wrong way."
 )
 
-run = runs.current_run()
 ranking = runs.rankings(run)
 result = ranking.result
 if ranking.note:
@@ -56,7 +56,12 @@ with st.expander("Pick a test image", expanded=picker_open):
         f"✓ {run.classes[t]}" if t == p else f"✗ {run.classes[t]}, predicted {run.classes[p]}"
         for t, p in zip(test_true[shown], test_pred[shown], strict=True)
     ]
-    clicked = widgets.image_grid(
+
+    def pick_test(i: int) -> None:  # runs before the next run of the page: `shown` is the grid that was clicked
+        st.session_state["test"] = int(shown[i])
+        st.session_state.pop("train_pick", None)
+
+    widgets.image_grid(
         runs.images_at(run, "test", shown),
         captions,
         columns=8,
@@ -64,11 +69,8 @@ with st.expander("Pick a test image", expanded=picker_open):
         button="Inspect",
         key="test-grid",
         selected=widgets.index_of(shown, st.session_state.get("test")),
+        on_click=pick_test,
     )
-    if clicked is not None:
-        st.session_state["test"] = int(shown[clicked])
-        st.session_state.pop("train_pick", None)
-        st.rerun()
 
 test = st.session_state.setdefault("test", int(candidates[0]))
 if not 0 <= test < len(test_true):
@@ -122,7 +124,11 @@ def ranked(title: str, positions: np.ndarray, key: str) -> None:
     st.caption(describe_ranking(flags, bool(flipped.any())).text)
     caps = widgets.training_captions(run, positions, flags, row[positions], "influence")
     pick = st.session_state.get("train_pick")
-    picked = widgets.image_grid(
+
+    def pick_train(i: int) -> None:
+        st.session_state["train_pick"] = int(positions[i])
+
+    widgets.image_grid(
         runs.images_at(run, "train", positions),
         caps,
         columns=8,
@@ -130,9 +136,8 @@ def ranked(title: str, positions: np.ndarray, key: str) -> None:
         button="Saliency",
         key=key,
         selected=widgets.index_of(positions, pick),
+        on_click=pick_train,
     )
-    if picked is not None:
-        pick = st.session_state["train_pick"] = int(positions[picked])
     if pick is not None and pick in positions:
         saliency_panel(pick, key)
 

@@ -53,8 +53,8 @@ def classes_of(spec: str) -> list[tuple[str, str]]:
     return available_classes(spec)
 
 
+run = runs.current_run()  # first: on a fresh server's first link this runs the page inside app.py
 st.title("Data & model")
-run = runs.current_run()
 current, new, open_dir, influence_tab = st.tabs(
     ["This run", "Train a new run", "Open a run directory", "Influence settings"]
 )

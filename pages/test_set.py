@@ -10,13 +10,13 @@ from pages.ui import charts, runs, widgets
 
 ALL_LABELS_UP_TO = 10  # with more classes the histogram starts pooled and the user picks labels to split out
 
+run = runs.current_run()  # first: on a fresh server's first link this runs the page inside app.py
 st.title("Influence on the whole test set")
 st.caption(
     "Mean influence of a training image over all test images: high = it helps the model in general, "
     "negative = the test set would be better off without it (a typical sign of a wrong label)."
 )
 
-run = runs.current_run()
 result = runs.influence(run)
 mean = result.mean_influence
 labels = run.labels("train")

@@ -351,6 +351,7 @@ def test_every_page_works_on_a_tiny_imagenet_run(tiny_run, runs_root, monkeypatc
         at.switch_page(f"pages/{page}.py").run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
+    assert len(at.title) == 1, [t.value for t in at.title]  # drawn once: AppTest starts outside app.py's frame
     run = at.query_params["run"]
     assert (run[0] if isinstance(run, list) else run) == tiny_run.path.name  # no fallback to the demo
 

@@ -6,6 +6,7 @@ lists can hold flipped images, as on the demo). ``many``: 200 classes, 2,000 / 2
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -45,6 +46,7 @@ def page(synthetic_runs, monkeypatch):
         at.switch_page(f"pages/{name}.py").run()
         assert not at.exception, at.exception
         assert not at.error, [e.value for e in at.error]
+        assert len(at.title) == 1, [t.value for t in at.title]  # drawn once, inside app.py's frame
         return at
 
     return open_page
@@ -56,6 +58,13 @@ def captions(at: AppTest) -> list[str]:
 
 def figure(at: AppTest, index: int = 0) -> dict:
     return json.loads(at.get("plotly_chart")[index].proto.spec)
+
+
+def values(array) -> np.ndarray:
+    """A figure's array as numpy: plotly sends numpy arrays base64-encoded (``{"dtype", "bdata"}``)."""
+    if isinstance(array, dict):
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"])
+    return np.asarray(array)
 
 
 def test_explorer_captions_say_what_each_number_is_and_mark_flips(page, synthetic_runs):
@@ -110,6 +119,23 @@ def test_whole_test_set_titles_claim_clear_examples_only_when_no_flip_is_listed(
         heading = next(m.value for m in at.markdown if m.value.startswith("**Highest mean influence"))
         assert ("clearest" in heading) == (c == clean), heading
         assert any(x.value.startswith(f"{highest_flipped(c)} of the 8 images listed") for x in at.caption)
+
+
+def test_whole_test_set_histogram_gives_each_label_its_own_row_and_scale(page, synthetic_runs):
+    run, result = synthetic_runs[1]["small"]
+    fig = figure(page("test_set", "small"))
+    bars = [t for t in fig["data"] if t["type"] == "bar"]
+    assert [t["name"] for t in bars] == run.classes  # every label on its own with 10 classes
+    assert sorted(t["base"] for t in bars) == list(range(run.n_classes))  # one row each, no overlap
+    labels = run.labels("train")
+    axis = fig["layout"]["yaxis"]
+    ticks = dict(zip(values(axis["tickvals"]).tolist(), axis["ticktext"], strict=True))
+    for c, trace in enumerate(bars):
+        counts, heights = values(trace["customdata"]), values(trace["y"])
+        assert counts.sum() <= (labels == c).sum()  # inside the x-range; the rest is counted in the caption
+        assert heights.max() == pytest.approx(0.9)  # scaled to its own tallest bar
+        assert np.allclose(heights / 0.9 * counts.max(), counts)
+        assert ticks[trace["base"]].startswith(f"{run.classes[c]} — {(labels == c).sum():,} images")
 
 
 def test_whole_test_set_with_200_classes_pools_labels_and_pages_the_table(page, synthetic_runs):

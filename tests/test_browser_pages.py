@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 from _synthetic_run import make_synthetic_run
 from browsing import SHOTS, VIEWPORT, settle
@@ -21,6 +22,7 @@ INTERACTION_S = 1.0  # issue 11: opening a page or picking a test image, after t
 # on a shared machine whose load exceeds its cores only a guard against pathological slowness remains; measured
 # there at load 18 on 2 cores: scripts 0.23–0.29 s, browser interactions 1.5–8.7 s
 BUSY_SCRIPT_S, BUSY_BROWSER_S = 2.0, 12.0
+REPEATS = 3
 PAGES = {
     "Test image explorer": ("explorer", "Most harmful training images"),
     "Whole test set": ("test_set", "All training images, most harmful first"),
@@ -48,12 +50,12 @@ def open_tab(browser, base: str, page: str, run: str, text: str):
     return tab
 
 
-def timed(tab, target, text: str) -> float:
-    """Seconds from a click on ``target`` (a locator) until ``text`` shows and no element is stale or a
-    placeholder any more."""
+def timed(tab, target, shown) -> float:
+    """Seconds from a click on ``target`` (a locator) until ``shown`` (a text or a locator) shows and no element
+    is stale or a placeholder any more."""
     start = time.perf_counter()
     target.click()
-    tab.get_by_text(text).first.wait_for()
+    (tab.get_by_text(shown) if isinstance(shown, str) else shown).first.wait_for()
     tab.wait_for_function(
         "() => !document.querySelector('[data-stale=\"true\"]') && "
         "!document.querySelector('[data-testid=\"stSkeleton\"]')"
@@ -101,25 +103,40 @@ def test_pages_answer_within_a_second_on_a_large_run_in_the_script(large_run, ru
 
 
 def test_pages_answer_quickly_on_a_large_run_in_the_browser(browser, server, large_run):
+    """Each interaction is timed REPEATS times and judged by its median: on a 2-core machine shared with the
+    server and pytest one sample now and then takes twice as long (measured: 0.3–1.0 s for the same page)."""
     base, _ = server
     tab = open_tab(browser, base, "explorer", "large", "Most harmful training images")
+    nav = tab.get_by_test_id("stSidebarNav")
     for page_name, (_, text) in PAGES.items():  # first load of each page
-        tab.get_by_test_id("stSidebarNav").get_by_text(page_name).click()
+        nav.get_by_text(page_name).click()
         tab.get_by_text(text).first.wait_for()
         settle(tab)
-    times = {}
-    for page_name, (_, text) in PAGES.items():
-        times[page_name] = timed(tab, tab.get_by_test_id("stSidebarNav").get_by_text(page_name), text)
-        settle(tab)
-    tab.get_by_test_id("stSidebarNav").get_by_text("Test image explorer").click()  # back where images are picked
+    samples = {name: [] for name in [*PAGES, "pick a test image"]}
+    for _ in range(REPEATS):
+        for page_name, (_, text) in PAGES.items():
+            samples[page_name].append(timed(tab, nav.get_by_text(page_name), text))
+            settle(tab)
+    nav.get_by_text("Test image explorer").click()  # back where images are picked
     tab.get_by_text(PAGES["Test image explorer"][1]).first.wait_for()
     settle(tab)
-    times["pick a test image"] = timed(tab, tab.get_by_role("button", name="Inspect").nth(5), "Test image #")
+    misclassified = np.flatnonzero(large_run.labels("test") != large_run.predictions["probs_test"].argmax(1))
+    for slot in range(5, 5 + REPEATS):  # the picker opens on the misclassified test images: a new one each time
+        heading = tab.get_by_text(f"Test image #{misclassified[slot]}", exact=True)
+        samples["pick a test image"].append(timed(tab, tab.get_by_role("button", name="Inspect").nth(slot), heading))
+        settle(tab)
     busy = machine_is_busy()
+    medians = {name: float(np.median(times)) for name, times in samples.items()}
     (SHOTS / "interaction-times.json").write_text(
         json.dumps(
-            {"seconds": times, "load_average": os.getloadavg()[0], "cpus": os.cpu_count(), "run": "1,000 × 10,000"}
+            {
+                "median_s": medians,
+                "samples_s": samples,
+                "load_average": os.getloadavg()[0],
+                "cpus": os.cpu_count(),
+                "run": "1,000 × 10,000",
+            }
         )
     )
-    assert max(times.values()) < (BUSY_BROWSER_S if busy else INTERACTION_S), times
+    assert max(medians.values()) < (BUSY_BROWSER_S if busy else INTERACTION_S), samples
     tab.context.close()

@@ -28,39 +28,36 @@ def chart(fig: go.Figure, key: str | None = None) -> None:
 
 
 def influence_histogram(h: GroupedHistogram, title: str, x_title: str) -> go.Figure:
-    """Small multiples: one histogram per group (shared bins and x-axis, own y-scale), never overlaid colours."""
+    """Ridgeline: one histogram per group on its own row (shared bins and x-axis, each row scaled to its own
+    tallest bar), never overlaid colours; one plot area however many groups, so it draws fast."""
     n = len(h.groups)
-    cols = 1 if n <= 4 else 2
-    rows = -(-n // cols)
     totals = h.counts.sum(1) + h.below + h.above
-    titles = [f"{g} — {int(t):,} images" for g, t in zip(h.groups, totals, strict=True)]
-    fig = make_subplots(
-        rows,
-        cols,
-        shared_xaxes="all",
-        subplot_titles=titles,
-        vertical_spacing=min(0.3 / rows, 0.12),
-        horizontal_spacing=0.06,
-    )
     centres, widths = (h.edges[1:] + h.edges[:-1]) / 2, np.diff(h.edges)
+    fig = go.Figure()
     for i, (group, counts) in enumerate(zip(h.groups, h.counts, strict=True)):
+        row = n - 1 - i
         fig.add_bar(
             x=centres,
-            y=counts,
+            y=0.9 * counts / max(counts.max(), 1),
+            base=row,
             width=widths,
+            customdata=counts,
             name=group,
             marker_color=COLORS[i % len(COLORS)],
-            hovertemplate=f"{group}<br>%{{x:.3g}}: %{{y}} images<extra></extra>",
-            row=i // cols + 1,
-            col=i % cols + 1,
+            hovertemplate=f"{group}<br>%{{x:.3g}}: %{{customdata}} images<extra></extra>",
         )
     fig.add_vline(x=0, line_dash="dot", line_color="grey")
-    fig.update_xaxes(range=[h.edges[0], h.edges[-1]])
-    for c in range(1, cols + 1):
-        fig.update_xaxes(title_text=x_title, row=rows, col=c)
-    fig.update_yaxes(title_text="images", col=1)
-    fig.update_annotations(font_size=12)
-    fig.update_layout(title=title, height=130 + 150 * rows, showlegend=False, bargap=0)
+    fig.update_xaxes(range=[h.edges[0], h.edges[-1]], title_text=x_title)
+    fig.update_yaxes(
+        tickvals=[n - 1 - i for i in range(n)],
+        ticktext=[
+            f"{g} — {int(t):,} images<br>tallest bar {int(c.max()):,}"
+            for g, t, c in zip(h.groups, totals, h.counts, strict=True)
+        ],
+        range=[-0.05, n],
+        showgrid=False,
+    )
+    fig.update_layout(title=title, height=160 + 70 * n, showlegend=False, bargap=0)
     return fig
 
 

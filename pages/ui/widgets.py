@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import PurePosixPath
 
@@ -132,19 +133,24 @@ def image_grid(
     button: str | None = None,
     key: str = "grid",
     selected: int | None = None,
-) -> int | None:
-    """Images in a grid with captions; with ``button``, one button each: returns the index clicked, if any."""
-    clicked = None
+    on_click: Callable[[int], None] | None = None,
+) -> None:
+    """Images in a grid with captions; with ``button``, one button each, whose click calls ``on_click(index)``
+    before the page's next run (so that run already draws the choice: one run per click, no ``st.rerun``)."""
     for start in range(0, len(images), columns):
         cols = st.columns(columns)
         for i in range(start, min(start + columns, len(images))):
             with cols[i - start]:
                 st.image(enlarge(images[i], size), caption=captions[i], width="stretch")
-                if button and st.button(
-                    button, key=f"{key}-{i}", width="stretch", type="primary" if i == selected else "secondary"
-                ):
-                    clicked = i
-    return clicked
+                if button:
+                    st.button(
+                        button,
+                        key=f"{key}-{i}",
+                        width="stretch",
+                        type="primary" if i == selected else "secondary",
+                        on_click=on_click,
+                        args=(i,),
+                    )
 
 
 def index_of(positions: np.ndarray, position: int | None) -> int | None:
