@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from influence_core.errors import InfluenceLensError
 from influence_core.influence import Curvature, Damping, InfluenceModel, Method
-from influence_core.influence.kfac import factors
+from influence_core.influence.kfac import factors, layers
 from influence_core.influence.kfac import inverse as kfac_inverse
 from influence_core.influence.ops import per_sample_grads
 
@@ -299,6 +299,33 @@ def test_ekfac_eigenvalues_are_the_exact_curvature_in_the_kronecker_basis(monkey
     assert _rel(f.eigenvalues, expected) <= 1e-6
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(stride=2, padding=2, dilation=2, bias=True),
+        dict(padding="same", dilation=2, bias=False),
+        dict(stride=(2, 1), padding=(0, 1), bias=True),
+    ],
+    ids=["strided-dilated-bias", "same", "uneven"],
+)
+def test_conv_patches_and_rotated_inputs_equal_unfold_and_its_product_with_the_basis(conv):
+    """``TrackedConv2d.patches`` stacks shifted views instead of unfolding and ``rotated_inputs`` convolves with
+    ``Q_A``'s columns as filters: they must equal ``F.unfold``'s patches and ``activations() @ Q_A`` (bias column
+    included), also for a module called twice in one forward."""
+    torch.manual_seed(0)
+    module = nn.Conv2d(3, 5, (3, 2), **conv).double()
+    (layer,) = layers.tracked_layers(module, dict(module.named_parameters(prefix="c")))
+    q_a = torch.linalg.qr(torch.randn(layer.in_dim, layer.in_dim, dtype=torch.float64))[0][:, :7]
+    with layers.hooked([layer]):
+        module(torch.randn(4, 3, 9, 8, dtype=torch.float64))
+        module(torch.randn(4, 3, 9, 8, dtype=torch.float64))
+        x, padding = layer._padded(layer.inputs[1])  # "same" padding applied to x, as unfold cannot do it
+        unfolded = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride).transpose(1, 2)
+        torch.testing.assert_close(layer.patches(layer.inputs[1]), unfolded, atol=0, rtol=0)
+        expected = layer.activations(torch.float64) @ q_a
+        torch.testing.assert_close(layer.rotated_inputs(q_a), expected, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
 @pytest.mark.parametrize(
     "scope, rotate_first, rank", [("all", True, None), ("all", False, None), ("head", True, None), ("all", True, 5)]
@@ -445,6 +472,24 @@ def test_leading_eigh_finds_the_leading_eigenpairs_of_a_decaying_spectrum():
     torch.testing.assert_close(q.T @ q, torch.eye(40, dtype=torch.float64), atol=1e-10, rtol=0)
     assert _rel(evals, want_evals[-40:]) <= 1e-3
     assert torch.linalg.matrix_norm(q.T @ want_q[:, -40:]) ** 2 / 40 >= 0.999
+
+
+@pytest.mark.parametrize("dim", [7, 700])  # one block; three blocks, the last narrower than the others
+def test_covariance_accumulates_scaled_rows_into_the_full_symmetric_matrix(dim):
+    """``Covariance`` keeps its first rows, then accumulates only the blocks on and below the diagonal: what it
+    decomposes must be ``(1/n) Σ scale · x xᵀ`` of every batch, whole and symmetric."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(rows, dim, generator=gen, dtype=torch.float64), scale)
+        for rows, scale in [(3, 0.5), (2 * dim, 0.25), (dim + 5, 1.0)]
+    ]  # the first stays rows, the second makes it dense
+    cov = factors.Covariance(dim)
+    for x, scale in batches:
+        cov.add(x, scale)
+    q, evals, projected = cov.eig(10, torch.float64, torch.device("cpu"))
+    expected = sum(scale * x.T @ x for x, scale in batches) / 10
+    assert len(cov.blocks) == -(-dim // factors.SYMMETRIC_BLOCK) and not projected
+    torch.testing.assert_close(q @ torch.diag(evals) @ q.T, expected, atol=1e-10 * expected.abs().max(), rtol=0)
 
 
 def test_rank_must_be_positive():

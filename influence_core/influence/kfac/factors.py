@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,28 +20,47 @@ POWER_ITERATIONS = 3
 OVERSAMPLE = 64
 
 
+SYMMETRIC_BLOCK = 288
+"""Columns per block of a dense covariance: only the blocks on and below the diagonal are accumulated (the
+matrix is symmetric), ``(k + 1) / 2k`` of the products for ``k`` blocks, and mirrored once before use."""
+
+
 class Covariance:
-    """Accumulates ``Σ x xᵀ`` over rows ``x``; keeps the rows themselves while there are few of them."""
+    """Accumulates ``Σ scale · x xᵀ`` over rows ``x``; keeps the rows themselves while there are few of them."""
 
     def __init__(self, dim: int):
         self.dim = dim
         self.rows: list[torch.Tensor] | None = []
         self.n_rows = 0
         self.dense: torch.Tensor | None = None
+        self.blocks = [slice(a, min(a + SYMMETRIC_BLOCK, dim)) for a in range(0, dim, SYMMETRIC_BLOCK)]
 
-    def add(self, x: torch.Tensor) -> None:
-        """``x``: ``(N, dim)`` rows, already scaled."""
+    def add(self, x: torch.Tensor, scale: float = 1.0) -> None:
+        """``x``: ``(N, dim)`` rows, each counted ``scale`` times."""
         if self.rows is not None and self.n_rows + len(x) <= GRAM_FRACTION * self.dim:
-            self.rows.append(x)
+            self.rows.append(x * math.sqrt(scale) if scale != 1 else x)
             self.n_rows += len(x)
             return
         if self.rows is not None:  # switch to a dense accumulator
             self.dense = torch.zeros(self.dim, self.dim, dtype=x.dtype, device=x.device)
             for r in self.rows:
-                self.dense.addmm_(r.T, r)
+                self._accumulate(r, 1.0)
             self.rows = None
+        self._accumulate(x, scale)
+
+    def _accumulate(self, x: torch.Tensor, scale: float) -> None:
         assert self.dense is not None
-        self.dense.addmm_(x.T, x)
+        for i, rows in enumerate(self.blocks):
+            for cols in self.blocks[: i + 1]:
+                self.dense[rows, cols].addmm_(x[:, rows].T, x[:, cols], alpha=scale)
+
+    def _symmetric(self) -> torch.Tensor:
+        """The accumulated ``Σ scale · x xᵀ`` with its upper blocks mirrored from the lower ones."""
+        assert self.dense is not None
+        for i, rows in enumerate(self.blocks):
+            for cols in self.blocks[:i]:
+                self.dense[cols, rows] = self.dense[rows, cols].T
+        return self.dense
 
     def eig(
         self, n: int, dtype: torch.dtype, device: torch.device, rank: int | None = None
@@ -54,7 +74,8 @@ class Covariance:
         between dropping and keeping (at ``1/λ``) the directions outside ``Q``.
         """
         if self.dense is not None:
-            m = (self.dense + self.dense.T) / (2 * n)
+            m = self._symmetric()
+            m = (m + m.T) / (2 * n)
             if rank is not None and rank * RANDOMIZED_RATIO <= self.dim:
                 evals, q = leading_eigh(m, rank)
                 return q, evals.clamp_min(0), True

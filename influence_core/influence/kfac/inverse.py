@@ -236,7 +236,7 @@ class KFACInverse(EigenbasisInverse):
         def accumulate(logits, columns):
             for layer, (cov_a, _) in zip(tracked, covs, strict=True):
                 a = layer.activations(self.dtype)
-                cov_a.add(a.reshape(-1, a.shape[-1]) / math.sqrt(a.shape[1]))
+                cov_a.add(a.reshape(-1, a.shape[-1]), scale=1 / a.shape[1])
             for grads in column_grads(tracked, logits, columns):
                 for layer, g, (_, cov_g) in zip(tracked, grads, covs, strict=True):
                     rows = layer.output_grads(g, self.dtype)

