@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from influence_core.errors import InfluenceLensError
 from influence_core.influence import Curvature, Damping, InfluenceModel, Method
+from influence_core.influence.base import weighted_squares
 from influence_core.influence.kfac import factors, layers
 from influence_core.influence.kfac import inverse as kfac_inverse
 from influence_core.influence.ops import per_sample_grads
@@ -324,6 +325,29 @@ def test_conv_patches_and_rotated_inputs_equal_unfold_and_its_product_with_the_b
         torch.testing.assert_close(layer.patches(layer.inputs[1]), unfolded, atol=0, rtol=0)
         expected = layer.activations(torch.float64) @ q_a
         torch.testing.assert_close(layer.rotated_inputs(q_a), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("rotate_first", [True, False])
+def test_self_influence_over_position_pairs_equals_the_coordinates_weighted_squares(monkeypatch, rotate_first):
+    """``basis_self_influence`` sums layers of at most ``PAIR_POSITIONS`` positions over pairs of positions:
+    a conv with 4 positions (pairs), one with 16 (coordinates, both ways of forming them) and the fc layer (1)
+    must give the weighted squares of :meth:`basis_grads`' coordinates."""
+    monkeypatch.setattr(kfac_inverse, "_rotate_first", lambda *args: rotate_first)
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).eval()  # 8×8 inputs: 16 then 4 positions
+    x, y = torch.randn(23, 2, 8, 8), torch.randint(0, 3, (23,))
+    params = dict(model.named_parameters())
+    inv = _fit("kfac", model, params, _batches(x, y, 10), len(x))
+    d = inv.inverse_diagonal(Damping.absolute(1e-3))
+    expected = sum(weighted_squares(r, d[key]) for key, r in inv.basis_grads(model, params, x, y))
+    torch.testing.assert_close(inv.basis_self_influence(model, params, x, y, d), expected, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])

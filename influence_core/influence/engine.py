@@ -18,7 +18,7 @@ from torch.func import functional_call, grad
 from ..errors import InfluenceLensError
 from ..progress import Progress
 from ..storage import resolve_device
-from .base import EigenbasisInverse, InverseCurvature, Method
+from .base import EigenbasisInverse, InverseCurvature, Method, weighted_squares
 from .choices import Curvature, Damping, Scope, ScopeArg, default_damping, parse_scope
 from .direct import Direct
 from .ops import (
@@ -144,16 +144,6 @@ def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
             "use scope 'all' or a list of module names, or a classifier that ends in nn.Linear",
         )
     return found[-1]
-
-
-def _weighted_squares(r: torch.Tensor, d: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
-    """``Σ_j d_j r_ij²`` per sample: eigenbasis coordinates ``r (b, ...)``, inverse diagonal ``d`` → ``(b,)``.
-
-    ``overwrite``: square ``r`` in place (no temporary as large as ``r``: fresh buffers of that size cost page
-    faults; on goldfish/lemon's whole ResNet18 self-influence went from 21.2 s to 16.8 s on 2 CPU cores,
-    ``benchmarks/engine_timing.py``)."""
-    flat = r.reshape(len(r), -1)
-    return (flat.square_() if overwrite else flat.square()) @ d.reshape(-1)
 
 
 DEFAULT_METHOD = Direct()
@@ -345,8 +335,12 @@ class InfluenceModel:
         """Per chunk ``(rows, blocks)``: ``blocks`` yields ``(block, coordinates (b, ...))`` in the eigenbasis."""
         inverse = self.inverse_
         assert isinstance(inverse, EigenbasisInverse)
+        return self._per_chunk(x, y, stage, inverse.basis_grads)
+
+    def _per_chunk(self, x: Images, y: torch.Tensor, stage: str, compute, *args):
+        """``(rows, compute(block model, params, inputs, labels, *args))`` per memory-bounded chunk of ``x``."""
         for rows, (inputs, labels) in zip(self._chunks(len(x)), self._batches(x, y)(), strict=True):
-            yield rows, inverse.basis_grads(self.block_model_, self.params_, inputs, labels)
+            yield rows, compute(self.block_model_, self.params_, inputs, labels, *args)
             self._report(stage, rows.stop, len(x))
 
     def _grad_groups(self, x: Images, y: torch.Tensor, stage: str) -> Iterator[tuple[slice, Grads]]:
@@ -453,7 +447,7 @@ class InfluenceModel:
         for rows, blocks in chunks:
             for n, gn in blocks:
                 if self_inf is not None:
-                    self_inf[rows] += _weighted_squares(gn, inverse[n]).cpu()
+                    self_inf[rows] += weighted_squares(gn, inverse[n]).cpu()
                 gn = gn.reshape(gn.shape[0], -1).T
                 step = k if factors.scales is None else max(1, GRAD_CHUNK_BYTES // (4 * gn.shape[0]))
                 for start in range(0, k, step):
@@ -471,10 +465,8 @@ class InfluenceModel:
         out = torch.empty(len(x), dtype=torch.float32)
         if isinstance(self.inverse_, EigenbasisInverse):
             inverse = self.inverse_.inverse_diagonal(self.regularization)
-            for rows, blocks in self._basis_grads(x, y, "self-influence"):
-                out[rows] = (
-                    torch.stack([_weighted_squares(r, inverse[key], overwrite=True) for key, r in blocks]).sum(0).cpu()
-                )
+            for rows, self_inf in self._per_chunk(x, y, "self-influence", self.inverse_.basis_self_influence, inverse):
+                out[rows] = self_inf.cpu()
         else:
             for rows, g in self._grad_groups(x, y, "self-influence"):
                 out[rows] = row_dot(g, self._solve(g)).cpu()
