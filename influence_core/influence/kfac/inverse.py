@@ -16,6 +16,8 @@ Conventions (on top of those in :mod:`.base`):
 * **Blocks.** One block per tracked module; weight and bias form one matrix ``[W | b]`` of shape
   ``(out, d)`` with ``d = in·kh·kw (+1)`` (a constant-1 column is appended to the layer inputs for the bias).
   The curvature is block-diagonal across layers.
+* **Covariances** accumulate only their blocks on and below the diagonal (:data:`.factors.SYMMETRIC_BLOCK`
+  columns each) and are mirrored once before the eigendecomposition.
 * **Weighting.** Every sum runs over samples (and label columns) and is divided by ``n_samples`` once at
   the end; chunk means are never averaged, so the chunk size does not change the result.
 * **Spatial convention (Conv2d, and Linear on inputs with extra axes).** With ``T`` positions per sample
@@ -34,7 +36,9 @@ Conventions (on top of those in :mod:`.base`):
   with ``r_i = Q_Gᵀ ∇_W ℓ_i Q_A`` taken straight from the hooks: ``(g_i Q_G)ᵀ (a_i Q_A)`` for ``g_i (T, out)``,
   ``a_i (T, d)``, rank ≤ ``T``, so a layer with a small feature map (ResNet's last stage: ``T = 4`` at 64 px)
   never forms a parameter-sized per-sample gradient nor multiplies one by ``Q_A``. Done in the input's
-  precision (float32) with bases completed to square matrices (eigenvalue 0 on the complement).
+  precision (float32) with bases completed to square matrices (eigenvalue 0 on the complement). Conv inputs
+  are rotated by a convolution with ``Q_A``'s columns as filters (no unfolded copy); self-influence alone sums
+  layers of at most :data:`PAIR_POSITIONS` positions over pairs of positions, without the coordinates.
 * **Rank-deficient factors.** When a factor has seen fewer rows than half its size (few samples, small
   feature maps) it is eigendecomposed through its Gram matrix; ``Q`` then has fewer columns than rows, the
   curvature is exactly zero on the orthogonal complement and the solve adds ``(V − Q_G Q_Gᵀ V Q_A Q_Aᵀ)/λ`` — unless
