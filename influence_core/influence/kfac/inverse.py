@@ -395,10 +395,7 @@ class KFACInverse(EigenbasisInverse):
         """Per layer block ``key``: ``Q_Gᵀ [∇_W ℓ_i | ∇_b ℓ_i] Q_A`` for each sample, ``(b, out, d)`` in ``x``'s
         precision (complete bases), from one forward and one backward pass with hooks."""
         for layer, f, g in self._layer_sides(model, params, x, y):
-            if _rotate_first(g.shape[1], f, 1):
-                yield layer.key, (g @ f.q_g).transpose(1, 2) @ layer.rotated_inputs(f.q_a)
-            else:
-                yield layer.key, torch.cat(list(_rotated_per_sample(g, layer.activations(x.dtype), f, False)))
+            yield layer.key, _coordinates(layer, f, g)
 
     def basis_self_influence(
         self,
@@ -420,11 +417,8 @@ class KFACInverse(EigenbasisInverse):
                 g_pairs = (g_rot[:, :, None] * g_rot[:, None]).flatten(1, 2)  # (b, T², r_G)
                 a_pairs = (a_rot[:, :, None] * a_rot[:, None]).flatten(1, 2)  # (b, T², r_A)
                 total += ((g_pairs @ d.to(x.dtype)) * a_pairs).sum((1, 2))
-            elif _rotate_first(t, f, 1):
-                total += weighted_squares((g @ f.q_g).transpose(1, 2) @ layer.rotated_inputs(f.q_a), d, True)
             else:
-                per_sample = _rotated_per_sample(g, layer.activations(x.dtype), f, False)
-                total += torch.cat([weighted_squares(r, d, True) for r in per_sample])
+                total += weighted_squares(_coordinates(layer, f, g), d, overwrite=True)
         return total
 
     def inverse_diagonal(self, damping: Damping) -> dict[str, torch.Tensor]:
@@ -514,6 +508,14 @@ class _DataPass:
                 self.progress(stage, done, self.n_samples)
         if done != self.n_samples:
             raise ValueError(f"batches() yielded {done} samples but n_samples={self.n_samples}")
+
+
+def _coordinates(layer: TrackedLayer, f: LayerFactors, g: torch.Tensor) -> torch.Tensor:
+    """``Q_Gᵀ G_i Q_A`` ``(b, r_G, r_A)`` of each sample from the output gradients ``g (b, T, out)`` and the
+    layer's captured inputs, in ``g``'s dtype, by the cheaper of the two orders."""
+    if _rotate_first(g.shape[1], f, 1):
+        return (g @ f.q_g).transpose(1, 2) @ layer.rotated_inputs(f.q_a)
+    return torch.cat(list(_rotated_per_sample(g, layer.activations(g.dtype), f, False)))
 
 
 def _rotate_first(t: int, f: LayerFactors, n_columns: int) -> bool:
