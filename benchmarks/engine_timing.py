@@ -24,6 +24,7 @@ from ours import method_options
 
 from influence_core import Run
 from influence_core.influence import METHODS, Damping, InfluenceModel, Method, Scope, parse_scope
+from influence_core.influence.engine import full_fp32
 from influence_core.influence.ops import flatten, per_sample_grads
 from influence_core.storage import resolve_device
 
@@ -101,11 +102,12 @@ def main() -> None:
         record["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     if args.check:  # per-sample gradients + solve in parameter space, on the images themselves (not head scope)
         k = args.check
-        grads = [
-            per_sample_grads(im.block_model_, im.params_, a.to(device), b.to(device))
-            for a, b in ((xt[:k], yt[:k]), (x[:k], y[:k]))
-        ]
-        solved = [flatten(im.inverse_.solve(g, im.regularization)) for g in grads]
+        with full_fp32():  # as the engine: no TF32 (on by default for cuDNN convolutions)
+            grads = [
+                per_sample_grads(im.block_model_, im.params_, a.to(device), b.to(device))
+                for a, b in ((xt[:k], yt[:k]), (x[:k], y[:k]))
+            ]
+            solved = [flatten(im.inverse_.solve(g, im.regularization)) for g in grads]
         ref = (solved[0] @ flatten(grads[1]).T).cpu().numpy()
         ref_self = (solved[1] * flatten(grads[1])).sum(1).cpu().numpy()
         record["check_rel_err_matrix"] = float(np.linalg.norm(matrix[:k, :k] - ref) / np.linalg.norm(ref))

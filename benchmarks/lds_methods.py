@@ -59,8 +59,9 @@ projects factors larger than 512 to their 512 leading ones)."""
 FIT_EXAMPLES_SCAN = (128, 256, 512, None)
 """``fit_examples`` scanned for whole-network EK-FAC and K-FAC at the default rank (``ours_ekfac_all_fit<k>``,
 ``…_fitall``, ``ours_kfac_all_fit<k>``)."""
-RANK_SCAN = (128, 256)
-"""``rank`` scanned for whole-network EK-FAC and K-FAC at the default fit and damping (``ours_kfac_all_rank<k>``):
+RANK_SCAN = (128, 256, None)
+"""``rank`` scanned for whole-network EK-FAC and K-FAC at the default fit and damping (``ours_kfac_all_rank<k>``,
+``…_rankfull``: every eigenvector kept):
 every Kronecker factor of more than ``rank`` dimensions is projected to its ``rank`` leading eigenvectors (the
 default, 512, projects the inputs of every 3×3 conv and of fc on a ResNet18; 256 also layer4's output gradients,
 128 also layer3's and the inputs of conv1 and layer4's downsampling)."""
@@ -136,7 +137,7 @@ def jobs(run: Run) -> dict:
                 )[default_damping(Scope.ALL)]
             }
         for k in RANK_SCAN:
-            job = f"ours_{method}_all_rank{k}"
+            job = f"ours_{method}_all_rank{k or 'full'}"
             out[job] = lambda job=job, method=method, k=k: {
                 job: engine_matrices(run, method, "all", (default_damping(Scope.ALL),), {**ALL_OPTIONS, "rank": k})[
                     default_damping(Scope.ALL)
