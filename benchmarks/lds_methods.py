@@ -5,8 +5,8 @@
 Each job writes ``WORKLOAD_DIR/matrices/<job>.npy`` ((n_test, n_train) float32, positive = helpful) and
 ``<job>.json`` (seconds, settings) atomically, and is skipped when its matrix exists (resumable). Jobs: every
 influence-function method on the head (exact curvature; ``direct`` with a damping scan), EK-FAC/K-FAC on the whole
-network with a damping scan, full rank, a fit-size scan (``ours_ekfac_all_fit<k>``) and a rank scan
-(``ours_ekfac_all_rank<k>``), each at its scope's default
+network with a damping scan, full rank, a fit-size scan (``ours_ekfac_all_fit<k>``), a rank scan
+(``ours_ekfac_all_rank<k>``) and a scan of fitted positions (``ours_kfac_all_pos<k>``), each at its scope's default
 damping unless its name says otherwise (``_top1e-06``, ``_lambda0.1``, ``_rel0.1``), and the trajectory methods of
 ``influence_core.influence.trajectory`` (TracInCP and SOURCE on the whole network and the head; ``grad_dot_all`` =
 TracInCP on the final checkpoint alone, a plain gradient dot product).
@@ -53,9 +53,10 @@ test-factor solve per value."""
 ALL_OPTIONS = {"dtype": "float32"}
 """Whole-network K-FAC/EK-FAC factors in float32 (what the engine's ``dtype="auto"`` picks for blocks above 1M
 parameters, fixed here for every block)."""
-FULL_RANK_OPTIONS = {**ALL_OPTIONS, "rank": None, "fit_examples": None}
-"""Every eigenvector of every factor kept, fitted on every training example (the full estimator; the default
-projects factors larger than 512 to their 512 leading ones)."""
+FULL_RANK_OPTIONS = {**ALL_OPTIONS, "rank": None, "fit_examples": None, "fit_positions": None}
+"""Every eigenvector of every factor kept, fitted on every position of every training example (the full
+estimator; the default projects factors larger than 512 to their 512 leading ones and fits on 32 positions of 256
+examples)."""
 FIT_EXAMPLES_SCAN = (128, 256, 512, None)
 """``fit_examples`` scanned for whole-network EK-FAC and K-FAC at the default rank (``ours_ekfac_all_fit<k>``,
 ``…_fitall``, ``ours_kfac_all_fit<k>``)."""
@@ -65,6 +66,10 @@ RANK_SCAN = (128, 256, None)
 every Kronecker factor of more than ``rank`` dimensions is projected to its ``rank`` leading eigenvectors (the
 default, 512, projects the inputs of every 3×3 conv and of fc on a ResNet18; 256 also layer4's output gradients,
 128 also layer3's and the inputs of conv1 and layer4's downsampling)."""
+FIT_POSITIONS_SCAN = (16, 64, None)
+"""``fit_positions`` scanned for whole-network K-FAC at the default fit and damping (``ours_kfac_all_pos<k>``,
+``…_posall``: every position; the default is 32): positions per example over which each layer's input covariance
+is averaged (ResNet18 at 64 px has 1,024 in the stem, 256 in layer1, 64 in layer2)."""
 HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {"rank": 100}, "lissa": {"depth": 300}}
 """Method → options (as benchmarks/run.py: Arnoldi keeps 100 of the head's directions, LiSSA runs 300 steps)."""
 
@@ -143,6 +148,13 @@ def jobs(run: Run) -> dict:
                     default_damping(Scope.ALL)
                 ]
             }
+    for k in FIT_POSITIONS_SCAN:
+        job = f"ours_kfac_all_pos{k or 'all'}"
+        out[job] = lambda job=job, k=k: {
+            job: engine_matrices(
+                run, "kfac", "all", (default_damping(Scope.ALL),), {**ALL_OPTIONS, "fit_positions": k}
+            )[default_damping(Scope.ALL)]
+        }
     out["tracin_all"] = lambda: {"tracin_all": trajectory_matrix(run, "tracin", "all")}
     out["tracin_all_first22"] = lambda: {"tracin_all_first22": trajectory_matrix(run, "tracin", "all", n_test=22)}
     out["source_all_first22"] = lambda: {"source_all_first22": trajectory_matrix(run, "source", "all", n_test=22)}

@@ -325,6 +325,18 @@ def test_conv_patches_and_rotated_inputs_equal_unfold_and_its_product_with_the_b
         torch.testing.assert_close(layer.patches(layer.inputs[1]), unfolded, atol=0, rtol=0)
         expected = layer.activations(torch.float64) @ q_a
         torch.testing.assert_close(layer.rotated_inputs(q_a), expected, atol=1e-12, rtol=0)
+        # patches at chosen positions: gathered from the padded pixels (one call) or from every patch (two calls)
+        t = unfolded.shape[1]
+        positions = torch.rand(4, t, generator=torch.Generator().manual_seed(1)).argsort(1)[:, :5]
+        chosen = torch.gather(unfolded, 1, positions[..., None].expand(-1, -1, unfolded.shape[2]))
+        torch.testing.assert_close(layer.patches_at(layer.inputs[1], positions), chosen, atol=0, rtol=0)
+        assert layer.n_positions() == 2 * t
+        both = torch.rand(4, 2 * t, generator=torch.Generator().manual_seed(2)).argsort(1)[:, :6]
+        every = layer.activations(torch.float64)
+        torch.testing.assert_close(
+            layer.activations(torch.float64, both),
+            torch.gather(every, 1, both[..., None].expand(-1, -1, every.shape[2])),
+        )
 
 
 @pytest.mark.parametrize("rotate_first", [True, False])
@@ -516,6 +528,34 @@ def test_covariance_accumulates_scaled_rows_into_the_full_symmetric_matrix(dim):
     torch.testing.assert_close(q @ torch.diag(evals) @ q.T, expected, atol=1e-10 * expected.abs().max(), rtol=0)
 
 
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_fit_positions_estimates_the_input_covariance_from_a_seeded_subset_of_positions(cnn_setup, method, monkeypatch):
+    """``fit_positions=k`` averages the conv's input covariance over k random positions per example (of its 64):
+    the same curvature at the same scale up to sampling noise (a 1/T instead of 1/k scale would be 4× off), exactly
+    the plain fit when k ≥ T, reproducible by seed and different across seeds; ``"auto"`` is
+    ``DEFAULT_FIT_POSITIONS`` above ``AUTO_FLOAT64_PARAMS`` parameters and every position below; 0 is refused."""
+    model, params, x_tr, y_tr, *_ = cnn_setup
+    fit = lambda **o: _fit(method, model, params, _batches(x_tr, y_tr, 64), len(x_tr), dtype="float64", **o)  # noqa: E731
+    every = fit(fit_positions=None)
+    sixteen, again, other_seed = fit(fit_positions=16), fit(fit_positions=16), fit(fit_positions=16, seed=1)
+    conv, fc = 0, 1
+    assert every.layers[conv].q_a.shape[0] == 28  # 3·3·3 + bias; 64 positions per example
+    assert 1e-3 < _rel(sixteen.layers[conv].eigenvalues, every.layers[conv].eigenvalues) < 0.05
+    ratio = float(sixteen.layers[conv].eigenvalues.sum() / every.layers[conv].eigenvalues.sum())
+    assert abs(ratio - 1) < 0.02
+    torch.testing.assert_close(sixteen.layers[conv].eigenvalues, again.layers[conv].eigenvalues, atol=0, rtol=0)
+    assert not torch.equal(sixteen.layers[conv].eigenvalues, other_seed.layers[conv].eigenvalues)
+    assert torch.equal(sixteen.layers[fc].q_a, every.layers[fc].q_a)  # one position: nothing to subsample
+    assert torch.equal(fit(fit_positions=64).layers[conv].eigenvalues, every.layers[conv].eigenvalues)
+    assert torch.equal(fit().layers[conv].eigenvalues, every.layers[conv].eigenvalues)  # "auto", 762 parameters
+    monkeypatch.setattr(kfac_inverse, "AUTO_FLOAT64_PARAMS", 100)
+    monkeypatch.setattr(kfac_inverse, "DEFAULT_FIT_POSITIONS", 16)
+    auto_large = fit(fit_examples=None)  # (its "auto" would now also fit on a subset of examples)
+    assert torch.equal(auto_large.layers[conv].eigenvalues, sixteen.layers[conv].eigenvalues)
+    with pytest.raises(InfluenceLensError, match="fit_positions must be at least 1"):
+        Method.named(method, fit_positions=0)
+
+
 def test_rank_must_be_positive():
     with pytest.raises(InfluenceLensError, match="rank must be at least 1"):
         Method.named("ekfac", rank=0)
@@ -545,7 +585,9 @@ def test_fit_examples_fits_on_a_seeded_subset(cnn_setup, method, monkeypatch):
     small_block = _fit(method, model, params, _batches(x_tr, y_tr, 64), len(x_tr))  # "auto", 2.6k parameters
     monkeypatch.setattr(kfac_inverse, "AUTO_FLOAT64_PARAMS", 100)
     monkeypatch.setattr(kfac_inverse, "DEFAULT_FIT_EXAMPLES", 150)
-    large_block = _fit(method, model, params, _batches(x_tr, y_tr, 64), len(x_tr), dtype="float64", seed=4)
+    large_block = _fit(
+        method, model, params, _batches(x_tr, y_tr, 64), len(x_tr), dtype="float64", seed=4, fit_positions=None
+    )
     layers = zip(sub.layers, everything.layers, small_block.layers, large_block.layers, strict=True)
     for a, c, auto_small, auto_large in layers:
         assert torch.equal(auto_small.eigenvalues, c.eigenvalues)

@@ -59,13 +59,24 @@ class TrackedLayer(ABC):
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """One captured input as ``(b, T, d_weight)`` rows (without the bias column)."""
 
+    def patches_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`patches` of one captured input at ``positions (b, k)`` (indices into its ``T``) only: ``(b, k,
+        d_weight)``. Subclasses may form the selected rows without forming the others."""
+        a = self.patches(x)
+        return torch.gather(a, 1, positions[..., None].expand(-1, -1, a.shape[2]))
+
     @abstractmethod
     def output_rows(self, g: torch.Tensor) -> torch.Tensor:
         """One gradient w.r.t. a captured output as ``(b, T, out)``."""
 
-    def activations(self, dtype: torch.dtype) -> torch.Tensor:
-        """Layer inputs of the last forward as ``(b, T, d)`` (patches for Conv2d, 1-column for the bias)."""
-        a = self._all_patches()
+    def n_positions(self) -> int:
+        """``T`` of the last forward (all captured calls of the module together)."""
+        return sum(o[0].numel() // self.out_dim for o in self.outputs)
+
+    def activations(self, dtype: torch.dtype, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer inputs of the last forward as ``(b, T, d)`` (patches for Conv2d, 1-column for the bias), or at
+        ``positions (b, k)`` only (indices into ``T``, per sample): ``(b, k, d)``."""
+        a = self._all_patches(positions)
         b, t = a.shape[:2]
         cols = []
         if self.weight_name is not None:
@@ -85,9 +96,12 @@ class TrackedLayer(ABC):
             out += q_a[d]
         return out.reshape(b, t, -1)
 
-    def _all_patches(self) -> torch.Tensor:
+    def _all_patches(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is not None and len(self.inputs) == 1:
+            return self.patches_at(self.inputs[0], positions)
         parts = [self.patches(x) for x in self.inputs]
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        a = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return a if positions is None else torch.gather(a, 1, positions[..., None].expand(-1, -1, a.shape[2]))
 
     def output_grads(self, grads: list[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         """Gradients w.r.t. the outputs of the last forward as ``(b, T, out)``."""
@@ -157,22 +171,45 @@ class TrackedConv2d(TrackedLayer):
             x = F.pad(x, pads)
         return x, (0, 0)
 
+    def _geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """The zero-padded channels-last input ``(b, H', W', C)`` and the output's height and width."""
+        m = self.module
+        x, (ph, pw) = self._padded(x)
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        h, w = x.shape[2:]
+        ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1), ho, wo
+
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """``F.unfold``'s patches, transposed to ``(b, T, d)``, but written contiguously in that layout: one stack
         of the ``kh·kw`` shifted views of the channels-last input (``d`` ordered ``(C, kh, kw)`` as the weight's
         rows are). On ResNet18's first stage this takes 2/3 of the time of unfolding and transposing."""
         m = self.module
-        x, (ph, pw) = self._padded(x)
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-        b, c, h, w = x.shape
-        ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        x = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (b, H, W, C)
+        x, ho, wo = self._geometry(x)
+        b, c = x.shape[0], x.shape[3]
         shifted = [
             x[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
             for i in range(kh)
             for j in range(kw)
         ]
         return torch.stack(shifted, dim=-1).reshape(b, ho * wo, c * kh * kw)
+
+    def patches_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The patches of the output positions ``positions (b, k)`` only, gathered from the padded input's pixels
+        (no full unfolded copy)."""
+        m = self.module
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        x, _, wo = self._geometry(x)
+        b, hp, wp, c = x.shape
+        top, left = (positions // wo) * sh, (positions % wo) * sw  # (b, k): the patch's first input pixel
+        offsets = torch.tensor(
+            [i * dh * wp + j * dw for i in range(kh) for j in range(kw)], device=positions.device
+        )  # (kh·kw,) in (kh, kw) order
+        pixels = (top * wp + left)[..., None] + offsets  # (b, k, kh·kw)
+        k = positions.shape[1]
+        rows = torch.gather(x.reshape(b, hp * wp, c), 1, pixels.reshape(b, -1, 1).expand(-1, -1, c))
+        return rows.reshape(b, k, kh * kw, c).transpose(2, 3).reshape(b, k, c * kh * kw)
 
     def rotated_inputs(self, q_a: torch.Tensor) -> torch.Tensor:
         """As for any layer, but as a convolution of the inputs with ``q_a``'s columns as ``r_A`` filters: the
