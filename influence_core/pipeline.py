@@ -164,7 +164,7 @@ CPU_SCORE_SECONDS_PER_MEGAPIXEL = 6.0
 
 
 def estimated_cpu_seconds(run: Run) -> float:
-    """Estimated seconds of the whole-network EK-FAC upgrade (fit, test factors, matrix, self-influence) on
+    """Estimated seconds of the whole-network K-FAC upgrade (fit, test factors, matrix, self-influence) on
     ``run`` on 2 CPU cores: :data:`CPU_FIT_SECONDS` + :data:`CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN` × fitted
     megapixels × output-curvature columns + :data:`CPU_SCORE_SECONDS_PER_MEGAPIXEL` × all megapixels.
     Convolution cost grows with the pixels; only the fit's backward passes grow with the columns.

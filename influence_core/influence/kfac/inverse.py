@@ -547,7 +547,8 @@ def _coordinates(layer: TrackedLayer, f: LayerFactors, g: torch.Tensor) -> torch
     layer's captured inputs, in ``g``'s dtype, by the cheaper of the two orders."""
     if _rotate_first(g.shape[1], f, 1):
         return (g @ f.q_g).transpose(1, 2) @ layer.rotated_inputs(f.q_a)
-    return torch.cat(list(_rotated_per_sample(g, layer.activations(g.dtype), f, False)))
+    parts = list(_rotated_per_sample(g, layer.activations(g.dtype), f, False))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one sub-chunk (the usual case): no copy
 
 
 def _rotate_first(t: int, f: LayerFactors, n_columns: int) -> bool:
