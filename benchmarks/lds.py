@@ -330,11 +330,11 @@ def markdown(result: dict) -> str:
 
 def job_method_scope(job: str) -> tuple[str, str] | None:
     """``ours_ekfac_all`` → (ekfac, all), ``tracin_all`` → (tracin, all); None for damping-scan, full-rank,
-    fit-size and test-subset variants and for the peers' jobs (the app shows the LDS of the product's own methods
+    fit-size, rank, fitted-position and test-subset variants and for the peers' jobs (the app shows the LDS of the product's own methods
     at their defaults)."""
-    if any(tag in job for tag in ("_lambda", "_rel", "_top", "_full", "_fit", "_first")) or job.startswith(
-        ("kronfluence_", "pydvl_")
-    ):
+    if any(
+        tag in job for tag in ("_lambda", "_rel", "_top", "_full", "_fit", "_first", "_rank", "_pos")
+    ) or job.startswith(("kronfluence_", "pydvl_")):
         return None
     parts = job.removeprefix("ours_").rsplit("_", 1)
     return (parts[0], parts[1]) if len(parts) == 2 else None
