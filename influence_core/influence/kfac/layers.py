@@ -62,8 +62,7 @@ class TrackedLayer(ABC):
     def patches_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """:meth:`patches` of one captured input at ``positions (b, k)`` (indices into its ``T``) only: ``(b, k,
         d_weight)``. Subclasses may form the selected rows without forming the others."""
-        a = self.patches(x)
-        return torch.gather(a, 1, positions[..., None].expand(-1, -1, a.shape[2]))
+        return _rows_at(self.patches(x), positions)
 
     @abstractmethod
     def output_rows(self, g: torch.Tensor) -> torch.Tensor:
@@ -101,7 +100,7 @@ class TrackedLayer(ABC):
             return self.patches_at(self.inputs[0], positions)
         parts = [self.patches(x) for x in self.inputs]
         a = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        return a if positions is None else torch.gather(a, 1, positions[..., None].expand(-1, -1, a.shape[2]))
+        return a if positions is None else _rows_at(a, positions)
 
     def output_grads(self, grads: list[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         """Gradients w.r.t. the outputs of the last forward as ``(b, T, out)``."""
@@ -229,6 +228,11 @@ class TrackedConv2d(TrackedLayer):
 
     def output_rows(self, g: torch.Tensor) -> torch.Tensor:
         return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
+
+
+def _rows_at(a: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``a (b, T, d)`` at ``positions (b, k)`` (per-sample indices into ``T``): ``(b, k, d)``."""
+    return torch.gather(a, 1, positions[..., None].expand(-1, -1, a.shape[2]))
 
 
 def tracked_layers(model: nn.Module, params: dict[str, nn.Parameter]) -> list[TrackedLayer]:
