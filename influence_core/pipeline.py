@@ -153,13 +153,13 @@ DEFAULT_SETTINGS = InfluenceSettings()
 AFFORDABLE_CPU_SECONDS = 300.0
 """A better-measured whole-network result is offered by default only when its estimated CPU time is at most this
 (on a GPU it always is)."""
-CPU_FIT_SECONDS = 4.0
-"""Whole-network EK-FAC on 2 CPU cores, the part of the fit that does not grow with the data: the
+CPU_FIT_SECONDS = 2.0
+"""Whole-network K-FAC on 2 CPU cores, the part of the fit that does not grow with the data: the
 eigendecompositions of a ResNet18's Kronecker factors (calibration: :func:`estimated_cpu_seconds`)."""
-CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN = 11.0
-"""The fit's two passes (covariances, eigenvalue correction) per million pixels of the images it is fitted on
+CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN = 4.5
+"""The fit's pass (covariances) per million pixels of the images it is fitted on
 (:data:`~.influence.kfac.inverse.DEFAULT_FIT_EXAMPLES` of the training set) and per output-curvature column."""
-CPU_SCORE_SECONDS_PER_MEGAPIXEL = 6.0
+CPU_SCORE_SECONDS_PER_MEGAPIXEL = 4.0
 """Test factors, then the matrix and self-influence in one pass, per million training + test pixels."""
 
 
@@ -169,10 +169,10 @@ def estimated_cpu_seconds(run: Run) -> float:
     megapixels × output-curvature columns + :data:`CPU_SCORE_SECONDS_PER_MEGAPIXEL` × all megapixels.
     Convolution cost grows with the pixels; only the fit's backward passes grow with the columns.
 
-    Calibrated on goldfish/lemon (880 + 110 images at 64 px, 1 column) and checked on the app's digits demo (718 +
-    90 at 16 px, 9 columns) with ``benchmarks/upgrade_timing.py``, 2026-11-30: estimated 34.1 s / 8.5 s, measured
-    32.7–43.4 s (3 runs) / 8.5–9.1 s (2 runs) on this VM (the previous model, linear in pixels × columns,
-    estimated the demo at 18.6 s)."""
+    Calibrated on goldfish/lemon (880 + 110 images at 64 px, 1 column) and the app's digits demo (718 + 90 at
+    16 px, 9 columns) with ``benchmarks/upgrade_timing.py``, 2026-11-30 22:55 (K-FAC with ``fit_positions``):
+    estimated 22.9 s / 5.5 s, measured 19.1–20.9 s / 4.6–4.7 s (2 runs each) on this VM, so the estimate stays
+    10–20 % above; with the constants of that afternoon it estimated 39.9 s / 11.7 s for 32.0–36.8 s / 6.7 s."""
     pixels = run.config["image_size"] ** 2 / 1e6
     n_train, n_test = len(run.labels("train")), len(run.labels("test"))
     columns = KFAC().backward_passes(run.n_classes)
