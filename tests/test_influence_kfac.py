@@ -339,6 +339,38 @@ def test_conv_patches_and_rotated_inputs_equal_unfold_and_its_product_with_the_b
         )
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding=1, bias=False),
+        dict(kernel_size=(3, 2), padding="same", dilation=2, bias=True),
+        dict(kernel_size=(2, 3), padding=(0, 2), bias=True),
+        dict(kernel_size=1, bias=False),
+    ],
+    ids=["3x3", "same-dilated-bias", "uneven-bias", "1x1"],
+)
+def test_per_sample_sums_of_stride_one_convs_equal_the_sums_over_their_patches(conv):
+    """``TrackedConv2d.per_sample_sums`` (one product per kernel offset on the flattened padded input, no patches)
+    must equal ``Σ_t g_t a_tᵀ`` over ``activations()`` (bias column included) for any sub-range of samples; strided
+    convs and modules called twice form their patches instead."""
+    torch.manual_seed(3)
+    module = nn.Conv2d(5, 4, **conv).double()
+    (layer,) = layers.tracked_layers(module, dict(module.named_parameters(prefix="c")))
+    with layers.hooked([layer]):
+        module(torch.randn(6, 5, 9, 7, dtype=torch.float64))
+        assert layer.sums_without_patches()
+        g = torch.randn(6, layer.n_positions(), 4, dtype=torch.float64)
+        expected = g.transpose(1, 2) @ layer.activations(torch.float64)
+        torch.testing.assert_close(layer.per_sample_sums(g[2:5], slice(2, 5)), expected[2:5], atol=1e-12, rtol=0)
+        module(torch.randn(6, 5, 9, 7, dtype=torch.float64))
+        assert not layer.sums_without_patches()  # two calls in one forward
+    strided = nn.Conv2d(5, 4, 3, stride=2)
+    (layer,) = layers.tracked_layers(strided, dict(strided.named_parameters(prefix="s")))
+    with layers.hooked([layer]):
+        strided(torch.randn(2, 5, 9, 7))
+        assert not layer.sums_without_patches()
+
+
 @pytest.mark.parametrize("rotate_first", [True, False])
 def test_self_influence_over_position_pairs_equals_the_coordinates_weighted_squares(monkeypatch, rotate_first):
     """``basis_self_influence`` sums layers of at most ``PAIR_POSITIONS`` positions over pairs of positions:

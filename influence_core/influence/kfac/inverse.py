@@ -324,7 +324,8 @@ class KFACInverse(EigenbasisInverse):
                     g = layer.output_grads(g_out, self.dtype)  # (b, T, out)
                     rotate_first = _rotate_first(g.shape[1], f, len(columns))
                     a = cache.get(i)
-                    if a is None:  # (b, T, r_A) rotated, or (b, T, d)
+                    direct = not rotate_first and layer.sums_without_patches()  # no inputs needed
+                    if a is None and not direct:  # (b, T, r_A) rotated, or (b, T, d)
                         a = layer.rotated_inputs(f.q_a) if rotate_first else layer.activations(self.dtype)
                         if len(columns) > 1 and a.numel() <= budget:
                             cache[i] = a
@@ -332,7 +333,7 @@ class KFACInverse(EigenbasisInverse):
                     if rotate_first and g.shape[1] == 1:  # Σ_i (g_i ⊗ a_i)² without forming them
                         sums[i].addmm_(((g @ f.q_g)[:, 0] ** 2).T, a[:, 0] ** 2)
                         continue
-                    for rot in _rotated_per_sample(g, a, f, rotate_first):
+                    for rot in _rotated_per_sample(g, None if direct else a, f, rotate_first, layer):
                         sums[i].add_((rot**2).sum(0))
 
         pass_.run(f"{self.method.name}: eigenvalue correction", correct)
@@ -548,7 +549,8 @@ def _coordinates(layer: TrackedLayer, f: LayerFactors, g: torch.Tensor) -> torch
     layer's captured inputs, in ``g``'s dtype, by the cheaper of the two orders."""
     if _rotate_first(g.shape[1], f, 1):
         return (g @ f.q_g).transpose(1, 2) @ layer.rotated_inputs(f.q_a)
-    parts = list(_rotated_per_sample(g, layer.activations(g.dtype), f, False))
+    a = None if layer.sums_without_patches() else layer.activations(g.dtype)
+    parts = list(_rotated_per_sample(g, a, f, False, layer))
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # one sub-chunk (the usual case): no copy
 
 
@@ -563,22 +565,29 @@ def _rotate_first(t: int, f: LayerFactors, n_columns: int) -> bool:
 
 
 def _rotated_per_sample(
-    g: torch.Tensor, a: torch.Tensor, f: LayerFactors, rotate_first: bool
+    g: torch.Tensor, a: torch.Tensor | None, f: LayerFactors, rotate_first: bool, layer: TrackedLayer | None = None
 ) -> Iterator[torch.Tensor]:
     """Per-sample gradients ``Q_Gᵀ (Σ_t g_t a_tᵀ) Q_A`` ``(s, r_G, r_A)`` for consecutive sub-chunks of the batch.
 
     ``g (b, T, out)`` output gradients; ``rotate_first``: ``a (b, T, r_A)`` inputs already rotated
     (:meth:`.layers.TrackedLayer.rotated_inputs`) and ``g`` is rotated before the sum over positions (cheap when
     ``T`` is small);
-    else ``a (b, T, d)`` raw inputs, per-sample gradients ``(s, out, d)`` are formed and then rotated.
+    else ``a (b, T, d)`` raw inputs, or None to take the sums from ``layer.per_sample_sums`` (no patches), and
+    per-sample gradients ``(s, out, d)`` are formed and then rotated.
     """
     if rotate_first:
+        assert a is not None
         g = g @ f.q_g
         step = max(1, PER_SAMPLE_BUDGET // max(1, g.shape[2] * a.shape[2]))
         for start in range(0, g.shape[0], step):
             yield g[start : start + step].transpose(1, 2) @ a[start : start + step]
         return
-    step = max(1, PER_SAMPLE_BUDGET // max(1, g.shape[2] * a.shape[2]))
+    step = max(1, PER_SAMPLE_BUDGET // max(1, g.shape[2] * f.q_a.shape[0]))
     for start in range(0, g.shape[0], step):
-        per_sample = g[start : start + step].transpose(1, 2) @ a[start : start + step]  # (s, out, d)
+        rows = slice(start, start + step)
+        if a is None:
+            assert layer is not None
+            per_sample = layer.per_sample_sums(g[rows], rows)  # (s, out, d)
+        else:
+            per_sample = g[rows].transpose(1, 2) @ a[rows]
         yield sandwich(f.q_g.T, per_sample, f.q_a)

@@ -68,6 +68,16 @@ class TrackedLayer(ABC):
     def output_rows(self, g: torch.Tensor) -> torch.Tensor:
         """One gradient w.r.t. a captured output as ``(b, T, out)``."""
 
+    def sums_without_patches(self) -> bool:
+        """Whether :meth:`per_sample_sums` is available for the last forward (else form :meth:`activations`)."""
+        return False
+
+    def per_sample_sums(self, g: torch.Tensor, rows: slice) -> torch.Tensor:
+        """``Σ_t g_t a_tᵀ`` ``(s, out, d)`` (the per-sample gradients of ``[W | b]``) for the samples ``rows`` of
+        the last forward, from their output gradients ``g (s, T, out)``, without forming their patches; only
+        where :meth:`sums_without_patches`."""
+        raise NotImplementedError(f"{type(self).__name__} forms per-sample gradients from its activations")
+
     def n_positions(self) -> int:
         """``T`` of the last forward (all captured calls of the module together)."""
         return sum(o[0].numel() // self.out_dim for o in self.outputs)
@@ -209,6 +219,34 @@ class TrackedConv2d(TrackedLayer):
         k = positions.shape[1]
         rows = torch.gather(x.reshape(b, hp * wp, c), 1, pixels.reshape(b, -1, 1).expand(-1, -1, c))
         return rows.reshape(b, k, kh * kw, c).transpose(2, 3).reshape(b, k, c * kh * kw)
+
+    def sums_without_patches(self) -> bool:
+        """A stride-1 convolution called once per forward (ResNet18's 3×3 convs outside downsampling)."""
+        return self.weight_name is not None and len(self.inputs) == 1 and tuple(self.module.stride) == (1, 1)
+
+    def per_sample_sums(self, g: torch.Tensor, rows: slice) -> torch.Tensor:
+        """One batched product per kernel offset: with the padded channels-last input flattened to
+        ``(s, H'·W', C)`` rows, the input pixels an offset reads for every output position form one contiguous
+        slice of ``ho·W'`` rows, and ``g`` padded with zero columns to width ``W'`` cancels the ``W' − wo``
+        positions of each row that are no outputs (``W'/wo`` times the products of ``Σ_t g_t a_tᵀ``, no
+        ``(s, T, d)`` patches)."""
+        m = self.module
+        (kh, kw), (dh, dw) = m.kernel_size, m.dilation
+        x, ho, wo = self._geometry(self.inputs[0][rows].to(g.dtype))
+        s, hp, wp, c = x.shape
+        flat = x.new_zeros(s, hp * wp + (kw - 1) * dw, c)  # the last offsets read up to (kw − 1)·dw rows past
+        flat[:, : hp * wp] = x.reshape(s, hp * wp, c)
+        g_t = F.pad(g.reshape(s, ho, wo, -1), (0, 0, 0, wp - wo)).reshape(s, ho * wp, -1).transpose(1, 2)
+        sums = torch.stack(
+            [
+                g_t @ flat[:, i * dh * wp + j * dw : i * dh * wp + j * dw + ho * wp]
+                for i in range(kh)
+                for j in range(kw)
+            ],
+            dim=-1,
+        )  # (s, out, C, kh·kw): d ordered (C, kh, kw) as the weight's rows are
+        sums = sums.reshape(s, sums.shape[1], -1)
+        return torch.cat([sums, g.sum(1)[..., None]], dim=2) if self.bias_name is not None else sums
 
     def rotated_inputs(self, q_a: torch.Tensor) -> torch.Tensor:
         """As for any layer, but as a convolution of the inputs with ``q_a``'s columns as ``r_A`` filters: the
