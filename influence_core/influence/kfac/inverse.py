@@ -117,7 +117,8 @@ datamodeling score"): K-FAC fitted on 128 / 256 / 512 / all examples scored 0.39
 product's recipe (0.100 / 0.116 / 0.115 / – with flips only), with fits of 5.6 / 11.3 / 24.4 s on 2 CPU cores;
 256 kept the matrix at 3.0× and self-influence at 2.5× the forward+backward floor of one machine (11.3 s), and at
 5.2× / 3.9× the floor of ``benchmarks/run.py``'s run of 2026-11-30 17:12 (4.88 s), where the floor was faster
-(4.2× / 2.8× of 4.94 s at 22:39, with :data:`DEFAULT_FIT_POSITIONS` and the faster code of that evening)."""
+(4.2× / 2.8× of 4.94 s at 22:39 with :data:`DEFAULT_FIT_POSITIONS`, 4.0× / 2.6× of 4.78 s at 23:15 with the
+patch-free per-sample sums of stride-1 convs)."""
 DEFAULT_FIT_POSITIONS = 32
 """``fit_positions="auto"`` for blocks of more than :data:`AUTO_FLOAT64_PARAMS` parameters. On goldfish/lemon's
 whole ResNet18 (64 px: 1,024 positions in the stem, 256 in layer1, 64 in layer2) K-FAC's fit took 3.7 s instead
