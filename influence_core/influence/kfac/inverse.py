@@ -332,6 +332,7 @@ class KFACInverse(EigenbasisInverse):
                             cache[i] = a
                             budget -= a.numel()
                     if rotate_first and g.shape[1] == 1:  # Σ_i (g_i ⊗ a_i)² without forming them
+                        assert a is not None  # rotated inputs
                         sums[i].addmm_(((g @ f.q_g)[:, 0] ** 2).T, a[:, 0] ** 2)
                         continue
                     for rot in _rotated_per_sample(g, None if direct else a, f, rotate_first, layer):
