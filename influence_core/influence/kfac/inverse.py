@@ -324,9 +324,8 @@ class KFACInverse(EigenbasisInverse):
                 for i, (layer, g_out, f) in enumerate(zip(tracked, grads, self.layers, strict=True)):
                     g = layer.output_grads(g_out, self.dtype)  # (b, T, out)
                     rotate_first = _rotate_first(g.shape[1], f, len(columns))
-                    a = cache.get(i)
-                    direct = not rotate_first and layer.sums_without_patches()  # no inputs needed
-                    if a is None and not direct:  # (b, T, r_A) rotated, or (b, T, d)
+                    a = cache.get(i)  # stays None for sums without patches (no inputs needed)
+                    if a is None and (rotate_first or not layer.sums_without_patches()):  # (b, T, r_A) or (b, T, d)
                         a = layer.rotated_inputs(f.q_a) if rotate_first else layer.activations(self.dtype)
                         if len(columns) > 1 and a.numel() <= budget:
                             cache[i] = a
@@ -335,7 +334,7 @@ class KFACInverse(EigenbasisInverse):
                         assert a is not None  # rotated inputs
                         sums[i].addmm_(((g @ f.q_g)[:, 0] ** 2).T, a[:, 0] ** 2)
                         continue
-                    for rot in _rotated_per_sample(g, None if direct else a, f, rotate_first, layer):
+                    for rot in _rotated_per_sample(g, a, f, rotate_first, layer):
                         sums[i].add_((rot**2).sum(0))
 
         pass_.run(f"{self.method.name}: eigenvalue correction", correct)

@@ -235,7 +235,7 @@ class TrackedConv2d(TrackedLayer):
         x, ho, wo = self._geometry(self.inputs[0][rows].to(g.dtype))
         s, hp, wp, c = x.shape
         flat = x.new_zeros(s, hp * wp + (kw - 1) * dw, c)  # the last offsets read up to (kw − 1)·dw rows past
-        flat[:, : hp * wp] = x.reshape(s, hp * wp, c)
+        flat[:, : hp * wp].view(s, hp, wp, c).copy_(x)  # x is a channels-last view: one copy
         g_t = F.pad(g.reshape(s, ho, wo, -1), (0, 0, 0, wp - wo)).reshape(s, ho * wp, -1).transpose(1, 2)
         sums = torch.stack(
             [
