@@ -121,8 +121,8 @@ product's recipe (0.100 / 0.116 / 0.115 / – with flips only), with fits of 5.6
 patch-free per-sample sums of stride-1 convs)."""
 DEFAULT_FIT_POSITIONS = 32
 """``fit_positions="auto"`` for blocks of more than :data:`AUTO_FLOAT64_PARAMS` parameters. On goldfish/lemon's
-whole ResNet18 (64 px: 1,024 positions in the stem, 256 in layer1, 64 in layer2) K-FAC's fit took 3.7 s instead
-of 5.1 s (2 CPU cores), its matrix changed by a relative 0.024 (64 positions: 0.0074, 16: 0.061; fitting on 512
+whole ResNet18 (64 px: 1,024 positions in the stem, 256 in layer1, 64 in layer2) K-FAC's fit took 4.4 s instead
+of 5.5–5.9 s (2 CPU cores, ``benchmarks/engine_timing.py``), its matrix changed by a relative 0.024 (64 positions: 0.0074, 16: 0.061; fitting on 512
 instead of 256 examples changes it by 0.12) and its LDS by −0.0005 ± 0.0004 (64: −0.0001 ± 0.0002, 16: −0.0006 ±
 0.0005; README, "Linear datamodeling score")."""
 AUTO_FLOAT64_PARAMS = 1 << 20
