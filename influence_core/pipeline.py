@@ -1,7 +1,8 @@
 """Influence results for a run: compute once with :class:`~influence_core.influence.InfluenceModel`, cache on disk.
 
 A cache entry lives in ``run_dir/influence/<key>/`` where ``key`` hashes the checkpoint files, the train and
-test ids and labels, and the settings; a changed model or label is a miss. Entries are written to a
+test ids and labels, the settings and the method's :meth:`~influence_core.influence.Method.fingerprint` (its
+options and what its ``"auto"`` options resolve to); a changed model, label or default is a miss. Entries are written to a
 temporary folder and renamed into place, so an interrupted computation leaves nothing half-written::
 
     influences.zarr/                (n_test, n_train) float32, positive = helpful (final model), one shard per
@@ -12,7 +13,7 @@ temporary folder and renamed into place, so an interrupted computation leaves no
     self_influence.npy              (n_train,) float32 (final model)
     checkpoint_self_influence.npy   (n_checkpoints, n_train) float32, one row per kept checkpoint + final
     curvature.pt                    fitted curvature tensors of the final model (state_dict of the method)
-    meta.json                       settings, checkpoint names, timings_s
+    meta.json                       settings, method (fingerprint), checkpoint names, timings_s
 """
 
 from __future__ import annotations
@@ -332,6 +333,7 @@ def cache_key(run: Run, settings: InfluenceSettings) -> str:
         samples["label"].to_numpy(),
         samples["split"].tolist(),
         dataclasses.asdict(settings),
+        Method.named(settings.method).fingerprint(),
     )
 
 
@@ -424,6 +426,7 @@ def compute_influence(
             tmp.meta,
             {
                 "settings": dataclasses.asdict(settings),
+                "method": Method.named(settings.method).fingerprint(),  # options and what "auto" resolved to
                 "checkpoints": [p.name for p in ckpts],
                 "n_train": len(y_train),
                 "n_test": len(y_test),

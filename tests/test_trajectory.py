@@ -242,3 +242,19 @@ def test_compute_trajectory_caches_in_the_pipeline_format(demo_run):
     )
     np.testing.assert_allclose(result.store.matrix[:], ti.influences(xt, yt, x, y), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(result.self_influence, ti.self_influence(x, y), rtol=1e-4)
+
+
+def test_cache_keys_change_with_the_defaults_of_the_curvature(demo_run, monkeypatch):
+    """A changed K-FAC default (what ``"auto"`` resolves to) is a cache miss for K-FAC results and for SOURCE, whose
+    curvature is EK-FAC at its defaults, and leaves the keys of methods that do not use it alone."""
+    from influence_core.influence.kfac import inverse
+    from influence_core.influence.trajectory import TrajectorySettings, trajectory_cache_key
+    from influence_core.pipeline import InfluenceSettings, cache_key
+
+    settings = [InfluenceSettings(method="kfac", scope="all"), InfluenceSettings(method="direct")]
+    source, tracin = TrajectorySettings(method="source"), TrajectorySettings(method="tracin")
+    before = [cache_key(demo_run, s) for s in settings], [trajectory_cache_key(demo_run, s) for s in (source, tracin)]
+    monkeypatch.setattr(inverse, "DEFAULT_FIT_POSITIONS", inverse.DEFAULT_FIT_POSITIONS + 1)
+    after = [cache_key(demo_run, s) for s in settings], [trajectory_cache_key(demo_run, s) for s in (source, tracin)]
+    assert after[0][0] != before[0][0] and after[1][0] != before[1][0]  # K-FAC, SOURCE: misses
+    assert after[0][1] == before[0][1] and after[1][1] == before[1][1]  # direct, TracInCP: unchanged

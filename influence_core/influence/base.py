@@ -24,7 +24,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -90,6 +90,11 @@ class Method:
                 f"use any of {', '.join(sorted(fields)) or '(none)'}",
             )
         return method(**options)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides this method's results: its name, its options and the values its ``"auto"`` options resolve
+        to. Part of every cache key, so that a changed default is a cache miss instead of a stale result."""
+        return {"name": self.name, **dataclasses.asdict(self)}
 
     def check_curvature(self, curvature: Curvature) -> None:
         if curvature not in self.supports:

@@ -52,6 +52,7 @@ from ..errors import InfluenceLensError
 from ..paths import InfluencePaths
 from ..progress import Progress
 from ..storage import atomic_write_json, file_hash, resolve_device, stable_hash
+from .kfac import EKFAC
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,6 @@ class KroneckerEigen:
     ) -> KroneckerEigen:
         """Fit EK-FAC (Gauss-Newton) on ``x``, ``y`` through the influence engine and keep its eigenbases."""
         from .engine import InfluenceModel
-        from .kfac import EKFAC
 
         if scope == "head":  # by module name, so that the fitted blocks carry the model's parameter names
             scope = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
@@ -350,6 +350,21 @@ class TrajectorySettings:
         return self.scope if self.scope in ("head", "all") else [s.strip() for s in self.scope.split(",")]
 
 
+def trajectory_cache_key(run, settings: TrajectorySettings) -> str:
+    """The cache entry name of ``settings``'s result for ``run``: the segments' checkpoints, the train and test ids
+    and labels, the settings and (SOURCE) the defaults of the EK-FAC it fits per segment."""
+    samples = run.samples[run.samples["split"].isin(["train", "test"])]
+    return stable_hash(
+        CACHE_VERSION,
+        [file_hash(s.checkpoint) for s in run_segments(run)],
+        samples["id"].tolist(),
+        samples["label"].to_numpy(),
+        samples["split"].tolist(),
+        dataclasses.asdict(settings),
+        EKFAC().fingerprint() if settings.method == "source" else None,
+    )
+
+
 def compute_trajectory(
     run,
     settings: TrajectorySettings = TrajectorySettings(),
@@ -365,15 +380,7 @@ def compute_trajectory(
     from ..results import SummaryBuilder, column_blocks, create_matrix, summarise_block, write_histograms
 
     segments = run_segments(run)
-    samples = run.samples[run.samples["split"].isin(["train", "test"])]
-    key = stable_hash(
-        CACHE_VERSION,
-        [file_hash(s.checkpoint) for s in segments],
-        samples["id"].tolist(),
-        samples["label"].to_numpy(),
-        samples["split"].tolist(),
-        dataclasses.asdict(settings),
-    )
+    key = trajectory_cache_key(run, settings)
     paths = run.paths.influence_entry(key)
     if not recompute and paths.is_complete():
         return paths

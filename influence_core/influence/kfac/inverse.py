@@ -77,7 +77,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -87,7 +87,7 @@ from ...progress import Progress
 from ..base import BlockScale, EigenbasisInverse, Grads, Method, weighted_squares
 from ..choices import Curvature, Damping
 from ..ops import Batches, fit_subset, subset_batches
-from .factors import Covariance, LayerFactors, sandwich
+from .factors import OVERSAMPLE, POWER_ITERATIONS, RANDOMIZED_RATIO, Covariance, LayerFactors, sandwich
 from .layers import TrackedLayer, column_grads, hooked, tracked_layers
 
 EXACT_MAX_CLASSES = 16
@@ -202,6 +202,19 @@ class KFAC(Method):
         if mode == "sampled":
             return int(self.label_samples)
         return max(1, n_classes - 1 if mode == "exact" else min(n_classes - 1, int(self.label_columns)))
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            **super().fingerprint(),
+            "auto": {
+                "exact_max_classes": EXACT_MAX_CLASSES,
+                "labels": AUTO_LABELS,
+                "fit_examples": DEFAULT_FIT_EXAMPLES,
+                "fit_positions": DEFAULT_FIT_POSITIONS,
+                "float64_params": AUTO_FLOAT64_PARAMS,
+            },
+            "leading_eigh": {"ratio": RANDOMIZED_RATIO, "power_iterations": POWER_ITERATIONS, "oversample": OVERSAMPLE},
+        }
 
     def check_curvature(self, curvature: Curvature) -> None:
         if curvature != Curvature.GAUSS_NEWTON:
