@@ -233,6 +233,21 @@ def test_explorer_shows_top_k_for_the_test_image_in_the_url(app, demo_run):
     assert any("Red pixels" in c.value for c in at.caption)
 
 
+def test_pages_show_the_image_of_each_sample_they_name(tiny_run):
+    """Display images are looked up by sample id: a tiny-imagenet run lists its samples by split, its dataset by
+    file, so a row of ``samples.csv`` is not a row of the dataset (pages once showed the wrong images here)."""
+    from pages.ui.runs import images_at
+
+    row_of = {sample_id: i for i, sample_id in enumerate(tiny_run.dataset.ids)}
+    for split in ("train", "test"):
+        ids = tiny_run.ids(split)
+        positions = np.array([len(ids) - 1, 0, 5])
+        expected = np.stack([tiny_run.dataset.images[row_of[ids[p]]] for p in positions])
+        np.testing.assert_array_equal(images_at(tiny_run, split, positions), expected)
+    rows = np.flatnonzero((tiny_run.samples["split"] == "test").to_numpy())
+    assert any(row_of[i] != r for i, r in zip(tiny_run.ids("test"), rows, strict=True))  # the orders do differ
+
+
 def test_explorer_ranks_with_the_better_whole_network_result_once_computed(app, tiny_run, runs_root, monkeypatch):
     """With the upgrade on (off elsewhere in the tests), the explorer shows the last layer's rankings and computes
     the better-measured whole-network result in the background; once it is cached, the rankings come from it

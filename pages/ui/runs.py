@@ -381,15 +381,9 @@ def flips_found_at(result: InfluenceResult, signal: str, fraction: float = 0.1) 
     return int(flipped[top].sum()), int(flipped.sum())
 
 
-@st.cache_resource(max_entries=16, show_spinner=False)
-def _split_rows(path: str, mtime: float, split: str) -> np.ndarray:
-    return np.flatnonzero((open_run(path).samples["split"] == split).to_numpy())
-
-
 def images_at(run: Run, split: str, positions: np.ndarray) -> np.ndarray:
-    """(k, S, S, 3) uint8 display images of the samples at ``positions`` within ``split`` (copies only those)."""
-    rows = _split_rows(str(run.path), _trained_at(run), split)
-    return run.dataset.images[rows[np.asarray(positions, dtype=np.int64)]]
+    """(k, S, S, 3) uint8 display images of the samples at ``positions`` within ``split`` (reads only those)."""
+    return run.images(split)[np.asarray(positions, dtype=np.int64)]
 
 
 def review_decisions(run: Run, sample_ids: list[str]) -> dict[str, Action]:
