@@ -6,11 +6,14 @@ Every problem a page meets (bad input, a refused link, an unreadable or read-onl
 store) is shown as one clear message; the full exception goes to the server log only.
 """
 
+from pathlib import Path
+
 import streamlit as st
 
 from pages.ui import navigation, state, widgets
 
 st.set_page_config(page_title="Influence Lens", page_icon=":material/center_focus_strong:", layout="wide")
+st.logo(str(Path(__file__).parent / "assets" / "logo.svg"), size="large")
 
 state.read_url()
 page = st.navigation(navigation.app_pages())
