@@ -26,14 +26,13 @@ DEFAULT_PATHS = {
     "folder": "",
     "fashion-mnist": DEFAULT_FASHION_MNIST,
 }
-SAMPLE_CLASSES = 10
-"""Classes whose sample images are shown at first (the others through a searchable picker)."""
+SAMPLE_CLASSES = 10  # classes whose sample images are shown at first (the others through a searchable picker)
+# the dampings offered besides the scope's default (None); no bare strings here: Streamlit's magic would show them
 DAMPINGS = [
     *(Damping.relative_to_top(v) for v in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)),
     *(Damping.absolute(v) for v in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)),
     *(Damping.relative(v) for v in (1e-3, 1e-2, 1e-1, 1.0)),
 ]
-"""The dampings offered besides the scope's default (``None``)."""
 
 
 def damping_choice(settings: InfluenceSettings) -> int:
