@@ -121,14 +121,16 @@ def pages(n_items: int, per_page: int) -> int:
 CLAIM_HOLDS_AUROC, CLAIM_FAILS_AUROC = 0.7, 0.6
 """The notebook's claim "held" when ranking by lowest mean influence finds flips with AUROC ≥ 0.7 (and in most
 labels flipped images have the lower mean); "did not hold" below 0.6 (near the 0.5 of guessing); else "partly held"."""
-MODE_IMPLICATIONS = {
-    "random": "The flipped images were chosen at random, so this is a fair test of the claim. Measured elsewhere, "
-    "random flips leave the mean-influence signal near chance (AUROC 0.59 on a tiny-imagenet pair, even "
-    "with a pretrained backbone and exact head influence).",
-    "top-influence": "The flipped images were the most influential ones of a clean run (the reference notebook's "
-    "choice): flipping the label of an image that strongly supports its class makes it harmful by "
-    "construction, so the claim is expected to hold here and says little about real mislabels.",
-}
+RANDOM_ELSEWHERE = (
+    "random flips left the mean-influence signal near chance (AUROC 0.52–0.63 on four tiny-imagenet pairs trained "
+    "from scratch without random shifts; 0.59 on one with a pretrained backbone and exact head influence)"
+)
+"""What random flips did to the claim on other runs (README, "Finding wrong labels")."""
+TOP_INFLUENCE_IMPLICATION = (
+    "The flipped images were the most influential ones of a clean run (the reference notebook's choice): flipping "
+    "the label of an image that strongly supports its class makes it harmful by construction, so the claim is "
+    "expected to hold here and says little about real mislabels."
+)
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,15 @@ class ClaimCheck:
         )
 
     def implication(self) -> str:
-        return MODE_IMPLICATIONS.get(self.mode, f"Corruption mode {self.mode!r}.")
+        """What the verdict means for this corruption mode; never contradicts the run's own numbers."""
+        if self.mode == "top-influence":
+            return TOP_INFLUENCE_IMPLICATION
+        if self.mode != "random":
+            return f"Corruption mode {self.mode!r}."
+        fair = "The flipped images were chosen at random, so this is a fair test of the claim"
+        if self.verdict == "did not hold":
+            return f"{fair}. Measured elsewhere too, {RANDOM_ELSEWHERE}."
+        return f"{fair}, and here the signal is above chance. It is not always: measured elsewhere, {RANDOM_ELSEWHERE}."
 
 
 def check_notebook_claim(table: pd.DataFrame, auroc: float, mode: str) -> ClaimCheck:

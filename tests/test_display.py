@@ -8,6 +8,7 @@ import pandas as pd
 from influence_core.display import (
     ALL,
     OTHERS,
+    check_notebook_claim,
     grouped_histogram,
     label_groups,
     top_confusions,
@@ -84,3 +85,15 @@ def test_detection_chart_ends_at_100_percent_with_the_legend_below():
     assert fig.layout.xaxis.tickvals[-1] == 1.0 and fig.layout.xaxis.range[1] >= 1.0
     assert fig.layout.legend.y < 0  # under the plot, not over the curves
     assert len(fig.data[0].x) <= 400 and fig.data[0].x[-1] == 1.0
+
+
+def test_the_claims_implication_never_contradicts_the_verdict():
+    """With random flips the page says the signal is near chance elsewhere, and only where this run agrees does it
+    say "too"; a run where the claim held is told it held here but not everywhere."""
+    table = pd.DataFrame({"n_clean": [40, 40], "n_corrupted": [5, 5], "difference": [0.5, 0.4]})
+    held = check_notebook_claim(table, 0.81, "random")
+    failed = check_notebook_claim(table.assign(difference=[-0.1, -0.2]), 0.52, "random")
+    assert (held.verdict, failed.verdict) == ("held", "did not hold")
+    assert "above chance" in held.implication() and "too" not in held.implication()
+    assert "Measured elsewhere too" in failed.implication() and "above chance" not in failed.implication()
+    assert "by construction" in check_notebook_claim(table, 0.9, "top-influence").implication()
