@@ -51,7 +51,7 @@ from .influence import (
 )
 from .influence.engine import Images
 from .influence.kfac.inverse import DEFAULT_FIT_EXAMPLES, KFAC
-from .measured import MethodMeasurement, load_measured, measured_for, scope_note
+from .measured import TRACKS_PEARSON, MethodMeasurement, load_measured, measured_for, scope_note
 from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress, tagged
 from .results import (
@@ -203,6 +203,17 @@ class RankingUpgrade:
         return (
             f"{self.settings.method} on the whole network (LDS {lds(self.measured)} against {lds(self.current)} "
             "for the last layer)"
+        )
+
+    def scale_note(self) -> str:
+        """What the size of the upgraded values means, when the benchmark found that it does not track loss changes
+        (empty otherwise)."""
+        pearson = self.measured.pearson
+        if pearson is None or abs(pearson) >= TRACKS_PEARSON:
+            return ""
+        return (
+            "Its values order the training images; their size is not a loss change (against the retrained models' "
+            f"loss changes, Pearson {pearson:.2f})."
         )
 
 

@@ -256,9 +256,15 @@ def test_explorer_ranks_with_the_better_whole_network_result_once_computed(app, 
     from influence_core.pipeline import load_influence, ranking_upgrade
 
     path = runs_root / "measured-upgrade.json"
-    methods = {"direct/head": 0.073, "ekfac/all": 0.083}
+    methods = {"direct/head": (0.073, 0.2), "ekfac/all": (0.083, 0.11)}  # LDS, Pearson of the loss changes
     path.write_text(
-        json.dumps({"workload": "w", "n_models": 50, "methods": {k: {"job": k, "lds": v} for k, v in methods.items()}})
+        json.dumps(
+            {
+                "workload": "w",
+                "n_models": 50,
+                "methods": {k: {"job": k, "lds": v, "pearson": r} for k, (v, r) in methods.items()},
+            }
+        )
     )
     monkeypatch.setattr(measured, "MEASURED_FILE", path)
     monkeypatch.setenv("INFLUENCE_LENS_RANKING_UPGRADE", "1")
@@ -268,7 +274,8 @@ def test_explorer_ranks_with_the_better_whole_network_result_once_computed(app, 
     assert any(c.value.startswith("Ranked by the last layer while ekfac on the whole network") for c in at.caption)
     at = finish_jobs(at)
     assert not at.exception
-    assert any(c.value.startswith("Ranked by ekfac on the whole network (LDS 0.083") for c in at.caption)
+    note = next(c.value for c in at.caption if c.value.startswith("Ranked by ekfac on the whole network (LDS 0.083"))
+    assert note.endswith("their size is not a loss change (against the retrained models' loss changes, Pearson 0.11).")
     from influence_core import Run
 
     run = Run(run_path)

@@ -331,7 +331,8 @@ def rankings(run: Run) -> Ranking:
         return Ranking(base, s)
     found = cached_influence(run, upgrade.settings)
     if found is not None:
-        return Ranking(found, upgrade.settings, f"Ranked by {upgrade.describe()}, computed in the background.")
+        note = f"Ranked by {upgrade.describe()}, computed in the background. {upgrade.scale_note()}"
+        return Ranking(found, upgrade.settings, note.strip())
     # a failed job stays in the registry: shown with its error, not retried by this server
     job = job_registry().get(_influence_key(run, upgrade.settings)) or _influence_job(run, upgrade.settings)
     if job.status == "failed":
