@@ -195,14 +195,16 @@ class RankingUpgrade:
     estimated_s: float | None  # estimated CPU seconds (None on a GPU)
 
     def describe(self) -> str:
-        """E.g. ``ekfac on the whole network (LDS 0.083 ± 0.015 against 0.073 ± 0.016 for the last layer)``."""
+        """E.g. ``ekfac on the whole network (LDS 0.083 ± 0.015 against 0.073 ± 0.016 for the last layer, measured on
+        goldfish vs lemon)``."""
 
         def lds(m: MethodMeasurement) -> str:
             return f"{m.lds:.3f}" + (f" ± {m.lds_se:.3f}" if m.lds_se is not None else "")
 
+        where = self.measured.workload.split(",")[0]  # e.g. "goldfish vs lemon": measured there, not on this run
         return (
             f"{self.settings.method} on the whole network (LDS {lds(self.measured)} against {lds(self.current)} "
-            "for the last layer)"
+            f"for the last layer, measured on {where})"
         )
 
     def scale_note(self) -> str:

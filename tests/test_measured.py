@@ -83,7 +83,7 @@ def test_method_label_shows_the_measured_lds_only(tmp_path):
 
 def _measured_file(path, lds: dict[str, float]):
     methods = {key: {"job": key, "lds": value, "lds_se": 0.015} for key, value in lds.items()}
-    path.write_text(json.dumps({"workload": "w", "n_models": 50, "methods": methods}))
+    path.write_text(json.dumps({"workload": "tulip vs rose, 64 px", "n_models": 50, "methods": methods}))
     return path
 
 
@@ -101,7 +101,7 @@ def test_rankings_upgrade_to_the_best_measured_whole_network_method_when_afforda
     assert up.settings == InfluenceSettings(method="ekfac", scope=Scope.ALL, checkpoints=False)
     assert (up.measured.lds, up.current.lds) == (0.083, 0.073)
     assert up.estimated_s == pipeline.estimated_cpu_seconds(demo_run)
-    assert "LDS 0.083 ± 0.015 against 0.073 ± 0.015" in up.describe()
+    assert "(LDS 0.083 ± 0.015 against 0.073 ± 0.015 for the last layer, measured on tulip vs rose)" in up.describe()
 
     assert ranking_upgrade(demo_run, InfluenceSettings(method="cg"), device="cpu") is None
     monkeypatch.setattr(pipeline, "AFFORDABLE_CPU_SECONDS", up.estimated_s / 2)
