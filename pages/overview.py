@@ -25,8 +25,8 @@ cols[1].metric(
     help=f"{flipped.sum()} of {len(flipped)} training labels were deliberately set to a wrong class, "
     "so we can check whether the tool finds them.",
 )
+found, total = runs.flips_found_at(result, best) if flipped.any() else (0, 0)
 if flipped.any():
-    found, total = runs.flips_found_at(result, best)
     cols[2].metric(
         "Flips found in the top 10 %",
         f"{found} of {total}",
@@ -47,16 +47,25 @@ steps = st.columns(3)
 steps[0].markdown(
     "**1 · A model learns from labelled images.** "
     f"A ResNet18 learned {run.n_classes} classes from {len(flipped)} training images — "
-    f"some of whose labels are wrong."
+    + (
+        f"{total} of whose labels were flipped on purpose."
+        if total
+        else "none flipped on purpose here, though real labels can be wrong."
+    )
 )
 steps[1].markdown(
     "**2 · Influence measures each image's share.** For every test prediction we estimate how much "
     "each training image helped (positive) or hurt (negative) it, without retraining."
 )
+if not total:
+    outcome = "This run has no flipped labels to check that against."
+elif 2 * found >= total:
+    outcome = f"On this run the top 10 % of that queue holds {found} of the {total} flipped labels."
+else:
+    outcome = f"On this run the top 10 % of that queue holds only {found} of the {total} flipped labels."
 steps[2].markdown(
-    "**3 · Wrong labels stand out.** An image whose label disagrees with its look keeps fighting "
-    "the model (high loss, unusual self-influence), so ranking by these signals puts most flipped "
-    "labels at the top of a review queue."
+    "**3 · Wrong labels stand out.** An image whose label disagrees with its look keeps fighting the model "
+    f"(high loss, unusual self-influence), so ranking by these signals puts it early in a review queue. {outcome}"
 )
 
 st.subheader("Most suspicious training images")

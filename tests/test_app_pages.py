@@ -77,6 +77,9 @@ def test_overview_tells_the_story(app, demo_run, demo_result):
     assert metric(at, "Training labels flipped") == f"{flipped.mean():.0%}"
     order = np.argsort(-demo_result.signals[demo_result.best_signal], kind="stable")[: int(np.ceil(0.1 * len(flipped)))]
     assert metric(at, "Flips found in the top 10 %") == f"{flipped[order].sum()} of {flipped.sum()}"
+    story = " ".join(m.value for m in at.markdown)  # the three steps say what this run measured
+    assert f"{flipped.sum()} of whose labels were flipped on purpose" in story
+    assert f"the top 10 % of that queue holds {flipped[order].sum()} of the {flipped.sum()} flipped labels" in story
     assert len(at.get("image")) >= 8  # the eight most suspicious training images
     assert at.query_params["run"] == demo_run.path.name
 
