@@ -54,8 +54,9 @@ Conventions (on top of those in :mod:`.base`):
   bases were cut scores influences in that ``r_G × r_A`` subspace and drops the rest of every gradient (the
   PCA-initialised Kronecker projection of LoGra, Choe et al. 2024, with EK-FAC's eigenvalues inside). Rotations
   then cost ``T·d·r_A`` instead of ``T·d²`` per sample, and test factors shrink to ``r_G·r_A`` per layer. Not
-  the same estimator as the full one: on goldfish/lemon's whole ResNet18 at rank 512, Pearson 0.9998 against full
-  EK-FAC and LDS 0.0832 against 0.0844 (README, "Linear datamodeling score").
+  the same estimator as the full one: on goldfish/lemon's whole ResNet18 (flips only) at rank 512, Pearson 0.9998
+  against full EK-FAC and LDS 0.0832 against 0.0844 (``benchmarks/LDS_HISTORY.md``); at the product's recipe K-FAC
+  with every eigenvector scores −0.0002 ± 0.0034 against rank 512 (README, "Linear datamodeling score").
 * Factors are accumulated and decomposed in ``dtype`` (option; default ``"auto"``: float64 for blocks of at most
   ``2**20`` parameters, float32 above — a ResNet18's ``all`` scope fits 3× faster, and EK-FAC re-fits its
   eigenvalues in whatever basis float32 gives). Influences in the eigenbasis are computed in float32.
@@ -113,8 +114,9 @@ DEFAULT_FIT_EXAMPLES = 256
 """``fit_examples="auto"`` for blocks of more than :data:`AUTO_FLOAT64_PARAMS` parameters (all examples for smaller
 ones, whose fit is cheap: on the head, 128 examples lowered the LDS of EK-FAC from 0.060 to 0.048). Chosen by LDS
 and cost on goldfish/lemon's whole ResNet18 (880 training images, damping ``top:1e-5``, README "Linear
-datamodeling score"): K-FAC fitted on 128 / 256 / 512 / all examples scored 0.396 / 0.407 / 0.412 / 0.411 at the
-product's recipe (0.100 / 0.116 / 0.115 / – with flips only), with fits of 5.6 / 11.3 / 24.4 s on 2 CPU cores;
+datamodeling score" and ``benchmarks/LDS_HISTORY.md``): K-FAC fitted on 128 / 256 / 512 / all examples scored
+0.396 / 0.407 / 0.412 / 0.411 at the product's recipe (first build of that workload; 0.397 / 0.405 / 0.408 / 0.408
+on the current one) (0.100 / 0.116 / 0.115 / – with flips only), with fits of 5.6 / 11.3 / 24.4 s on 2 CPU cores;
 256 kept the matrix at 3.0× and self-influence at 2.5× the forward+backward floor of one machine (11.3 s), and at
 5.2× / 3.9× the floor of ``benchmarks/run.py``'s run of 2026-11-30 17:12 (4.88 s), where the floor was faster
 (4.2× / 2.8× of 4.94 s at 22:39 with :data:`DEFAULT_FIT_POSITIONS`, 4.0× / 2.6× of 4.78 s at 23:15 with the
