@@ -136,12 +136,12 @@ def image_grid(
     on_click: Callable[[int], None] | None = None,
 ) -> None:
     """Images in a grid with captions; with ``button``, one button each, whose click calls ``on_click(index)``
-    before the page's next run (so that run already draws the choice: one run per click, no ``st.rerun``)."""
+    before the page's next run (so that run already draws the choice: one run per click, no ``st.rerun``). Buttons
+    sit above their images, so that they line up whatever the captions' lengths."""
     for start in range(0, len(images), columns):
         cols = st.columns(columns)
         for i in range(start, min(start + columns, len(images))):
             with cols[i - start]:
-                st.image(enlarge(images[i], size), caption=captions[i], width="stretch")
                 if button:
                     st.button(
                         button,
@@ -151,6 +151,7 @@ def image_grid(
                         on_click=on_click,
                         args=(i,),
                     )
+                st.image(enlarge(images[i], size), caption=captions[i], width="stretch")
 
 
 def index_of(positions: np.ndarray, position: int | None) -> int | None:

@@ -115,8 +115,8 @@ DEFAULT_FIT_EXAMPLES = 256
 ones, whose fit is cheap: on the head, 128 examples lowered the LDS of EK-FAC from 0.060 to 0.048). Chosen by LDS
 and cost on goldfish/lemon's whole ResNet18 (880 training images, damping ``top:1e-5``, README "Linear
 datamodeling score" and ``benchmarks/LDS_HISTORY.md``): K-FAC fitted on 128 / 256 / 512 / all examples scored
-0.396 / 0.407 / 0.412 / 0.411 at the product's recipe (first build of that workload; 0.397 / 0.405 / 0.408 / 0.408
-on the current one) (0.100 / 0.116 / 0.115 / – with flips only), with fits of 5.6 / 11.3 / 24.4 s on 2 CPU cores;
+0.396 / 0.407 / 0.412 / 0.411 at the product's recipe on the first build of that workload (0.397 / 0.405 / 0.408 /
+0.408 on the current one; 0.100 / 0.116 / 0.115 / – with flips only), with fits of 5.6 / 11.3 / 24.4 s on 2 CPU cores;
 256 kept the matrix at 3.0× and self-influence at 2.5× the forward+backward floor of one machine (11.3 s), and at
 5.2× / 3.9× the floor of ``benchmarks/run.py``'s run of 2026-11-30 17:12 (4.88 s), where the floor was faster
 (4.2× / 2.8× of 4.94 s at 22:39 with :data:`DEFAULT_FIT_POSITIONS`, 4.0× / 2.6× of 4.78 s at 23:15 with the
