@@ -1,0 +1,65 @@
+"""Out-of-sample loss from k-fold cross-validation as a mislabel signal, alone and combined, on runs with flips.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/cv_detection.py RUN_DIR [RUN_DIR ...] [--folds 4] [--epochs 15]
+
+For each run, ``--folds`` models of the run's own recipe (``run.py``'s ``out_of_fold_probs``: ``--epochs`` each,
+no checkpoints) give every training image a probability from a model that never trained on it (cached as
+``RUN_DIR/cv_probs_<folds>x<epochs>.npy``); then detection metrics (AUROC, recall at 10 / 20 %) of ``mean_loss``,
+the out-of-fold loss ``oof_loss``, the second pass when the run has one, and the rank means of ``oof_loss`` with
+each. Prints a table with the mean over runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from run import out_of_fold_probs
+from scipy.stats import rankdata
+
+from influence_core import Run
+from influence_core.analysis import cross_entropy, detection_metrics
+from influence_core.second_pass import load_second_pass
+from influence_core.training import TrainConfig
+
+METRICS = ("auroc", "recall_at_10pct", "recall_at_20pct")
+
+
+def signals(run: Run, folds: int, epochs: int) -> dict[str, np.ndarray]:
+    """Every signal of one run (higher = more suspect), computing its out-of-fold probabilities if missing."""
+    cache = run.path / f"cv_probs_{folds}x{epochs}.npy"
+    if not cache.is_file():
+        np.save(cache, out_of_fold_probs(run, TrainConfig.from_run(run), folds, epochs))
+    y = run.labels("train")
+    oof = cross_entropy(np.load(cache), y).astype(np.float64)
+    out = {"mean_loss": run.dynamics["loss"].mean(0).astype(np.float64), "oof_loss": oof}
+    second = load_second_pass(run)
+    if second is not None:
+        out["second_pass"] = second.loss.astype(np.float64)
+    for name in [k for k in out if k != "oof_loss"]:
+        out[f"rank mean of {name} and oof_loss"] = rankdata(out[name]) + rankdata(oof)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--folds", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=15)
+    args = p.parse_args(argv)
+    rows: dict[str, list[dict]] = {}
+    for path in args.runs:
+        run = Run(path)
+        for name, values in signals(run, args.folds, args.epochs).items():
+            metrics = detection_metrics(values, run.flipped())
+            rows.setdefault(name, []).append(metrics)
+            print(f"{path.name}: {name}: " + " / ".join(f"{metrics[m]:.3f}" for m in METRICS), flush=True)
+    print("\nmean over runs (AUROC / recall at 10 % / 20 %):")
+    for name, found in rows.items():
+        if len(found) == len(args.runs):
+            print(f"  {name}: " + " / ".join(f"{np.mean([r[m] for r in found]):.3f}" for m in METRICS))
+
+
+if __name__ == "__main__":
+    main()
