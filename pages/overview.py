@@ -26,7 +26,7 @@ cols[1].metric(
     "so we can check whether the tool finds them.",
 )
 found, total = runs.flips_found_at(result, best) if flipped.any() else (0, 0)
-if flipped.any():
+if total:
     cols[2].metric(
         "Flips found in the top 10 %",
         f"{found} of {total}",
@@ -57,12 +57,12 @@ steps[1].markdown(
     "**2 · Influence measures each image's share.** For every test prediction we estimate how much "
     "each training image helped (positive) or hurt (negative) it, without retraining."
 )
-if not total:
-    outcome = "This run has no flipped labels to check that against."
-elif 2 * found >= total:
-    outcome = f"On this run the top 10 % of that queue holds {found} of the {total} flipped labels."
-else:
-    outcome = f"On this run the top 10 % of that queue holds only {found} of the {total} flipped labels."
+only = "" if 2 * found >= total else "only "
+outcome = (
+    f"On this run the top 10 % of that queue holds {only}{found} of the {total} flipped labels."
+    if total
+    else "This run has no flipped labels to check that against."
+)
 steps[2].markdown(
     "**3 · Wrong labels stand out.** An image whose label disagrees with its look keeps fighting the model "
     f"(high loss, unusual self-influence), so ranking by these signals puts it early in a review queue. {outcome}"
