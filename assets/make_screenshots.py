@@ -47,7 +47,17 @@ def main() -> None:
     p.add_argument("--test", type=int, default=8, help="test image shown by the explorer")
     p.add_argument("--name", default="goldfish-vs-lemon", help="the run's name in the app")
     args = p.parse_args()
-    from playwright.sync_api import sync_playwright
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise SystemExit(
+            "make_screenshots: chromium not found; install Debian's chromium (apt-get install -y chromium)"
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise SystemExit("make_screenshots: the playwright package is missing; pip install -e '.[test]'") from None
+    if not (args.run_dir / "train_key").is_file():
+        raise SystemExit(f"make_screenshots: {args.run_dir} is not a finished run (no train_key); pass a run folder")
 
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +75,7 @@ def main() -> None:
         if upgrade is not None:
             compute_influence(run, upgrade.settings)
         with serve(runs_root, "screenshots-streamlit.log") as base, sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             for name, (page, text, height) in pages(args.test).items():
                 tab = browser.new_page(viewport={"width": WIDTH, "height": height})
                 tab.set_default_timeout(180_000)
