@@ -338,13 +338,10 @@ class InfluenceResult:
 
 def cache_key(run: Run, settings: InfluenceSettings) -> str:
     ckpts = run.checkpoint_paths() if settings.checkpoints else run.checkpoint_paths()[-1:]
-    samples = run.samples[run.samples["split"].isin(["train", "test"])]
     return stable_hash(
         CACHE_VERSION,
         [file_hash(p) for p in ckpts],
-        samples["id"].tolist(),
-        samples["label"].to_numpy(),
-        samples["split"].tolist(),
+        *run.influence_inputs(),
         dataclasses.asdict(settings),
         Method.named(settings.method).fingerprint(),
     )

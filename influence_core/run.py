@@ -139,6 +139,12 @@ class Run:
     def true_labels(self, split: str) -> np.ndarray:
         return self.part(split)["true_label"].to_numpy(np.int64)
 
+    def influence_inputs(self) -> tuple[list[str], np.ndarray, list[str]]:
+        """``(ids, labels, splits)`` of the train and test samples in file order: what an influence result
+        depends on besides the checkpoints and settings (part of every influence cache key)."""
+        samples = self.samples[self.samples["split"].isin(["train", "test"])]
+        return samples["id"].tolist(), samples["label"].to_numpy(), samples["split"].tolist()
+
     def flipped(self) -> np.ndarray:
         """(n_train,) bool: which training labels were flipped by the corruption step."""
         return self.part("train")["flipped"].to_numpy(bool)

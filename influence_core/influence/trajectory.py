@@ -353,13 +353,10 @@ class TrajectorySettings:
 def trajectory_cache_key(run, settings: TrajectorySettings) -> str:
     """The cache entry name of ``settings``'s result for ``run``: the segments' checkpoints, the train and test ids
     and labels, the settings and (SOURCE) the defaults of the EK-FAC it fits per segment."""
-    samples = run.samples[run.samples["split"].isin(["train", "test"])]
     return stable_hash(
         CACHE_VERSION,
         [file_hash(s.checkpoint) for s in run_segments(run)],
-        samples["id"].tolist(),
-        samples["label"].to_numpy(),
-        samples["split"].tolist(),
+        *run.influence_inputs(),
         dataclasses.asdict(settings),
         EKFAC().fingerprint() if settings.method == "source" else None,
     )
