@@ -6,7 +6,7 @@ Each job writes ``WORKLOAD_DIR/matrices/<job>.npy`` ((n_test, n_train) float32, 
 ``<job>.json`` (seconds, settings) atomically, and is skipped when its matrix exists (resumable). Jobs: every
 influence-function method on the head (exact curvature; ``direct`` with a damping scan), EK-FAC/K-FAC on the whole
 network with a damping scan, full rank, a fit-size scan (``ours_ekfac_all_fit<k>``), a rank scan
-(``ours_ekfac_all_rank<k>``) and a scan of fitted positions (``ours_kfac_all_pos<k>``), each at its scope's default
+(``ours_ekfac_all_rank<k>``), fit size and rank together (``ours_kfac_all_fit512_rank1024``) and a scan of fitted positions (``ours_kfac_all_pos<k>``), each at its scope's default
 damping unless its name says otherwise (``_top1e-06``, ``_lambda0.1``, ``_rel0.1``), and the trajectory methods of
 ``influence_core.influence.trajectory`` (TracInCP and SOURCE on the whole network and the head; ``grad_dot_all`` =
 TracInCP on the final checkpoint alone, a plain gradient dot product).
@@ -66,6 +66,9 @@ RANK_SCAN = (128, 256, None)
 every Kronecker factor of more than ``rank`` dimensions is projected to its ``rank`` leading eigenvectors (the
 default, 512, projects the inputs of every 3×3 conv and of fc on a ResNet18; 256 also layer4's output gradients,
 128 also layer3's and the inputs of conv1 and layer4's downsampling)."""
+FIT_AND_RANK_SCAN = ((512, 768), (512, 1024), (512, None), (None, 1024), (None, None))
+"""``(fit_examples, rank)`` pairs scanned together for whole-network K-FAC (``ours_kfac_all_fit512_rank1024``,
+``…_fitall_rankfull``; 32 positions): more eigenvectors pay only when the factors are fitted on more examples."""
 FIT_POSITIONS_SCAN = (16, 64, None)
 """``fit_positions`` scanned for whole-network K-FAC at the default fit and damping (``ours_kfac_all_pos<k>``,
 ``…_posall``: every position; the default is 32): positions per example over which each layer's input covariance
@@ -148,6 +151,13 @@ def jobs(run: Run) -> dict:
                     default_damping(Scope.ALL)
                 ]
             }
+    for k, r in FIT_AND_RANK_SCAN:
+        job = f"ours_kfac_all_fit{k or 'all'}_rank{r or 'full'}"
+        out[job] = lambda job=job, k=k, r=r: {
+            job: engine_matrices(
+                run, "kfac", "all", (default_damping(Scope.ALL),), {**ALL_OPTIONS, "fit_examples": k, "rank": r}
+            )[default_damping(Scope.ALL)]
+        }
     for k in FIT_POSITIONS_SCAN:
         job = f"ours_kfac_all_pos{k or 'all'}"
         out[job] = lambda job=job, k=k: {

@@ -56,7 +56,8 @@ Conventions (on top of those in :mod:`.base`):
   then cost ``T·d·r_A`` instead of ``T·d²`` per sample, and test factors shrink to ``r_G·r_A`` per layer. Not
   the same estimator as the full one: on goldfish/lemon's whole ResNet18 (flips only) at rank 512, Pearson 0.9998
   against full EK-FAC and LDS 0.0832 against 0.0844 (``benchmarks/LDS_HISTORY.md``); at the product's recipe K-FAC
-  with every eigenvector scores −0.0002 ± 0.0034 against rank 512 (README, "Linear datamodeling score").
+  with every eigenvector scores −0.0002 ± 0.0034 against rank 512, but fitted on 512 examples rank 1024 scores
+  +0.0062 ± 0.0018 (README, "Linear datamodeling score").
 * Factors are accumulated and decomposed in ``dtype`` (option; default ``"auto"``: float64 for blocks of at most
   ``2**20`` parameters, float32 above — a ResNet18's ``all`` scope fits 3× faster, and EK-FAC re-fits its
   eigenvalues in whatever basis float32 gives). Influences in the eigenbasis are computed in float32.
