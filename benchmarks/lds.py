@@ -330,10 +330,11 @@ def markdown(result: dict) -> str:
 
 def job_method_scope(job: str) -> tuple[str, str] | None:
     """``ours_ekfac_all`` → (ekfac, all), ``tracin_all`` → (tracin, all); None for damping-scan, full-rank,
-    fit-size, rank, fitted-position and test-subset variants and for the peers' jobs (the app shows the LDS of the product's own methods
+    fit-size, rank, depth, fitted-position and test-subset
+    variants and for the peers' jobs (the app shows the LDS of the product's own methods
     at their defaults)."""
     if any(
-        tag in job for tag in ("_lambda", "_rel", "_top", "_full", "_fit", "_first", "_rank", "_pos")
+        tag in job for tag in ("_lambda", "_rel", "_top", "_full", "_fit", "_first", "_rank", "_pos", "_depth")
     ) or job.startswith(("kronfluence_", "pydvl_")):
         return None
     parts = job.removeprefix("ours_").rsplit("_", 1)
@@ -368,6 +369,9 @@ def write_measured(result: dict, path: Path, bench_results: Path | None = None, 
             "fidelity": previous.get("/".join(key), {}).get("fidelity"),
             "note": previous.get("/".join(key), {}).get("note"),
         }
+        full = result["scores"].get(f"{job}_full")
+        if full is not None:
+            entry["full_lds"] = round(full["margin"]["lds"], 4)
         if report:
             entry["cost_x_floor"] = job_cost(report, job, default=entry["cost_x_floor"])
         if exact_head is not None and key[1] == "head" and job != "ours_direct_head" and job.startswith("ours_"):

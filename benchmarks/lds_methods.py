@@ -73,8 +73,15 @@ FIT_POSITIONS_SCAN = (16, 64, None)
 """``fit_positions`` scanned for whole-network K-FAC at the default fit and damping (``ours_kfac_all_pos<k>``,
 ``…_posall``: every position; the default is 32): positions per example over which each layer's input covariance
 is averaged (ResNet18 at 64 px has 1,024 in the stem, 256 in layer1, 64 in layer2)."""
-HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {"rank": 100}, "lissa": {"depth": 300}}
-"""Method → options (as benchmarks/run.py: Arnoldi keeps 100 of the head's directions, LiSSA runs 300 steps)."""
+HEAD_JOBS = {"direct": {}, "cg": {}, "ekfac": {}, "kfac": {}, "arnoldi": {}, "lissa": {}}
+"""Method → options of the head jobs ``ours_<method>_head``: every method at the product's defaults (what the app
+runs and shows this LDS next to)."""
+HEAD_VARIANTS = {
+    "ours_arnoldi_head_rank100": ("arnoldi", {"rank": 100}),
+    "ours_lissa_head_depth300": ("lissa", {"depth": 300}),
+}
+"""The head jobs as ``benchmarks/run.py`` times them: Arnoldi keeping 100 of the head's directions (default 20),
+LiSSA 300 steps (default up to 1,000)."""
 
 
 def engine_matrices(run: Run, method: str, scope: str, lambdas: tuple[Damping, ...], options: dict) -> dict:
@@ -130,6 +137,10 @@ def jobs(run: Run) -> dict:
         )
         for m, o in HEAD_JOBS.items()
     }
+    for job, (m, o) in HEAD_VARIANTS.items():
+        out[job] = lambda job=job, m=m, o=o: {
+            job: engine_matrices(run, m, "head", (default_damping(Scope.HEAD),), o)[default_damping(Scope.HEAD)]
+        }
     for method in ("ekfac", "kfac"):  # the default (projected to rank 512) and full-rank factors
         for job, options in ((f"ours_{method}_all", ALL_OPTIONS), (f"ours_{method}_all_full", FULL_RANK_OPTIONS)):
             lambdas = LAMBDAS_ALL if job in ("ours_ekfac_all", "ours_kfac_all") else (default_damping(Scope.ALL),)

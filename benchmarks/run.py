@@ -93,6 +93,16 @@ PEER_JOBS = {
 """``FIT`` is replaced by ``--peer-fit-examples``. pyDVL's CG on the whole network runs 2 of its 100 iterations
 per solve over that many training points (one iteration is a Hessian-vector product over the data: ~50 s for 131
 images here) and scales the solve time up; Kronfluence's EK-FAC fits its factors on that many points."""
+
+
+def our_job_name(method: str, scope: str, extra: list[str]) -> str:
+    """``ours_<method>_<scope>``, plus ``_<key><value>`` for each ``--option`` that departs from the method's
+    defaults (``ours_arnoldi_head_rank100``), as ``lds_methods.py`` names the same jobs: measured.json's cost of
+    ``ours_arnoldi_head`` must be that of the default settings."""
+    options = [v.replace("=", "") for k, v in zip(extra, extra[1:], strict=False) if k == "--option"]
+    return "_".join([f"ours_{method}_{scope}", *options])
+
+
 UNCAPPED = {"ours_ekfac_all", "ours_kfac_all"}
 """Jobs run without the time cap: the retraining check needs the whole-network matrices (their times are then
 fully measured, never extrapolated)."""
@@ -144,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--retrain-test-images", type=int, default=3, help="retraining check; 0 to skip it")
     p.add_argument("--retrain-group-size", type=int, default=20)
-    p.add_argument("--skip", default="", help="comma-separated job names to skip, e.g. ours_lissa_head")
+    p.add_argument("--skip", default="", help="comma-separated job names to skip, e.g. ours_lissa_head_depth300")
     p.add_argument(
         "--lds-scores",
         type=Path,
@@ -408,7 +418,7 @@ def main(argv=None) -> None:
         args.job_timeout,
     )
     for method, scope, extra in OUR_JOBS:
-        name = f"ours_{method}_{scope}"
+        name = our_job_name(method, scope, extra)
         if name not in skip:
             cap = ["--time-cap", str(1e9 if name in UNCAPPED else args.time_cap)]
             jobs[name] = run_job(

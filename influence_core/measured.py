@@ -8,13 +8,16 @@
      "methods": {"<method>/<scope>": {"job": "ours_ekfac_all", "lds": 0.21 | null, "lds_se": 0.02 | null,
                                       "slope": 0.01 | null, "cost_x_floor": 31.0 | null,
                                       "fidelity": "rel. err 1.6 vs direct (head)" | null,
+                                      "full_lds": 0.23 | null,
                                       "note": "what the measurements mean for a user" | null}}}
 
 ``lds``: linear datamodeling score (mean over test points of the Spearman correlation between the margins of
 M models retrained on random halves of the training set and the sums of the method's influences over each half);
 ``slope``: measured over predicted loss change on those halves (1 = calibrated magnitudes), ``pearson``: their
 correlation (below :data:`TRACKS_PEARSON` the slope means nothing and the app says so); ``cost_x_floor``: time
-to the full test × train matrix in multiples of one forward+backward pass (``benchmarks/run.py``).
+to the full test × train matrix in multiples of one forward+backward pass (``benchmarks/run.py``); ``full_lds``:
+the LDS of the same method without its cost-saving approximations (K-FAC/EK-FAC with every eigenvector, example
+and position), where measured.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class MethodMeasurement:
     fidelity: str | None = None
     note: str | None = None
     pearson: float | None = None
+    full_lds: float | None = None
 
     def describe(self) -> str:
         """For the app: the measured note, then e.g. ``LDS 0.21 ± 0.02 (50 retrained models, goldfish vs lemon …)``
@@ -57,6 +61,11 @@ class MethodMeasurement:
         if self.lds is not None:
             se = f" ± {self.lds_se:.2f}" if self.lds_se is not None else ""
             parts.append(f"LDS {self.lds:.2f}{se} ({self.n_models} retrained models; {self.workload})")
+            if self.full_lds is not None:
+                parts.append(
+                    f"without its projections and fit subsets (every eigenvector, example and position) "
+                    f"{self.full_lds:.3f} against {self.lds:.3f}"
+                )
         if self.pearson is not None and abs(self.pearson) < TRACKS_PEARSON:
             parts.append(
                 f"predicted loss changes do not track those of the retrained models (Pearson {self.pearson:.2f})"
@@ -96,6 +105,7 @@ def load_measured(path: str | Path | None = None) -> dict[tuple[str, str], Metho
             m.get("fidelity"),
             m.get("note"),
             m.get("pearson"),
+            m.get("full_lds"),
         )
     return out
 

@@ -132,3 +132,26 @@ def test_cpu_estimate_counts_output_columns_in_the_fit_only(demo_run, monkeypatc
     all_pixels = (len(demo_run.labels("train")) + len(demo_run.labels("test"))) * pixels
     scoring = pipeline.CPU_SCORE_SECONDS_PER_MEGAPIXEL * all_pixels
     assert estimates[2] == pytest.approx(pipeline.CPU_FIT_SECONDS + per_column + scoring)
+
+
+def test_the_full_estimators_lds_is_shown_beside_the_defaults(tmp_path):
+    path = tmp_path / "measured.json"
+    entry = {"job": "ours_kfac_all", "lds": 0.4052, "lds_se": 0.0133, "full_lds": 0.4117}
+    path.write_text(json.dumps({"workload": "w", "n_models": 50, "methods": {"kfac/all": entry}}))
+    text = measured_for("kfac", "all", path).describe()
+    assert "(every eigenvector, example and position) 0.412 against 0.405" in text
+
+
+def test_every_measured_lds_is_of_the_methods_defaults():
+    """measured.json's ``lds`` of ``<method>/<scope>`` comes from job ``ours_<method>_<scope>``, which
+    ``benchmarks/lds_methods.py`` runs with no options on the head (the app runs every method at its defaults)."""
+    import sys
+
+    sys.path.insert(0, str(MEASURED_FILE.parent))
+    try:
+        from lds_methods import HEAD_JOBS
+    finally:
+        sys.path.remove(str(MEASURED_FILE.parent))
+    assert all(options == {} for options in HEAD_JOBS.values())
+    for key, m in load_measured().items():
+        assert m.job == f"ours_{key[0]}_{key[1]}" or not m.job.startswith("ours_"), m.job
