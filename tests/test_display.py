@@ -88,12 +88,12 @@ def test_detection_chart_ends_at_100_percent_with_the_legend_below():
 
 
 def test_the_claims_implication_never_contradicts_the_verdict():
-    """With random flips the page says the signal is near chance elsewhere, and only where this run agrees does it
-    say "too"; a run where the claim held is told it held here but not everywhere."""
+    """With random flips the page says where the signal was near chance elsewhere and where not; a run where the
+    claim held is told it held here but not everywhere, one where it failed is not told it was above chance."""
     table = pd.DataFrame({"n_clean": [40, 40], "n_corrupted": [5, 5], "difference": [0.5, 0.4]})
     held = check_notebook_claim(table, 0.81, "random")
     failed = check_notebook_claim(table.assign(difference=[-0.1, -0.2]), 0.52, "random")
     assert (held.verdict, failed.verdict) == ("held", "did not hold")
-    assert "above chance" in held.implication() and "too" not in held.implication()
-    assert "Measured elsewhere too" in failed.implication() and "above chance" not in failed.implication()
+    assert "above chance" in held.implication() and "It is not always" in held.implication()
+    assert "depended on the training" in failed.implication() and "above chance" not in failed.implication()
     assert "by construction" in check_notebook_claim(table, 0.9, "top-influence").implication()
