@@ -1,12 +1,15 @@
 """Out-of-sample loss from k-fold cross-validation as a mislabel signal, alone and combined, on runs with flips.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/cv_detection.py RUN_DIR [RUN_DIR ...] [--folds 4] [--epochs 15]
+    PYTHONPATH=. .venv/bin/python benchmarks/cv_detection.py RUN_DIR [RUN_DIR ...] [--folds 4] [--epochs 15] [--clean]
 
 For each run, ``--folds`` models of the run's own recipe (``run.py``'s ``out_of_fold_probs``: ``--epochs`` each,
 no checkpoints) give every training image a probability from a model that never trained on it (cached as
 ``RUN_DIR/cv_probs_<folds>x<epochs>.npy``); then detection metrics (AUROC, recall at 10 / 20 %) of ``mean_loss``,
 the out-of-fold loss ``oof_loss``, the second pass when the run has one, and the rank means of ``oof_loss`` with
-each. Prints a table with the mean over runs.
+each. ``--clean`` adds the cross-fitted second pass: ``--folds`` more models, model k trained without fold k and
+without the run's top 10 % suspects by ``mean_loss`` (the second pass's left-out set), so that every image, suspect
+or not, is scored by a model that saw neither it nor the suspects (cached as ``cv_probs_clean_<folds>x<epochs>.npy``).
+Prints a table with the mean over runs.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from scipy.stats import rankdata
 
 from influence_core import Run
 from influence_core.analysis import cross_entropy, detection_metrics
-from influence_core.second_pass import load_second_pass
+from influence_core.second_pass import DEFAULT_SHARE, load_second_pass, suspects
 from influence_core.training import TrainConfig
 
 METRICS = ("auroc", "recall_at_10pct", "recall_at_20pct")
 
 
-def signals(run: Run, folds: int, epochs: int) -> dict[str, np.ndarray]:
+def signals(run: Run, folds: int, epochs: int, clean: bool = False) -> dict[str, np.ndarray]:
     """Every signal of one run (higher = more suspect), computing its out-of-fold probabilities if missing."""
     cache = run.path / f"cv_probs_{folds}x{epochs}.npy"
     if not cache.is_file():
@@ -39,6 +42,16 @@ def signals(run: Run, folds: int, epochs: int) -> dict[str, np.ndarray]:
         out["second_pass"] = second.loss.astype(np.float64)
     for name in [k for k in out if k != "oof_loss"]:
         out[f"rank mean of {name} and oof_loss"] = rankdata(out[name]) + rankdata(oof)
+    if clean:  # cross-fitted second pass: every fold scored by a model trained without it and the suspects
+        cache = run.path / f"cv_probs_clean_{folds}x{epochs}.npy"
+        if not cache.is_file():
+            left_out = suspects(run, DEFAULT_SHARE)
+            np.save(cache, out_of_fold_probs(run, TrainConfig.from_run(run), folds, epochs, exclude=left_out))
+        crossed = cross_entropy(np.load(cache), y).astype(np.float64)
+        out["cross-fitted second pass"] = crossed
+        for name in ("mean_loss", "second_pass"):
+            if name in out:
+                out[f"rank mean of {name} and cross-fitted second pass"] = rankdata(out[name]) + rankdata(crossed)
     return out
 
 
@@ -47,11 +60,14 @@ def main(argv=None) -> None:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--folds", type=int, default=4)
     p.add_argument("--epochs", type=int, default=15)
+    p.add_argument(
+        "--clean", action="store_true", help="also the cross-fitted second pass (folds trained without the suspects)"
+    )
     args = p.parse_args(argv)
     rows: dict[str, list[dict]] = {}
     for path in args.runs:
         run = Run(path)
-        for name, values in signals(run, args.folds, args.epochs).items():
+        for name, values in signals(run, args.folds, args.epochs, args.clean).items():
             metrics = detection_metrics(values, run.flipped())
             rows.setdefault(name, []).append(metrics)
             print(f"{path.name}: {name}: " + " / ".join(f"{metrics[m]:.3f}" for m in METRICS), flush=True)

@@ -197,18 +197,22 @@ def run_job(name: str, cmd: list[str] | None, out_dir: Path, timeout: float, run
     return record
 
 
-def out_of_fold_probs(run, config: TrainConfig, folds: int, epochs: int) -> np.ndarray:
-    """(n_train, K) class probabilities, each from a model trained (same recipe, ``epochs``) without its fold."""
+def out_of_fold_probs(
+    run, config: TrainConfig, folds: int, epochs: int, exclude: np.ndarray | None = None
+) -> np.ndarray:
+    """(n_train, K) class probabilities, each from a model trained (same recipe, ``epochs``) without its fold, and
+    without the images of the (n_train,) bool ``exclude`` if given (every fold is still scored in full)."""
     x, y = run.tensors("train")
     x = x[:]  # whole tensor: this workload fits in memory
     probs = np.zeros((len(y), run.n_classes), np.float32)
     fold_of = np.random.default_rng(config.seed).permutation(len(y)) % folds
     cfg = dataclasses.replace(config, epochs=epochs, n_checkpoints=0)
+    kept = torch.ones(len(y), dtype=torch.bool) if exclude is None else torch.from_numpy(~exclude)
     for k in range(folds):
         held = torch.from_numpy(fold_of == k)
         torch.manual_seed(config.seed + k + 1)
         model, _ = build_resnet18(run.n_classes, pretrained=run.config["weights"] == "pretrained")
-        fit_model(model, cfg, x[~held], y[~held], x[held], y[held])
+        fit_model(model, cfg, x[~held & kept], y[~held & kept], x[held], y[held])
         model.eval()
         with torch.no_grad():
             probs[held.numpy()] = torch.cat([model(xb).softmax(1) for xb in x[held].split(64)]).numpy()
