@@ -1,6 +1,6 @@
 """Out-of-sample loss from k-fold cross-validation as a mislabel signal, alone and combined, on runs with flips.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/cv_detection.py RUN_DIR [RUN_DIR ...] [--folds 4] [--epochs 15] [--clean]
+    PYTHONPATH=. .venv/bin/python benchmarks/cv_detection.py RUN_DIR [RUN_DIR ...] [--folds 4] [--epochs 15] [--clean] [--kfac]
 
 For each run, ``--folds`` models of the run's own recipe (``run.py``'s ``out_of_fold_probs``: ``--epochs`` each,
 no checkpoints) give every training image a probability from a model that never trained on it (cached as
@@ -9,7 +9,8 @@ the out-of-fold loss ``oof_loss``, the second pass when the run has one, and the
 each. ``--clean`` adds the cross-fitted second pass: ``--folds`` more models, model k trained without fold k and
 without the run's top 10 % suspects by ``mean_loss`` (the second pass's left-out set), so that every image, suspect
 or not, is scored by a model that saw neither it nor the suspects (cached as ``cv_probs_clean_<folds>x<epochs>.npy``).
-Prints a table with the mean over runs.
+``--kfac`` adds the self-influence of whole-network K-FAC at the final model (the explorer's method, at its
+defaults, through the pipeline and its cache). Prints a table with the mean over runs.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from scipy.stats import rankdata
 
 from influence_core import Run
 from influence_core.analysis import cross_entropy, detection_metrics
+from influence_core.pipeline import InfluenceSettings, compute_influence, load_influence
 from influence_core.second_pass import DEFAULT_SHARE, load_second_pass, suspects
 from influence_core.training import TrainConfig
 
 METRICS = ("auroc", "recall_at_10pct", "recall_at_20pct")
 
 
-def signals(run: Run, folds: int, epochs: int, clean: bool = False) -> dict[str, np.ndarray]:
+def signals(run: Run, folds: int, epochs: int, clean: bool = False, kfac: bool = False) -> dict[str, np.ndarray]:
     """Every signal of one run (higher = more suspect), computing its out-of-fold probabilities if missing."""
     cache = run.path / f"cv_probs_{folds}x{epochs}.npy"
     if not cache.is_file():
@@ -42,6 +44,15 @@ def signals(run: Run, folds: int, epochs: int, clean: bool = False) -> dict[str,
         out["second_pass"] = second.loss.astype(np.float64)
     for name in [k for k in out if k != "oof_loss"]:
         out[f"rank mean of {name} and oof_loss"] = rankdata(out[name]) + rankdata(oof)
+    if kfac:  # the explorer's whole-network method, as the app computes it (cached in the run's influence cache)
+        settings = InfluenceSettings(method="kfac", scope="all", checkpoints=False)
+        result = load_influence(run, settings) or compute_influence(run, settings)
+        out["whole-network K-FAC self-influence"] = result.self_influence.astype(np.float64)
+        for name in ("mean_loss", "second_pass"):
+            if name in out:
+                out[f"rank mean of {name} and whole-network K-FAC self-influence"] = rankdata(out[name]) + rankdata(
+                    out["whole-network K-FAC self-influence"]
+                )
     if clean:  # cross-fitted second pass: every fold scored by a model trained without it and the suspects
         cache = run.path / f"cv_probs_clean_{folds}x{epochs}.npy"
         if not cache.is_file():
@@ -60,6 +71,7 @@ def main(argv=None) -> None:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--folds", type=int, default=4)
     p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--kfac", action="store_true", help="also whole-network K-FAC self-influence (the app's default)")
     p.add_argument(
         "--clean", action="store_true", help="also the cross-fitted second pass (folds trained without the suspects)"
     )
@@ -67,7 +79,7 @@ def main(argv=None) -> None:
     rows: dict[str, list[dict]] = {}
     for path in args.runs:
         run = Run(path)
-        for name, values in signals(run, args.folds, args.epochs, args.clean).items():
+        for name, values in signals(run, args.folds, args.epochs, args.clean, args.kfac).items():
             metrics = detection_metrics(values, run.flipped())
             rows.setdefault(name, []).append(metrics)
             print(f"{path.name}: {name}: " + " / ".join(f"{metrics[m]:.3f}" for m in METRICS), flush=True)
