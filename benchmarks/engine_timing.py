@@ -20,10 +20,9 @@ import time
 import numpy as np
 import torch
 import torchvision
-from ours import method_options
 
 from influence_core import Run
-from influence_core.influence import METHODS, Damping, InfluenceModel, Method, Scope, parse_scope
+from influence_core.influence import METHODS, Damping, InfluenceModel, Method, Scope, method_options, parse_scope
 from influence_core.influence.engine import full_fp32
 from influence_core.influence.ops import flatten, per_sample_grads
 from influence_core.storage import resolve_device

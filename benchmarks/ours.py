@@ -31,7 +31,15 @@ import torch.nn.functional as F
 from workload import capped_loop, environment, peak_memory, pipeline_record, stage_record, write_result
 
 from influence_core import Run
-from influence_core.influence import METHODS, Damping, InfluenceFactors, InfluenceModel, Method, Scope
+from influence_core.influence import (
+    METHODS,
+    Damping,
+    InfluenceFactors,
+    InfluenceModel,
+    Method,
+    Scope,
+    method_options,
+)
 
 CHUNKS = {Scope.HEAD: (None, None), Scope.ALL: (None, 64)}
 """(test, train) points per capped step; ``None`` = one step over all points (head scope is fast, and the
@@ -111,22 +119,6 @@ def influence(
         "self_influence": pipeline_record(fit_s, self=stage_record(len(self_inf), len(x_train), self_s)),
     }
     return record, scores.T, self_inf
-
-
-def method_options(pairs: list[str]) -> dict:
-    """``["rank=100", "rank=none"]`` → ``{"rank": None}``: ints, floats, ``none``, else strings (later wins)."""
-    return {key: _value(text) for key, text in (pair.split("=", 1) for pair in pairs)}
-
-
-def _value(text: str):
-    if text.lower() == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def main() -> None:

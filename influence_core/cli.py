@@ -131,7 +131,11 @@ def _influence(args) -> None:
     from .run import Run
 
     settings = InfluenceSettings(
-        method=args.method, scope=parse_scope(args.scope), regularization=args.regularization, curvature=args.curvature
+        method=args.method,
+        scope=parse_scope(args.scope),
+        regularization=args.regularization,
+        curvature=args.curvature,
+        options=tuple(args.option),
     )
     cluster = None
     if args.scheduler is not None or args.workers is not None:
@@ -295,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
         "linear datamodeling score, see the README)",
     )
     i.add_argument("--curvature", choices=list(Curvature), type=Curvature, default=DEFAULT_SETTINGS.curvature)
+    i.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, repeatable (e.g. --option fit_examples=512 --option rank=1024 for kfac; "
+        "none for None); the app's measured accuracy is for the defaults",
+    )
     i.add_argument("--device", default="auto")
     i.add_argument("--recompute", action="store_true", help="ignore the influence cache")
     i.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from .influence import (
     Scope,
     ScopeArg,
     default_damping,
+    method_options,
     parse_scope,
     scope_text,
 )
@@ -87,6 +89,7 @@ class InfluenceSettings:
     regularization: float | Damping | None = None  # None: default_damping(scope); a float is an absolute λ
     curvature: Curvature = Curvature.GAUSS_NEWTON
     checkpoints: bool = True  # also self-influence at every kept checkpoint (TracIn-style signal)
+    options: tuple[tuple[str, Any], ...] = ()  # the method's options, e.g. (("rank", 1024),); () = its defaults
 
     def __post_init__(self):
         """Checks every choice and stores it typed (text such as ``"layer4.1.conv2,fc"`` or ``"top:1e-5"`` is read
@@ -110,13 +113,26 @@ class InfluenceSettings:
             )
         object.__setattr__(self, "regularization", damping if damping.relative_to else damping.value)
         object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
-        Method.named(self.method).check_curvature(self.curvature)
+        options = self.options
+        if isinstance(options, dict):
+            pairs = options.items()
+        elif all(isinstance(o, str) for o in options):  # "rank=1024", as the CLI takes them
+            pairs = method_options(options).items()  # type: ignore[arg-type]
+        else:
+            pairs = options  # type: ignore[assignment]
+        object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in pairs)))
+        self.method_object.check_curvature(self.curvature)
+
+    @property
+    def method_object(self) -> Method:
+        """The method with these settings' options (unknown options are a clear error)."""
+        return Method.named(self.method, **dict(self.options))
 
     def influence_model(self, model, device: str = "auto", progress: Progress | None = None) -> InfluenceModel:
         """The (unfitted) engine for these settings."""
         return InfluenceModel(
             model,
-            method=Method.named(self.method),
+            method=self.method_object,
             scope=self.scope,
             regularization=self.damping,
             curvature=self.curvature,
@@ -131,7 +147,8 @@ class InfluenceSettings:
         return Damping.of(self.regularization)
 
     def describe(self) -> str:
-        return f"{self.method}, scope {scope_text(self.scope)}, λ={self.damping}, {self.curvature.value}"
+        options = "".join(f", {k}={v}" for k, v in self.options)
+        return f"{self.method}{options}, scope {scope_text(self.scope)}, λ={self.damping}, {self.curvature.value}"
 
     @property
     def scope_key(self) -> str:
@@ -144,6 +161,9 @@ class InfluenceSettings:
         scope = self.scope_key
         found = measured_for(self.method, scope)
         if found:
+            if self.options:
+                options = ", ".join(f"{k}={v}" for k, v in self.options)
+                return f"{found.describe()} (Measured at {self.method}'s defaults, not with {options}.)"
             return found.describe()
         missing = f"Not measured by the benchmarks for {self.method} on scope {scope}."
         return " ".join(filter(None, (scope_note(scope), missing)))
@@ -342,8 +362,10 @@ def cache_key(run: Run, settings: InfluenceSettings) -> str:
         CACHE_VERSION,
         [file_hash(p) for p in ckpts],
         *run.influence_inputs(),
-        dataclasses.asdict(settings),
-        Method.named(settings.method).fingerprint(),
+        {
+            k: v for k, v in dataclasses.asdict(settings).items() if k != "options" or v
+        },  # keys without options unchanged
+        settings.method_object.fingerprint(),
     )
 
 
@@ -436,7 +458,7 @@ def compute_influence(
             tmp.meta,
             {
                 "settings": dataclasses.asdict(settings),
-                "method": Method.named(settings.method).fingerprint(),  # options and what "auto" resolved to
+                "method": settings.method_object.fingerprint(),  # options and what "auto" resolved to
                 "checkpoints": [p.name for p in ckpts],
                 "n_train": len(y_train),
                 "n_test": len(y_test),

@@ -303,3 +303,34 @@ def test_report_json_is_strict_json_when_metrics_are_not_finite(clean_run, tmp_p
 
     report = json.loads(out, parse_constant=refuse)
     assert report["f1_test"] is None and report["epoch_seconds"] is None and report["influence_vs_epoch"] is None
+
+
+def test_method_options_reach_the_engine_and_the_cache_key(demo_run, tmp_path, capsys):
+    """``--option KEY=VALUE`` sets a method option: the result is computed with it (meta.json's fingerprint), is
+    cached apart from the defaults, and the app's accuracy note says it was measured at the defaults."""
+    import shutil
+
+    from influence_core import Run
+    from influence_core.pipeline import InfluenceSettings, cache_key, load_influence
+
+    run = Run(shutil.copytree(demo_run.path, tmp_path / "demo"))
+    code, _, err = cli_main(
+        capsys, "influence", "--run-dir", str(run.path), "--method", "arnoldi", "--option", "rank=5"
+    )
+    assert code == 0, err
+    five = InfluenceSettings(method="arnoldi", options=("rank=5",))
+    assert five == InfluenceSettings(method="arnoldi", options={"rank": 5})
+    result = load_influence(run, five)
+    assert result is not None and result.meta["method"]["rank"] == 5
+    default = InfluenceSettings(method="arnoldi")
+    assert load_influence(run, default) is None and cache_key(run, default) != cache_key(run, five)
+    assert cache_key(run, default) == cache_key(run, InfluenceSettings(method="arnoldi", options={}))
+    assert "rank=5" in five.describe() and "not with rank=5" in five.accuracy_note()
+
+
+@pytest.mark.parametrize(
+    "option, message", [("rank", "is not KEY=VALUE"), ("depth=3", "Unknown option(s) for method 'arnoldi': depth")]
+)
+def test_a_bad_method_option_is_one_clear_line(tmp_path, capsys, option, message):
+    code, _, err = cli_main(capsys, "influence", "--run-dir", str(tmp_path), "--method", "arnoldi", "--option", option)
+    assert_one_line_error(code, err, message)

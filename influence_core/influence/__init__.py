@@ -7,7 +7,16 @@ Importing this package registers every method in :data:`METHODS`: ``direct``, ``
 from .arnoldi import Arnoldi
 from .base import METHODS, Grads, InverseCurvature, Method
 from .cg import CG
-from .choices import Curvature, Damping, Scope, ScopeArg, default_damping, parse_scope, scope_text
+from .choices import (
+    Curvature,
+    Damping,
+    Scope,
+    ScopeArg,
+    default_damping,
+    method_options,
+    parse_scope,
+    scope_text,
+)
 from .direct import Direct
 from .engine import ImageSource, InfluenceFactors, InfluenceModel
 from .kfac import EKFAC, KFAC
@@ -32,6 +41,7 @@ __all__ = [
     "Scope",
     "ScopeArg",
     "default_damping",
+    "method_options",
     "parse_scope",
     "scope_text",
 ]

@@ -1,4 +1,4 @@
-"""The choices an influence computation offers, each defined once: curvatures, scopes and damping.
+"""The choices an influence computation offers, each defined once: curvatures, scopes, damping and method options.
 
 The CLI, the app and the benchmarks read their option lists from here (methods: :data:`.base.METHODS`).
 """
@@ -6,9 +6,10 @@ The CLI, the app and the benchmarks read their option lists from here (methods: 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from ..errors import InfluenceLensError
 
@@ -177,3 +178,27 @@ HEAD_DAMPING = 1e-3
 """Default fraction of the head's largest curvature eigenvalue (:func:`default_damping`)."""
 NETWORK_DAMPING = 1e-5
 """Default fraction of each layer's largest curvature eigenvalue beyond the head (:func:`default_damping`)."""
+
+
+def method_options(pairs: Iterable[str]) -> dict[str, Any]:
+    """``["rank=1024", "fit_examples=none"]`` → ``{"rank": 1024, "fit_examples": None}``: each value read as an int,
+    a float, ``none``, else kept as text; a later key wins. (Whether the method has such options is checked by
+    :meth:`.base.Method.named`.)"""
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise InfluenceLensError(f"Method option {pair!r} is not KEY=VALUE.", "write e.g. rank=1024")
+        out[key.strip()] = _option_value(text.strip())
+    return out
+
+
+def _option_value(text: str) -> Any:
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
