@@ -89,7 +89,8 @@ class InfluenceSettings:
     regularization: float | Damping | None = None  # None: default_damping(scope); a float is an absolute λ
     curvature: Curvature = Curvature.GAUSS_NEWTON
     checkpoints: bool = True  # also self-influence at every kept checkpoint (TracIn-style signal)
-    options: tuple[tuple[str, Any], ...] = ()  # the method's options, e.g. (("rank", 1024),); () = its defaults
+    options: tuple[tuple[str, Any], ...] = ()  # the method's options; () = its defaults. Given as pairs, a dict or
+    # "KEY=VALUE" texts ({"rank": 1024}, ("rank=1024",)), stored as sorted (key, value) pairs
 
     def __post_init__(self):
         """Checks every choice and stores it typed (text such as ``"layer4.1.conv2,fc"`` or ``"top:1e-5"`` is read
