@@ -8,6 +8,7 @@ import streamlit as st
 
 from influence_core import TrainConfig, available_classes
 from influence_core.data import DEFAULT_FASHION_MNIST
+from influence_core.errors import InfluenceLensError
 from influence_core.influence import Curvature, Damping, Scope, default_damping
 from influence_core.measured import method_label
 from influence_core.paths import RunPaths
@@ -199,20 +200,34 @@ with influence_tab:
         "datamodeling score of the scan in benchmarks/lds_methods.py.",
     )
     curvature = c4.radio("Curvature", list(Curvature), index=list(Curvature).index(s.curvature))
-    chosen = InfluenceSettings(method=method, scope=scope, regularization=lam, curvature=curvature)
-    cached = runs.cached_influence(run, chosen) is not None
-    st.caption(
-        f"{chosen.describe()} — {'cached for this run' if cached else 'not computed yet for this run'}"
-        + (" (the default)" if chosen == DEFAULT_SETTINGS else "")
+    options = st.text_input(
+        "Method options",
+        value=" ".join(f"{k}={v}" for k, v in s.options) if method == s.method else "",
+        placeholder="the method's defaults; e.g. fit_examples=512 rank=1024 for kfac",
+        help="KEY=VALUE pairs separated by spaces (none for None), as `influence-core influence --option`. The "
+        "LDS shown beside each method is measured at its defaults.",
     )
-    st.caption(chosen.accuracy_note())
-    if st.button(
-        "Use these settings" + ("" if cached else " and compute"), type="primary", disabled=chosen == s and cached
-    ):
-        st.session_state["settings"] = chosen  # every page now uses them (and waits for them while computed)
-        with widgets.errors_shown():
-            runs.influence(run, chosen)
-            st.rerun()
+    try:
+        chosen: InfluenceSettings | None = InfluenceSettings(
+            method=method, scope=scope, regularization=lam, curvature=curvature, options=tuple(options.split())
+        )
+    except InfluenceLensError as e:
+        widgets.show_error(e)
+        chosen = None
+    if chosen is not None:
+        cached = runs.cached_influence(run, chosen) is not None
+        st.caption(
+            f"{chosen.describe()} — {'cached for this run' if cached else 'not computed yet for this run'}"
+            + (" (the default)" if chosen == DEFAULT_SETTINGS else "")
+        )
+        st.caption(chosen.accuracy_note())
+        if st.button(
+            "Use these settings" + ("" if cached else " and compute"), type="primary", disabled=chosen == s and cached
+        ):
+            st.session_state["settings"] = chosen  # every page now uses them (and waits for them while computed)
+            with widgets.errors_shown():
+                runs.influence(run, chosen)
+                st.rerun()
     result = runs.cached_influence(run)
     if result is not None:
         timings = pd.DataFrame(sorted(result.meta["timings_s"].items()), columns=["step", "seconds"])

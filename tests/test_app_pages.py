@@ -106,6 +106,13 @@ def test_setup_page_shows_quality_and_weights(app, demo_run):
     assert any("λ=top:1e-05" in c.value for c in at.caption)
     damping.select_index(damping.options.index("0.1 × each block's mean eigenvalue")).run()
     assert any("λ=rel:0.1" in c.value for c in at.caption)
+    options = next(t for t in at.text_input if t.label == "Method options")
+    options.set_value("rank=5").run()  # the default method, direct, has no rank
+    assert "Unknown option(s) for method 'direct': rank" in at.error[0].value
+    methods = next(b for b in at.selectbox if b.label == "Method")
+    methods.select_index(METHOD_CHOICES.index("kfac")).run()
+    assert not at.error and any(c.value.startswith("kfac, rank=5, scope all") for c in at.caption)
+    assert any("Measured at kfac's defaults, not with rank=5" in c.value for c in at.caption)
 
 
 def test_setup_page_opens_a_run_directory_inside_the_roots_only(app, demo_run, runs_root, tmp_path):
