@@ -37,33 +37,30 @@ def signals(run: Run, folds: int, epochs: int, clean: bool = False, kfac: bool =
     if not cache.is_file():
         np.save(cache, out_of_fold_probs(run, TrainConfig.from_run(run), folds, epochs))
     y = run.labels("train")
-    oof = cross_entropy(np.load(cache), y).astype(np.float64)
-    out = {"mean_loss": run.dynamics["loss"].mean(0).astype(np.float64), "oof_loss": oof}
+    out = {"mean_loss": run.dynamics["loss"].mean(0).astype(np.float64)}
     second = load_second_pass(run)
     if second is not None:
         out["second_pass"] = second.loss.astype(np.float64)
-    for name in [k for k in out if k != "oof_loss"]:
-        out[f"rank mean of {name} and oof_loss"] = rankdata(out[name]) + rankdata(oof)
+    add_with_rank_means(out, "oof_loss", cross_entropy(np.load(cache), y).astype(np.float64))
     if kfac:  # the explorer's whole-network method, as the app computes it (cached in the run's influence cache)
         settings = InfluenceSettings(method="kfac", scope="all", checkpoints=False)
         result = load_influence(run, settings) or compute_influence(run, settings)
-        out["whole-network K-FAC self-influence"] = result.self_influence.astype(np.float64)
-        for name in ("mean_loss", "second_pass"):
-            if name in out:
-                out[f"rank mean of {name} and whole-network K-FAC self-influence"] = rankdata(out[name]) + rankdata(
-                    out["whole-network K-FAC self-influence"]
-                )
+        add_with_rank_means(out, "whole-network K-FAC self-influence", result.self_influence.astype(np.float64))
     if clean:  # cross-fitted second pass: every fold scored by a model trained without it and the suspects
         cache = run.path / f"cv_probs_clean_{folds}x{epochs}.npy"
         if not cache.is_file():
             left_out = suspects(run, DEFAULT_SHARE)
             np.save(cache, out_of_fold_probs(run, TrainConfig.from_run(run), folds, epochs, exclude=left_out))
-        crossed = cross_entropy(np.load(cache), y).astype(np.float64)
-        out["cross-fitted second pass"] = crossed
-        for name in ("mean_loss", "second_pass"):
-            if name in out:
-                out[f"rank mean of {name} and cross-fitted second pass"] = rankdata(out[name]) + rankdata(crossed)
+        add_with_rank_means(out, "cross-fitted second pass", cross_entropy(np.load(cache), y).astype(np.float64))
     return out
+
+
+def add_with_rank_means(out: dict[str, np.ndarray], name: str, values: np.ndarray) -> None:
+    """``out[name] = values``, plus its rank mean with ``mean_loss`` and ``second_pass`` where ``out`` has them."""
+    for other in ("mean_loss", "second_pass"):
+        if other in out:
+            out[f"rank mean of {other} and {name}"] = rankdata(out[other]) + rankdata(values)
+    out[name] = values
 
 
 def main(argv=None) -> None:

@@ -114,14 +114,10 @@ class InfluenceSettings:
             )
         object.__setattr__(self, "regularization", damping if damping.relative_to else damping.value)
         object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
-        options = self.options
-        if isinstance(options, dict):
-            pairs = options.items()
-        elif all(isinstance(o, str) for o in options):  # "rank=1024", as the CLI takes them
-            pairs = method_options(options).items()  # type: ignore[arg-type]
-        else:
-            pairs = options  # type: ignore[assignment]
-        object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in pairs)))
+        given = self.options
+        texts = not isinstance(given, dict) and all(isinstance(o, str) for o in given)  # "rank=1024", as the CLI
+        options = method_options(given) if texts else dict(given)  # type: ignore[arg-type]
+        object.__setattr__(self, "options", tuple(sorted(options.items())))
         self.method_object.check_curvature(self.curvature)
 
     @property
@@ -363,9 +359,8 @@ def cache_key(run: Run, settings: InfluenceSettings) -> str:
         CACHE_VERSION,
         [file_hash(p) for p in ckpts],
         *run.influence_inputs(),
-        {
-            k: v for k, v in dataclasses.asdict(settings).items() if k != "options" or v
-        },  # keys without options unchanged
+        # the options are in the method's fingerprint; leaving them out here keeps the keys of earlier caches
+        {k: v for k, v in dataclasses.asdict(settings).items() if k != "options"},
         settings.method_object.fingerprint(),
     )
 
