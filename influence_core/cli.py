@@ -199,6 +199,90 @@ def _report(args) -> None:
         print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
 
 
+def _apply_reviews(args) -> None:
+    from .fixes import apply_reviews, lineage
+    from .report import to_json
+    from .run import Run
+
+    check_output_dir(args.out)
+    bar = TqdmProgress()
+    try:
+        child = apply_reviews(
+            Run(args.run_dir),
+            args.out,
+            decisions_csv=args.decisions,
+            device=args.device,
+            progress=bar,
+            wait=not args.no_wait,
+        )
+    finally:
+        bar.close()
+    record = lineage(child) or {}
+    summary = {
+        "run_dir": str(child.path),
+        "parent": record.get("parent"),
+        "relabelled": record.get("relabelled"),
+        "excluded": record.get("excluded"),
+        "n_train": len(child.ids("train")),
+        "accuracy_test": child.metrics["accuracy_test"],
+        "f1_test": child.metrics["f1_test"],
+    }
+    if args.json:
+        print(to_json(summary))
+    else:
+        print(
+            f"corrected run in {child.path}: {summary['relabelled']} relabelled, {summary['excluded']} excluded; "
+            f"test accuracy {summary['accuracy_test']:.3f}, F1 {summary['f1_test']:.3f}",
+            file=sys.stderr,
+        )
+
+
+def _compare(args) -> None:
+    from .compare import compare_runs
+    from .report import to_json
+    from .run import Run
+
+    result = compare_runs(Run(args.run_dir), Run(args.against) if args.against else None)
+    if args.json:
+        print(to_json(result))
+        return
+    for name in ("accuracy", "f1"):
+        d = result["difference"][name]
+        print(
+            f"{name}: {d['before']:.3f} -> {d['after']:.3f} ({d['difference']:+.3f}, 95 % interval "
+            f"{d['low']:+.3f} to {d['high']:+.3f})"
+        )
+    print(f"test predictions fixed: {len(result['fixed'])}, broken: {len(result['broken'])}")
+    if result["flips"]:
+        f = result["flips"]
+        print(
+            f"flipped labels: {f['before']} before; {f['corrected']} corrected, {f['excluded']} excluded, {f['left']} left"
+        )
+
+
+def _export(args) -> None:
+    from .export import export_corrected
+    from .run import Run
+
+    manifest = export_corrected(Run(args.run_dir), args.out)
+    print(f"corrected training set written to {manifest.parent} (list: {manifest.name})", file=sys.stderr)
+
+
+def _label_issues(args) -> None:
+    from .export import label_issues
+    from .run import Run
+    from .storage import atomic_write_bytes
+
+    table = label_issues(Run(args.run_dir), share=args.share)
+    if args.out is None:
+        print(table.to_csv(index=False), end="")
+    else:
+        atomic_write_bytes(args.out, table.to_csv(index=False).encode())
+        print(
+            f"{int(table['is_label_issue'].sum())} label issues flagged; table written to {args.out}", file=sys.stderr
+        )
+
+
 def _classes(args) -> None:
     from .data import available_classes
 
@@ -336,6 +420,39 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", required=True)
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=_report)
+
+    a = sub.add_parser(
+        "apply-reviews",
+        help="train a corrected child run: mislabeled images relabelled, excluded images left out (same recipe)",
+    )
+    a.add_argument("--run-dir", required=True, help="the reviewed run")
+    a.add_argument("--out", required=True, help="folder of the corrected run (a cache hit when it holds it already)")
+    a.add_argument(
+        "--decisions",
+        metavar="FILE.csv",
+        help="record these decisions first (columns id, decision, corrected_label, reviewer: the app's Decisions CSV)",
+    )
+    a.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
+    a.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a.set_defaults(func=_apply_reviews)
+
+    cmp = sub.add_parser("compare", help="before and after: a corrected run against the run it was made from")
+    cmp.add_argument("--run-dir", required=True, help="the corrected (child) run")
+    cmp.add_argument("--against", help="the run to compare with (default: the child's parent)")
+    cmp.add_argument("--json", action="store_true", help="print one JSON object")
+    cmp.set_defaults(func=_compare)
+
+    e = sub.add_parser("export", help="write the corrected training set as an image folder with a manifest.csv")
+    e.add_argument("--run-dir", required=True)
+    e.add_argument("--out", required=True, help="a new folder (train on it with --dataset folder:FOLDER)")
+    e.set_defaults(func=_export)
+
+    li = sub.add_parser("label-issues", help="the ranked suspects as a table in cleanlab's column names")
+    li.add_argument("--run-dir", required=True)
+    li.add_argument("--out", help="CSV file to write (default: print)")
+    li.add_argument("--share", type=float, default=0.1, help="share of the training set flagged (default: 0.1)")
+    li.set_defaults(func=_label_issues)
 
     c = sub.add_parser("classes", help="list the classes a dataset offers")
     c.add_argument("--dataset", required=True)

@@ -305,6 +305,38 @@ class ReviewStore:
             )
             return Action(*row)
 
+    def carry_over(self, actions: pd.DataFrame, source: str) -> int:
+        """Store another store's ``actions`` (rows of :meth:`current`: id, sample_id, decision, corrected_label,
+        reviewer, created_at) as decisions on this data, with their reviewer and time; ``source`` names the other
+        store's data (e.g. the parent run's key). Idempotent: carrying the same actions again stores nothing new.
+        A carried ``mislabeled`` keeps its correction even where it is now the given label (it was applied).
+        Returns how many carried actions this store holds."""
+        unknown = sorted(set(actions["sample_id"]) - set(self.data.given_label))
+        if unknown:
+            raise InfluenceLensError(
+                f"{len(unknown)} carried decision(s) are not on training samples of this run, e.g. {unknown[0]!r}.",
+                "carry over only decisions on images the run trains on",
+            )
+        prefix = f"carry:{source}:{self.data.key}:"
+        with self._transaction() as con:
+            for a in actions.itertuples(index=False):
+                con.execute(
+                    "INSERT OR IGNORE INTO actions (sample_id, decision, corrected_label, reviewer, created_at, "
+                    "data_key, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        a.sample_id,
+                        a.decision,
+                        a.corrected_label,
+                        a.reviewer,
+                        a.created_at,
+                        self.data.key,
+                        prefix + str(a.id),
+                    ),
+                )
+            return int(
+                con.execute("SELECT COUNT(*) FROM actions WHERE idempotency_key LIKE ?", (prefix + "%",)).fetchone()[0]
+            )
+
     # --- reading -------------------------------------------------------------------------------------------
     def current(self) -> pd.DataFrame:
         """Current decision per reviewed sample of this data: id (action), sample_id, decision, corrected_label,

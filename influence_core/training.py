@@ -193,11 +193,37 @@ def train(
     Holds the run directory's lock while it checks the cache and writes (``wait=False``: fail at once if another
     process holds it); a previous run in ``run_dir`` is replaced only once the new one is complete."""
     config.check()
-    paths = RunPaths(Path(run_dir))
     t0 = time.perf_counter()
     data = split_data(load_data(config), config)
-    key = training_key(data)
-    timings = {"load_data": time.perf_counter() - t0}
+    return train_on(
+        data,
+        run_dir,
+        device=device,
+        retrain=retrain,
+        progress=progress,
+        wait=wait,
+        timings={"load_data": time.perf_counter() - t0},
+    )
+
+
+def train_on(
+    data: TrainingData,
+    run_dir: str | Path,
+    *,
+    device: str = "auto",
+    retrain: bool = False,
+    progress: Progress | None = None,
+    wait: bool = True,
+    timings: dict[str, float] | None = None,
+    key: str | None = None,
+    extra_config: dict | None = None,
+) -> Run:
+    """Train on ``data`` as it is (split and training labels given) and write ``run_dir``, or return the cached
+    run. ``key``: the cache key (default :func:`training_key`); ``extra_config``: more fields for ``config.json``
+    (e.g. a child run's ``lineage``); ``timings``: seconds already spent, recorded in ``metrics.json``."""
+    paths = RunPaths(Path(run_dir))
+    key = key or training_key(data)
+    timings = dict(timings or {})
     with run_lock(paths, wait=wait):
         recover(paths)
         if not retrain and holds_training(paths, key):
@@ -224,7 +250,9 @@ def train(
             probs = {name: _predict(model, x) for name, x in (("train", x_train), ("val", x_val), ("test", x_test))}
             metrics = evaluate(data, probs, history) | {"device": str(dev)}
             timings["evaluate"] = time.perf_counter() - t2
-            write_run(stage, data, key, weights, history, dynamics, probs, metrics | {"timings_s": timings})
+            write_run(
+                stage, data, key, weights, history, dynamics, probs, metrics | {"timings_s": timings}, extra_config
+            )
     log.info("test F1 %.3f, accuracy %.3f; run written to %s", metrics["f1_test"], metrics["accuracy_test"], run_dir)
     return Run(paths.root)
 
@@ -354,8 +382,10 @@ def write_run(
     dynamics: dict[str, np.ndarray],
     probs: dict[str, np.ndarray],
     metrics: dict,
+    extra_config: dict | None = None,
 ) -> None:
-    """Write every file of a finished training (checkpoints are already there); ``train_key`` last."""
+    """Write every file of a finished training (checkpoints are already there); ``train_key`` last.
+    ``extra_config``: more fields for ``config.json``."""
     ds, config = data.dataset, data.config
     atomic_write_json(
         paths.config,
@@ -368,7 +398,8 @@ def write_run(
             "weights_requested": config.weights,
             "n_skipped_images": len(ds.skipped),
             TRAIN_KEY_FIELD: key,
-        },
+        }
+        | (extra_config or {}),
     )
     _write_samples(paths, data)
     y_train_true = ds.labels[data.split.train]
