@@ -38,22 +38,31 @@ from .storage import stable_hash
 if TYPE_CHECKING:
     from .run import Run
 
-DECISIONS = ("mislabeled", "keep", "skip")
+DECISIONS = ("mislabeled", "keep", "skip", "exclude")
+"""``mislabeled`` (with a corrected label), ``keep`` (the label is right), ``skip`` (not decided: come back later),
+``exclude`` (drop the image from training: ambiguous, neither class, broken)."""
 BUSY_TIMEOUT_MS = 30_000
 PAUSE_AFTER_COMMIT_ENV = "INFLUENCE_LENS_PAUSE_AFTER_COMMIT_S"
 """Fault injection for tests: seconds ``record`` sleeps between its COMMIT and its return (a test kills it there)."""
 
-_TABLE = """
-CREATE TABLE IF NOT EXISTS actions (
+_DECISION_CHECK = f"CHECK (decision IN ({', '.join(repr(d) for d in DECISIONS)}))"
+_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {{name}} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     sample_id TEXT NOT NULL,
-    decision TEXT NOT NULL CHECK (decision IN ('mislabeled', 'keep', 'skip')),
+    decision TEXT NOT NULL {_DECISION_CHECK},
     corrected_label TEXT,
     reviewer TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    undone_at TEXT
+    undone_at TEXT,
+    data_key TEXT,
+    idempotency_key TEXT,
+    undo_key TEXT
 )"""
 # columns added after the first release: a file written before them gets them with NULL values
+_ALL_COLUMNS = (
+    "id, sample_id, decision, corrected_label, reviewer, created_at, undone_at, data_key, idempotency_key, undo_key"
+)
 _ADDED_COLUMNS = {"data_key": "TEXT", "idempotency_key": "TEXT", "undo_key": "TEXT"}
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS actions_data_sample ON actions (data_key, sample_id, id)",
@@ -90,6 +99,27 @@ def _use_wal(con: sqlite3.Connection) -> None:
             if "locked" not in str(e) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def _allow_every_decision(con: sqlite3.Connection) -> None:
+    """Rebuild a table whose CHECK predates one of :data:`DECISIONS` (e.g. ``exclude``), inside the caller's
+    transaction: create the new table, copy every row with its id, drop the old one, rename. The AUTOINCREMENT
+    counter carries over, so no id is ever reused."""
+    (sql,) = con.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'actions'").fetchone()
+    if _DECISION_CHECK in sql:
+        return
+    con.execute("DROP TABLE IF EXISTS actions_rebuilt")  # never holds rows: a rebuild is one transaction
+    con.execute(_TABLE.format(name="actions_rebuilt"))
+    con.execute(f"INSERT INTO actions_rebuilt ({_ALL_COLUMNS}) SELECT {_ALL_COLUMNS} FROM actions ORDER BY id")
+    (before,) = con.execute("SELECT COUNT(*) FROM actions").fetchone()
+    (after,) = con.execute("SELECT COUNT(*) FROM actions_rebuilt").fetchone()
+    if before != after:  # cannot happen with INSERT … SELECT; the rollback keeps the old table if it ever did
+        raise sqlite3.DatabaseError(f"upgrading the review table copied {after} of {before} rows")
+    seq = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'actions'").fetchone()
+    con.execute("DROP TABLE actions")
+    con.execute("ALTER TABLE actions_rebuilt RENAME TO actions")
+    if seq is not None:
+        con.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'actions'", (seq[0],))
 
 
 @dataclass(frozen=True)
@@ -156,11 +186,12 @@ class ReviewStore:
         with self._errors_explained():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._transaction() as con:
-            con.execute(_TABLE)
+            con.execute(_TABLE.format(name="actions"))
             present = {row[1] for row in con.execute("PRAGMA table_info(actions)")}
             for column, kind in _ADDED_COLUMNS.items():
                 if column not in present:
                     con.execute(f"ALTER TABLE actions ADD COLUMN {column} {kind}")
+            _allow_every_decision(con)
             for statement in _INDEXES:
                 con.execute(statement)
 
@@ -362,11 +393,18 @@ class ReviewStore:
         return {r.sample_id: Action(*r) for r in cur.itertuples(index=False) if r.sample_id in wanted}
 
     def progress(self, sample_ids: Sequence[str]) -> dict[str, int]:
-        """Counts over ``sample_ids``: ``reviewed`` (mislabeled or keep), ``skipped``, ``mislabeled``, ``total``."""
+        """Counts over ``sample_ids``: ``reviewed`` (mislabeled, keep or exclude), ``skipped``, ``mislabeled``,
+        ``excluded``, ``total``."""
         ids = list(map(str, sample_ids))
         counts = pd.Series([a.decision for a in self.decisions_for(ids).values()], dtype=object).value_counts()
-        mislabeled, keep, skip = (int(counts.get(d, 0)) for d in DECISIONS)
-        return {"reviewed": mislabeled + keep, "skipped": skip, "mislabeled": mislabeled, "total": len(ids)}
+        mislabeled, keep, skip, exclude = (int(counts.get(d, 0)) for d in DECISIONS)
+        return {
+            "reviewed": mislabeled + keep + exclude,
+            "skipped": skip,
+            "mislabeled": mislabeled,
+            "excluded": exclude,
+            "total": len(ids),
+        }
 
     def corrections(self) -> pd.DataFrame:
         """id, given_label, corrected_label for every sample currently marked mislabeled."""

@@ -60,13 +60,22 @@ def test_progress_and_exports(tmp_path):
     store.record("x", "mislabeled", "ann", corrected_label="cat", idempotency_key=key())
     store.record("y", "keep", "ann", idempotency_key=key())
     store.record("z", "skip", "ann", idempotency_key=key())
-    assert store.progress(["x", "y", "z", "w"]) == {"reviewed": 2, "skipped": 1, "mislabeled": 1, "total": 4}
+    store.record("w", "exclude", "ann", idempotency_key=key())  # no corrected label needed
+    assert store.progress(["x", "y", "z", "w", "a"]) == {
+        "reviewed": 3,  # an excluded image is reviewed; a skipped one is not
+        "skipped": 1,
+        "mislabeled": 1,
+        "excluded": 1,
+        "total": 5,
+    }
 
-    corrections = pd.read_csv(io.StringIO(store.corrections_csv()))
+    corrections = pd.read_csv(io.StringIO(store.corrections_csv()))  # mislabeled only: exclude is not a label
     assert corrections.to_dict("records") == [{"id": "x", "given_label": "dog", "corrected_label": "cat"}]
     decisions = pd.read_csv(io.StringIO(store.decisions_csv()))
     assert list(decisions.columns) == ["id", "decision", "corrected_label", "reviewer", "created_at"]
-    assert decisions["id"].tolist() == ["x", "y", "z"]
+    assert decisions["id"].tolist() == ["x", "y", "z", "w"]
+    assert decisions.set_index("id").loc["w", "decision"] == "exclude"
+    assert pd.isna(decisions.set_index("id").loc["w", "corrected_label"])
 
 
 def test_decisions_survive_reopen_and_are_keyed_by_id(tmp_path):
@@ -119,10 +128,84 @@ def test_a_file_from_before_data_keys_is_migrated_without_losing_rows(tmp_path):
     store = ReviewStore(tmp_path, DATA)
     assert store.current().empty and store.hidden_count() == 2  # a and b's latest decision that is not undone
     store.record("a", "skip", "bob", idempotency_key=key())
+    store.record("b", "exclude", "bob", idempotency_key=key())
     with closing_connection(store.path) as con:
         rows = con.execute("SELECT sample_id, decision, data_key FROM actions ORDER BY id").fetchall()
     assert rows[:3] == [("a", "keep", None), ("b", "mislabeled", None), ("b", "skip", None)]
-    assert rows[3] == ("a", "skip", DATA.key)
+    assert rows[3:] == [("a", "skip", DATA.key), ("b", "exclude", DATA.key)]
+
+
+PREVIOUS_RELEASE = """
+CREATE TABLE actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sample_id TEXT NOT NULL,
+    decision TEXT NOT NULL CHECK (decision IN ('mislabeled', 'keep', 'skip')),
+    corrected_label TEXT,
+    reviewer TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    undone_at TEXT
+);
+ALTER TABLE actions ADD COLUMN data_key TEXT;
+ALTER TABLE actions ADD COLUMN idempotency_key TEXT;
+ALTER TABLE actions ADD COLUMN undo_key TEXT;
+CREATE INDEX actions_data_sample ON actions (data_key, sample_id, id);
+CREATE INDEX actions_data_reviewer ON actions (data_key, reviewer, id);
+CREATE UNIQUE INDEX actions_idempotency ON actions (idempotency_key);
+CREATE UNIQUE INDEX actions_undo ON actions (undo_key);
+"""
+
+
+def test_a_store_from_before_exclude_is_migrated_keeping_every_row_id_and_key(tmp_path):
+    """Guards the table rebuild: the previous release's CHECK rejects 'exclude' (IntegrityError without it)."""
+    path = tmp_path / "reviews.sqlite"
+    with closing_connection(path) as con:
+        con.executescript(PREVIOUS_RELEASE)
+        con.executemany(
+            "INSERT INTO actions (id, sample_id, decision, corrected_label, reviewer, created_at, undone_at, "
+            "data_key, idempotency_key, undo_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (1, "a", "keep", None, "ann", "t1", None, DATA.key, "click-1", None),
+                (2, "b", "mislabeled", "dog", "ann", "t2", None, DATA.key, "click-2", None),
+                (3, "x", "skip", None, "bob", "t3", "t4", DATA.key, "click-3", "undo-1"),
+                (7, "y", "keep", None, "bob", "t5", None, "other-data", "click-7", None),  # ids need not be dense
+            ],
+        )
+        con.commit()
+        before = con.execute("SELECT * FROM actions ORDER BY id").fetchall()
+
+    store = ReviewStore(tmp_path, DATA)
+    excluded = store.record("z", "exclude", "ann", idempotency_key="click-8")
+    assert excluded.id == 8  # the AUTOINCREMENT counter carried over: no id is reused
+    with closing_connection(path) as con:
+        after = con.execute("SELECT * FROM actions ORDER BY id").fetchall()
+        (sql,) = con.execute("SELECT sql FROM sqlite_master WHERE name = 'actions'").fetchone()
+        indexes = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert after[:4] == before and len(after) == 5  # every row, with its id, data key and idempotency keys
+    assert "'exclude'" in sql and "actions_rebuilt" not in tables
+    assert {"actions_idempotency", "actions_undo", "actions_data_sample", "actions_data_reviewer"} <= indexes
+    # the keys still work after the migration
+    assert store.record("b", "mislabeled", "ann", corrected_label="dog", idempotency_key="click-2").id == 2
+    assert store.undo("bob", idempotency_key="undo-1").id == 3  # a retried undo returns what it undid
+    assert store.current()["decision"].tolist() == ["keep", "mislabeled", "exclude"] and store.hidden_count() == 1
+    assert ReviewStore(tmp_path, DATA).current().equals(store.current())  # reopening migrates nothing again
+
+
+def test_an_old_store_that_cannot_be_migrated_keeps_every_row(tmp_path, monkeypatch):
+    """The rebuild is one transaction: a failure halfway leaves the old table as it was."""
+    from influence_core import review
+
+    path = tmp_path / "reviews.sqlite"
+    with closing_connection(path) as con:
+        con.executescript(OLD_SCHEMA)
+    monkeypatch.setattr(review, "_ALL_COLUMNS", review._ALL_COLUMNS + ", no_such_column")  # the copy fails
+    with pytest.raises(InfluenceLensError):
+        ReviewStore(tmp_path, DATA)
+    with closing_connection(path) as con:
+        assert con.execute("SELECT COUNT(*) FROM actions").fetchone()[0] == 3
+        assert "'exclude'" not in con.execute("SELECT sql FROM sqlite_master WHERE name = 'actions'").fetchone()[0]
+    monkeypatch.undo()
+    assert len(ReviewStore(tmp_path, DATA).history()) == 0 and ReviewStore(tmp_path, DATA).hidden_count() == 2
 
 
 def closing_connection(path: Path) -> closing[sqlite3.Connection]:
