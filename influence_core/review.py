@@ -407,9 +407,11 @@ class ReviewStore:
         }
 
     def corrections(self) -> pd.DataFrame:
-        """id, given_label, corrected_label for every sample currently marked mislabeled."""
+        """id, given_label, corrected_label for every sample currently marked mislabeled whose correction is not
+        its given label yet (a child run's carried corrections are applied already)."""
         cur = self.current()
-        cur = cur[cur["decision"] == "mislabeled"]
+        given = cur["sample_id"].map(self.data.given_label)
+        cur = cur[(cur["decision"] == "mislabeled") & (cur["corrected_label"] != given)]  # not yet applied
         return pd.DataFrame(
             {
                 "id": cur["sample_id"].to_numpy(),
