@@ -3,7 +3,7 @@
 import streamlit as st
 
 from influence_core.analysis import SIGNALS, detection_metrics, rank_suspects
-from pages.ui import runs, widgets
+from pages.ui import fixes, runs, widgets
 
 run = runs.current_run()
 result = runs.influence(run)
@@ -13,6 +13,7 @@ flipped = run.flipped()
 best = result.best_signal
 
 st.markdown(runs.describe_run(run))
+fixes.child_headline(run)
 cols = st.columns(4)
 cols[0].metric(
     "Test F1 (macro)",

@@ -13,7 +13,7 @@ import streamlit as st
 
 from influence_core.analysis import SIGNALS, rank_suspects
 from influence_core.review import ReviewStore
-from pages.ui import runs, widgets
+from pages.ui import fixes, runs, widgets
 
 PER_PAGE = 10
 DECISIONS = {"mislabeled": ("Mislabeled", "m"), "keep": ("Keep", "k"), "skip": ("Skip", "s")}  # label, shortcut
@@ -63,6 +63,8 @@ size = c3.number_input(
 st.caption(SIGNALS[signal].explanation)
 with widgets.errors_shown():
     runs.second_pass_control(run)
+with widgets.errors_shown():
+    fixes.retrain_control(run)
 
 queue = rank_suspects(scores[signal], size)
 queue_ids = [ids[p] for p in queue]

@@ -38,6 +38,7 @@ def app_pages() -> list:
         st.Page("pages/explorer.py", title="Test image explorer", icon=":material/image_search:"),
         st.Page("pages/test_set.py", title="Whole test set", icon=":material/bar_chart:"),
         st.Page("pages/review_queue.py", title="Mislabel review", icon=":material/fact_check:"),
+        st.Page("pages/compare.py", title="Before and after", icon=":material/compare_arrows:"),
         st.Page("pages/corruption_lab.py", title="Corruption lab", icon=":material/science:"),
     ]
 

@@ -172,7 +172,7 @@ def show_job(job: Job) -> None:
     progress()
 
 
-def _settled(key: str, wait: bool = True) -> bool:
+def settled(key: str, wait: bool = True) -> bool:
     """Whether no job runs under ``key``: a running one is shown and the page stops there (``wait=False``: goes
     on, and this returns False); a failed one raises its error once (the next visit tries again)."""
     registry = job_registry()
@@ -192,7 +192,7 @@ def _settled(key: str, wait: bool = True) -> bool:
 
 def finished_run(run_dir: Path) -> Run:
     """The run in ``run_dir`` once its training job (if any) has finished; meanwhile its progress (page stops)."""
-    _settled(_training_key(confine(run_dir)))
+    settled(_training_key(confine(run_dir)))
     return open_run(run_dir)
 
 
@@ -266,9 +266,9 @@ def influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult:
     if found is not None:
         return found
     key = _influence_key(run, s)
-    if job_registry().get(key) is None:  # a failed job stays until _settled has shown its error once
+    if job_registry().get(key) is None:  # a failed job stays until settled has shown its error once
         _influence_job(run, s)
-    _settled(key)
+    settled(key)
     return cached_influence(run, s)
 
 
@@ -291,7 +291,7 @@ def second_pass_control(run: Run) -> None:
         )
         return
     key = f"second-pass:{run.path}:{run.key}"
-    if not _settled(key, wait=False):
+    if not settled(key, wait=False):
         return
     minutes = run.metrics.get("timings_s", {}).get("train", 0) / 60
     if st.button(
