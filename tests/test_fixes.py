@@ -145,9 +145,7 @@ def test_decisions_after_the_snapshot_stay_in_the_parent(parent, decided, child)
     try:
         assert decisions_since(child, parent) == 1
         assert late in child.ids("train")
-        assert default_child_dir(parent, pending_changes(parent)) != default_child_dir(
-            parent, pending_changes(child)
-        )
+        assert default_child_dir(parent, pending_changes(parent)) != default_child_dir(parent, pending_changes(child))
     finally:
         store.undo("Cy", idempotency_key=_key())
     assert action.decision == "exclude"
@@ -263,7 +261,9 @@ def test_paired_interval_is_zero_for_equal_predictions_and_covers_a_real_gain():
 
 
 def test_export_is_an_image_folder_that_trains_again(tmp_path, parent, decided, child):
-    manifest = pd.read_csv(export_corrected(parent, tmp_path / "export"), dtype=str, keep_default_na=False)
+    path = export_corrected(parent, tmp_path / "export")
+    assert path == tmp_path / "export" / MANIFEST
+    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
     assert list(manifest.columns) == [
         "id",
         "source_path",
