@@ -99,7 +99,11 @@ def compare_runs(after: Run, before: Run | None = None, *, n_boot: int = BOOTSTR
     p_b, r_b, _, _ = precision_recall_fscore_support(y, pred_before, labels=labels, zero_division=0)
     p_a, r_a, _, _ = precision_recall_fscore_support(y, pred_after, labels=labels, zero_division=0)
     record = lineage(after)
-    is_child = record is not None and record.get("parent_key") == before.key
+    changes = (
+        {"relabelled": record["relabelled"], "excluded": record["excluded"]}
+        if record is not None and record.get("parent_key") == before.key
+        else None
+    )
     return {
         "before": _summary(before, y, pred_before),
         "after": _summary(after, y, pred_after),
@@ -120,7 +124,7 @@ def compare_runs(after: Run, before: Run | None = None, *, n_boot: int = BOOTSTR
         },
         "fixed": [i for i, b, a, t in zip(test_ids, pred_before, pred_after, y, strict=True) if b != t and a == t],
         "broken": [i for i, b, a, t in zip(test_ids, pred_before, pred_after, y, strict=True) if b == t and a != t],
-        "changes": {"relabelled": record["relabelled"], "excluded": record["excluded"]} if is_child else None,
+        "changes": changes,
         "flips": _flips(before, after),
         "second_pass": _second_pass_accuracy(before),
         "true_labels": _true_labels(before, test_ids, y),
