@@ -1,0 +1,173 @@
+"""A simulated review session: how many flipped labels a reviewer finds, and what the model gains, per round.
+
+    .venv/bin/python benchmarks/review_session.py --dataset tiny-imagenet:../shared/data/tiny-imagenet-200 \
+        --classes goldfish lemon [--rounds 6] [--round-share 0.05] [--epochs 15] [--out benchmarks/out/review_session]
+
+One run of the product's recipe with 10 % of the training labels flipped (``influence-core train --corrupt-fraction
+0.1``); an oracle reviewer (the true labels) reviews the queue in rounds of ``--round-share`` of the training set:
+a flipped image is marked *mislabeled* with its true class, any other *keep*.
+
+* **static**: one ranking, the run's second pass (today's best signal), reviewed top down; the decisions of the
+  first rounds up to 20 % are applied once (one child run) for its test accuracy.
+* **iterative**: round 1 reviews the same top of that ranking; after each round the decisions are applied
+  (``apply_reviews``: a child run of the previous one, as the app's *Retrain with N decisions*), and the rest of the
+  queue is ranked by the child's own training dynamics (mean training loss over the epochs on its cleaner labels).
+* **true labels**: the same recipe on the true labels, the upper bound of the test accuracy.
+
+Writes ``<out>/<pair>.json`` (every round: share reviewed, flips found, test accuracy, seconds); the pairs'
+results are summarised into the generated benchmark tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from influence_core import TrainConfig, train
+from influence_core.analysis import rank_suspects
+from influence_core.data import parse_spec
+from influence_core.fixes import apply_reviews, true_labels_config
+from influence_core.paths import RunPaths
+from influence_core.review import ReviewStore
+from influence_core.run import Run
+from influence_core.second_pass import compute_second_pass
+
+REVIEWER = "oracle"
+
+
+def oracle_review(run: Run, ids: list[str]) -> None:
+    """Record the oracle's decision on each of ``ids`` in ``run``'s store: mislabeled (true class) or keep."""
+    store = ReviewStore.for_run(run)
+    part = run.part("train").set_index("id")
+    for sample_id in ids:
+        label, true = int(part.loc[sample_id, "label"]), int(part.loc[sample_id, "true_label"])
+        if label != true:
+            store.record(sample_id, "mislabeled", REVIEWER, run.classes[true], idempotency_key=uuid.uuid4().hex)
+        else:
+            store.record(sample_id, "keep", REVIEWER, idempotency_key=uuid.uuid4().hex)
+
+
+def found_share(reviewed: list[str], flipped_ids: set[str]) -> float:
+    return len(flipped_ids.intersection(reviewed)) / max(len(flipped_ids), 1)
+
+
+def session(args: argparse.Namespace, pair_dir: Path) -> dict:
+    config = TrainConfig(
+        dataset=args.dataset,
+        classes=args.classes,
+        epochs=args.epochs,
+        corrupt_fraction=0.1,
+        image_size=args.image_size,
+        downsample=args.downsample,
+    )
+    t0 = time.perf_counter()
+    parent = train(config, pair_dir / "parent")
+    parent_seconds = time.perf_counter() - t0
+    ids = parent.ids("train")
+    n = len(ids)
+    flipped_ids = set(np.asarray(ids)[parent.flipped()])
+    per_round = int(np.ceil(args.round_share * n))
+
+    t0 = time.perf_counter()
+    second = compute_second_pass(parent)
+    static_order = [ids[p] for p in rank_suspects(second.loss)]
+    second_seconds = time.perf_counter() - t0
+
+    # static: one ranking reviewed top down
+    static = [
+        {"reviewed": r * per_round / n, "flips_found": found_share(static_order[: r * per_round], flipped_ids)}
+        for r in range(1, args.rounds + 1)
+    ]
+    # its test accuracy once the first 20 % are applied (the static flow applies once)
+    static_dir = pair_dir / "static-20pct"
+    k20 = int(np.ceil(0.2 * n / per_round)) * per_round
+    if not RunPaths(static_dir).train_key.is_file():
+        oracle_review(parent, static_order[:k20])
+    t0 = time.perf_counter()
+    static_child = apply_reviews(parent, static_dir)
+    static_accuracy_20 = static_child.metrics["accuracy_test"]
+    static_apply_seconds = time.perf_counter() - t0
+
+    # iterative: apply, retrain, re-rank the rest after every round; its own chain of runs, starting from a copy
+    # of the parent without the static decisions
+    start = pair_dir / "iterative-0"
+    if not start.exists():
+        shutil.copytree(parent.path, start, ignore=shutil.ignore_patterns("reviews.sqlite*"))
+    current = Run(start)
+    reviewed: list[str] = []
+    order = static_order
+    iterative = []
+    for r in range(1, args.rounds + 1):
+        t0 = time.perf_counter()
+        seen = set(reviewed)
+        batch = [i for i in order if i not in seen][:per_round]
+        oracle_review(current, batch)
+        reviewed += batch
+        current = apply_reviews(current, pair_dir / f"iterative-{r}")
+        mean_loss = current.dynamics["loss"].mean(0)
+        train_ids = current.ids("train")
+        order = [train_ids[p] for p in rank_suspects(mean_loss)]
+        iterative.append(
+            {
+                "reviewed": len(reviewed) / n,
+                "flips_found": found_share(reviewed, flipped_ids),
+                "accuracy_test": current.metrics["accuracy_test"],
+                "f1_test": current.metrics["f1_test"],
+                "flips_left_in_training": int(current.flipped().sum()),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(f"  round {r}: {iterative[-1]}", flush=True)
+
+    true_run = train(true_labels_config(parent), pair_dir / "true-labels") if not args.no_true_labels else None
+    return {
+        "dataset_kind": parse_spec(args.dataset)[0],
+        "classes": args.classes,
+        "n_train": n,
+        "n_flipped": len(flipped_ids),
+        "round_share": args.round_share,
+        "parent": {
+            "accuracy_test": parent.metrics["accuracy_test"],
+            "f1_test": parent.metrics["f1_test"],
+            "seconds": parent_seconds,
+        },
+        "second_pass": {"accuracy_test": second.accuracy_test, "seconds": second_seconds},
+        "static": {"rounds": static, "accuracy_test_after_20pct": static_accuracy_20, "seconds": static_apply_seconds},
+        "iterative": {"rounds": iterative},
+        "true_labels": None
+        if true_run is None
+        else {"accuracy_test": true_run.metrics["accuracy_test"], "f1_test": true_run.metrics["f1_test"]},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="tiny-imagenet:../shared/data/tiny-imagenet-200")
+    p.add_argument("--classes", nargs="+", default=["goldfish", "lemon"])
+    p.add_argument("--rounds", type=int, default=6, help="rounds of review (default: 6, i.e. 30 %% at 5 %% a round)")
+    p.add_argument("--round-share", type=float, default=0.05)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--image-size", type=int, help="default: the dataset's (64 px for tiny-imagenet)")
+    p.add_argument("--downsample", type=float, default=1.0, help="keep this share of each class (smoke runs)")
+    p.add_argument("--no-true-labels", action="store_true", help="skip the run on the true labels")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/review_session"))
+    args = p.parse_args()
+    slug = "+".join(c.replace(" ", "-") for c in args.classes)
+    pair_dir = args.out / slug
+    result = session(args, pair_dir)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{slug}.json").write_text(json.dumps(result, indent=2))
+    for name in ("static", "iterative"):
+        rounds = result[name]["rounds"]
+        print(name, " ".join(f"{r['reviewed']:.0%}:{r['flips_found']:.0%}" for r in rounds))
+    print(f"written to {args.out / f'{slug}.json'}")
+
+
+if __name__ == "__main__":
+    main()
