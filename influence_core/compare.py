@@ -50,16 +50,18 @@ def paired_difference(
     """``after - before`` for accuracy and macro F1 on the same test images, each with a percentile bootstrap
     interval (``CONFIDENCE``) over the images: ``{"accuracy": {"before", "after", "difference", "low", "high"},
     "f1": {...}}``."""
-    n = len(y_true)
-    index = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    rng = np.random.default_rng(seed)
+    chunks = [rng.integers(0, len(y_true), (len(rows), len(y_true))) for rows in np.array_split(np.arange(n_boot), 20)]
+    metrics = {
+        "accuracy": lambda pred, idx: (pred == y_true)[idx].mean(-1),
+        "f1": lambda pred, idx: macro_f1(y_true, pred, n_classes, idx),
+    }
+    whole = np.arange(len(y_true))[None]
+    tail = (1 - CONFIDENCE) / 2 * 100
     out = {}
-    for name, metric in (
-        ("accuracy", lambda pred, idx=None: (pred == y_true)[idx if idx is not None else slice(None)].mean(-1)),
-        ("f1", lambda pred, idx=None: macro_f1(y_true, pred, n_classes, idx)),
-    ):
-        b, a = float(np.squeeze(metric(before))), float(np.squeeze(metric(after)))
-        diffs = metric(after, index) - metric(before, index)
-        tail = (1 - CONFIDENCE) / 2 * 100
+    for name, metric in metrics.items():
+        b, a = float(metric(before, whole)[0]), float(metric(after, whole)[0])
+        diffs = np.concatenate([metric(after, idx) - metric(before, idx) for idx in chunks])
         out[name] = {
             "before": b,
             "after": a,
