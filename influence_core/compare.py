@@ -50,24 +50,27 @@ def paired_difference(
     """``after - before`` for accuracy and macro F1 on the same test images, each with a percentile bootstrap
     interval (``CONFIDENCE``) over the images: ``{"accuracy": {"before", "after", "difference", "low", "high"},
     "f1": {...}}``."""
-    rng = np.random.default_rng(seed)
-    chunks = [rng.integers(0, len(y_true), (len(rows), len(y_true))) for rows in np.array_split(np.arange(n_boot), 20)]
     metrics = {
         "accuracy": lambda pred, idx: (pred == y_true)[idx].mean(-1),
         "f1": lambda pred, idx: macro_f1(y_true, pred, n_classes, idx),
     }
+    rng = np.random.default_rng(seed)
+    diffs: dict[str, list[np.ndarray]] = {name: [] for name in metrics}
+    for rows in np.array_split(np.arange(n_boot), max(1, n_boot // 100)):  # 100 resamples in memory at a time
+        idx = rng.integers(0, len(y_true), (len(rows), len(y_true)))
+        for name, metric in metrics.items():
+            diffs[name].append(metric(after, idx) - metric(before, idx))
     whole = np.arange(len(y_true))[None]
     tail = (1 - CONFIDENCE) / 2 * 100
     out = {}
     for name, metric in metrics.items():
-        b, a = float(metric(before, whole)[0]), float(metric(after, whole)[0])
-        diffs = np.concatenate([metric(after, idx) - metric(before, idx) for idx in chunks])
+        b, a, d = float(metric(before, whole)[0]), float(metric(after, whole)[0]), np.concatenate(diffs[name])
         out[name] = {
             "before": b,
             "after": a,
             "difference": a - b,
-            "low": float(np.percentile(diffs, tail)),
-            "high": float(np.percentile(diffs, 100 - tail)),
+            "low": float(np.percentile(d, tail)),
+            "high": float(np.percentile(d, 100 - tail)),
         }
     return out
 
