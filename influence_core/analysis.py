@@ -104,7 +104,7 @@ def training_flags(
     """One row per training position (index 0..n-1), to mark images wherever a page shows them.
 
     Columns: id, label (the given label's name), flipped (bool: flipped on purpose by the run),
-    review ('mislabeled', 'keep', 'skip' or '' when not reviewed; from ``ReviewStore.decisions_for``),
+    review ('mislabeled', 'keep', 'skip', 'exclude' or '' when not reviewed; from ``ReviewStore.decisions_for``),
     corrected_label ('' unless marked mislabeled) and marks (one short text of all that, '' for none).
     """
     decisions = decisions or {}
@@ -122,6 +122,7 @@ def training_flags(
         "mislabeled": "marked mislabeled → {}",
         "keep": "label kept by review",
         "skip": "skipped in review",
+        "exclude": "excluded from training by review",
         "": "",
     }
     df["marks"] = [

@@ -5,7 +5,9 @@ Plain numpy/pandas (no plotting, no streamlit), so the pages only lay out and ev
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -183,3 +185,42 @@ def check_notebook_claim(table: pd.DataFrame, auroc: float, mode: str) -> ClaimC
     else:
         verdict = "partly held"
     return ClaimCheck(float(auroc), held, n, mode, verdict)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character
+
+
+def plain(text: object) -> str:
+    """``text`` as literal text inside Markdown (a reviewer name, a class name, a file id): every ASCII punctuation
+    character backslash-escaped and line breaks made spaces, so ``**x** [a](javascript:…)`` shows as typed."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A text cell a spreadsheet would run as a formula (starting with = + - @, a tab or a carriage return) with a
+    leading apostrophe, which spreadsheets show as text; numbers and other values unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
+def export_csv(df: pd.DataFrame) -> str:
+    """The CSV text of every download: ``df`` without its index, text cells and headers made
+    :func:`spreadsheet_safe`, lines ended as RFC 4180 says (so a cell holding a line break is quoted)."""
+    safe = df.rename(columns=lambda c: spreadsheet_safe(str(c)))
+    text_columns = [c for c in safe.columns if not pd.api.types.is_numeric_dtype(safe[c])]
+    safe[text_columns] = safe[text_columns].map(spreadsheet_safe)
+    return safe.to_csv(index=False, lineterminator="\r\n")
+
+
+def ago(when: str | datetime, now: datetime | None = None) -> str:
+    """How long ago ``when`` (an ISO time with its zone, as the review store writes it) was, in words:
+    "just now", "3 minutes ago", "2 hours ago", "yesterday", "5 days ago"."""
+    then = datetime.fromisoformat(when) if isinstance(when, str) else when
+    seconds = max(0.0, ((now or datetime.now(UTC)) - then).total_seconds())
+    for unit, size in (("day", 86_400), ("hour", 3_600), ("minute", 60)):
+        count = int(seconds // size)
+        if count:
+            return "yesterday" if (unit, count) == ("day", 1) else f"{count} {unit}{'s' * (count > 1)} ago"
+    return "just now"

@@ -337,7 +337,7 @@ def test_review_keeps_the_reviewer_and_the_recorded_correction_after_a_reload(ap
     at = app("review_queue")
     at.text_input[0].input("bea").run()
     assert at.query_params["reviewer"] in ("bea", ["bea"])
-    box = at.selectbox(key=f"label-{sid}")
+    box = at.selectbox(key=f"label-{sid}-0")
     assert "Pre-filled with" in box.help
     wanted = next(c for c in classes if c not in (classes[demo_run.labels("train")[pos]], box.value))
     box.set_value(wanted).run()
@@ -349,8 +349,8 @@ def test_review_keeps_the_reviewer_and_the_recorded_correction_after_a_reload(ap
 
     reloaded = app("review_queue", reviewer="bea")  # a new session on the same link
     assert reloaded.text_input[0].value == "bea" and not reloaded.button(key=f"keep-{sid}").disabled
-    assert reloaded.selectbox(key=f"label-{sid}").value == wanted
-    assert "correction bea recorded" in reloaded.selectbox(key=f"label-{sid}").help
+    assert reloaded.selectbox(key=f"label-{sid}-{action.id}").value == wanted
+    assert "correction bea recorded" in reloaded.selectbox(key=f"label-{sid}-{action.id}").help
     captions = [i.caption for img in reloaded.get("image") for i in img.proto.imgs]
     flipped_shown = demo_run.flipped()[first_page].sum()
     assert sum("flipped" in c for c in captions) == flipped_shown and any("marked mislabeled" in c for c in captions)

@@ -97,3 +97,43 @@ def test_the_claims_implication_never_contradicts_the_verdict():
     assert "above chance" in held.implication() and "It is not always" in held.implication()
     assert "depended on the training" in failed.implication() and "above chance" not in failed.implication()
     assert "by construction" in check_notebook_claim(table, 0.9, "top-influence").implication()
+
+
+def test_plain_text_shows_markdown_as_typed():
+    """Issue 29: a reviewer named ``**bold** [x](javascript:…)`` became bold text and a link."""
+    import re
+
+    from influence_core.display import plain
+
+    shown = plain("**bold** [x](javascript:alert(1))\n# big")
+    assert not re.search(r"(?<!\\)[*\[\]()#:]", shown)  # every Markdown character escaped
+    assert re.sub(r"\\(.)", r"\1", shown) == "**bold** [x](javascript:alert(1)) # big"  # and shown as typed
+
+
+def test_export_csv_neutralises_formulas_in_text_cells_and_headers_only():
+    import io
+
+    from influence_core.display import export_csv
+
+    df = pd.DataFrame({"=sum": ["=1+1", "+x", "-y", "@z", "\tt", "\rr", "ok"], "value": [-1.5, 2, 3, 4, 5, 6, 7]})
+    back = pd.read_csv(io.StringIO(export_csv(df)), keep_default_na=False)
+    assert list(back.columns) == ["'=sum", "value"]
+    assert back["'=sum"].tolist() == ["'=1+1", "'+x", "'-y", "'@z", "'\tt", "'\rr", "ok"]
+    assert back["value"].tolist() == [-1.5, 2, 3, 4, 5, 6, 7]  # negative numbers stay numbers
+
+
+def test_ago_says_how_long_ago_in_words():
+    from datetime import UTC, datetime, timedelta
+
+    from influence_core.display import ago
+
+    now = datetime(2030, 1, 10, 12, tzinfo=UTC)
+    before = {s: (now - timedelta(seconds=s)).isoformat() for s in (5, 60, 180, 7_200, 86_400, 5 * 86_400)}
+    assert [ago(t, now) for t in before.values()] == [
+        "just now",
+        "1 minute ago",
+        "3 minutes ago",
+        "2 hours ago",
+        "yesterday",
+        "5 days ago",
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import PurePosixPath
@@ -15,7 +16,7 @@ import streamlit as st
 from PIL import Image
 
 from influence_core import InfluenceLensError, Run
-from influence_core.display import pages
+from influence_core.display import export_csv, pages
 from influence_core.jobs import user_error
 
 from .runs import DEMO_CONFIG, RUNS_ENV, job_registry, list_runs, resolve_ref, run_dir_for, run_ref, select_run
@@ -61,30 +62,47 @@ def _running_jobs() -> None:
 
 _SHORTCUTS_JS = """<script>
 (() => {
-  const bindings = %s;  // key -> [container key, button label]
-  const onKey = (e) => {
-    const t = e.target, tag = (t && t.tagName) || "";
-    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || ["INPUT", "TEXTAREA", "SELECT"].includes(tag)
-        || (t && t.isContentEditable) || !(e.key in bindings)) return;
-    const [container, label] = bindings[e.key];
-    const box = document.querySelector(".st-key-" + container);
-    const button = box && [...box.querySelectorAll("button")].find((b) => b.innerText.trim() === label);
-    if (button && !button.disabled) { e.preventDefault(); button.click(); }
+  // One key at a time: a key clicks its button, and the next waits until the page's next run has drawn the
+  // page again (this script, last on the page, runs with a new run id), so it acts on what the reviewer then
+  // sees (the moved focus) and never on the stale page of the previous run.
+  const s = window.__influenceLensKeys || (window.__influenceLensKeys = {queue: [], busy: false, run: null});
+  s.bindings = %s;  // key -> [container key, button label]
+  const press = () => {
+    if (s.busy && Date.now() - s.since > %d) { s.busy = false; s.queue = []; }  // no run came: drop, never guess
+    while (!s.busy && s.queue.length) {
+      const [container, label] = s.bindings[s.queue.shift()] || [];
+      const box = container && document.querySelector(".st-key-" + container);
+      const button = box && [...box.querySelectorAll("button")].find((b) => b.innerText.trim() === label);
+      if (button && !button.disabled) { s.busy = true; s.since = Date.now(); button.click(); }
+    }
   };
-  if (window.__influenceLensKeys) document.removeEventListener("keydown", window.__influenceLensKeys);
-  window.__influenceLensKeys = onKey;
-  document.addEventListener("keydown", onKey);
+  if (s.run !== %s) { s.run = %s; s.busy = false; press(); }
+  if (!s.listening) {
+    s.listening = true;
+    document.addEventListener("keydown", (e) => {
+      const t = e.target, tag = (t && t.tagName) || "";
+      if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || ["INPUT", "TEXTAREA", "SELECT"].includes(tag)
+          || (t && t.isContentEditable) || !(e.key in s.bindings)) return;
+      e.preventDefault();
+      s.queue.push(e.key);
+      press();
+    });
+  }
 })();
 </script>"""
+KEY_WAIT_MS = 15_000  # a key pressed while the page's run takes longer than this is dropped
 
 
 def keyboard_shortcuts(bindings: dict[str, tuple[str, str]]) -> None:
     """Keys that click buttons, as annotation tools have them: ``{key: (container key, button label)}`` presses
     the button showing ``label`` inside the ``st.container(key=...)``. Ignored while typing in a text box.
+    Call it last on the page: keys pressed quickly are queued and each waits until the previous one's run has
+    drawn the page again (so ``k n m`` keeps, moves on, then marks the image focused by then).
 
-    Streamlit has no key events; a small script (``st.html`` with JavaScript) listens in the page, replacing
-    the listener of the previous run."""
-    st.html(_SHORTCUTS_JS % json.dumps(bindings), unsafe_allow_javascript=True)
+    Streamlit has no key events; a small script (``st.html`` with JavaScript) listens in the page; each run
+    gives it a new run id, which tells it that the page is drawn."""
+    run = json.dumps(uuid.uuid4().hex)
+    st.html(_SHORTCUTS_JS % (json.dumps(bindings), KEY_WAIT_MS, run, run), unsafe_allow_javascript=True)
 
 
 def show_error(e: InfluenceLensError) -> None:
@@ -108,7 +126,7 @@ def errors_shown():
 
 
 def download_csv(df: pd.DataFrame | str, file_name: str, label: str = "Download CSV", key: str | None = None) -> None:
-    data = df if isinstance(df, str) else df.to_csv(index=False)
+    data = df if isinstance(df, str) else export_csv(df)
     st.download_button(
         label, data, file_name=file_name, mime="text/csv", key=key or f"dl-{file_name}", icon=":material/download:"
     )
@@ -197,7 +215,7 @@ def paged_table(df: pd.DataFrame, file_name: str, per_page: int = 50, key: str =
     st.dataframe(rows, hide_index=True, width="stretch", height=ROW_PX * (len(rows) + 1) + 3, **kwargs)
     st.download_button(
         "Download CSV (all rows)",
-        lambda: df.to_csv(index=False),
+        lambda: export_csv(df),
         file_name=file_name,
         mime="text/csv",
         key=f"dl-{file_name}",
