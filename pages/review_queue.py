@@ -170,7 +170,7 @@ for pos, rank, marks in zip(shown, shown_ranks, flags["marks"], strict=True):
     sid, given, pred = ids[pos], labels[pos], int(pred_probs[pos].argmax())
     current = decisions.get(sid)
     with st.container(border=True, key=f"suspect-{pos}"):
-        img, info, action = st.columns([1, 3, 3])
+        img, info, action = st.columns([1, 2.5, 3.5])
         img.image(widgets.enlarge(runs.images_at(run, "train", [pos])[0], 96), caption=marks or None)
         info.markdown(
             ("▶ " if pos == focus else "") + f"**#{rank}** · {plain(sid)}  \nGiven label "
