@@ -137,3 +137,24 @@ def test_ago_says_how_long_ago_in_words():
         "yesterday",
         "5 days ago",
     ]
+
+
+def test_dataset_names_and_captions_never_show_a_server_path_or_wrap_mid_name():
+    """Issue 29 item 20: Overview's heading showed the raw spec (a server path); long ids wrapped mid-name."""
+    from influence_core.display import dataset_name, short_id
+
+    assert dataset_name("tiny-imagenet:/srv/data/tiny-imagenet-200") == "Tiny ImageNet"
+    assert dataset_name("folder:/srv/data/pets/") == "image folder “pets”"
+    assert dataset_name("demo") == "handwritten digits (demo)"
+    long = "n01443537/images/n01443537_123456.JPEG"
+    assert len(short_id(long)) == 18 and short_id(long).endswith(".JPEG") and short_id(long).startswith("n0144")
+    assert short_id("n01443537/images/7.JPEG") == "7.JPEG" and short_id("digits:12") == "digits:12"
+
+
+def test_claim_verdicts_are_plain_words_with_the_figure_apart():
+    """Issue 29 item 18: the verdict said "AUROC 0.81" and named "the reference notebook"."""
+    table = pd.DataFrame({"n_clean": [5, 5], "n_corrupted": [1, 1], "difference": [0.1, 0.2]})
+    held = check_notebook_claim(table, 0.81, "random")
+    for text in (held.summary(), held.implication()):
+        assert "AUROC" not in text and "notebook" not in text and "2026" not in text
+    assert "clearly better than guessing" in held.summary() and "AUROC 0.81" in held.figures()

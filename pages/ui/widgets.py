@@ -8,7 +8,6 @@ import sqlite3
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -16,8 +15,9 @@ import streamlit as st
 from PIL import Image
 
 from influence_core import InfluenceLensError, Run
-from influence_core.display import export_csv, pages
+from influence_core.display import computation, export_csv, influence_unit, pages, short_id
 from influence_core.jobs import user_error
+from influence_core.pipeline import InfluenceSettings
 
 from .runs import DEMO_CONFIG, RUNS_ENV, job_registry, list_runs, resolve_ref, run_dir_for, run_ref, select_run
 from .state import settings
@@ -41,7 +41,26 @@ def run_picker() -> None:
     if choice != current:
         select_run(resolve_ref(choice))
         st.rerun()
-    st.caption(f"Influence: {settings().describe()}")
+    s = settings()
+    st.caption(f"Influence: {computation(s.method, s.scope_key)}", help=f"Settings: {s.describe()}")
+
+
+def computation_caption(run: Run, shown: InfluenceSettings | None = None, note: str | None = None) -> None:
+    """Which computation the influence values of this page come from (``shown``, default: the sidebar's settings),
+    and their unit; when it is not the sidebar's, say so (values of different computations are on different
+    scales). ``note``: the figures behind the choice, for the help icon."""
+    s = settings()
+    shown = shown or s
+    text = f"**Influence values on this page:** {computation(shown.method, shown.scope_key)}. "
+    other = (shown.method, shown.scope_key) != (s.method, s.scope_key)
+    if other:
+        text += (
+            f"The other pages show {computation(s.method, s.scope_key)} (the sidebar's setting): their values are "
+            "on another scale, not comparable with these. "
+        )
+    st.caption(
+        text + influence_unit(len(run.ids("train"))), help=note if other and note else f"Settings: {shown.describe()}"
+    )
 
 
 def running_jobs() -> None:
@@ -189,13 +208,14 @@ def training_captions(
     """Captions saying what each number is, with flipped and reviewed marks, for training images.
 
     ``positions``: (k,) training positions; ``flags``: their ``runs.flags_at`` rows; ``values``: (k,) the ranked
-    value, shown first. E.g. "influence +801 · trained as 8 (really 3) · id 60.png · ⚑ flipped".
+    value, shown first. E.g. "influence +801 · trained as 8 (really 3) · id 60.png · ⚑ flipped" (long file names
+    shortened in the middle).
     """
     true = run.true_labels("train")[positions]
     captions = []
     for row, t, value in zip(flags.itertuples(), true, values, strict=True):
         really = f" (really {run.classes[t]})" if row.flipped else ""
-        text = f"{value_name} {fmt(value)} · trained as {row.label}{really} · id {PurePosixPath(row.id).name}"
+        text = f"{value_name} {fmt(value)} · trained as {row.label}{really} · id {short_id(row.id)}"
         captions.append(text + (f" · ⚑ {row.marks}" if row.marks else ""))
     return captions
 
