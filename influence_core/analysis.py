@@ -37,7 +37,7 @@ SIGNALS: dict[str, Signal] = {
             "High loss during training",
             "The given label's cross-entropy averaged over every epoch's training pass. A flipped label "
             "disagrees with what the image looks like, so it stays hard to fit for many epochs, even if the "
-            "final model memorises it in the end. Best first-pass signal measured (see README), hence the default "
+            "final model memorises it in the end. The best first signal on every run tested, hence the default "
             "until a second pass is computed.",
         ),
         Signal(
@@ -46,7 +46,7 @@ SIGNALS: dict[str, Signal] = {
             "The given label's cross-entropy under a model retrained without the top suspects by high training "
             "loss (10 % of the training set by default): most flips are out of that training, so the model is "
             "cleaner and judges the suspects out of sample. Costs one more training; better than the first pass "
-            "on each run measured (see README), hence the default once computed.",
+            "on every run tested, hence the default once computed.",
         ),
         Signal(
             "checkpoint_self_influence",
@@ -104,7 +104,7 @@ def training_flags(
     """One row per training position (index 0..n-1), to mark images wherever a page shows them.
 
     Columns: id, label (the given label's name), flipped (bool: flipped on purpose by the run),
-    review ('mislabeled', 'keep', 'skip' or '' when not reviewed; from ``ReviewStore.decisions_for``),
+    review ('mislabeled', 'keep', 'skip', 'exclude' or '' when not reviewed; from ``ReviewStore.decisions_for``),
     corrected_label ('' unless marked mislabeled) and marks (one short text of all that, '' for none).
     """
     decisions = decisions or {}
@@ -122,6 +122,7 @@ def training_flags(
         "mislabeled": "marked mislabeled → {}",
         "keep": "label kept by review",
         "skip": "skipped in review",
+        "exclude": "excluded from training by review",
         "": "",
     }
     df["marks"] = [

@@ -5,7 +5,10 @@ Plain numpy/pandas (no plotting, no streamlit), so the pages only lay out and ev
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import PurePath
 
 import numpy as np
 import pandas as pd
@@ -119,25 +122,35 @@ def pages(n_items: int, per_page: int) -> int:
 
 
 CLAIM_HOLDS_AUROC, CLAIM_FAILS_AUROC = 0.7, 0.6
-"""The notebook's claim "held" when ranking by lowest mean influence finds flips with AUROC ≥ 0.7 (and in most
-labels flipped images have the lower mean); "did not hold" below 0.6 (near the 0.5 of guessing); else "partly held"."""
+"""The claim "held" when ranking by lowest mean influence finds flips with AUROC ≥ 0.7 (and in most labels flipped
+images have the lower mean); "did not hold" below 0.6 (near the 0.5 of guessing); else "partly held"."""
 RANDOM_ELSEWHERE = (
-    "on four tiny-imagenet pairs trained from scratch with horizontal flips only, random flips left the "
-    "mean-influence signal near chance (AUROC 0.52–0.63; 0.59 on one with a pretrained backbone and exact head "
-    "influence), and with random shifts, the training default for tiny-imagenet since 2026-11-30, the same pairs "
-    "scored 0.75–0.88, still far below the loss during training (0.95–0.99)"
+    "on four pairs of tiny-imagenet classes, randomly flipped labels were found by mean influence little better "
+    "than by guessing when training only mirrored the images, and moderately better when training also shifted "
+    "them (the default now); the loss during training found them far better on every one"
 )
-"""What random flips did to the claim on other runs (README, "Finding wrong labels")."""
+"""What random flips did to the claim on other runs (measured by the benchmarks; figures in the README)."""
 TOP_INFLUENCE_IMPLICATION = (
-    "The flipped images were the most influential ones of a clean run (the reference notebook's choice): flipping "
-    "the label of an image that strongly supports its class makes it harmful by construction, so the claim is "
-    "expected to hold here and says little about real mislabels."
+    "The flipped images were the most influential ones of a clean run: flipping the label of an image that "
+    "strongly supports its class makes it harmful by construction, so the claim is expected to hold here and "
+    "says little about real mislabels."
 )
+
+
+def finding_words(auroc: float) -> str:
+    """How well a ranking finds flipped labels, in words, from its AUROC (0.5 = guessing, 1 = perfect)."""
+    if auroc >= 0.9:
+        return "much better than guessing"
+    if auroc >= CLAIM_HOLDS_AUROC:
+        return "clearly better than guessing"
+    if auroc >= CLAIM_FAILS_AUROC:
+        return "a little better than guessing"
+    return "no better than guessing"
 
 
 @dataclass(frozen=True)
 class ClaimCheck:
-    """Does "flipped images have lower mean influence" (the reference notebook's claim) hold on one run?
+    """Does the claim "flipped images have lower mean influence" hold on one run?
 
     ``auroc``: of the lowest-mean-influence ranking at finding the flips (0.5 = guessing); ``labels_held`` of
     ``labels_tested`` (labels with both clean and flipped images) have a lower mean for the flipped ones;
@@ -151,11 +164,21 @@ class ClaimCheck:
     verdict: str
 
     def summary(self) -> str:
+        """The verdict in plain words (the figure is :meth:`figures`)."""
         return (
             f"The claim “flipped images have lower mean influence” **{self.verdict}** on this run: ranking by "
-            f"lowest mean influence finds the flips with AUROC {self.auroc:.2f} (0.5 is guessing), and in "
+            f"lowest mean influence finds the flips {finding_words(self.auroc)}, and in "
             f"{self.labels_held} of {self.labels_tested} labels with flipped images their mean influence is "
             f"lower than the clean images'."
+        )
+
+    def figures(self) -> str:
+        """The figure behind :meth:`summary`, for a help icon."""
+        return (
+            f"Detection AUROC {self.auroc:.2f}: the chance that a flipped image ranks above a clean one by lowest "
+            f"mean influence (0.5 is guessing, 1 is perfect). “Held” needs at least {CLAIM_HOLDS_AUROC} and a "
+            f"lower mean for the flipped images in two thirds of the labels; below {CLAIM_FAILS_AUROC} it did not "
+            f"hold."
         )
 
     def implication(self) -> str:
@@ -183,3 +206,94 @@ def check_notebook_claim(table: pd.DataFrame, auroc: float, mode: str) -> ClaimC
     else:
         verdict = "partly held"
     return ClaimCheck(float(auroc), held, n, mode, verdict)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character
+
+
+def plain(text: object) -> str:
+    """``text`` as literal text inside Markdown (a reviewer name, a class name, a file id): every ASCII punctuation
+    character backslash-escaped and line breaks made spaces, so ``**x** [a](javascript:…)`` shows as typed."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A text cell a spreadsheet would run as a formula (starting with = + - @, a tab or a carriage return) with a
+    leading apostrophe, which spreadsheets show as text; numbers and other values unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
+def export_csv(df: pd.DataFrame) -> str:
+    """The CSV text of every download: ``df`` without its index, text cells and headers made
+    :func:`spreadsheet_safe`, lines ended as RFC 4180 says (so a cell holding a line break is quoted)."""
+    safe = df.rename(columns=lambda c: spreadsheet_safe(str(c)))
+    text_columns = [c for c in safe.columns if not pd.api.types.is_numeric_dtype(safe[c])]
+    safe[text_columns] = safe[text_columns].map(spreadsheet_safe)
+    return safe.to_csv(index=False, lineterminator="\r\n")
+
+
+def ago(when: str | datetime, now: datetime | None = None) -> str:
+    """How long ago ``when`` (an ISO time with its zone, as the review store writes it) was, in words:
+    "just now", "3 minutes ago", "2 hours ago", "yesterday", "5 days ago"."""
+    then = datetime.fromisoformat(when) if isinstance(when, str) else when
+    seconds = max(0.0, ((now or datetime.now(UTC)) - then).total_seconds())
+    for unit, size in (("day", 86_400), ("hour", 3_600), ("minute", 60)):
+        count = int(seconds // size)
+        if count:
+            return "yesterday" if (unit, count) == ("day", 1) else f"{count} {unit}{'s' * (count > 1)} ago"
+    return "just now"
+
+
+DATASET_NAMES = {
+    "demo": "handwritten digits (demo)",
+    "tiny-imagenet": "Tiny ImageNet",
+    "fashion-mnist": "Fashion-MNIST",
+}
+
+
+def dataset_name(spec: str) -> str:
+    """A dataset spec as people name it, never a server path: ``"tiny-imagenet:/data/x/tiny-imagenet-200"`` →
+    "Tiny ImageNet", ``"folder:/srv/pets"`` → "image folder “pets”", ``"demo"`` → "handwritten digits (demo)"."""
+    kind, _, path = str(spec).partition(":")
+    kind = kind.strip().lower()
+    if kind == "folder":
+        return f"image folder “{PurePath(path.rstrip('/')).name or path}”"
+    return DATASET_NAMES.get(kind, kind)
+
+
+def short_id(sample_id: str, max_chars: int = 18) -> str:
+    """A file id short enough for an image caption: its file name, with the middle of a long name replaced by
+    "…" (``n01443537_123456.JPEG`` → ``n014435…3456.JPEG``), so a caption never wraps in the middle of a name."""
+    name = PurePath(str(sample_id)).name
+    if len(name) <= max_chars:
+        return name
+    tail = (max_chars - 1) // 2
+    return f"{name[: max_chars - 1 - tail]}…{name[-tail:]}"
+
+
+METHOD_WORDS = {
+    "direct": "exact",
+    "cg": "exact (iterative solve)",
+    "lissa": "approximate (LiSSA series)",
+    "arnoldi": "approximate (low-rank)",
+    "kfac": "approximate (K-FAC)",
+    "ekfac": "approximate (EK-FAC)",
+}
+SCOPE_WORDS = {"head": "the last layer", "all": "the whole network"}
+
+
+def computation(method: str, scope: str) -> str:
+    """Which computation influence values come from, in words: ``("direct", "head")`` → "exact influence through
+    the last layer"; ``scope`` as ``InfluenceSettings.scope_key`` ("head", "all" or "modules")."""
+    return f"{METHOD_WORDS.get(method, method)} influence through {SCOPE_WORDS.get(scope, 'chosen layers')}"
+
+
+def influence_unit(n_train: int) -> str:
+    """What the size of an influence value means, for a run with ``n_train`` training images."""
+    return (
+        f"Positive helps, negative hurts; leaving the image out would change the test loss by about the value "
+        f"÷ {n_train:,} (the number of training images)."
+    )

@@ -1,7 +1,8 @@
 """Measured accuracy and cost of each influence method, as data written by the benchmarks.
 
 ``benchmarks/lds.py score --measured benchmarks/measured.json`` writes the file; the app shows
-:meth:`MethodMeasurement.describe` next to each method's name. Format::
+:meth:`MethodMeasurement.describe` (plain words) next to each method's name, the figures
+(:meth:`MethodMeasurement.details`) behind a help icon. Format::
 
     {"workload": "goldfish vs lemon, 880 train / 110 test, 32 px, ResNet18 from scratch, 15 epochs, 10 % flips",
      "n_models": M, "commit": "abc1234", "created": "2026-11-29T17:00:00Z",
@@ -55,8 +56,22 @@ class MethodMeasurement:
     full_lds: float | None = None
 
     def describe(self) -> str:
-        """For the app: the measured note, then e.g. ``LDS 0.21 ± 0.02 (50 retrained models, goldfish vs lemon …)``
-        when the LDS was measured, the magnitude slope and the cost."""
+        """For screens, in plain words: how well the method agreed with retraining, whether its values' sizes mean
+        anything, and its cost. The figures behind it are :meth:`details` (for a help icon)."""
+        parts = []
+        if self.lds is not None:
+            parts.append(f"Agreement with retraining: {agreement(self.lds)}.")
+        if self.pearson is not None and abs(self.pearson) < TRACKS_PEARSON:
+            parts.append("The sizes of its values do not follow the loss changes of retraining: use its order.")
+        elif self.slope is not None and self.slope <= 0:
+            parts.append("Its values point the wrong way on average: use them with care.")
+        if self.cost_x_floor is not None:
+            parts.append(f"Takes about {self.cost_x_floor:.2g}× the time of one pass of the model over the images.")
+        return " ".join(parts)
+
+    def details(self) -> str:
+        """The figures behind :meth:`describe`, e.g. ``LDS 0.21 ± 0.02 (50 retrained models; goldfish vs lemon …)``,
+        the magnitude slope, the cost and the benchmark's note: for help icons and reports."""
         parts = []
         if self.lds is not None:
             se = f" ± {self.lds_se:.2f}" if self.lds_se is not None else ""
@@ -82,6 +97,17 @@ class MethodMeasurement:
             parts.append(self.fidelity)
         measured = ("Measured: " + "; ".join(parts) + ".") if parts else ""
         return " ".join(p for p in (self.note, measured) if p)
+
+
+AGREEMENT = ((0.35, "good"), (0.2, "fair"), (float("-inf"), "weak"))
+"""Words for the linear datamodeling score (LDS, a rank correlation with retrained models; 0 = none, 1 = perfect):
+the best methods of the benchmarks score about 0.4 on the whole network and 0.3 on the last layer, gradient
+similarity about 0.17."""
+
+
+def agreement(lds: float) -> str:
+    """How well a method's influences agreed with retraining, in one word: good, fair or weak."""
+    return next(word for floor, word in AGREEMENT if lds >= floor)
 
 
 def load_measured(path: str | Path | None = None) -> dict[tuple[str, str], MethodMeasurement] | None:
@@ -111,7 +137,14 @@ def load_measured(path: str | Path | None = None) -> dict[tuple[str, str], Metho
 
 
 def scope_note(scope: str, path: str | Path | None = None) -> str | None:
-    """What the benchmarks found for a whole scope (e.g. the whole network), whatever the method, or None."""
+    """What the benchmarks found for a whole scope (e.g. the whole network), whatever the method, in plain words
+    (the note's first sentence; its figures are :func:`scope_details`), or None."""
+    found = scope_details(scope, path)
+    return None if found is None else found.split(". ")[0].rstrip(".") + "."
+
+
+def scope_details(scope: str, path: str | Path | None = None) -> str | None:
+    """The benchmarks' full note on a scope, figures included (for help icons and reports), or None."""
     data = _read(path)
     return None if data is None else data.get("scope_notes", {}).get(scope)
 
@@ -133,9 +166,14 @@ def _parse(path: str, mtime_ns: int, size: int) -> dict:
 
 
 def method_label(method: str, scope: str, path: str | Path | None = None) -> str:
-    """A method's name for pickers, with its measured LDS on ``scope`` when there is one: ``"ekfac · LDS 0.21"``."""
+    """A method's name for pickers, with its measured agreement with retraining on ``scope`` when there is one:
+    ``"ekfac · agreement with retraining: fair"``."""
     found = measured_for(method, scope, path)
-    return method if found is None or found.lds is None else f"{method} · LDS {found.lds:.2f}"
+    return (
+        method
+        if found is None or found.lds is None
+        else f"{method} · agreement with retraining: {agreement(found.lds)}"
+    )
 
 
 def measured_for(method: str, scope: str, path: str | Path | None = None) -> MethodMeasurement | None:

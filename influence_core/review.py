@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from .display import export_csv
 from .errors import InfluenceLensError
 from .paths import RunPaths
 from .storage import stable_hash
@@ -380,6 +381,30 @@ class ReviewStore:
             f"SELECT {_ACTION_COLUMNS}, undone_at FROM actions WHERE data_key = ? ORDER BY id", (self.data.key,)
         )
 
+    def opinions(self, sample_ids: Iterable[str]) -> dict[str, list[Action]]:
+        """Each reviewer's latest action that is not undone on each of ``sample_ids`` that has one, newest first:
+        the first is the current decision, the others are what other reviewers decided before it."""
+        wanted = set(map(str, sample_ids))
+        rows = self._query(
+            f"SELECT {_ACTION_COLUMNS} FROM actions WHERE id IN (SELECT MAX(id) FROM actions WHERE undone_at IS NULL "
+            "AND data_key = ? GROUP BY sample_id, reviewer) ORDER BY id DESC",
+            (self.data.key,),
+        )
+        out: dict[str, list[Action]] = {}
+        for row in rows.itertuples(index=False):
+            if row.sample_id in wanted:
+                out.setdefault(row.sample_id, []).append(Action(*row))
+        return out
+
+    def version(self) -> tuple[int, int]:
+        """Changes whenever anyone records or undoes on this data (latest action id, undone count): a page
+        compares it between reruns to notice another reviewer's decisions."""
+        with self._connect() as con:
+            latest, undone = con.execute(
+                "SELECT MAX(id), COUNT(undone_at) FROM actions WHERE data_key = ?", (self.data.key,)
+            ).fetchone()
+        return int(latest or 0), int(undone)
+
     def hidden_count(self) -> int:
         """How many current decisions in the file were made on other data (another dataset, other labels,
         or written before decisions were keyed). They are kept, never shown here."""
@@ -422,11 +447,20 @@ class ReviewStore:
 
     def decisions_csv(self) -> str:
         """The current decisions as CSV: id, decision, corrected_label, reviewer, created_at."""
-        return self.current().drop(columns="id").rename(columns={"sample_id": "id"}).to_csv(index=False)
+        return export_csv(self.current().drop(columns="id").rename(columns={"sample_id": "id"}))
 
     def corrections_csv(self) -> str:
         """The corrected labels as CSV: id, given_label, corrected_label."""
-        return self.corrections().to_csv(index=False)
+        return export_csv(self.corrections())
+
+
+def focus_after(order: Sequence[int], at: int, undecided: Iterable[int]) -> int:
+    """Where the keyboard focus goes once a decision on ``at`` is stored: the next item after ``at`` in ``order``
+    (the suspects on screen, by rank) that is still ``undecided``, else the item right after ``at``, else ``at``.
+    Never back up the page, so the next key lands where the reviewer is looking."""
+    open_ = set(undecided) - {at}
+    after = list(order)[list(order).index(at) + 1 :]
+    return next((p for p in after if p in open_), after[0] if after else at)
 
 
 def _store_error(path: Path, e: sqlite3.Error | OSError) -> InfluenceLensError:

@@ -11,16 +11,17 @@ from influence_core.analysis import (
     detection_metrics,
     top_k,
 )
+from influence_core.display import finding_words
 from influence_core.experiments import notebook_claim, run_corruption_experiment
 from influence_core.pipeline import InfluenceResult, InfluenceSettings
 from pages.ui import charts, runs, state, widgets
 
 run = runs.current_run()  # first: on a fresh server's first link this runs the page inside app.py
-st.title("Corruption run")
+st.title("Corruption lab")
 st.markdown(
     "Flip a share of the training labels, retrain, recompute influences — then check whether the flipped "
-    "images stand out. The reference notebook claims they have *lower* mean influence on the test set "
-    "than the clean ones; below, that claim is checked on the run's own numbers."
+    "images stand out. A common claim is that they have *lower* mean influence on the test set than the clean "
+    "ones; below, that claim is checked on the run's own numbers."
 )
 
 
@@ -84,6 +85,7 @@ if not flipped.any():
     st.info("This run has no flipped labels. Start an experiment above to see how influence exposes them.")
     st.stop()
 result = runs.influence(run)
+widgets.computation_caption(run)
 st.subheader(f"Results: {flipped.sum()} of {len(flipped)} training labels flipped ({run.corruption['mode']})")
 st.caption(f"Run `{runs.run_ref(run.path)}` · test F1 {run.metrics['f1_test']:.3f}")
 
@@ -93,6 +95,7 @@ metrics, curves = detection(str(result.path), runs.second_pass_stamp(run), resul
 claim = notebook_claim(result)
 box = st.success if claim.check.verdict == "held" else st.warning  # a failed claim is a finding, not an app error
 box(f"{claim.check.summary()}\n\n{claim.check.implication()}", icon=":material/fact_check:")
+st.caption("How the verdict is measured", help=claim.check.figures())
 table = claim.table
 
 # --- clean vs flipped, by label --------------------------------------------------------------------------
@@ -104,8 +107,8 @@ charts.chart(
     charts.clean_vs_flipped_figure(mean, runs.class_names(run, labels), flipped, shown or most_flipped[:10]), key="box"
 )
 st.markdown(
-    "**Mean influence per label** (the reference notebook's table; difference = clean − flipped: positive "
-    "where the flipped images have the lower mean, as the claim says)"
+    "**Mean influence per label** (difference = clean − flipped: positive where the flipped images have the "
+    "lower mean, as the claim says)"
 )
 widgets.paged_table(
     table,
@@ -120,7 +123,7 @@ widgets.paged_table(
 # --- the most harmful images, and how well each signal finds flips ---------------------------------------
 harmful = top_k(mean, 8)[1]
 flags = runs.flags_at(run, harmful)
-st.markdown("**Lowest mean influence on the test set** (the notebook's suspects)")
+st.markdown("**Lowest mean influence on the test set** (the suspects by that claim)")
 st.caption(describe_ranking(flags, True).text)
 widgets.image_grid(
     runs.images_at(run, "train", harmful),
@@ -130,7 +133,13 @@ widgets.image_grid(
 )
 charts.chart(
     charts.detection_figure(
-        {f"{SIGNALS[key].label} — AUROC {metrics[key]['auroc']:.2f}": curve for key, curve in curves.items()}
+        {f"{SIGNALS[key].label} ({finding_words(metrics[key]['auroc'])})": curve for key, curve in curves.items()}
     ),
     key="detection",
+)
+st.caption(
+    "Each curve ranks the training images by one signal: the steeper it rises, the fewer images a reviewer must "
+    "look at to find the flipped labels.",
+    help="Detection AUROC per signal (the chance that a flipped image ranks above a clean one; 0.5 is guessing): "
+    + "; ".join(f"{SIGNALS[key].label} {metrics[key]['auroc']:.2f}" for key in curves),
 )

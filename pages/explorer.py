@@ -18,8 +18,13 @@ st.caption(
 
 ranking = runs.rankings(run)
 result = ranking.result
-if ranking.note:
-    st.caption(ranking.note)
+widgets.computation_caption(run, ranking.settings, ranking.note)  # one computation for every value below
+if ranking.job is not None and ranking.job.error is None and ranking.job.status == "running":
+    st.caption(
+        "A whole-network computation that agreed better with retraining runs in the background; this page "
+        "switches to it (and says so) once it is done.",
+        help=ranking.note,
+    )
 if ranking.job is not None and ranking.job.error is not None:
     widgets.show_error(ranking.job.error)  # the last layer's rankings stay on the page
 elif ranking.job is not None and ranking.job.status == "running":
@@ -71,6 +76,7 @@ with st.expander("Pick a test image", expanded=picker_open):
         selected=widgets.index_of(shown, st.session_state.get("test")),
         on_click=pick_test,
     )
+    st.caption("✓ the model predicted the test image's label · ✗ it predicted another one")
 
 test = st.session_state.setdefault("test", int(candidates[0]))
 if not 0 <= test < len(test_true):

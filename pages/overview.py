@@ -35,9 +35,10 @@ if total:
         f"of the flipped labels are among them (random inspection would find about {total // 10}).",
     )
     cols[3].metric(
-        "Detection AUROC",
-        f"{detection_metrics(result.signals[best], flipped)['auroc']:.3f}",
-        help="Chance that a flipped image ranks above a clean one: 0.5 is guessing, 1.0 is perfect.",
+        "Flipped ranked above clean",
+        f"{detection_metrics(result.signals[best], flipped)['auroc']:.0%}",
+        help="How often a flipped image ranks above a clean one: 50 % is guessing, 100 % is perfect "
+        "(the detection AUROC).",
     )
 else:
     cols[2].metric("Suspect signal", SIGNALS[best].label)

@@ -18,6 +18,7 @@ st.caption(
 )
 
 result = runs.influence(run)
+widgets.computation_caption(run)
 mean = result.mean_influence
 labels = run.labels("train")
 flipped = run.flipped()

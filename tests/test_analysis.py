@@ -53,17 +53,22 @@ def test_flags_mark_flipped_and_reviewed_images():
         IDS,
         LABELS,
         FLIPPED,
-        {"b": decision("b", "mislabeled", "dog"), "c": decision("c", "keep"), "zzz": decision("zzz", "skip")},
+        {
+            "b": decision("b", "mislabeled", "dog"),
+            "c": decision("c", "keep"),
+            "d": decision("d", "exclude"),  # the fourth decision has its mark (a KeyError without it)
+            "zzz": decision("zzz", "skip"),
+        },
     )
     assert flags["marks"].tolist() == [
         "",
         "flipped · marked mislabeled → dog",
         "label kept by review",
-        "",
+        "excluded from training by review",
         "flipped",
         "",
     ]
-    assert flags["review"].tolist() == ["", "mislabeled", "keep", "", "", ""]
+    assert flags["review"].tolist() == ["", "mislabeled", "keep", "exclude", "", ""]
     assert flags["corrected_label"].tolist() == ["", "dog", "", "", "", ""]
 
 

@@ -13,6 +13,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from influence_core.analysis import rank_suspects
+from influence_core.display import short_id
 from influence_core.measured import method_label
 from influence_core.paths import RunPaths
 from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, compute_influence
@@ -281,11 +282,14 @@ def test_explorer_ranks_with_the_better_whole_network_result_once_computed(app, 
     compute_influence(tiny_run, DEFAULT_SETTINGS)
     run_path = copy_run(tiny_run.path, runs_root / "tiny-upgrade")
     at = app("explorer", run=run_path.name, test="3")
-    assert any(c.value.startswith("Ranked by the last layer while ekfac on the whole network") for c in at.caption)
+    assert any(
+        (c.help or "").startswith("Ranked by the last layer while ekfac on the whole network") for c in at.caption
+    )
     at = finish_jobs(at)
     assert not at.exception
-    note = next(c.value for c in at.caption if c.value.startswith("Ranked by ekfac on the whole network (LDS 0.083"))
-    assert note.endswith("their size is not a loss change (against the retrained models' loss changes, Pearson 0.11).")
+    note = next(c for c in at.caption if (c.help or "").startswith("Ranked by ekfac on the whole network (LDS 0.083"))
+    assert note.help.endswith("not a loss change (against the retrained models' loss changes, Pearson 0.11).")
+    assert "approximate (EK-FAC) influence through the whole network" in note.value  # the figures behind help
     from influence_core import Run
 
     run = Run(run_path)
@@ -293,7 +297,7 @@ def test_explorer_ranks_with_the_better_whole_network_result_once_computed(app, 
     head = load_influence(run, DEFAULT_SETTINGS)
     captions = [i.caption for img in at.get("image") for i in img.proto.imgs]
     shown = [c.split(" · id ")[1].split(" · ")[0] for c in captions if " · id " in c][:8]  # the helpful row
-    names = [Path(i).name for i in run.ids("train")]
+    names = [short_id(i) for i in run.ids("train")]
     assert shown == [names[p] for p in whole.top_helpful(3, 8)[0]]
     assert shown != [names[p] for p in head.top_helpful(3, 8)[0]]
 
@@ -337,7 +341,7 @@ def test_review_keeps_the_reviewer_and_the_recorded_correction_after_a_reload(ap
     at = app("review_queue")
     at.text_input[0].input("bea").run()
     assert at.query_params["reviewer"] in ("bea", ["bea"])
-    box = at.selectbox(key=f"label-{sid}")
+    box = at.selectbox(key=f"label-{sid}-0")
     assert "Pre-filled with" in box.help
     wanted = next(c for c in classes if c not in (classes[demo_run.labels("train")[pos]], box.value))
     box.set_value(wanted).run()
@@ -349,8 +353,8 @@ def test_review_keeps_the_reviewer_and_the_recorded_correction_after_a_reload(ap
 
     reloaded = app("review_queue", reviewer="bea")  # a new session on the same link
     assert reloaded.text_input[0].value == "bea" and not reloaded.button(key=f"keep-{sid}").disabled
-    assert reloaded.selectbox(key=f"label-{sid}").value == wanted
-    assert "correction bea recorded" in reloaded.selectbox(key=f"label-{sid}").help
+    assert reloaded.selectbox(key=f"label-{sid}-{action.id}").value == wanted
+    assert "correction bea recorded" in reloaded.selectbox(key=f"label-{sid}-{action.id}").help
     captions = [i.caption for img in reloaded.get("image") for i in img.proto.imgs]
     flipped_shown = demo_run.flipped()[first_page].sum()
     assert sum("flipped" in c for c in captions) == flipped_shown and any("marked mislabeled" in c for c in captions)
@@ -401,7 +405,7 @@ def test_review_page_runs_the_second_pass_and_ranks_by_it(demo_run, demo_result,
 
     def detection_chart() -> str:
         at.switch_page("pages/corruption_lab.py").run()
-        return next(c.proto.spec for c in at.get("plotly_chart") if "AUROC" in c.proto.spec)
+        return next(c.proto.spec for c in at.get("plotly_chart") if "flipped labels found" in c.proto.spec)
 
     assert SIGNALS[SECOND_PASS_SIGNAL].label not in detection_chart()
     at.switch_page("pages/review_queue.py").run()

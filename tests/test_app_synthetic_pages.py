@@ -17,6 +17,7 @@ from _synthetic_run import make_synthetic_run
 from streamlit.testing.v1 import AppTest
 
 from influence_core.analysis import corruption_table, detection_metrics
+from influence_core.display import finding_words
 from influence_core.pipeline import load_influence
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
@@ -160,7 +161,8 @@ def test_corruption_lab_checks_the_notebooks_claim_on_the_runs_numbers(page, syn
         tested = table[(table["n_clean"] > 0) & (table["n_corrupted"] > 0)]
         held = int((tested["mean_corrupted"] < tested["mean_clean"]).sum())
         verdict = next(b.value for b in [*at.success, *at.warning] if "The claim" in b.value)
-        assert f"AUROC {auroc:.2f}" in verdict
+        assert finding_words(auroc) in verdict and "AUROC" not in verdict  # plain words; the figure in help
+        assert f"AUROC {auroc:.2f}" in next(c.help for c in at.caption if c.help and "AUROC" in c.help)
         assert f"in {held} of {len(tested)} labels" in verdict
         assert "chosen at random" in verdict  # the run's corruption mode and what it implies
         assert ("**held**" in verdict) == (name == "many")  # small: half the flips help

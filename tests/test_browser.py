@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 
 import pytest
 from browsing import SHOTS, VIEWPORT, open_page, serve, settle
@@ -15,6 +16,7 @@ from browsing import SHOTS, VIEWPORT, open_page, serve, settle
 from influence_core.analysis import rank_suspects
 from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
 from influence_core.review import ReviewStore
+from influence_core.run import Run
 
 pytestmark = pytest.mark.browser
 PAGES = {  # screenshot name: (address, text that shows once the page is drawn); the default page lives at /
@@ -180,4 +182,39 @@ def test_keyboard_shortcuts_decide_on_the_focused_suspect(browser, server, demo_
     assert store.decisions_for([ids[target]])[ids[target]].reviewer == "kim"
     assert ids[focused] not in store.decisions_for([ids[focused]])
     tab.screenshot(path=SHOTS / "review-keyboard.png", full_page=True)
+    context.close()
+
+
+@pytest.mark.slow
+def test_quick_keys_decide_on_the_image_the_focus_moved_to(browser, server, demo_run, runs_root):
+    """Issue 29: `k n m n s` typed at once stored keep on #1, mislabeled on #3 and then skip on #3 again (the focus
+    jumped back after each decision), losing the correction. Now: keep #1, mislabeled #3, skip #5, exclude (x)
+    #6, nothing on #2 and #4. On a fresh copy of the demo run, so no other test's decisions move the focus."""
+    shutil.copytree(demo_run.path, runs_root / "keys", ignore=shutil.ignore_patterns("reviews.sqlite*"))
+    run = Run(runs_root / "keys")
+    ids = run.ids("train")
+    result = compute_influence(run, DEFAULT_SETTINGS)
+    ranked = [ids[p] for p in rank_suspects(result.signals[result.best_signal], 10)]
+    context = browser.new_context(viewport=VIEWPORT)
+    tab = open_page(context, (server[0], "keys"), "review_queue?reviewer=kim", "Rank suspects by")
+    assert tab.get_by_role("button", name="Next image ▶").count() == 1  # named for what they do (item 3)
+    tab.locator("h1").first.click()  # focus on the page, not in a text box
+    for key in "knmnsx":  # as fast as a reviewer types: no waiting between keys
+        tab.keyboard.press(key)
+    store = ReviewStore.for_run(run)
+    deadline = time.monotonic() + 120
+    while len(store.current()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    settle(tab)
+    found = {ranked.index(s) + 1: a.decision for s, a in store.decisions_for(ranked).items()}
+    assert found == {1: "keep", 3: "mislabeled", 5: "skip", 6: "exclude"}
+    assert len(store.history()) == 4  # nothing overwritten on the way
+    tab.get_by_text("⊘ excluded from training by kim").wait_for()
+    tab.screenshot(path=SHOTS / "review-quick-keys.png", full_page=True)
+
+    other = open_page(context, (server[0], "keys"), "review_queue?reviewer=lee", "Rank suspects by")
+    store.record(ranked[1], "exclude", "**bold** [x](javascript:alert(1))", idempotency_key="browser-1")
+    # another reviewer's decision shows without a click, and the name as typed, not as a link (items 2 and 4)
+    other.get_by_text("⊘ excluded from training by **bold** [x](javascript:alert(1))").wait_for(timeout=30_000)
+    assert other.locator("a[href^='javascript']").count() == 0
     context.close()

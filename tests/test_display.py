@@ -97,3 +97,64 @@ def test_the_claims_implication_never_contradicts_the_verdict():
     assert "above chance" in held.implication() and "It is not always" in held.implication()
     assert "depended on the training" in failed.implication() and "above chance" not in failed.implication()
     assert "by construction" in check_notebook_claim(table, 0.9, "top-influence").implication()
+
+
+def test_plain_text_shows_markdown_as_typed():
+    """Issue 29: a reviewer named ``**bold** [x](javascript:…)`` became bold text and a link."""
+    import re
+
+    from influence_core.display import plain
+
+    shown = plain("**bold** [x](javascript:alert(1))\n# big")
+    assert not re.search(r"(?<!\\)[*\[\]()#:]", shown)  # every Markdown character escaped
+    assert re.sub(r"\\(.)", r"\1", shown) == "**bold** [x](javascript:alert(1)) # big"  # and shown as typed
+
+
+def test_export_csv_neutralises_formulas_in_text_cells_and_headers_only():
+    import io
+
+    from influence_core.display import export_csv
+
+    df = pd.DataFrame({"=sum": ["=1+1", "+x", "-y", "@z", "\tt", "\rr", "ok"], "value": [-1.5, 2, 3, 4, 5, 6, 7]})
+    back = pd.read_csv(io.StringIO(export_csv(df)), keep_default_na=False)
+    assert list(back.columns) == ["'=sum", "value"]
+    assert back["'=sum"].tolist() == ["'=1+1", "'+x", "'-y", "'@z", "'\tt", "'\rr", "ok"]
+    assert back["value"].tolist() == [-1.5, 2, 3, 4, 5, 6, 7]  # negative numbers stay numbers
+
+
+def test_ago_says_how_long_ago_in_words():
+    from datetime import UTC, datetime, timedelta
+
+    from influence_core.display import ago
+
+    now = datetime(2030, 1, 10, 12, tzinfo=UTC)
+    before = {s: (now - timedelta(seconds=s)).isoformat() for s in (5, 60, 180, 7_200, 86_400, 5 * 86_400)}
+    assert [ago(t, now) for t in before.values()] == [
+        "just now",
+        "1 minute ago",
+        "3 minutes ago",
+        "2 hours ago",
+        "yesterday",
+        "5 days ago",
+    ]
+
+
+def test_dataset_names_and_captions_never_show_a_server_path_or_wrap_mid_name():
+    """Issue 29 item 20: Overview's heading showed the raw spec (a server path); long ids wrapped mid-name."""
+    from influence_core.display import dataset_name, short_id
+
+    assert dataset_name("tiny-imagenet:/srv/data/tiny-imagenet-200") == "Tiny ImageNet"
+    assert dataset_name("folder:/srv/data/pets/") == "image folder “pets”"
+    assert dataset_name("demo") == "handwritten digits (demo)"
+    long = "n01443537/images/n01443537_123456.JPEG"
+    assert len(short_id(long)) == 18 and short_id(long).endswith(".JPEG") and short_id(long).startswith("n0144")
+    assert short_id("n01443537/images/7.JPEG") == "7.JPEG" and short_id("digits:12") == "digits:12"
+
+
+def test_claim_verdicts_are_plain_words_with_the_figure_apart():
+    """Issue 29 item 18: the verdict said "AUROC 0.81" and named "the reference notebook"."""
+    table = pd.DataFrame({"n_clean": [5, 5], "n_corrupted": [1, 1], "difference": [0.1, 0.2]})
+    held = check_notebook_claim(table, 0.81, "random")
+    for text in (held.summary(), held.implication()):
+        assert "AUROC" not in text and "notebook" not in text and "2026" not in text
+    assert "clearly better than guessing" in held.summary() and "AUROC 0.81" in held.figures()

@@ -38,10 +38,15 @@ def test_an_lds_measurement_is_shown_with_its_error(tmp_path):
             }
         )
     )
-    text = measured_for("ekfac", "all", path).describe()
+    text = measured_for("ekfac", "all", path).details()
     assert text.startswith("Approximate. Measured: LDS 0.21 ± 0.02 (50 retrained models; goldfish vs lemon)")
     assert "magnitudes ×2 the measured loss changes" in text
-    assert measured_for("kfac", "all", path).describe() == "Measured: 23× a forward+backward pass."
+    assert measured_for("kfac", "all", path).details() == "Measured: 23× a forward+backward pass."
+    # issue 29: screens get plain words, the figures go behind a help icon
+    assert measured_for("ekfac", "all", path).describe() == "Agreement with retraining: fair."
+    assert measured_for("kfac", "all", path).describe() == (
+        "Takes about 23× the time of one pass of the model over the images."
+    )
     assert measured_for("lissa", "head", path) is None and load_measured(tmp_path / "absent.json") is None
 
 
@@ -55,11 +60,13 @@ def test_a_slope_of_uncorrelated_predictions_is_not_shown_as_a_magnitude(tmp_pat
     ):
         methods = {"ekfac/all": entry | ({"pearson": pearson} if pearson is not None else {})}
         path.write_text(json.dumps({"workload": "w", "n_models": 50, "methods": methods}))
-        text = measured_for("ekfac", "all", path).describe()
+        text = measured_for("ekfac", "all", path).details()
         assert shown in text and text.count("predicted loss changes") == 1
+        plain = measured_for("ekfac", "all", path).describe()
+        assert "Pearson" not in plain and ("use its order" in plain) == (pearson == -0.02)
 
 
-def test_method_label_shows_the_measured_lds_only(tmp_path):
+def test_method_label_shows_the_measured_agreement_only(tmp_path):
     from influence_core.measured import method_label
 
     path = tmp_path / "measured.json"
@@ -75,7 +82,7 @@ def test_method_label_shows_the_measured_lds_only(tmp_path):
             }
         )
     )
-    assert method_label("ekfac", "all", path) == "ekfac · LDS 0.21"
+    assert method_label("ekfac", "all", path) == "ekfac · agreement with retraining: fair"
     assert method_label("kfac", "all", path) == "kfac"  # not measured by LDS: the plain name
     assert method_label("direct", "head", path) == "direct"
     assert method_label("ekfac", "all", tmp_path / "absent.json") == "ekfac"
@@ -138,7 +145,7 @@ def test_the_full_estimators_lds_is_shown_beside_the_defaults(tmp_path):
     path = tmp_path / "measured.json"
     entry = {"job": "ours_kfac_all", "lds": 0.4052, "lds_se": 0.0133, "full_lds": 0.4117}
     path.write_text(json.dumps({"workload": "w", "n_models": 50, "methods": {"kfac/all": entry}}))
-    text = measured_for("kfac", "all", path).describe()
+    text = measured_for("kfac", "all", path).details()
     assert "(every eigenvector, example and position) 0.412 against 0.405" in text
 
 

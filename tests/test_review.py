@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from influence_core.errors import InfluenceLensError
-from influence_core.review import PAUSE_AFTER_COMMIT_ENV, ReviewedData, ReviewStore
+from influence_core.review import PAUSE_AFTER_COMMIT_ENV, ReviewedData, ReviewStore, focus_after
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "fox")
@@ -417,3 +417,45 @@ def test_two_reviewer_processes_lose_nothing(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     current = ReviewStore(tmp_path, shared(40)).current()
     assert len(current) == 80 and set(current["reviewer"]) == {"ann", "bob"}
+
+
+# --- what the review page shows -------------------------------------------------------------------------------
+
+
+def test_focus_moves_on_to_the_next_undecided_suspect_never_back():
+    """Issue 29: after a decision the focus went back to the first undecided image, so `k n m n s` skipped #3."""
+    shown = [10, 11, 12, 13, 14, 15]
+    assert focus_after(shown, 10, [10, 11, 12, 13, 14, 15]) == 11
+    assert focus_after(shown, 12, [11, 12, 13, 14, 15]) == 13  # #2 is open but behind: never back up
+    assert focus_after(shown, 12, [11, 12, 14]) == 14  # over decided ones
+    assert focus_after(shown, 13, [11]) == 14  # nothing open ahead: the next one
+    assert focus_after(shown, 15, [11, 12]) == 15  # the last one stays
+
+
+def test_each_reviewers_latest_decision_is_shown_newest_first_and_changes_the_version(tmp_path):
+    store = ReviewStore(tmp_path, DATA)
+    assert store.opinions(["a"]) == {} and store.version() == (0, 0)
+    store.record("a", "keep", "ann", idempotency_key=key())
+    store.record("a", "skip", "ann", idempotency_key=key())  # ann changed her mind: only her latest counts
+    seen = store.version()
+    other_tab = ReviewStore(tmp_path, DATA)  # another reviewer's session
+    other_tab.record("a", "mislabeled", "bob", corrected_label="dog", idempotency_key=key())
+    assert store.version() != seen  # the first tab notices on its next look
+    found = store.opinions(["a", "b"])
+    assert [(x.reviewer, x.decision) for x in found["a"]] == [("bob", "mislabeled"), ("ann", "skip")]
+    assert found["a"][0] == store.decisions_for(["a"])["a"]  # the newest is the current decision
+    seen = store.version()
+    other_tab.undo("bob", idempotency_key=key())
+    assert store.version() != seen and [x.reviewer for x in store.opinions(["a"])["a"]] == ["ann"]
+
+
+def test_csv_exports_cannot_run_formulas_in_a_spreadsheet(tmp_path):
+    """Issue 29: a reviewer name or label starting with = + - @ was written as is (a formula in a spreadsheet)."""
+    data = ReviewedData(("=cmd|' /C calc'!A0", "b"), ("+cat", "cat"), ("+cat", "cat", "@dog"))
+    store = ReviewStore(tmp_path, data)
+    store.record("=cmd|' /C calc'!A0", "mislabeled", "-ann", corrected_label="@dog", idempotency_key=key())
+    store.record("b", "keep", "\tbob", idempotency_key=key())
+    for text in (store.decisions_csv(), store.corrections_csv()):
+        cells = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False).to_numpy().ravel()
+        assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], text
+    assert pd.read_csv(io.StringIO(store.corrections_csv()))["given_label"].tolist() == ["'+cat"]

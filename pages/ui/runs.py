@@ -21,6 +21,7 @@ import streamlit as st
 
 from influence_core import InfluenceLensError, Run, TrainConfig, train
 from influence_core.analysis import rank_suspects, training_flags
+from influence_core.display import dataset_name
 from influence_core.experiments import run_dir_name
 from influence_core.jobs import Job, JobRegistry
 from influence_core.paths import RunPaths
@@ -298,8 +299,8 @@ def second_pass_control(run: Run) -> None:
         f"Second pass: retrain without the top {DEFAULT_SHARE * 100:.0f} % suspects (about {max(minutes, 0.1):.1f} min)",
         icon=":material/replay:",
         help="One more training of this run's recipe without the most suspicious images by training loss, which "
-        "then judges every label again: a cleaner model, and on each run measured a better ranking (README, "
-        "'Finding wrong labels'). Runs on the server; the ranking switches to it when done.",
+        "then judges every label again: a cleaner model, and on every run tested a better ranking. Runs on the "
+        "server; the ranking switches to it when done.",
     ):
         job_registry().submit(
             key,
@@ -360,7 +361,7 @@ def describe_run(run: Run) -> str:
     weights = "ImageNet-pretrained" if cfg["weights"] == "pretrained" else "trained from scratch"
     layers = "only the last layer trained" if cfg["train_layers"] == "head" else "whole network trained"
     return (
-        f"**{cfg['dataset']}** · {run.n_classes} classes · {n.get('train', 0)} train / {n.get('val', 0)} val / "
+        f"**{dataset_name(cfg['dataset'])}** · {run.n_classes} classes · {n.get('train', 0)} train / {n.get('val', 0)} val / "
         f"{n.get('test', 0)} test images at {cfg['image_size']} px · ResNet18, {weights}, {layers}, "
         f"{cfg['epochs']} epochs"
     )

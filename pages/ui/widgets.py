@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -15,8 +15,9 @@ import streamlit as st
 from PIL import Image
 
 from influence_core import InfluenceLensError, Run
-from influence_core.display import pages
+from influence_core.display import computation, export_csv, influence_unit, pages, short_id
 from influence_core.jobs import user_error
+from influence_core.pipeline import InfluenceSettings
 
 from .runs import DEMO_CONFIG, RUNS_ENV, job_registry, list_runs, resolve_ref, run_dir_for, run_ref, select_run
 from .state import settings
@@ -40,7 +41,26 @@ def run_picker() -> None:
     if choice != current:
         select_run(resolve_ref(choice))
         st.rerun()
-    st.caption(f"Influence: {settings().describe()}")
+    s = settings()
+    st.caption(f"Influence: {computation(s.method, s.scope_key)}", help=f"Settings: {s.describe()}")
+
+
+def computation_caption(run: Run, shown: InfluenceSettings | None = None, note: str | None = None) -> None:
+    """Which computation the influence values of this page come from (``shown``, default: the sidebar's settings),
+    and their unit; when it is not the sidebar's, say so (values of different computations are on different
+    scales). ``note``: the figures behind the choice, for the help icon."""
+    s = settings()
+    shown = shown or s
+    text = f"**Influence values on this page:** {computation(shown.method, shown.scope_key)}. "
+    other = (shown.method, shown.scope_key) != (s.method, s.scope_key)
+    if other:
+        text += (
+            f"The other pages show {computation(s.method, s.scope_key)} (the sidebar's setting): their values are "
+            "on another scale, not comparable with these. "
+        )
+    st.caption(
+        text + influence_unit(len(run.ids("train"))), help=note if other and note else f"Settings: {shown.describe()}"
+    )
 
 
 def running_jobs() -> None:
@@ -61,30 +81,47 @@ def _running_jobs() -> None:
 
 _SHORTCUTS_JS = """<script>
 (() => {
-  const bindings = %s;  // key -> [container key, button label]
-  const onKey = (e) => {
-    const t = e.target, tag = (t && t.tagName) || "";
-    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || ["INPUT", "TEXTAREA", "SELECT"].includes(tag)
-        || (t && t.isContentEditable) || !(e.key in bindings)) return;
-    const [container, label] = bindings[e.key];
-    const box = document.querySelector(".st-key-" + container);
-    const button = box && [...box.querySelectorAll("button")].find((b) => b.innerText.trim() === label);
-    if (button && !button.disabled) { e.preventDefault(); button.click(); }
+  // One key at a time: a key clicks its button, and the next waits until the page's next run has drawn the
+  // page again (this script, last on the page, runs with a new run id), so it acts on what the reviewer then
+  // sees (the moved focus) and never on the stale page of the previous run.
+  const s = window.__influenceLensKeys || (window.__influenceLensKeys = {queue: [], busy: false, run: null});
+  s.bindings = %s;  // key -> [container key, button label]
+  const press = () => {
+    if (s.busy && Date.now() - s.since > %d) { s.busy = false; s.queue = []; }  // no run came: drop, never guess
+    while (!s.busy && s.queue.length) {
+      const [container, label] = s.bindings[s.queue.shift()] || [];
+      const box = container && document.querySelector(".st-key-" + container);
+      const button = box && [...box.querySelectorAll("button")].find((b) => b.innerText.trim() === label);
+      if (button && !button.disabled) { s.busy = true; s.since = Date.now(); button.click(); }
+    }
   };
-  if (window.__influenceLensKeys) document.removeEventListener("keydown", window.__influenceLensKeys);
-  window.__influenceLensKeys = onKey;
-  document.addEventListener("keydown", onKey);
+  if (s.run !== %s) { s.run = %s; s.busy = false; press(); }
+  if (!s.listening) {
+    s.listening = true;
+    document.addEventListener("keydown", (e) => {
+      const t = e.target, tag = (t && t.tagName) || "";
+      if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || ["INPUT", "TEXTAREA", "SELECT"].includes(tag)
+          || (t && t.isContentEditable) || !(e.key in s.bindings)) return;
+      e.preventDefault();
+      s.queue.push(e.key);
+      press();
+    });
+  }
 })();
 </script>"""
+KEY_WAIT_MS = 15_000  # a key pressed while the page's run takes longer than this is dropped
 
 
 def keyboard_shortcuts(bindings: dict[str, tuple[str, str]]) -> None:
     """Keys that click buttons, as annotation tools have them: ``{key: (container key, button label)}`` presses
     the button showing ``label`` inside the ``st.container(key=...)``. Ignored while typing in a text box.
+    Call it last on the page: keys pressed quickly are queued and each waits until the previous one's run has
+    drawn the page again (so ``k n m`` keeps, moves on, then marks the image focused by then).
 
-    Streamlit has no key events; a small script (``st.html`` with JavaScript) listens in the page, replacing
-    the listener of the previous run."""
-    st.html(_SHORTCUTS_JS % json.dumps(bindings), unsafe_allow_javascript=True)
+    Streamlit has no key events; a small script (``st.html`` with JavaScript) listens in the page; each run
+    gives it a new run id, which tells it that the page is drawn."""
+    run = json.dumps(uuid.uuid4().hex)
+    st.html(_SHORTCUTS_JS % (json.dumps(bindings), KEY_WAIT_MS, run, run), unsafe_allow_javascript=True)
 
 
 def show_error(e: InfluenceLensError) -> None:
@@ -108,7 +145,7 @@ def errors_shown():
 
 
 def download_csv(df: pd.DataFrame | str, file_name: str, label: str = "Download CSV", key: str | None = None) -> None:
-    data = df if isinstance(df, str) else df.to_csv(index=False)
+    data = df if isinstance(df, str) else export_csv(df)
     st.download_button(
         label, data, file_name=file_name, mime="text/csv", key=key or f"dl-{file_name}", icon=":material/download:"
     )
@@ -171,13 +208,14 @@ def training_captions(
     """Captions saying what each number is, with flipped and reviewed marks, for training images.
 
     ``positions``: (k,) training positions; ``flags``: their ``runs.flags_at`` rows; ``values``: (k,) the ranked
-    value, shown first. E.g. "influence +801 · trained as 8 (really 3) · id 60.png · ⚑ flipped".
+    value, shown first. E.g. "influence +801 · trained as 8 (really 3) · id 60.png · ⚑ flipped" (long file names
+    shortened in the middle).
     """
     true = run.true_labels("train")[positions]
     captions = []
     for row, t, value in zip(flags.itertuples(), true, values, strict=True):
         really = f" (really {run.classes[t]})" if row.flipped else ""
-        text = f"{value_name} {fmt(value)} · trained as {row.label}{really} · id {PurePosixPath(row.id).name}"
+        text = f"{value_name} {fmt(value)} · trained as {row.label}{really} · id {short_id(row.id)}"
         captions.append(text + (f" · ⚑ {row.marks}" if row.marks else ""))
     return captions
 
@@ -197,7 +235,7 @@ def paged_table(df: pd.DataFrame, file_name: str, per_page: int = 50, key: str =
     st.dataframe(rows, hide_index=True, width="stretch", height=ROW_PX * (len(rows) + 1) + 3, **kwargs)
     st.download_button(
         "Download CSV (all rows)",
-        lambda: df.to_csv(index=False),
+        lambda: export_csv(df),
         file_name=file_name,
         mime="text/csv",
         key=f"dl-{file_name}",

@@ -1,0 +1,75 @@
+"""End to end in headless chromium: decide on suspects, press *Retrain with N decisions*, land on the corrected
+run's before / after view, download the corrected training set, and keep reviewing in the corrected run."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import zipfile
+from urllib.parse import parse_qs, urlparse
+
+import pandas as pd
+import pytest
+from browsing import SHOTS, VIEWPORT, serve, settle
+from test_browser import review, suspect
+
+from influence_core.fixes import lineage
+from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
+from influence_core.review import ReviewStore
+from influence_core.run import Run
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def loop_run(demo_run, runs_root) -> Run:
+    """A copy of the demo run with its influences and an empty review store."""
+    compute_influence(demo_run, DEFAULT_SETTINGS)
+    dest = runs_root / "browser-loop"
+    shutil.copytree(demo_run.path, dest, ignore=shutil.ignore_patterns("reviews.sqlite*"))
+    return Run(dest)
+
+
+def test_review_retrain_compare_export_and_keep_reviewing(browser, loop_run, runs_root):
+    (first, first_id), (second, second_id) = suspect(loop_run, 0), suspect(loop_run, 1)
+    with serve(runs_root, "streamlit-fixes.log") as base:
+        context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+        tab = context.new_page()
+        tab.set_default_timeout(600_000)  # the retraining runs while the page waits
+        tab.goto(f"{base}/review_queue?run={loop_run.path.name}")
+        tab.get_by_text("Rank suspects by").first.wait_for()
+        review(tab, "eve", first, "Mislabeled")
+        tab.locator(f".st-key-suspect-{first}").get_by_text("mislabeled →").wait_for()
+        review(tab, "eve", second, "Exclude")
+        tab.locator(f".st-key-suspect-{second}").get_by_text("excluded").first.wait_for()
+        settle(tab)
+        tab.get_by_role("button", name="Retrain with 2 decisions").click()
+        tab.get_by_text("We corrected 1 label(s) and left out 1 image(s)").wait_for()
+        settle(tab)
+        assert "/compare" in tab.url
+        tab.get_by_text("95 % interval").first.wait_for()
+        tab.screenshot(path=SHOTS / "before-and-after.png", full_page=True)
+        child = Run(runs_root / parse_qs(urlparse(tab.url).query)["run"][0])
+        assert lineage(child)["parent_key"] == loop_run.key and second_id not in child.ids("train")
+
+        tab.get_by_role("button", name="Prepare the corrected training set (zip)").click()
+        settle(tab)
+        with tab.expect_download() as download:
+            tab.get_by_role("button", name="Download the corrected training set").click()
+        with zipfile.ZipFile(io.BytesIO(open(download.value.path(), "rb").read())) as z:
+            manifest_name = next(n for n in z.namelist() if n.endswith("manifest.csv"))
+            manifest = pd.read_csv(z.open(manifest_name), dtype=str, keep_default_na=False)
+        assert len(manifest) == len(child.ids("train")) and manifest["decision"].eq("mislabeled").sum() == 1
+
+        # keep reviewing in the corrected run: the earlier decision shows there, a new one lands in its store
+        tab.goto(f"{base}/review_queue?run={child.path.name}&reviewer=eve")
+        tab.get_by_text("Rank suspects by").first.wait_for()
+        settle(tab)
+        new_pos, new_id = next(
+            (p, i) for p, i in (suspect(child, r) for r in range(10)) if i not in (first_id, second_id)
+        )
+        review(tab, "eve", new_pos, "Keep")
+        tab.locator(f".st-key-suspect-{new_pos}").get_by_text("label kept").first.wait_for()
+        decisions = ReviewStore.for_run(child).decisions_for([first_id, new_id])
+        assert decisions[first_id].decision == "mislabeled" and decisions[new_id].decision == "keep"
+        context.close()
