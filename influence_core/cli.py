@@ -269,15 +269,16 @@ def _export(args) -> None:
 
 
 def _label_issues(args) -> None:
+    from .display import export_csv
     from .export import label_issues
     from .run import Run
     from .storage import atomic_write_bytes
 
     table = label_issues(Run(args.run_dir), share=args.share)
     if args.out is None:
-        print(table.to_csv(index=False), end="")
+        print(export_csv(table), end="")
     else:
-        atomic_write_bytes(args.out, table.to_csv(index=False).encode())
+        atomic_write_bytes(args.out, export_csv(table).encode())
         print(
             f"{int(table['is_label_issue'].sum())} label issues flagged; table written to {args.out}", file=sys.stderr
         )

@@ -21,6 +21,7 @@ from PIL import Image
 
 from .analysis import rank_suspects
 from .data import parse_spec
+from .display import export_csv
 from .errors import InfluenceLensError
 from .fixes import pending_changes
 from .review import ReviewStore
@@ -82,7 +83,7 @@ def export_corrected(run: Run, out: str | Path) -> Path:
                     shutil.copy2(Path(root) / sample_id, target)
             else:
                 Image.fromarray(np.asarray(images[position])).save(staging / _folder_name(f) / f"{stem}.png")
-        pd.DataFrame(rows).to_csv(staging / MANIFEST, index=False)
+        (staging / MANIFEST).write_text(export_csv(pd.DataFrame(rows)))
         staging.rename(out)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
