@@ -15,6 +15,7 @@ import streamlit as st
 
 from influence_core.analysis import SIGNALS, rank_suspects
 from influence_core.display import ago, plain
+from influence_core.fixes import lineage
 from influence_core.review import Action, ReviewStore, focus_after
 from pages.ui import fixes, runs, widgets
 
@@ -112,7 +113,12 @@ with st.container(key="review-progress"):
         f"{progress['excluded']} excluded from training · {progress['skipped']} skipped",
     )
 c1, c2, c3, c4 = st.columns(4)
-hide = c1.toggle("Hide decided images", value=False, help="Skipped images stay in the queue.")
+hide = c1.toggle(
+    "Hide decided images",
+    value=lineage(run) is not None,  # a corrected run: carry on where the review left off
+    help="Skipped images stay in the queue. On by default in a corrected run, whose queue holds the decisions made "
+    "before retraining.",
+)
 if c2.button("Undo my last action", icon=":material/undo:", disabled=not reviewer, width="stretch"):
     undone = store.undo(reviewer, idempotency_key=request_key("undo"))
     confirmed("undo")

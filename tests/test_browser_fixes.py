@@ -39,7 +39,7 @@ def test_review_retrain_compare_export_and_keep_reviewing(browser, loop_run, run
         tab.goto(f"{base}/review_queue?run={loop_run.path.name}")
         tab.get_by_text("Rank suspects by").first.wait_for()
         review(tab, "eve", first, "Mislabeled")
-        tab.locator(f".st-key-suspect-{first}").get_by_text("mislabeled →").wait_for()
+        tab.locator(f".st-key-suspect-{first}").get_by_text("mislabeled →").first.wait_for()
         review(tab, "eve", second, "Exclude")
         tab.locator(f".st-key-suspect-{second}").get_by_text("excluded").first.wait_for()
         settle(tab)
