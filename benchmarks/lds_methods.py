@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from lds import materialised
+from trajectory import TrajectoryInfluence, run_segments
 
 from influence_core import Run
 from influence_core.errors import InfluenceLensError
 from influence_core.influence import Damping, Scope, default_damping
-from influence_core.influence.trajectory import TrajectoryInfluence, run_segments
 from influence_core.storage import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,12 @@ def engine_matrices(run: Run, method: str, scope: str, lambdas: tuple[Damping, .
 
     (x_train, y_train), (x_test, y_test) = materialised(run, "train"), materialised(run, "test")
     im = InfluenceModel(
-        run.load_model(), scope=scope, method=Method.named(method, **options), regularization=lambdas[0], device="cpu"
+        run.load_model(), scope=scope, method=Method.named(method, **options), damping=lambdas[0], device="cpu"
     )
     im.fit(x_train, y_train)
     out = {}
     for lam in lambdas:
-        im.set_regularization(lam)
+        im.set_damping(lam)
         try:
             out[lam] = im.influences_from_factors(im.test_factors(x_test, y_test), x_train, y_train)
         except InfluenceLensError as e:  # e.g. a relative λ below float32 resolution on some layer: skip that λ

@@ -101,7 +101,7 @@ def test_setup_page_shows_quality_and_weights(app, demo_run):
     assert any(c.value.startswith("Approximate: influence functions assume") for c in at.caption)
     methods = next(b for b in at.selectbox if b.label == "Method")
     assert methods.options == [method_label(m, "all") for m in METHOD_CHOICES]  # with LDS where measured
-    damping = next(b for b in at.selectbox if b.label == "Regularization λ")
+    damping = next(b for b in at.selectbox if b.label == "Damping λ")
     assert damping.options[0] == "default: 1e-05 × each block's largest eigenvalue"  # the whole network's default
     assert any("λ=top:1e-05" in c.value for c in at.caption)
     damping.select_index(damping.options.index("0.1 × each block's mean eigenvalue")).run()
