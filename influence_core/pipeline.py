@@ -87,8 +87,6 @@ class InfluenceSettings:
         """Checks the types (text belongs in :func:`parse_settings`) and that the method supports the curvature."""
         if not isinstance(self.method, Method):
             raise TypeError(f"method must be a Method (e.g. Direct()), not {self.method!r}; text: parse_settings()")
-        if isinstance(self.scope, list):
-            object.__setattr__(self, "scope", tuple(self.scope))
         if not isinstance(self.scope, Scope) and not (
             isinstance(self.scope, tuple) and self.scope and all(isinstance(n, str) for n in self.scope)
         ):
@@ -166,8 +164,6 @@ def parse_settings(
     ``"rel:0.1"`` (:meth:`~.influence.Damping.parse`), None for the scope's default; ``curvature``:
     ``"gauss-newton"`` or ``"hessian"``.
     """
-    if method not in METHODS:
-        raise InfluenceLensError(f"Unknown influence method {method!r}.", f"use one of {', '.join(METHOD_CHOICES)}")
     return InfluenceSettings(
         method=Method.parse(method, options),
         scope=parse_scope(scope),

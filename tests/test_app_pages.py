@@ -113,6 +113,10 @@ def test_setup_page_shows_quality_and_weights(app, demo_run):
     methods.select_index(METHOD_CHOICES.index("kfac")).run()
     assert not at.error and any(c.value.startswith("kfac, rank=5, scope all") for c in at.caption)
     assert any("Measured at kfac's defaults, not with rank=5" in c.value for c in at.caption)
+    # issue 29 item 5: an option of the wrong type is the app's message, not a traceback
+    next(t for t in at.text_input if t.label == "Method options").set_value("rank=abc").run()
+    assert not at.exception and "Method option rank='abc' of kfac is not an integer or none" in at.error[0].value
+    assert "write e.g. rank=512" in at.error[0].value
 
 
 def test_setup_page_opens_a_run_directory_inside_the_roots_only(app, demo_run, runs_root, tmp_path):
