@@ -267,7 +267,8 @@ def test_explorer_ranks_with_the_better_whole_network_result_once_computed(app, 
     the better-measured whole-network result in the background; once it is cached, the rankings come from it
     (two real tiny-imagenet classes: one output-curvature column, so the whole network takes seconds)."""
     from influence_core import measured
-    from influence_core.pipeline import load_influence, ranking_upgrade
+    from influence_core.pipeline import load_influence
+    from influence_core.upgrade import ranking_upgrade
 
     path = runs_root / "measured-upgrade.json"
     methods = {"direct/head": (0.073, 0.2), "ekfac/all": (0.083, 0.11)}  # LDS, Pearson of the loss changes
