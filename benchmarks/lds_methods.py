@@ -8,7 +8,7 @@ influence-function method on the head (exact curvature; ``direct`` with a dampin
 network with a damping scan, full rank, a fit-size scan (``ours_ekfac_all_fit<k>``), a rank scan
 (``ours_ekfac_all_rank<k>``), fit size and rank together (``ours_kfac_all_fit512_rank1024``) and a scan of fitted positions (``ours_kfac_all_pos<k>``), each at its scope's default
 damping unless its name says otherwise (``_top1e-06``, ``_lambda0.1``, ``_rel0.1``), and the trajectory methods of
-``influence_core.influence.trajectory`` (TracInCP and SOURCE on the whole network and the head; ``grad_dot_all`` =
+``trajectory.py`` (TracInCP and SOURCE on the whole network and the head; ``grad_dot_all`` =
 TracInCP on the final checkpoint alone, a plain gradient dot product).
 """
 
