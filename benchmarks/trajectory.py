@@ -40,12 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from influence_core.errors import InfluenceLensError
 from influence_core.influence import EKFAC, InfluenceModel
+from influence_core.influence.ops import per_sample_grads as engine_grads
 from influence_core.progress import Progress
 from influence_core.storage import resolve_device
 
@@ -121,17 +120,11 @@ def per_sample_grads(
     device: torch.device,
 ) -> Iterator[tuple[slice, Grads]]:
     """``(rows, grads)`` chunks: ``grads[name]`` ``(b, *param.shape)`` float32, the per-sample cross-entropy
-    gradients of ``model`` (eval mode) for ``x[rows]`` ``(b, C, H, W)``, ``y[rows]``."""
-    values = {n: p.detach() for n, p in params.items()}
-
-    def loss(p, xi, yi):
-        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
-
-    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+    gradients of ``model`` (eval mode) for ``x[rows]`` ``(b, C, H, W)``, ``y[rows]`` (the engine's
+    :func:`influence_core.influence.ops.per_sample_grads`, a chunk at a time on ``device``)."""
     for start in range(0, len(x), batch_size):
         rows = slice(start, min(start + batch_size, len(x)))
-        with torch.no_grad():
-            yield rows, per_sample(values, x[rows].to(device, torch.float32), y[rows].to(device))
+        yield rows, engine_grads(model, params, x[rows].to(device, torch.float32), y[rows].to(device))
 
 
 def _dot(a: Grads, b: Grads) -> torch.Tensor:
