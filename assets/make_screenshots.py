@@ -4,7 +4,7 @@
 
 Copies ``RUN_DIR`` into a temporary runs folder as ``--name`` with its dataset location made relative to the
 checkout (so that no path of this machine shows), computes its default influence result and the explorer's
-whole-network ranking (:func:`~influence_core.pipeline.ranking_upgrade`) where missing, serves ``app.py`` over it and
+whole-network ranking (:func:`~influence_core.upgrade.ranking_upgrade`) where missing, serves ``app.py`` over it and
 saves the top of the Overview, the Test image explorer (test image ``--test``) and the Mislabel review as JPEG. Needs Debian's ``chromium`` and the
 ``playwright`` package (the test extras).
 """
@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from browsing import CHROMIUM_ARGS, serve, settle  # noqa: E402
 
 from influence_core import Run  # noqa: E402
-from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence, ranking_upgrade  # noqa: E402
+from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence  # noqa: E402
+from influence_core.upgrade import ranking_upgrade  # noqa: E402
 
 OUT = ROOT / "assets" / "screenshots"
 WIDTH = 1400

@@ -24,6 +24,7 @@ from scipy.stats import rankdata
 
 from influence_core import Run
 from influence_core.analysis import cross_entropy, detection_metrics
+from influence_core.influence import KFAC, Scope
 from influence_core.pipeline import InfluenceSettings, compute_influence, load_influence
 from influence_core.second_pass import DEFAULT_SHARE, load_second_pass, suspects
 from influence_core.training import TrainConfig
@@ -43,7 +44,7 @@ def signals(run: Run, folds: int, epochs: int, clean: bool = False, kfac: bool =
         out["second_pass"] = second.loss.astype(np.float64)
     add_with_rank_means(out, "oof_loss", cross_entropy(np.load(cache), y).astype(np.float64))
     if kfac:  # the explorer's whole-network method, as the app computes it (cached in the run's influence cache)
-        settings = InfluenceSettings(method="kfac", scope="all", checkpoints=False)
+        settings = InfluenceSettings(method=KFAC(), scope=Scope.ALL, checkpoints=False)
         result = load_influence(run, settings) or compute_influence(run, settings)
         add_with_rank_means(out, "whole-network K-FAC self-influence", result.self_influence.astype(np.float64))
     if clean:  # cross-fitted second pass: every fold scored by a model trained without it and the suspects

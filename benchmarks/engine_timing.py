@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 from influence_core import Run
-from influence_core.influence import METHODS, Damping, InfluenceModel, Method, Scope, method_options, parse_scope
+from influence_core.influence import METHODS, Damping, InfluenceModel, Method, Scope, parse_scope
 from influence_core.influence.engine import full_fp32
 from influence_core.influence.ops import flatten, per_sample_grads
 from influence_core.storage import resolve_device
@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--scope", type=parse_scope, default=Scope.ALL, help="head | all | comma-separated module names")
     p.add_argument("--device", default="auto")
     p.add_argument(
-        "--regularization", type=Damping.argument, default=None, help="e.g. 1e-3, top:1e-5 (default: the scope's)"
+        "--regularization", type=Damping.parse, default=None, help="e.g. 1e-3, top:1e-5 (default: the scope's)"
     )
     p.add_argument("--check", type=int, default=0)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. rank=none")
@@ -73,10 +73,10 @@ def main() -> None:
 
     im = InfluenceModel(
         model,
-        method=Method.named(args.method, **method_options(args.option)),
+        method=Method.parse(args.method, args.option),
         scope=args.scope,
         device=device,
-        regularization=args.regularization,
+        damping=args.regularization,
     )
     _, fit_s = timed(lambda: im.fit(x, y))
     factors, factors_s = timed(lambda: im.test_factors(xt, yt))
@@ -93,8 +93,8 @@ def main() -> None:
         "test_factors_s": factors_s,
         "influences_s": matrix_s,
         "self_influence_s": self_s,
-        "options": method_options(args.option),
-        "regularization": str(im.regularization),
+        "options": Method.parse(args.method, args.option).options(),
+        "regularization": str(im.damping),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     if device.type == "cuda":
@@ -106,7 +106,7 @@ def main() -> None:
                 per_sample_grads(im.block_model_, im.params_, a.to(device), b.to(device))
                 for a, b in ((xt[:k], yt[:k]), (x[:k], y[:k]))
             ]
-            solved = [flatten(im.inverse_.solve(g, im.regularization)) for g in grads]
+            solved = [flatten(im.inverse_.solve(g, im.damping)) for g in grads]
         ref = (solved[0] @ flatten(grads[1]).T).cpu().numpy()
         ref_self = (solved[1] * flatten(grads[1])).sum(1).cpu().numpy()
         record["check_rel_err_matrix"] = float(np.linalg.norm(matrix[:k, :k] - ref) / np.linalg.norm(ref))

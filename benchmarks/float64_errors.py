@@ -13,7 +13,7 @@ Two trained models, each method at its defaults (``Method.named(m)``) and the sc
 Truth, computed here without the engine: the Gauss-Newton matrix of the mean cross-entropy in float64 (per-example
 Jacobians of a float64 copy of the model for the CNN; the closed form of a linear layer on float64 penultimate
 features for the head), ``H + Λ`` solved exactly, ``truth[t, i] = g_testᵀ (H + Λ)⁻¹ g_i``. ``Λ`` is the λ the
-engine resolved per block (``InfluenceModel.block_regularization()``) on that block's parameters: one block for
+engine resolved per block (``InfluenceModel.block_damping()``) on that block's parameters: one block for
 ``direct``/``cg``/``lissa``/``arnoldi``, one per layer for ``kfac``/``ekfac``, so those rows measure the Kronecker
 approximation plus rounding at the same damping. Prints and writes the relative Frobenius error and Pearson r of
 every method's (n_test, n_train) matrix, with the resolved λ and condition number of each block.
@@ -51,7 +51,7 @@ def solve_truth(h: np.ndarray, lam: np.ndarray, g_test: np.ndarray, g_train: np.
 def block_lambdas(im: InfluenceModel, names: list[str], sizes: list[int]) -> np.ndarray:
     """(p,) the λ of each parameter, in the order of ``names``: its block's (a block is named by its parameters
     joined with ``|``, or ``""`` for the whole scope)."""
-    blocks = im.block_regularization()
+    blocks = im.block_damping()
     out = []
     for name, size in zip(names, sizes, strict=True):
         (block,) = (b for b in blocks if b == "" or name in b.split("|"))
@@ -68,12 +68,12 @@ def engine_rows(model: nn.Module, scope: Scope, data, truth_of) -> list[dict]:
         im = InfluenceModel(model, method=Method.named(method), scope=scope, device="cpu").fit(x_train, y_train)
         got = im.influences(x_test, y_test).astype(np.float64)
         truth, h_top = truth_of(im)
-        lambdas = im.block_regularization()
+        lambdas = im.block_damping()
         rows.append(
             {
                 "scope": str(scope),
                 "method": method,
-                "damping": str(im.regularization),
+                "damping": str(im.damping),
                 "lambda_per_block": lambdas,
                 "largest_eigenvalue": h_top,
                 "rel_error": relative_error(got, truth),

@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     reference = None
     for name, options in variants.items():
         im = InfluenceModel(
-            model, scope="all", method=Method.named("ekfac", **options), regularization=Damping.of(1e-3), device="cpu"
+            model, scope="all", method=Method.named("ekfac", **options), damping=Damping.of(1e-3), device="cpu"
         )
         t = time.perf_counter()
         im.fit(x_train, y_train)

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from lds import materialised
 from scipy.stats import rankdata
+from trajectory import TrajectoryInfluence, run_segments
 
 from influence_core import Run
 from influence_core.analysis import cross_entropy, detection_metrics
-from influence_core.influence.trajectory import TrajectoryInfluence, run_segments
 from influence_core.storage import atomic_save_npz, atomic_write_json
 
 log = logging.getLogger(__name__)

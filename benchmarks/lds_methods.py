@@ -8,7 +8,7 @@ influence-function method on the head (exact curvature; ``direct`` with a dampin
 network with a damping scan, full rank, a fit-size scan (``ours_ekfac_all_fit<k>``), a rank scan
 (``ours_ekfac_all_rank<k>``), fit size and rank together (``ours_kfac_all_fit512_rank1024``) and a scan of fitted positions (``ours_kfac_all_pos<k>``), each at its scope's default
 damping unless its name says otherwise (``_top1e-06``, ``_lambda0.1``, ``_rel0.1``), and the trajectory methods of
-``influence_core.influence.trajectory`` (TracInCP and SOURCE on the whole network and the head; ``grad_dot_all`` =
+``trajectory.py`` (TracInCP and SOURCE on the whole network and the head; ``grad_dot_all`` =
 TracInCP on the final checkpoint alone, a plain gradient dot product).
 """
 
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from lds import materialised
+from trajectory import TrajectoryInfluence, run_segments
 
 from influence_core import Run
 from influence_core.errors import InfluenceLensError
 from influence_core.influence import Damping, Scope, default_damping
-from influence_core.influence.trajectory import TrajectoryInfluence, run_segments
 from influence_core.storage import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,12 @@ def engine_matrices(run: Run, method: str, scope: str, lambdas: tuple[Damping, .
 
     (x_train, y_train), (x_test, y_test) = materialised(run, "train"), materialised(run, "test")
     im = InfluenceModel(
-        run.load_model(), scope=scope, method=Method.named(method, **options), regularization=lambdas[0], device="cpu"
+        run.load_model(), scope=scope, method=Method.named(method, **options), damping=lambdas[0], device="cpu"
     )
     im.fit(x_train, y_train)
     out = {}
     for lam in lambdas:
-        im.set_regularization(lam)
+        im.set_damping(lam)
         try:
             out[lam] = im.influences_from_factors(im.test_factors(x_test, y_test), x_train, y_train)
         except InfluenceLensError as e:  # e.g. a relative λ below float32 resolution on some layer: skip that λ

@@ -65,7 +65,7 @@ def head_lambda(root: Path) -> float:
     run = Run(root / "run")
     x, y = run.tensors("train")
     im = InfluenceModel(run.load_model(), scope="head", device="cpu").fit(x[:], y)
-    return float(next(iter(im.block_regularization().values())))
+    return float(next(iter(im.block_damping().values())))
 
 
 def main(argv=None) -> None:

@@ -12,7 +12,7 @@ gradients, capped) and ``self`` (self-influence, capped). A stage cut short at t
 extrapolated and marked ``"extrapolated": true``. Writes ``OUT_DIR/result.json``, ``influence.npy``
 (k, j) and ``self_influence.npy`` (s,). ``--regularization`` takes the CLI's damping text (``1e-3``, ``top:1e-5``,
 ``rel:0.1``); without it the scope's default. ``result.json`` records the damping and the λ it resolved to per
-block (``block_regularization``), so peers can be given the same absolute λ.
+block (``block_damping``, written as ``block_regularization``), so peers can be given the same absolute λ.
 
 ``--method floor`` times instead one forward pass and one forward+backward pass (mean CE loss, every
 parameter) of the final model over train+test, eval mode, in batches of ``--batch-size``: the cost floor
@@ -38,7 +38,6 @@ from influence_core.influence import (
     InfluenceModel,
     Method,
     Scope,
-    method_options,
 )
 
 CHUNKS = {Scope.HEAD: (None, None), Scope.ALL: (None, 64)}
@@ -82,7 +81,7 @@ def influence(
         run.load_model(),
         method=Method.named(method, **options),
         scope=scope,
-        regularization=regularization,
+        damping=regularization,
         device="cpu",
         batch_size=batch_size,
     )
@@ -108,8 +107,8 @@ def influence(
         lambda a, b: im.self_influence(*training_rows(x_train, y_train, a, b)), len(x_train), train_chunk, cap
     )
     record = {
-        "regularization": str(im.regularization),
-        "block_regularization": im.block_regularization(),
+        "regularization": str(im.damping),
+        "block_regularization": im.block_damping(),
         "n_params": sum(p.numel() for p in im.params_.values()),
         "matrix": pipeline_record(
             fit_s,
@@ -129,7 +128,7 @@ def main() -> None:
     parser.add_argument("--scope", choices=list(Scope), type=Scope, default=Scope.HEAD)
     parser.add_argument(
         "--regularization",
-        type=Damping.argument,
+        type=Damping.parse,
         default=None,
         help="damping, e.g. 1e-3 or top:1e-5; default: the scope's",
     )
@@ -143,7 +142,7 @@ def main() -> None:
         help="method option (int, float, none or string), repeatable",
     )
     args = parser.parse_args()
-    options = method_options(args.option)
+    options = Method.parse(args.method, args.option).options() if args.method in METHODS else {}
     run = Run(args.run_dir)
     record = {
         "peer": "influence-lens",

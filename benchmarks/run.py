@@ -130,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--regularization",
-        type=Damping.argument,
+        type=Damping.parse,
         default=None,
         help="damping of our jobs, e.g. 1e-3 or top:1e-5 (default: each scope's default); peers: see --peer-*",
     )
@@ -409,7 +409,7 @@ def main(argv=None) -> None:
         pythons = venvs.result()
 
     log("pipeline result (direct, head, with checkpoints)")
-    result = compute_influence(run, InfluenceSettings(regularization=args.regularization), device="cpu")
+    result = compute_influence(run, InfluenceSettings(damping=args.regularization), device="cpu")
 
     ours = [sys.executable, str(BENCH / "ours.py"), str(run.path)]
     common = ["--regularization", str(args.regularization)] if args.regularization else []

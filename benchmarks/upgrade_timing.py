@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/upgrade_timing.py RUN_DIR
     .venv/bin/python benchmarks/upgrade_timing.py --demo benchmarks/out/demo_run   # trains the app's demo first
 
-Computes (``recompute=True``) what ``pipeline.ranking_upgrade`` would start in the background — the method of best
-measured LDS on the whole network (``pipeline.best_whole_network_method``), final checkpoint, on the CPU — and
-prints one JSON line: the run's size, ``estimated_s`` (``pipeline.estimated_cpu_seconds``), ``measured_s`` (the
+Computes (``recompute=True``) what ``upgrade.ranking_upgrade`` would start in the background — the method of best
+measured LDS on the whole network (``upgrade.best_whole_network_method``), final checkpoint, on the CPU — and
+prints one JSON line: the run's size, ``estimated_s`` (``upgrade.estimated_cpu_seconds``), ``measured_s`` (the
 pipeline's own ``timings_s.total``) and its stages.
 """
 
@@ -17,13 +17,9 @@ import sys
 from pathlib import Path
 
 from influence_core import Run, train
-from influence_core.influence import Scope
-from influence_core.pipeline import (
-    InfluenceSettings,
-    best_whole_network_method,
-    compute_influence,
-    estimated_cpu_seconds,
-)
+from influence_core.influence import Method, Scope
+from influence_core.pipeline import InfluenceSettings, compute_influence
+from influence_core.upgrade import best_whole_network_method, estimated_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,11 +38,13 @@ def main() -> None:
     else:
         run = Run(args.run_dir)
     best = best_whole_network_method()
-    settings = InfluenceSettings(method=best.method if best else "ekfac", scope=Scope.ALL, checkpoints=False)
+    settings = InfluenceSettings(
+        method=Method.named(best.method if best else "ekfac"), scope=Scope.ALL, checkpoints=False
+    )
     result = compute_influence(run, settings, device="cpu", recompute=True)
     timings = result.meta["timings_s"]
     record = {
-        "method": settings.method,
+        "method": settings.method.name,
         "n_classes": run.n_classes,
         "n_train": len(run.labels("train")),
         "n_test": len(run.labels("test")),

@@ -81,6 +81,48 @@ SIGNALS: dict[str, Signal] = {
 }
 
 
+DEFAULT_SIGNAL = "mean_loss"
+"""The signal ranked by default until a second pass is computed: best first-pass AUROC measured on real data."""
+
+
+def suspicion_signals(
+    labels: np.ndarray,
+    probs_train: np.ndarray,
+    dynamics: Mapping[str, np.ndarray],
+    self_influence: np.ndarray,
+    mean_influence: np.ndarray,
+    checkpoint_self_influence: np.ndarray,
+    second_pass_loss: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Every suspicion signal a run and its influence result give: key (in :data:`SIGNALS` order) → (n_train,)
+    float64, higher = more suspicious.
+
+    ``labels`` (n,) given training labels; ``probs_train`` (n, C) the final model's probabilities;
+    ``dynamics["loss"]``, ``dynamics["margin"]`` (epochs, n) per epoch of training; ``self_influence`` (n,) and
+    ``mean_influence`` (n,) of the final model; ``checkpoint_self_influence`` (checkpoints, n), summed into
+    ``checkpoint_self_influence`` when there is more than one checkpoint; ``second_pass_loss`` (n,) when a second
+    pass was computed.
+    """
+    out = {
+        "self_influence": np.asarray(self_influence, np.float64),
+        "neg_mean_test_influence": -np.asarray(mean_influence, np.float64),
+        "training_loss": cross_entropy(probs_train, labels).astype(np.float64),
+        "mean_margin": -np.asarray(dynamics["margin"]).mean(0).astype(np.float64),
+        "mean_loss": np.asarray(dynamics["loss"]).mean(0).astype(np.float64),
+    }
+    if len(checkpoint_self_influence) > 1:
+        out["checkpoint_self_influence"] = np.asarray(checkpoint_self_influence).sum(0).astype(np.float64)
+    if second_pass_loss is not None:
+        out["loss_without_suspects"] = np.asarray(second_pass_loss, np.float64)
+    return {k: out[k] for k in SIGNALS if k in out}
+
+
+def best_signal(signals: Mapping[str, np.ndarray]) -> str:
+    """The signal to rank by: the second pass once computed, else :data:`DEFAULT_SIGNAL`, else final-model
+    self-influence."""
+    return next(k for k in ("loss_without_suspects", DEFAULT_SIGNAL, "self_influence") if k in signals)
+
+
 def rank_suspects(scores: np.ndarray, k: int | None = None) -> np.ndarray:
     """Training positions (≤k,) int64 ordered by descending suspicion ``scores`` (n_train,), ties by position;
     all of them when ``k`` is None."""
@@ -130,26 +172,6 @@ def training_flags(
         for f, r, c in zip(df["flipped"], df["review"], df["corrected_label"], strict=True)
     ]
     return df
-
-
-def most_helpful(values: np.ndarray, flags: pd.DataFrame, k: int, candidates: np.ndarray | None = None) -> pd.DataFrame:
-    """The ``k`` training images with the highest ``values`` (n_train,) — e.g. one test row of the influence
-    matrix, or ``InfluenceResult.mean_influence`` — as rows of ``flags`` (:func:`training_flags`) with rank (1-based),
-    position and value columns added; ``candidates``: optional (n_train,) bool mask (e.g. one label only)."""
-    return _ranked_rows(values, top_k(values, k, candidates)[0], flags)
-
-
-def most_harmful(values: np.ndarray, flags: pd.DataFrame, k: int, candidates: np.ndarray | None = None) -> pd.DataFrame:
-    """The ``k`` training images with the lowest ``values``, most negative first (see :func:`most_helpful`)."""
-    return _ranked_rows(values, top_k(values, k, candidates)[1], flags)
-
-
-def _ranked_rows(values: np.ndarray, positions: np.ndarray, flags: pd.DataFrame) -> pd.DataFrame:
-    rows = flags.iloc[positions].reset_index(drop=True)
-    rows.insert(0, "rank", np.arange(1, len(positions) + 1))
-    rows.insert(1, "position", positions)
-    rows["value"] = np.asarray(values)[positions]
-    return rows
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def _train(args) -> None:
         on_bad_image=args.on_bad_image,
     )
     if clean is not None:
-        from .corruption import clean_run_scores
+        from .pipeline import clean_run_scores
 
         dataclasses.replace(config, corrupt_mode="random").check()  # cheap checks before the clean run's influence
         bar = TqdmProgress()
@@ -126,22 +126,14 @@ def _split_arg(values: list[str]) -> tuple[float, float, float] | str:
 
 
 def _influence(args) -> None:
-    from .influence import parse_scope
-    from .pipeline import InfluenceSettings, compute_influence
+    from .influence.calculator import DaskCalculator
+    from .pipeline import compute_influence, parse_settings
     from .run import Run
 
-    settings = InfluenceSettings(
-        method=args.method,
-        scope=parse_scope(args.scope),
-        regularization=args.regularization,
-        curvature=args.curvature,
-        options=tuple(args.option),
-    )
-    cluster = None
+    settings = parse_settings(args.method, args.option, args.scope, args.damping, args.curvature)
+    calculator = None
     if args.scheduler is not None or args.workers is not None:
-        from .distributed import ClusterSpec
-
-        cluster = ClusterSpec(scheduler=args.scheduler, workers=args.workers)
+        calculator = DaskCalculator(scheduler=args.scheduler, workers=args.workers)
     bar = TqdmProgress()
     try:
         result = compute_influence(
@@ -151,7 +143,7 @@ def _influence(args) -> None:
             progress=bar,
             recompute=args.recompute,
             wait=not args.no_wait,
-            cluster=cluster,
+            calculator=calculator,
         )
     finally:
         bar.close()
@@ -369,28 +361,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("influence", help="compute and cache influences for a run")
     i.add_argument("--run-dir", required=True)
-    i.add_argument("--method", choices=METHOD_CHOICES, default=DEFAULT_SETTINGS.method)
+    i.add_argument("--method", choices=METHOD_CHOICES, default=DEFAULT_SETTINGS.method.name)
     i.add_argument(
         "--scope",
         default=scope_text(DEFAULT_SETTINGS.scope),
         help="head | all | comma-separated module names (e.g. layer4.1.conv2,fc)",
     )
     i.add_argument(
+        "--damping",
         "--regularization",
         default=None,
-        help="λ in (H + λI)⁻¹: a number (absolute, e.g. 1e-3), top:FRACTION (FRACTION × the largest curvature "
+        help="λ in (H + λI)⁻¹ (--regularization is the same flag): a number (absolute, e.g. 1e-3), top:FRACTION (FRACTION × the largest curvature "
         "eigenvalue of each block, e.g. top:1e-5) or rel:FRACTION (× the mean eigenvalue, e.g. rel:0.1); default: "
         f"{default_damping(Scope.HEAD)} on the head, {default_damping(Scope.ALL)} on larger scopes (chosen by the "
         "linear datamodeling score, see the README)",
     )
-    i.add_argument("--curvature", choices=list(Curvature), type=Curvature, default=DEFAULT_SETTINGS.curvature)
+    i.add_argument("--curvature", choices=list(Curvature), default=DEFAULT_SETTINGS.curvature)
     i.add_argument(
         "--option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="a method option, repeatable (e.g. --option fit_examples=512 --option rank=1024 for kfac; "
-        "none for None); the app's measured accuracy is for the defaults",
+        "none for None), read as the option's type; the app's measured accuracy is for the defaults",
     )
     i.add_argument("--device", default="auto")
     i.add_argument("--recompute", action="store_true", help="ignore the influence cache")

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from .errors import InfluenceLensError
-
-if TYPE_CHECKING:
-    from .progress import Progress
-    from .run import Run
 
 
 def flip_random(labels: np.ndarray, fraction: float, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -54,24 +48,6 @@ def flip_top_influence(
     new = labels.copy()
     new[picked] = (labels[picked] + rng.integers(1, n_classes, size=len(picked))) % n_classes
     return new, picked
-
-
-def clean_run_scores(clean: Run, device: str = "auto", progress: Progress | None = None) -> np.ndarray:
-    """Mean test influence of each training point of ``clean`` (n_train,) float64, for :func:`flip_top_influence`.
-
-    Uses the run's cached default influence entry, computing it if missing. ``clean`` must have no flipped
-    labels: the notebook ranks points by their influence in a clean model.
-    """
-    from .pipeline import DEFAULT_SETTINGS, compute_influence
-
-    n_flipped = int(clean.flipped().sum())
-    if n_flipped:
-        raise InfluenceLensError(
-            f"{clean.path} is not a clean run: {n_flipped} of its training labels are flipped.",
-            "train a run without --corrupt-fraction and take the scores from it",
-        )
-    result = compute_influence(clean, DEFAULT_SETTINGS, device=device, progress=progress)
-    return np.asarray(result.mean_influence, dtype=np.float64)
 
 
 def _check(fraction: float, n_classes: int) -> None:

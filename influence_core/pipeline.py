@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,118 +33,100 @@ from typing import Any
 import numpy as np
 import torch
 
-from .analysis import SIGNALS, cross_entropy
-from .distributed import ClusterSpec
+from .analysis import best_signal, suspicion_signals
 from .errors import InfluenceLensError
 from .influence import (
     METHODS,
     Curvature,
     Damping,
-    InfluenceFactors,
+    Direct,
     InfluenceModel,
     Method,
     Scope,
     ScopeArg,
     default_damping,
-    method_options,
     parse_scope,
     scope_text,
 )
-from .influence.engine import Images
-from .influence.kfac.inverse import DEFAULT_FIT_EXAMPLES, KFAC
-from .measured import TRACKS_PEARSON, MethodMeasurement, load_measured, measured_for, scope_note
+from .influence.calculator import BlockCalculator, BlockScorer, SequentialCalculator
+from .measured import measured_for, scope_note
 from .paths import TEMP_PREFIX, InfluencePaths
 from .progress import Progress, tagged
 from .results import (
     COLUMN_BLOCK,
     TOP_K,
-    BlockSummary,
     InfluenceStore,
     SummaryBuilder,
     column_blocks,
     create_matrix,
-    open_matrix,
-    summarise_block,
     write_histograms,
 )
 from .run import Run
 from .rundir import remove_orphans, run_lock
-from .second_pass import SECOND_PASS_SIGNAL, load_second_pass
-from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json, resolve_device, stable_hash
+from .second_pass import load_second_pass
+from .storage import atomic_torch_save, atomic_write_json, file_hash, read_json, stable_hash
 
 log = logging.getLogger(__name__)
 
 METHOD_CHOICES = tuple(METHODS)
-CACHE_VERSION = "influence-v5"  # bump when the engine's results or curvature.pt format change
-DEFAULT_SIGNAL = "mean_loss"  # best first-pass AUROC measured on real data (README, "Finding wrong labels")
+CACHE_VERSION = "influence-v5"  # bump when the engine's results, curvature.pt or InfluenceSettings.record change
 
 
 @dataclass(frozen=True)
 class InfluenceSettings:
-    """What decides an influence result (besides the run itself)."""
+    """What decides an influence result (besides the run itself), as objects: text (the CLI's flags, the app's
+    boxes) is read into them once, by :func:`parse_settings`."""
 
-    method: str = "direct"  # a key of METHODS (default options)
+    method: Method = Direct()  # a configured method, e.g. EKFAC() or KFAC(rank=1024)
     scope: ScopeArg = Scope.HEAD
-    regularization: float | Damping | None = None  # None: default_damping(scope); a float is an absolute λ
+    damping: Damping | None = None  # λ of (H + λI)⁻¹; None: default_damping(scope), stored in its place
     curvature: Curvature = Curvature.GAUSS_NEWTON
     checkpoints: bool = True  # also self-influence at every kept checkpoint (TracIn-style signal)
-    options: tuple[tuple[str, Any], ...] = ()  # the method's options; () = its defaults. Given as pairs, a dict or
-    # "KEY=VALUE" texts ({"rank": 1024}, ("rank=1024",)), stored as sorted (key, value) pairs
 
     def __post_init__(self):
-        """Checks every choice and stores it typed (text such as ``"layer4.1.conv2,fc"`` or ``"top:1e-5"`` is read
-        here, and no regularization becomes the scope's :func:`default_damping`); an absolute λ is kept as a plain
-        float so that its cache key stays what it was."""
-        if self.method not in METHODS:
-            raise InfluenceLensError(
-                f"Unknown influence method {self.method!r}.", f"use one of {', '.join(METHOD_CHOICES)}"
-            )
-        object.__setattr__(self, "scope", parse_scope(self.scope))
-        if self.regularization is None:
-            damping = default_damping(self.scope)
-        elif isinstance(self.regularization, str):
-            damping = Damping.parse(self.regularization)
-        else:
-            damping = Damping.of(self.regularization)
-        if not math.isfinite(damping.value):  # Damping refuses λ ≤ 0 and NaN; an infinite λ gives all-zero influences
-            raise InfluenceLensError(
-                f"Regularization λ must be positive and finite, not {damping.value}.",
-                "use e.g. 1e-3 (absolute) or top:1e-5 (relative to the curvature)",
-            )
-        object.__setattr__(self, "regularization", damping if damping.relative_to else damping.value)
-        object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
-        given = self.options
-        texts = not isinstance(given, dict) and all(isinstance(o, str) for o in given)  # "rank=1024", as the CLI
-        options = method_options(given) if texts else dict(given)  # type: ignore[arg-type]
-        object.__setattr__(self, "options", tuple(sorted(options.items())))
-        self.method_object.check_curvature(self.curvature)
+        """Checks the types (text belongs in :func:`parse_settings`) and that the method supports the curvature."""
+        if not isinstance(self.method, Method):
+            raise TypeError(f"method must be a Method (e.g. Direct()), not {self.method!r}; text: parse_settings()")
+        if not isinstance(self.scope, Scope) and not (
+            isinstance(self.scope, tuple) and self.scope and all(isinstance(n, str) for n in self.scope)
+        ):
+            raise TypeError(f"scope must be a Scope or a tuple of module names, not {self.scope!r}")
+        if self.damping is None:
+            object.__setattr__(self, "damping", default_damping(self.scope))
+        elif not isinstance(self.damping, Damping):
+            raise TypeError(f"damping must be a Damping (e.g. Damping.absolute(1e-3)), not {self.damping!r}")
+        if not isinstance(self.curvature, Curvature):
+            raise TypeError(f"curvature must be a Curvature, not {self.curvature!r}")
+        self.method.check_curvature(self.curvature)
 
-    @property
-    def method_object(self) -> Method:
-        """The method with these settings' options (unknown options are a clear error)."""
-        return Method.named(self.method, **dict(self.options))
+    def record(self) -> dict[str, Any]:
+        """The settings as JSON, as cache keys (with the method's fingerprint) and ``meta.json`` store them. The
+        layout is the first cache version's, so that keys of existing results stay valid: the method by name (its
+        options are in its fingerprint), the damping as ``"regularization"``, an absolute one as a bare number."""
+        damping = self.damping
+        assert damping is not None  # resolved in __post_init__
+        return {
+            "method": self.method.name,
+            "scope": self.scope,
+            "regularization": dataclasses.asdict(damping) if damping.relative_to else damping.value,
+            "curvature": self.curvature,
+            "checkpoints": self.checkpoints,
+        }
 
     def influence_model(self, model, device: str = "auto", progress: Progress | None = None) -> InfluenceModel:
         """The (unfitted) engine for these settings."""
         return InfluenceModel(
             model,
-            method=self.method_object,
+            method=self.method,
             scope=self.scope,
-            regularization=self.damping,
+            damping=self.damping,
             curvature=self.curvature,
             device=device,
             progress=progress,
         )
 
-    @property
-    def damping(self) -> Damping:
-        """The regularization as a :class:`Damping` (``regularization`` keeps an absolute λ as a float)."""
-        assert self.regularization is not None  # resolved in __post_init__
-        return Damping.of(self.regularization)
-
     def describe(self) -> str:
-        options = "".join(f", {k}={v}" for k, v in self.options)
-        return f"{self.method}{options}, scope {scope_text(self.scope)}, λ={self.damping}, {self.curvature.value}"
+        return f"{self.method.describe()}, scope {scope_text(self.scope)}, λ={self.damping}, {self.curvature.value}"
 
     @property
     def scope_key(self) -> str:
@@ -155,112 +136,44 @@ class InfluenceSettings:
     def accuracy_note(self) -> str:
         """How exact these settings are, as the benchmarks measured them (``benchmarks/measured.json``, written
         next to the benchmark results; see :mod:`.measured`)."""
-        scope = self.scope_key
-        found = measured_for(self.method, scope)
+        scope, name, options = self.scope_key, self.method.name, self.method.options()
+        found = measured_for(name, scope)
         if found:
-            if self.options:
-                options = ", ".join(f"{k}={v}" for k, v in self.options)
-                return f"{found.describe()} (Measured at {self.method}'s defaults, not with {options}.)"
+            if options:
+                given = ", ".join(f"{k}={v}" for k, v in options.items())
+                return f"{found.describe()} (Measured at {name}'s defaults, not with {given}.)"
             return found.describe()
-        missing = f"Not measured by the benchmarks for {self.method} on scope {scope}."
+        missing = f"Not measured by the benchmarks for {name} on scope {scope}."
         return " ".join(filter(None, (scope_note(scope), missing)))
 
 
-DEFAULT_SETTINGS = InfluenceSettings()
+def parse_settings(
+    method: str = "direct",
+    options: Iterable[str] = (),
+    scope: str | Sequence[str] = Scope.HEAD,
+    damping: str | Damping | None = None,
+    curvature: str = Curvature.GAUSS_NEWTON,
+    checkpoints: bool = True,
+) -> InfluenceSettings:
+    """Settings from text, as the CLI's ``influence`` flags and the app's boxes give them; every problem is an
+    :class:`~.errors.InfluenceLensError` naming the value and its fix.
 
-AFFORDABLE_CPU_SECONDS = 300.0
-"""A better-measured whole-network result is offered by default only when its estimated CPU time is at most this
-(on a GPU it always is)."""
-CPU_FIT_SECONDS = 2.0
-"""Whole-network K-FAC on 2 CPU cores, the part of the fit that does not grow with the data: the
-eigendecompositions of a ResNet18's Kronecker factors (calibration: :func:`estimated_cpu_seconds`)."""
-CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN = 4.5
-"""The fit's pass (covariances) per million pixels of the images it is fitted on
-(:data:`~.influence.kfac.inverse.DEFAULT_FIT_EXAMPLES` of the training set) and per output-curvature column."""
-CPU_SCORE_SECONDS_PER_MEGAPIXEL = 4.0
-"""Test factors, then the matrix and self-influence in one pass, per million training + test pixels."""
-
-
-def estimated_cpu_seconds(run: Run) -> float:
-    """Estimated seconds of the whole-network K-FAC upgrade (fit, test factors, matrix, self-influence) on
-    ``run`` on 2 CPU cores: :data:`CPU_FIT_SECONDS` + :data:`CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN` × fitted
-    megapixels × output-curvature columns + :data:`CPU_SCORE_SECONDS_PER_MEGAPIXEL` × all megapixels.
-    Convolution cost grows with the pixels; only the fit's backward passes grow with the columns.
-
-    Calibrated on goldfish/lemon (880 + 110 images at 64 px, 1 column) and the app's digits demo (718 + 90 at
-    16 px, 9 columns) with ``benchmarks/upgrade_timing.py``, 2026-11-30 22:55 (K-FAC with ``fit_positions``):
-    estimated 22.9 s / 5.5 s, measured 19.1–20.9 s / 4.6–4.7 s (2 runs each) on this VM, so the estimate stays
-    10–20 % above; with the constants of that afternoon it estimated 39.9 s / 11.7 s for 32.0–36.8 s / 6.7 s."""
-    pixels = run.config["image_size"] ** 2 / 1e6
-    n_train, n_test = len(run.labels("train")), len(run.labels("test"))
-    columns = KFAC().backward_passes(run.n_classes)
-    fitted = min(n_train, DEFAULT_FIT_EXAMPLES) * pixels
-    return (
-        CPU_FIT_SECONDS
-        + CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN * fitted * columns
-        + CPU_SCORE_SECONDS_PER_MEGAPIXEL * (n_train + n_test) * pixels
+    ``method``: a key of :data:`~.influence.METHODS`; ``options``: ``"KEY=VALUE"`` texts read as each option's
+    type (:meth:`~.influence.Method.parse`: ``["rank=1024", "fit_examples=none"]``); ``scope``: ``"head"``,
+    ``"all"`` or module names (``"layer4.1.conv2,fc"``); ``damping``: ``"1e-3"`` (absolute), ``"top:1e-5"`` or
+    ``"rel:0.1"`` (:meth:`~.influence.Damping.parse`), None for the scope's default; ``curvature``:
+    ``"gauss-newton"`` or ``"hessian"``.
+    """
+    return InfluenceSettings(
+        method=Method.parse(method, options),
+        scope=parse_scope(scope),
+        damping=Damping.parse(damping) if isinstance(damping, str) else damping,
+        curvature=Curvature.parse(curvature),
+        checkpoints=checkpoints,
     )
 
 
-@dataclass(frozen=True)
-class RankingUpgrade:
-    """Settings whose helpful / harmful rankings measured better than the current ones, and by how much."""
-
-    settings: InfluenceSettings
-    measured: MethodMeasurement  # its LDS (benchmarks/measured.json)
-    current: MethodMeasurement  # that of the settings it replaces
-    estimated_s: float | None  # estimated CPU seconds (None on a GPU)
-
-    def describe(self) -> str:
-        """E.g. ``ekfac on the whole network (LDS 0.083 ± 0.015 against 0.073 ± 0.016 for the last layer, measured on
-        goldfish vs lemon)``."""
-
-        def lds(m: MethodMeasurement) -> str:
-            return f"{m.lds:.3f}" + (f" ± {m.lds_se:.3f}" if m.lds_se is not None else "")
-
-        where = self.measured.workload.split(",")[0]  # e.g. "goldfish vs lemon": measured there, not on this run
-        return (
-            f"{self.settings.method} on the whole network (LDS {lds(self.measured)} against {lds(self.current)} "
-            f"for the last layer, measured on {where})"
-        )
-
-    def scale_note(self) -> str:
-        """What the size of the upgraded values means, when the benchmark found that it does not track loss changes
-        (empty otherwise)."""
-        pearson = self.measured.pearson
-        if pearson is None or abs(pearson) >= TRACKS_PEARSON:
-            return ""
-        return (
-            "Its values order the training images; their size is not a loss change (against the retrained models' "
-            f"loss changes, Pearson {pearson:.2f})."
-        )
-
-
-def best_whole_network_method() -> MethodMeasurement | None:
-    """The engine method (at its defaults) with the best measured LDS on the whole network, if any was measured."""
-    table = load_measured() or {}
-    candidates = [m for (method, scope), m in table.items() if scope == "all" and method in METHODS and m.lds]
-    return max(candidates, key=lambda m: m.lds or 0.0, default=None)
-
-
-def ranking_upgrade(run: Run, settings: InfluenceSettings, device: str = "auto") -> RankingUpgrade | None:
-    """What the explorer should rank helpful / harmful training images with instead of the default ``settings``:
-    the product method with the best measured LDS on the whole network, when that beats the default's LDS and is
-    affordable for ``run`` on ``device`` (see :data:`AFFORDABLE_CPU_SECONDS`). None when ``settings`` are not the
-    defaults (a choice the user made stands), nothing measured better, or it would take too long."""
-    if settings != DEFAULT_SETTINGS:
-        return None
-    current = (load_measured() or {}).get((settings.method, settings.scope_key))
-    best = best_whole_network_method()
-    if current is None or current.lds is None or best is None or best.lds is None or best.lds <= current.lds:
-        return None
-    estimated = None
-    if resolve_device(device).type != "cuda":
-        estimated = estimated_cpu_seconds(run)
-        if estimated > AFFORDABLE_CPU_SECONDS:
-            return None
-    upgraded = InfluenceSettings(method=best.method, scope=Scope.ALL, checkpoints=False)
-    return RankingUpgrade(upgraded, best, current, estimated)
+DEFAULT_SETTINGS = InfluenceSettings()
 
 
 @dataclass
@@ -325,32 +238,25 @@ class InfluenceResult:
 
     @property
     def signals(self) -> dict[str, np.ndarray]:
-        """Signal key (see :data:`analysis.SIGNALS`) → (n_train,) float64, higher = more suspicious; with the
-        run's second pass once it is computed (looked up on each call)."""
-        out = dict(self._signals)
-        if (second := load_second_pass(self.run)) is not None:
-            out[SECOND_PASS_SIGNAL] = second.loss.astype(np.float64)
-        return {k: out[k] for k in SIGNALS if k in out}
-
-    @cached_property
-    def _signals(self) -> dict[str, np.ndarray]:
-        labels = self.run.labels("train")
-        out = {
-            "self_influence": self.self_influence.astype(np.float64),
-            "neg_mean_test_influence": -self.mean_influence,
-            "training_loss": cross_entropy(self.run.predictions["probs_train"], labels),
-            "mean_margin": -self.run.dynamics["margin"].mean(0).astype(np.float64),
-            "mean_loss": self.run.dynamics["loss"].mean(0).astype(np.float64),
-        }
-        if len(self.checkpoint_self_influence) > 1:
-            out["checkpoint_self_influence"] = self.checkpoint_self_influence.sum(0).astype(np.float64)
-        return out
+        """Signal key (see :data:`analysis.SIGNALS`) → (n_train,) float64, higher = more suspicious
+        (:func:`analysis.suspicion_signals`); with the run's second pass once it is computed (looked up on each
+        call)."""
+        second = load_second_pass(self.run)
+        run = self.run
+        return suspicion_signals(
+            labels=run.labels("train"),
+            probs_train=run.predictions["probs_train"],
+            dynamics=run.dynamics,
+            self_influence=self.self_influence,
+            mean_influence=self.mean_influence,
+            checkpoint_self_influence=self.checkpoint_self_influence,
+            second_pass_loss=None if second is None else second.loss,
+        )
 
     @property
     def best_signal(self) -> str:
         """The second pass once computed, else ``mean_loss`` (else final-model self-influence)."""
-        signals = self.signals
-        return next(k for k in (SECOND_PASS_SIGNAL, DEFAULT_SIGNAL, "self_influence") if k in signals)
+        return best_signal(self.signals)
 
 
 def cache_key(run: Run, settings: InfluenceSettings) -> str:
@@ -359,9 +265,8 @@ def cache_key(run: Run, settings: InfluenceSettings) -> str:
         CACHE_VERSION,
         [file_hash(p) for p in ckpts],
         *run.influence_inputs(),
-        # the options are in the method's fingerprint; leaving them out here keeps the keys of earlier caches
-        {k: v for k, v in dataclasses.asdict(settings).items() if k != "options"},
-        settings.method_object.fingerprint(),
+        settings.record(),
+        settings.method.fingerprint(),
     )
 
 
@@ -387,15 +292,17 @@ def compute_influence(
     progress: Progress | None = None,
     recompute: bool = False,
     wait: bool = True,
-    cluster: ClusterSpec | None = None,
+    calculator: BlockCalculator | None = None,
 ) -> InfluenceResult:
     """Compute (or fetch) the influence matrix, its summaries, self-influence and checkpoint self-influence.
 
     Computes under the run directory's lock (``wait=False``: fail at once if another process holds it); status
     lines go to this module's logger. The matrix is scored and written by training column blocks
-    (:mod:`.results`), here or, with ``cluster``, on the Dask workers it names (:mod:`.distributed`). Peak
+    (:mod:`.results`) by ``calculator``: in this process by default, or on Dask workers
+    (:class:`~.influence.calculator.DaskCalculator`). Peak
     memory: the fitted curvature and test factors plus one block (``n_test × 4096`` float32) and the images of
     one engine batch."""
+    calculator = calculator or SequentialCalculator()
     key = cache_key(run, settings)
     final = run.paths.influence_entry(key).root
     if not recompute and InfluencePaths(final).is_complete():
@@ -433,14 +340,8 @@ def compute_influence(
             scorer = BlockScorer(im, factors, x_train, y_train, y_test.numpy(), run.n_classes)
             create_matrix(tmp, len(y_test), len(y_train))
             summaries = SummaryBuilder(len(y_test), len(y_train), run.n_classes)
-            if cluster is None:
-                for a, b in column_blocks(len(y_train)):
-                    summaries.add(scorer.score(tmp, a, b))
-            else:
-                from .distributed import score_on_cluster
-
-                for summary in score_on_cluster(cluster, scorer, tmp, column_blocks(len(y_train))):
-                    summaries.add(summary)
+            for summary in calculator.score(scorer, tmp, column_blocks(len(y_train))):
+                summaries.add(summary)
             timings["test_x_train_matrix_and_self_influence"] = time.perf_counter() - t
             summaries.write(tmp)
             checkpoint_si.append(summaries.self_influence)
@@ -453,15 +354,15 @@ def compute_influence(
         atomic_write_json(
             tmp.meta,
             {
-                "settings": dataclasses.asdict(settings),
-                "method": settings.method_object.fingerprint(),  # options and what "auto" resolved to
+                "settings": {**settings.record(), "options": settings.method.options()},
+                "method": settings.method.fingerprint(),  # options and what "auto" resolved to
                 "checkpoints": [p.name for p in ckpts],
                 "n_train": len(y_train),
                 "n_test": len(y_test),
                 "timings_s": timings,
                 "created": time.time(),
                 "device": str(im.device_),
-                "workers": cluster.describe() if cluster else None,
+                "workers": calculator.describe(),
                 "matrix": {"dtype": "float32", "format": "zarr", "column_block": COLUMN_BLOCK, "top_k": TOP_K},
             },
         )
@@ -489,31 +390,6 @@ def writing_entry(run: Run, key: str, wait: bool = True) -> Iterator[InfluencePa
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-@dataclass
-class BlockScorer:
-    """Scores training column blocks against fitted test factors and writes them into a result's matrix.
-
-    Holds the fitted ``InfluenceModel`` ``im``, its ``factors`` for the test set, the training inputs (a lazy
-    image source, ``x[a:b] -> (b - a, C, H, W)`` float32) and labels, the test labels ``(n_test,)`` int64 and the
-    number of classes. Picklable, so :mod:`.distributed` ships one to each worker once.
-    """
-
-    im: InfluenceModel | None  # None in the template shipped to Dask workers, which rebuild their own
-    factors: InfluenceFactors
-    x_train: Images
-    y_train: torch.Tensor
-    test_labels: np.ndarray
-    n_classes: int
-
-    def score(self, paths: InfluencePaths, start: int, stop: int) -> BlockSummary:
-        """Write ``I[:, start:stop]`` into ``paths``' matrix; return the block's summaries (incl. self-influence)."""
-        assert self.im is not None, "a worker scores with its own rebuilt model (distributed.WorkerPayload)"
-        x, y = self.x_train[start:stop], self.y_train[start:stop]
-        block, self_inf = self.im.influences_and_self_influence(self.factors, x, y)
-        open_matrix(paths, mode="r+")[:, start:stop] = block
-        return summarise_block(block, start, self.test_labels, self.n_classes, self_inf)
-
-
 def saliency_maps(
     run: Run, settings: InfluenceSettings, test_position: int, train_positions: list[int], device: str = "auto"
 ) -> np.ndarray:
@@ -522,8 +398,6 @@ def saliency_maps(
     Uses the cached curvature of ``settings`` (computing the influence entry first if needed); cg and lissa,
     which cache no curvature, are fitted again.
     """
-    import torch
-
     result = compute_influence(run, settings, device=device)
     im = settings.influence_model(run.load_model(), device=device)
     x_train, y_train = run.tensors("train")
@@ -537,3 +411,20 @@ def saliency_maps(
     return im.saliency(
         x_test[test_position : test_position + 1], y_test[test_position : test_position + 1], x_train[idx], y_train[idx]
     )
+
+
+def clean_run_scores(clean: Run, device: str = "auto", progress: Progress | None = None) -> np.ndarray:
+    """Mean test influence of each training point of ``clean`` (n_train,) float64, for
+    :func:`~.corruption.flip_top_influence`.
+
+    Uses the run's cached default influence entry, computing it if missing. ``clean`` must have no flipped
+    labels: the notebook ranks points by their influence in a clean model.
+    """
+    n_flipped = int(clean.flipped().sum())
+    if n_flipped:
+        raise InfluenceLensError(
+            f"{clean.path} is not a clean run: {n_flipped} of its training labels are flipped.",
+            "train a run without --corrupt-fraction and take the scores from it",
+        )
+    result = compute_influence(clean, DEFAULT_SETTINGS, device=device, progress=progress)
+    return np.asarray(result.mean_influence, dtype=np.float64)

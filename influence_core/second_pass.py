@@ -23,7 +23,7 @@ from .progress import Progress
 from .run import Run
 from .rundir import run_lock
 from .storage import atomic_save_npz, stable_hash
-from .training import _predict, retrain_without
+from .training import predict, retrain_without
 
 SECOND_PASS_SIGNAL = "loss_without_suspects"
 """The signal's key (:data:`~influence_core.analysis.SIGNALS`)."""
@@ -78,7 +78,7 @@ def suspects(run: Run, share: float) -> np.ndarray:
 
 def label_losses(model, x, y) -> np.ndarray:
     """(n,) cross-entropy of each given label ``y`` under ``model`` (eval mode) on images ``x``."""
-    return cross_entropy(_predict(model, x), np.asarray(y))
+    return cross_entropy(predict(model, x), np.asarray(y))
 
 
 def compute_second_pass(
@@ -94,7 +94,7 @@ def compute_second_pass(
     model, _ = retrain_without(run, left_out, device=device, progress=progress)
     loss = label_losses(model, *run.tensors("train")).astype(np.float32)
     x_test, y_test = run.tensors("test")
-    accuracy = float((_predict(model, x_test).argmax(1) == y_test.numpy()).mean()) if len(y_test) else float("nan")
+    accuracy = float((predict(model, x_test).argmax(1) == y_test.numpy()).mean()) if len(y_test) else float("nan")
     result = SecondPass(loss, left_out, share, accuracy, time.perf_counter() - t0)
     with run_lock(run.paths):
         run.require_unchanged()

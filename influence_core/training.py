@@ -247,7 +247,7 @@ def train_on(
             )
             timings["train"] = time.perf_counter() - t1
             t2 = time.perf_counter()
-            probs = {name: _predict(model, x) for name, x in (("train", x_train), ("val", x_val), ("test", x_test))}
+            probs = {name: predict(model, x) for name, x in (("train", x_train), ("val", x_val), ("test", x_test))}
             metrics = evaluate(data, probs, history) | {"device": str(dev)}
             timings["evaluate"] = time.perf_counter() - t2
             write_run(
@@ -630,7 +630,7 @@ def _logits(model, x, batch_size: int = 256) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros((0, model.fc.out_features), device=device)
 
 
-def _predict(model, x: torch.Tensor | ModelInputs) -> np.ndarray:
+def predict(model, x: torch.Tensor | ModelInputs) -> np.ndarray:
     """(n, K) float32 class probabilities."""
     return _logits(model, x).softmax(1).float().cpu().numpy()
 

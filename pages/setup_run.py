@@ -12,7 +12,7 @@ from influence_core.errors import InfluenceLensError
 from influence_core.influence import Curvature, Damping, Scope, default_damping
 from influence_core.measured import method_label
 from influence_core.paths import RunPaths
-from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, InfluenceSettings
+from influence_core.pipeline import DEFAULT_SETTINGS, METHOD_CHOICES, InfluenceSettings, parse_settings
 from influence_core.training import RECOMMENDED_EPOCHS
 from pages.ui import charts, runs, state, widgets
 
@@ -183,14 +183,14 @@ with influence_tab:
     method = c2.selectbox(
         "Method",
         METHOD_CHOICES,
-        index=METHOD_CHOICES.index(s.method),
+        index=METHOD_CHOICES.index(s.method.name),
         format_func=lambda m: method_label(m, scope.value),
         help="direct: exact inverse (small scopes); cg / lissa: iterative; arnoldi: low rank; "
         "kfac / ekfac: Kronecker-factored approximations. LDS: the linear datamodeling score measured by "
         "benchmarks/lds.py (correlation with models retrained on random halves of the data; higher is better).",
     )
     lam = c3.selectbox(
-        "Regularization λ",
+        "Damping λ",
         [None, *DAMPINGS],
         index=damping_choice(s),
         format_func=lambda d: f"default: {default_damping(scope).describe()}" if d is None else d.describe(),
@@ -202,15 +202,13 @@ with influence_tab:
     curvature = c4.radio("Curvature", list(Curvature), index=list(Curvature).index(s.curvature))
     options = st.text_input(
         "Method options",
-        value=" ".join(f"{k}={v}" for k, v in s.options) if method == s.method else "",
+        value=" ".join(f"{k}={v}" for k, v in s.method.options().items()) if method == s.method.name else "",
         placeholder="the method's defaults; e.g. fit_examples=512 rank=1024 for kfac",
         help="KEY=VALUE pairs separated by spaces (none for None), as `influence-core influence --option`. The "
         "LDS shown beside each method is measured at its defaults.",
     )
     try:
-        chosen: InfluenceSettings | None = InfluenceSettings(
-            method=method, scope=scope, regularization=lam, curvature=curvature, options=tuple(options.split())
-        )
+        chosen: InfluenceSettings | None = parse_settings(method, options.split(), scope, lam, curvature)
     except InfluenceLensError as e:
         widgets.show_error(e)
         chosen = None

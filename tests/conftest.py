@@ -15,7 +15,7 @@ from torch import nn
 
 from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
 
-# The explorer's background whole-network computation (pipeline.ranking_upgrade) stays off unless a test turns it
+# The explorer's background whole-network computation (upgrade.ranking_upgrade) stays off unless a test turns it
 # on: otherwise every app and browser test would start one on the demo run and share the CPU with it.
 os.environ.setdefault("INFLUENCE_LENS_RANKING_UPGRADE", "0")
 

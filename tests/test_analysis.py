@@ -10,9 +10,8 @@ from influence_core.analysis import (
     describe_ranking,
     detection_curve,
     detection_metrics,
-    most_harmful,
-    most_helpful,
     rank_suspects,
+    top_k,
     training_flags,
 )
 from influence_core.review import Action
@@ -72,29 +71,30 @@ def test_flags_mark_flipped_and_reviewed_images():
     assert flags["corrected_label"].tolist() == ["", "dog", "", "", "", ""]
 
 
-def test_most_helpful_and_harmful_carry_the_flags():
-    flags = training_flags(IDS, LABELS, FLIPPED)
-    helpful = most_helpful(MEAN, flags, 3)
-    assert helpful["id"].tolist() == ["b", "f", "a"] and helpful["rank"].tolist() == [1, 2, 3]
-    assert helpful["position"].tolist() == [1, 5, 0] and helpful["value"].tolist() == [0.9, 0.9, 0.5]
-    assert helpful["flipped"].tolist() == [True, False, False]
+def test_top_k_ranks_within_the_candidates():
+    helpful, harmful = top_k(MEAN, 3)
+    assert helpful.tolist() == [1, 5, 0] and harmful.tolist() == [4, 2, 3]  # ties by position
     cats = np.array([label == "cat" for label in LABELS])
-    assert most_helpful(MEAN, flags, 8, candidates=cats)["id"].tolist() == ["b", "a", "e"]
-    assert most_harmful(MEAN, flags, 2, candidates=cats)["id"].tolist() == ["e", "a"]
+    assert top_k(MEAN, 8, cats)[0].tolist() == [1, 0, 4] and top_k(MEAN, 2, cats)[1].tolist() == [4, 0]
+
+
+def ranked(values, flags, k, candidates=None, harmful=False):
+    """The rows of ``flags`` a page lists for the ``k`` most helpful (or harmful) ``values``."""
+    return flags.iloc[top_k(values, k, candidates)[int(harmful)]]
 
 
 def test_a_list_with_flipped_images_is_never_described_as_clean_examples():
     """The demo's "Highest mean influence — the clearest examples" listed flipped images (issue 10 item 11)."""
     flags = training_flags(IDS, LABELS, FLIPPED, {"a": decision("a", "mislabeled", "dog")})
-    note = describe_ranking(most_helpful(MEAN, flags, 4), run_has_flips=True)
+    note = describe_ranking(ranked(MEAN, flags, 4), run_has_flips=True)
     assert (note.n_listed, note.n_flipped, note.n_marked_mislabeled) == (4, 1, 1) and note.has_wrong_labels
     assert note.text == (
         "1 of the 4 images listed has a label flipped on purpose, and 1 is marked mislabeled by "
         "reviewers, so this is not a list of clean examples: an image can rank here because its "
         "label is wrong."
     )
-    clean = describe_ranking(most_helpful(MEAN, flags, 1, candidates=(MEAN > 0) & (MEAN < 0.2)), run_has_flips=True)
+    clean = describe_ranking(ranked(MEAN, flags, 1, (MEAN > 0) & (MEAN < 0.2)), run_has_flips=True)
     assert clean.n_listed == 1 and not clean.has_wrong_labels
     assert clean.text.startswith("0 of the 1 images listed have a label flipped on purpose and none")
-    unknown = describe_ranking(most_harmful(MEAN, training_flags(IDS, LABELS, np.zeros(6, bool)), 2), False)
+    unknown = describe_ranking(ranked(MEAN, training_flags(IDS, LABELS, np.zeros(6, bool)), 2, harmful=True), False)
     assert unknown.text.startswith("This run flipped no labels on purpose") and not unknown.has_wrong_labels

@@ -102,7 +102,7 @@ def test_setup_page_shows_quality_and_weights(app, demo_run):
     assert any(c.value.startswith("Approximate: influence functions assume") for c in at.caption)
     methods = next(b for b in at.selectbox if b.label == "Method")
     assert methods.options == [method_label(m, "all") for m in METHOD_CHOICES]  # with LDS where measured
-    damping = next(b for b in at.selectbox if b.label == "Regularization λ")
+    damping = next(b for b in at.selectbox if b.label == "Damping λ")
     assert damping.options[0] == "default: 1e-05 × each block's largest eigenvalue"  # the whole network's default
     assert any("λ=top:1e-05" in c.value for c in at.caption)
     damping.select_index(damping.options.index("0.1 × each block's mean eigenvalue")).run()
@@ -114,6 +114,10 @@ def test_setup_page_shows_quality_and_weights(app, demo_run):
     methods.select_index(METHOD_CHOICES.index("kfac")).run()
     assert not at.error and any(c.value.startswith("kfac, rank=5, scope all") for c in at.caption)
     assert any("Measured at kfac's defaults, not with rank=5" in c.value for c in at.caption)
+    # issue 29 item 5: an option of the wrong type is the app's message, not a traceback
+    next(t for t in at.text_input if t.label == "Method options").set_value("rank=abc").run()
+    assert not at.exception and "Method option rank='abc' of kfac is not an integer or none" in at.error[0].value
+    assert "write e.g. rank=512" in at.error[0].value
 
 
 def test_setup_page_opens_a_run_directory_inside_the_roots_only(app, demo_run, runs_root, tmp_path):
@@ -264,7 +268,8 @@ def test_explorer_ranks_with_the_better_whole_network_result_once_computed(app, 
     the better-measured whole-network result in the background; once it is cached, the rankings come from it
     (two real tiny-imagenet classes: one output-curvature column, so the whole network takes seconds)."""
     from influence_core import measured
-    from influence_core.pipeline import load_influence, ranking_upgrade
+    from influence_core.pipeline import load_influence
+    from influence_core.upgrade import ranking_upgrade
 
     path = runs_root / "measured-upgrade.json"
     methods = {"direct/head": (0.073, 0.2), "ekfac/all": (0.083, 0.11)}  # LDS, Pearson of the loss changes

@@ -141,9 +141,10 @@ def fill(args: list[str], tmp_path) -> list[str]:
         (["train", "--dataset", "demo", "--run-dir", "{tmp}/a_file"], "a_file is a file"),
         (["train", "--dataset", "demo", "--run-dir", "{tmp}/a_file/run"], "lies under the file"),
         (["influence", "--run-dir", "{tmp}/run", "--regularization", "inf"], "must be positive and finite"),
-        (["influence", "--run-dir", "{tmp}/run", "--regularization", "nan"], "regularization must be positive"),
-        (["influence", "--run-dir", "{tmp}/run", "--regularization", "0"], "regularization must be positive"),
-        (["influence", "--run-dir", "{tmp}/run", "--regularization", "-1"], "regularization must be positive"),
+        (["influence", "--run-dir", "{tmp}/run", "--regularization", "nan"], "must be positive and finite"),
+        (["influence", "--run-dir", "{tmp}/run", "--regularization", "0"], "must be positive and finite"),
+        (["influence", "--run-dir", "{tmp}/run", "--damping", "-1"], "must be positive and finite"),
+        (["influence", "--run-dir", "{tmp}/run", "--damping", "top:x"], "Cannot read damping 'top:x'"),
         (["influence", "--run-dir", "{tmp}/run", "--scope", ","], "Unknown scope"),
         (["second-pass", "--run-dir", "{tmp}/run", "--share", "0.6"], "must be in (0, 0.5]"),
         (["second-pass", "--run-dir", "{tmp}/run", "--share", "nan"], "must be in (0, 0.5]"),
@@ -311,26 +312,41 @@ def test_method_options_reach_the_engine_and_the_cache_key(demo_run, tmp_path, c
     import shutil
 
     from influence_core import Run
-    from influence_core.pipeline import InfluenceSettings, cache_key, load_influence
+    from influence_core.influence import Arnoldi
+    from influence_core.pipeline import InfluenceSettings, cache_key, load_influence, parse_settings
 
     run = Run(shutil.copytree(demo_run.path, tmp_path / "demo"))
     code, _, err = cli_main(
         capsys, "influence", "--run-dir", str(run.path), "--method", "arnoldi", "--option", "rank=5"
     )
     assert code == 0, err
-    five = InfluenceSettings(method="arnoldi", options=("rank=5",))
-    assert five == InfluenceSettings(method="arnoldi", options={"rank": 5})
+    five = parse_settings("arnoldi", ["rank=5"])
+    assert five == InfluenceSettings(method=Arnoldi(rank=5))
     result = load_influence(run, five)
     assert result is not None and result.meta["method"]["rank"] == 5
-    default = InfluenceSettings(method="arnoldi")
+    default = InfluenceSettings(method=Arnoldi())
     assert load_influence(run, default) is None and cache_key(run, default) != cache_key(run, five)
-    assert cache_key(run, default) == cache_key(run, InfluenceSettings(method="arnoldi", options={}))
+    assert cache_key(run, default) == cache_key(run, parse_settings("arnoldi", []))
     assert "rank=5" in five.describe() and "not with rank=5" in five.accuracy_note()
 
 
 @pytest.mark.parametrize(
-    "option, message", [("rank", "is not KEY=VALUE"), ("depth=3", "Unknown option(s) for method 'arnoldi': depth")]
+    "method, option, message",
+    [
+        ("arnoldi", "rank", "is not KEY=VALUE"),
+        ("arnoldi", "depth=3", "Unknown option(s) for method 'arnoldi': depth"),
+        # issue 29 item 5: each of these was a ValueError / TypeError / RuntimeError from inside the engine
+        ("kfac", "rank=abc", "Method option rank='abc' of kfac is not an integer or none"),
+        ("kfac", "rank=1.5", "Method option rank='1.5' of kfac is not an integer or none"),
+        ("kfac", "seed=abc", "Method option seed='abc' of kfac is not an integer"),
+        ("kfac", "seed=-1", "kfac option seed must be in [0, 2^63)"),
+        ("cg", "tol=abc", "Method option tol='abc' of cg is not a number"),
+        ("lissa", "depth=1.5", "Method option depth='1.5' of lissa is not an integer"),
+        ("lissa", "scale=big", "Method option scale='big' of lissa is not a number or 'auto'"),
+        ("cg", "preconditioner=x", "Method option preconditioner='x' of cg is not 'jacobi' or 'none'"),
+    ],
 )
-def test_a_bad_method_option_is_one_clear_line(tmp_path, capsys, option, message):
-    code, _, err = cli_main(capsys, "influence", "--run-dir", str(tmp_path), "--method", "arnoldi", "--option", option)
+def test_a_bad_method_option_is_one_clear_line(tmp_path, capsys, method, option, message):
+    code, _, err = cli_main(capsys, "influence", "--run-dir", str(tmp_path), "--method", method, "--option", option)
     assert_one_line_error(code, err, message)
+    assert "Fix: write e.g." in err or "Fix: use" in err

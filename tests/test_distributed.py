@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from influence_core import results
-from influence_core.distributed import ClusterSpec
 from influence_core.errors import InfluenceLensError
+from influence_core.influence.calculator import DaskCalculator
 from influence_core.pipeline import InfluenceSettings, compute_influence
 
 pytest.importorskip("distributed")
@@ -24,7 +24,7 @@ def test_two_local_workers_equal_one_process(tiny_run, monkeypatch):
         "top": single.top_harmful(5, 20)[0],
     }
 
-    spread = compute_influence(tiny_run, settings, recompute=True, cluster=ClusterSpec(workers=2))
+    spread = compute_influence(tiny_run, settings, recompute=True, calculator=DaskCalculator(workers=2))
     assert spread.meta["workers"] == "LocalCluster with 2 workers"
     rows = np.stack([spread.row(t) for t in range(n_test)])
     scale = np.abs(expected["rows"]).max()
@@ -36,11 +36,11 @@ def test_two_local_workers_equal_one_process(tiny_run, monkeypatch):
 
 def test_cluster_spec_needs_exactly_one_target():
     with pytest.raises(InfluenceLensError, match="either"):
-        ClusterSpec()
+        DaskCalculator()
     with pytest.raises(InfluenceLensError, match="either"):
-        ClusterSpec(scheduler="tcp://localhost:8786", workers=2)
+        DaskCalculator(scheduler="tcp://localhost:8786", workers=2)
     with pytest.raises(InfluenceLensError, match="at least 1"):
-        ClusterSpec(workers=0)
+        DaskCalculator(workers=0)
 
 
 def test_a_worker_killed_mid_block_is_replaced_and_its_blocks_rescored(tiny_run, monkeypatch):
@@ -69,8 +69,8 @@ def test_a_worker_killed_mid_block_is_replaced_and_its_blocks_rescored(tiny_run,
 
         def spread():
             try:
-                spec = ClusterSpec(scheduler=cluster.scheduler_address)
-                outcome["result"] = compute_influence(tiny_run, settings, recompute=True, cluster=spec)
+                spec = DaskCalculator(scheduler=cluster.scheduler_address)
+                outcome["result"] = compute_influence(tiny_run, settings, recompute=True, calculator=spec)
             except BaseException as e:  # re-raised in the test thread below
                 outcome["error"] = e
 

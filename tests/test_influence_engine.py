@@ -38,14 +38,14 @@ def test_constructor_only_stores_parameters(setup):
     model, *_ = setup
     before = {n: p.clone() for n, p in model.state_dict().items()}
     model.train()
-    im = InfluenceModel(model, method=EKFAC(), scope="all", regularization=1e-2, device="cpu")
+    im = InfluenceModel(model, method=EKFAC(), scope="all", damping=1e-2, device="cpu")
     assert model.training  # not put in eval mode, not moved: fit does that
     assert not any(name.endswith("_") and not name.startswith("_") for name in vars(im))
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
     model.eval()
 
 
-@pytest.mark.parametrize("call", ["test_factors", "self_influence", "influences", "state_dict", "block_regularization"])
+@pytest.mark.parametrize("call", ["test_factors", "self_influence", "influences", "state_dict", "block_damping"])
 def test_unfitted_use_is_a_clear_error(setup, call):
     model, x_train, y_train, x_test, y_test = setup
     im = InfluenceModel(model, method=Direct(), device="cpu")
@@ -74,13 +74,13 @@ def test_image_source_is_streamed_and_head_features_are_computed_once(setup, rel
     backbone over the training set once, in ``fit``; scoring the training set afterwards reads no image."""
     model, x_train, y_train, x_test, y_test = setup
     source = CountingImages(x_train)
-    im = InfluenceModel(model, method=Direct(), scope="head", regularization=0.1, device="cpu", batch_size=16)
+    im = InfluenceModel(model, method=Direct(), scope="head", damping=0.1, device="cpu", batch_size=16)
     im.fit(source, y_train)
     assert max(b - a for a, b in source.reads) <= 16
     reads_after_fit = len(source.reads)
     lazy = im.influences(x_test, y_test), im.self_influence()
     assert len(source.reads) == reads_after_fit
-    eager = InfluenceModel(model, method=Direct(), scope="head", regularization=0.1, device="cpu").fit(x_train, y_train)
+    eager = InfluenceModel(model, method=Direct(), scope="head", damping=0.1, device="cpu").fit(x_train, y_train)
     assert rel_err(lazy[0], eager.influences(x_test, y_test, x_train, y_train)) <= 1e-6
     assert rel_err(lazy[1], eager.self_influence(x_train, y_train)) <= 1e-6
 
@@ -103,7 +103,7 @@ def test_scope_all_needs_no_linear_layer(setup):
     model = NoLinearClassifier().eval()
     for method in (Direct(), EKFAC()):
         infl = (
-            InfluenceModel(model, method=method, scope="all", regularization=0.1, device="cpu")
+            InfluenceModel(model, method=method, scope="all", damping=0.1, device="cpu")
             .fit(x_train, y_train)
             .influences(x_test, y_test)
         )
@@ -114,8 +114,8 @@ def test_scope_all_needs_no_linear_layer(setup):
 
 def test_training_set_defaults_need_a_fit_not_a_loaded_state(setup):
     model, x_train, y_train, x_test, y_test = setup
-    im = InfluenceModel(model, method=Direct(), scope="all", regularization=0.1, device="cpu").fit(x_train, y_train)
-    loaded = InfluenceModel(model, method=Direct(), scope="all", regularization=0.1, device="cpu")
+    im = InfluenceModel(model, method=Direct(), scope="all", damping=0.1, device="cpu").fit(x_train, y_train)
+    loaded = InfluenceModel(model, method=Direct(), scope="all", damping=0.1, device="cpu")
     loaded.load_state_dict(im.state_dict())
     with pytest.raises(InfluenceLensError, match="training images"):
         loaded.self_influence()

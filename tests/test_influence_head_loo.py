@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def test_head_influence_predicts_leave_one_out(digits, frozen_backbone_classifier, train_head):
     x_train, y_train, x_test, y_test = digits(200, 40, classes=10)
     model, feats_train = frozen_backbone_classifier(x_train, y_train, LAMBDA)
-    im = InfluenceModel(model, method=Direct(), scope="head", regularization=LAMBDA, device="cpu", batch_size=64).fit(
+    im = InfluenceModel(model, method=Direct(), scope="head", damping=LAMBDA, device="cpu", batch_size=64).fit(
         x_train, y_train
     )
     infl = im.influences(x_test, y_test)

@@ -406,7 +406,7 @@ def test_eigenbasis_scores_equal_parameter_space_solves(cnn_setup, monkeypatch, 
     monkeypatch.setattr(kfac_inverse, "_rotate_first", lambda *args: rotate_first)
     model, _, x_tr, y_tr, x_te, y_te = cnn_setup
     x_tr, y_tr = x_tr[:12], y_tr[:12]
-    im = InfluenceModel(model, method=Method.named(method, rank=rank), scope=scope, regularization=1e-2, batch_size=5)
+    im = InfluenceModel(model, method=Method.named(method, rank=rank), scope=scope, damping=1e-2, batch_size=5)
     im.fit(x_tr, y_tr)
     if rank is not None:
         assert all(f.projected and f.q_a.shape[1] <= rank for f in im.inverse_.layers)
@@ -424,8 +424,8 @@ def test_eigenbasis_scores_equal_parameter_space_solves(cnn_setup, monkeypatch, 
     inputs = (lambda x: block_model_inputs(im, x)) if scope == "head" else (lambda x: x)
     g_tr = per_sample_grads(block_model, im.params_, inputs(x_tr), y_tr)
     g_te = per_sample_grads(block_model, im.params_, inputs(x_te), y_te)
-    solved_te = im.inverse_.solve(g_te, im.regularization)
-    solved_tr = im.inverse_.solve(g_tr, im.regularization)
+    solved_te = im.inverse_.solve(g_te, im.damping)
+    solved_tr = im.inverse_.solve(g_tr, im.damping)
     names = list(im.params_)
     reference = (
         _flat(solved_te, names) @ _flat(g_tr, names).T,

@@ -36,7 +36,7 @@ def matrix(setup, method, curvature, batch_size=BATCH, **options):
         scope="all",
         method=Method.named(method, **options),
         curvature=curvature,
-        regularization=LAMBDA,
+        damping=LAMBDA,
         device="cpu",
         batch_size=batch_size,
     ).fit(x_train, y_train)
@@ -98,8 +98,8 @@ def test_direct_at_the_default_damping_matches_float64_truth(setup, rel_err):
     is 1e-5 × the largest eigenvalue of the Gauss-Newton matrix."""
     model, x_train, y_train, x_test, y_test = setup
     im = InfluenceModel(model, scope="all", method=Direct(), device="cpu", batch_size=BATCH).fit(x_train, y_train)
-    assert str(im.regularization) == "top:1e-05"
-    (lam,) = im.block_regularization().values()
+    assert str(im.damping) == "top:1e-05"
+    (lam,) = im.block_damping().values()
     h = im.inverse_.matrix.double()
     assert lam == pytest.approx(1e-5 * float(torch.linalg.eigvalsh(h).max()), rel=1e-4)
     expected = brute_force(*setup, "gauss-newton", lam=lam)
@@ -147,9 +147,9 @@ def test_scope_list_and_head_agree(setup, rel_err):
     model, x_train, y_train, x_test, y_test = setup
     out = []
     for scope in ("head", ["fc"]):
-        im = InfluenceModel(
-            model, scope=scope, method=Direct(), regularization=LAMBDA, device="cpu", batch_size=BATCH
-        ).fit(x_train, y_train)
+        im = InfluenceModel(model, scope=scope, method=Direct(), damping=LAMBDA, device="cpu", batch_size=BATCH).fit(
+            x_train, y_train
+        )
         out.append(im.influences(x_test, y_test, x_train, y_train))
     assert rel_err(out[0], out[1]) <= 1e-4
 
@@ -161,7 +161,7 @@ def test_large_factors_are_stored_compressed(setup, direct, monkeypatch, rel_err
     assert engine.factor_budget(torch.device("cpu")) >= engine.FACTOR_BYTES
     monkeypatch.setattr(engine, "factor_budget", lambda device: 0)
     model, x_train, y_train, x_test, y_test = setup
-    im = InfluenceModel(model, scope="all", method=Direct(), regularization=LAMBDA, device="cpu", batch_size=BATCH).fit(
+    im = InfluenceModel(model, scope="all", method=Direct(), damping=LAMBDA, device="cpu", batch_size=BATCH).fit(
         x_train, y_train
     )
     factors = im.test_factors(x_test, y_test)

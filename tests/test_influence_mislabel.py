@@ -20,7 +20,7 @@ def test_flipped_labels_rank_top_by_self_influence(method, digits, frozen_backbo
     noisy = y_train.clone()
     noisy[flipped] = (noisy[flipped] + torch.as_tensor(rng.integers(1, 10, size=6))) % 10
     model, _ = frozen_backbone_classifier(x_train, noisy, LAMBDA)
-    im = InfluenceModel(model, method=method, scope="head", regularization=LAMBDA, device="cpu", batch_size=64).fit(
+    im = InfluenceModel(model, method=method, scope="head", damping=LAMBDA, device="cpu", batch_size=64).fit(
         x_train, noisy
     )
     scores = im.self_influence()

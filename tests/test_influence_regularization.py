@@ -1,10 +1,8 @@
-"""λ: ``set_regularization`` reuses the fitted curvature and matches a refit; cached state round-trips; relative
+"""λ: ``set_damping`` reuses the fitted curvature and matches a refit; cached state round-trips; relative
 damping (to the mean or the largest eigenvalue) equals an exact solve with the same effective λ; the defaults are
 relative to the largest eigenvalue per scope; λ below float32 resolution is refused."""
 
 from __future__ import annotations
-
-import argparse
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from influence_core.influence import (
     Scope,
     default_damping,
 )
-from influence_core.pipeline import InfluenceSettings
+from influence_core.pipeline import InfluenceSettings, parse_settings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,15 +46,15 @@ def scores(im, x_test, y_test):
         (CG(), "all"),
     ],
 )
-def test_set_regularization_matches_refit(setup, method, scope, rel_err):
+def test_set_damping_matches_refit(setup, method, scope, rel_err):
     model, x_train, y_train, x_test, y_test = setup
 
     def make(lam):
-        return InfluenceModel(model, method=method, scope=scope, regularization=lam, device="cpu", batch_size=32)
+        return InfluenceModel(model, method=method, scope=scope, damping=lam, device="cpu", batch_size=32)
 
     im = make(0.3).fit(x_train, y_train)
     stale = im.test_factors(x_test, y_test)
-    im.set_regularization(0.03)
+    im.set_damping(0.03)
     with pytest.raises(InfluenceLensError, match="test_factors"):
         im.influences_from_factors(stale)
     reused = scores(im, x_test, y_test)
@@ -68,9 +66,9 @@ def test_set_regularization_matches_refit(setup, method, scope, rel_err):
 @pytest.mark.parametrize("method", [Direct(), Arnoldi()])
 def test_state_dict_round_trip(setup, method, rel_err):
     model, x_train, y_train, x_test, y_test = setup
-    im = InfluenceModel(model, method=method, scope="all", regularization=0.1, device="cpu").fit(x_train, y_train)
+    im = InfluenceModel(model, method=method, scope="all", damping=0.1, device="cpu").fit(x_train, y_train)
     state = {k: v.clone() for k, v in im.state_dict().items()}
-    loaded = InfluenceModel(model, method=method, scope="all", regularization=0.1, device="cpu")
+    loaded = InfluenceModel(model, method=method, scope="all", damping=0.1, device="cpu")
     loaded.load_state_dict(state)
     assert rel_err(loaded.influences(x_test, y_test, x_train, y_train), im.influences(x_test, y_test)) <= 1e-6
 
@@ -91,9 +89,7 @@ def exact_influences(im: InfluenceModel, setup, lambdas: dict[str, float]) -> np
     for key, lam in lambdas.items():
         names = [n for n in key.split("|") if n] if key else list(im.params_)
         modules = sorted({n.rsplit(".", 1)[0] for n in names})
-        block = InfluenceModel(model, method=Direct(), scope=modules, regularization=lam, device="cpu").fit(
-            x_train, y_train
-        )
+        block = InfluenceModel(model, method=Direct(), scope=modules, damping=lam, device="cpu").fit(x_train, y_train)
         assert set(block.params_) == set(names)
         total = total + block.influences(x_test, y_test).astype(np.float64)
     return total
@@ -116,20 +112,20 @@ def test_relative_damping_is_an_exact_solve_with_the_effective_lambda(setup, met
     exact solve with that λ. K-FAC/EK-FAC take one λ per layer, from their own eigenvalues (checked below)."""
     model, x_train, y_train, x_test, y_test = setup
     im = InfluenceModel(
-        model, method=method, scope="all", regularization=Damping.relative(0.1), device="cpu", batch_size=32
+        model, method=method, scope="all", damping=Damping.relative(0.1), device="cpu", batch_size=32
     ).fit(x_train, y_train)
-    lambdas = im.block_regularization()
+    lambdas = im.block_damping()
     if tol is None:  # per layer: 0.1 × the mean of that layer's fitted eigenvalues
         assert set(lambdas) == {"conv.weight|conv.bias", "fc.weight|fc.bias"}
         for f in im.inverse_.layers:
             assert lambdas[f.key] == pytest.approx(0.1 * float(f.eigenvalues.sum()) / f.eigenvalues.numel())
         assert len(set(lambdas.values())) == 2
         return
-    exact_direct = InfluenceModel(
-        model, method=Direct(), scope="all", regularization=Damping.relative(0.1), device="cpu"
-    ).fit(x_train, y_train)
+    exact_direct = InfluenceModel(model, method=Direct(), scope="all", damping=Damping.relative(0.1), device="cpu").fit(
+        x_train, y_train
+    )
     (lam,) = lambdas.values()
-    (true_lam,) = exact_direct.block_regularization().values()
+    (true_lam,) = exact_direct.block_damping().values()
     assert lam == pytest.approx(true_lam, rel=0.35)  # Hutchinson, 16 probes (exact for direct itself)
     assert rel_err(im.influences(x_test, y_test), exact_influences(im, setup, lambdas)) <= tol
 
@@ -151,9 +147,9 @@ def test_damping_relative_to_top_is_an_exact_solve_with_the_effective_lambda(set
     K-FAC/EK-FAC each layer's largest fitted eigenvalue; the solve equals the exact solve with that λ."""
     model, x_train, y_train, x_test, y_test = setup
     damping = Damping.relative_to_top(0.01)
-    im = InfluenceModel(model, method=method, scope="all", regularization=damping, device="cpu", batch_size=32)
+    im = InfluenceModel(model, method=method, scope="all", damping=damping, device="cpu", batch_size=32)
     im.fit(x_train, y_train)
-    lambdas = im.block_regularization()
+    lambdas = im.block_damping()
     if tol is None:
         assert set(lambdas) == {"conv.weight|conv.bias", "fc.weight|fc.bias"}
         for f in im.inverse_.layers:
@@ -167,29 +163,29 @@ def test_damping_relative_to_top_is_an_exact_solve_with_the_effective_lambda(set
 
 
 def test_default_damping_follows_the_scope(setup):
-    """No regularization given: ``top:1e-3`` on the head and ``top:1e-5`` beyond it (engine and settings alike),
+    """No damping given: ``top:1e-3`` on the head and ``top:1e-5`` beyond it (engine and settings alike),
     resolved per block, and never refused where a tiny absolute λ is."""
     model, x_train, y_train, *_ = setup
     assert default_damping(Scope.HEAD) == Damping.relative_to_top(1e-3)
     assert default_damping("all") == default_damping(("conv", "fc")) == Damping.relative_to_top(1e-5)
-    assert InfluenceModel(model, scope="head").regularization == default_damping(Scope.HEAD)
-    assert InfluenceSettings(scope="all").regularization == default_damping(Scope.ALL)
-    assert InfluenceSettings(scope="all", regularization="top:1e-5") == InfluenceSettings(scope="all")
+    assert InfluenceModel(model, scope="head").damping == default_damping(Scope.HEAD)
+    assert InfluenceSettings(scope=Scope.ALL).damping == default_damping(Scope.ALL)
+    assert parse_settings(scope="all", damping="top:1e-5") == InfluenceSettings(scope=Scope.ALL)
     im = InfluenceModel(model, method=EKFAC(), scope="all", device="cpu").fit(x_train, y_train)
     for f in im.inverse_.layers:
-        assert im.block_regularization()[f.key] == pytest.approx(1e-5 * float(f.eigenvalues.max()))
+        assert im.block_damping()[f.key] == pytest.approx(1e-5 * float(f.eigenvalues.max()))
 
 
 def test_kfac_relative_damping_matches_absolute_per_layer(setup, rel_err):
     """K-FAC with relative damping = K-FAC with each layer's resolved λ given absolutely (blocks are independent)."""
     model, x_train, y_train, x_test, y_test = setup
-    im = InfluenceModel(model, method=KFAC(), scope="all", regularization=Damping.relative(0.1), device="cpu")
+    im = InfluenceModel(model, method=KFAC(), scope="all", damping=Damping.relative(0.1), device="cpu")
     im.fit(x_train, y_train)
-    lambdas = im.block_regularization()
+    lambdas = im.block_damping()
     per_layer = 0
     for key, lam in lambdas.items():
         module = key.split("|")[0].rsplit(".", 1)[0]
-        one = InfluenceModel(model, method=KFAC(), scope=[module], regularization=lam, device="cpu")
+        one = InfluenceModel(model, method=KFAC(), scope=[module], damping=lam, device="cpu")
         per_layer = per_layer + one.fit(x_train, y_train).influences(x_test, y_test).astype(np.float64)
     assert rel_err(im.influences(x_test, y_test), per_layer) <= 1e-5
 
@@ -204,21 +200,14 @@ def test_damping_text_round_trips():
         Damping.parse("relative 0.1")
     with pytest.raises(InfluenceLensError, match="positive"):
         Damping.relative(0)
-
-
-def test_damping_argument_is_a_usage_error_for_argparse(capsys):
-    parser = argparse.ArgumentParser(prog="bench")
-    parser.add_argument("--regularization", type=Damping.argument)
-    assert parser.parse_args(["--regularization", "top:1e-5"]).regularization == Damping.relative_to_top(1e-5)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--regularization", "foo"])
-    assert "Cannot read regularization 'foo'" in capsys.readouterr().err
+    with pytest.raises(InfluenceLensError, match="positive and finite"):  # an infinite λ: all-zero influences
+        Damping.parse("inf")
 
 
 @pytest.mark.parametrize("method", ["direct", "ekfac"])
 def test_lambda_below_float32_resolution_is_refused(setup, method):
     """λ so small that float32 gradients cannot resolve it (condition number > 1e6) is refused, not silent."""
     model, x_train, y_train, x_test, y_test = setup
-    im = InfluenceModel(model, method=Method.named(method), scope="all", regularization=1e-9, device="cpu")
+    im = InfluenceModel(model, method=Method.named(method), scope="all", damping=1e-9, device="cpu")
     with pytest.raises(InfluenceLensError, match="float32"):
         im.fit(x_train, y_train).influences(x_test, y_test)

@@ -24,9 +24,9 @@ def smooth_cnn(classes: int = 3) -> nn.Module:
 def test_saliency_is_the_pixel_gradient_of_influence(scope, digits):
     x_train, y_train, x_test, y_test = digits(60, 1, classes=3)
     x_train, x_test = x_train.repeat(1, 3, 1, 1), x_test.repeat(1, 3, 1, 1)
-    im = InfluenceModel(
-        smooth_cnn(), method=Direct(), scope=scope, regularization=0.1, device="cpu", batch_size=16
-    ).fit(x_train, y_train)
+    im = InfluenceModel(smooth_cnn(), method=Direct(), scope=scope, damping=0.1, device="cpu", batch_size=16).fit(
+        x_train, y_train
+    )
     chosen = torch.arange(5)
     sal = im.saliency(x_test, y_test, x_train[chosen], y_train[chosen])
     assert sal.shape == (5, 8, 8) and sal.dtype == np.float32 and np.isfinite(sal).all()

@@ -4,17 +4,18 @@ import json
 
 import pytest
 
-from influence_core import measured, pipeline
-from influence_core.influence import Scope
+from influence_core import measured, upgrade
+from influence_core.influence import CG, EKFAC, Scope
 from influence_core.measured import MEASURED_FILE, load_measured, measured_for
-from influence_core.pipeline import DEFAULT_SETTINGS, InfluenceSettings, ranking_upgrade
+from influence_core.pipeline import DEFAULT_SETTINGS, InfluenceSettings
+from influence_core.upgrade import ranking_upgrade
 
 
 def test_notes_come_from_the_benchmarks_file():
     table = load_measured()
     assert table is not None, f"{MEASURED_FILE} is part of the checkout"
     assert DEFAULT_SETTINGS.accuracy_note() == table[("direct", "head")].describe()
-    cg_all = InfluenceSettings(method="cg", scope="all").accuracy_note()
+    cg_all = InfluenceSettings(method=CG(), scope=Scope.ALL).accuracy_note()
     assert cg_all.startswith("Approximate: influence functions assume") and cg_all.endswith("cg on scope all.")
 
 
@@ -105,15 +106,15 @@ def test_rankings_upgrade_to_the_best_measured_whole_network_method_when_afforda
     monkeypatch.setattr(measured, "MEASURED_FILE", path)
     up = ranking_upgrade(demo_run, DEFAULT_SETTINGS, device="cpu")
     assert up is not None  # tracin is not a method of the influence engine: never picked
-    assert up.settings == InfluenceSettings(method="ekfac", scope=Scope.ALL, checkpoints=False)
+    assert up.settings == InfluenceSettings(method=EKFAC(), scope=Scope.ALL, checkpoints=False)
     assert (up.measured.lds, up.current.lds) == (0.083, 0.073)
-    assert up.estimated_s == pipeline.estimated_cpu_seconds(demo_run)
+    assert up.estimated_s == upgrade.estimated_cpu_seconds(demo_run)
     assert "(LDS 0.083 ± 0.015 against 0.073 ± 0.015 for the last layer, measured on tulip vs rose)" in up.describe()
 
-    assert ranking_upgrade(demo_run, InfluenceSettings(method="cg"), device="cpu") is None
-    monkeypatch.setattr(pipeline, "AFFORDABLE_CPU_SECONDS", up.estimated_s / 2)
+    assert ranking_upgrade(demo_run, InfluenceSettings(method=CG()), device="cpu") is None
+    monkeypatch.setattr(upgrade, "AFFORDABLE_CPU_SECONDS", up.estimated_s / 2)
     assert ranking_upgrade(demo_run, DEFAULT_SETTINGS, device="cpu") is None
-    monkeypatch.setattr(pipeline, "AFFORDABLE_CPU_SECONDS", up.estimated_s * 2)
+    monkeypatch.setattr(upgrade, "AFFORDABLE_CPU_SECONDS", up.estimated_s * 2)
     _measured_file(path, {"direct/head": 0.09, "ekfac/all": 0.083})
     assert ranking_upgrade(demo_run, DEFAULT_SETTINGS, device="cpu") is None
     monkeypatch.setattr(measured, "MEASURED_FILE", tmp_path / "absent.json")
@@ -128,17 +129,17 @@ def test_cpu_estimate_counts_output_columns_in_the_fit_only(demo_run, monkeypatc
 
     pixels = demo_run.config["image_size"] ** 2 / 1e6
     fitted = min(len(demo_run.labels("train")), DEFAULT_FIT_EXAMPLES) * pixels
-    per_column = pipeline.CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN * fitted
+    per_column = upgrade.CPU_FIT_SECONDS_PER_MEGAPIXEL_COLUMN * fitted
     estimates = {}
     for n_classes in (2, 10, 17, 200):
         monkeypatch.setattr(Run, "n_classes", property(lambda self, n=n_classes: n))
-        estimates[n_classes] = pipeline.estimated_cpu_seconds(demo_run)
+        estimates[n_classes] = upgrade.estimated_cpu_seconds(demo_run)
     assert estimates[10] - estimates[2] == pytest.approx(8 * per_column)  # 9 columns against 1
     assert estimates[17] - estimates[2] == pytest.approx(14 * per_column)  # 15 leading columns
     assert estimates[200] == pytest.approx(estimates[17])
     all_pixels = (len(demo_run.labels("train")) + len(demo_run.labels("test"))) * pixels
-    scoring = pipeline.CPU_SCORE_SECONDS_PER_MEGAPIXEL * all_pixels
-    assert estimates[2] == pytest.approx(pipeline.CPU_FIT_SECONDS + per_column + scoring)
+    scoring = upgrade.CPU_SCORE_SECONDS_PER_MEGAPIXEL * all_pixels
+    assert estimates[2] == pytest.approx(upgrade.CPU_FIT_SECONDS + per_column + scoring)
 
 
 def test_the_full_estimators_lds_is_shown_beside_the_defaults(tmp_path):

@@ -1,8 +1,12 @@
-"""Trajectory influence (TracInCP, SOURCE) against autograd through a short plain-SGD training."""
+"""Trajectory influence (TracInCP, SOURCE; ``benchmarks/trajectory.py``) against autograd through a short plain-SGD
+training."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from influence_core.influence.trajectory import (
-    KroneckerEigen,
-    TrajectoryInfluence,
-    decay,
-    learning_rates,
-    unrolled_gain,
+_SPEC = importlib.util.spec_from_file_location(
+    "trajectory", Path(__file__).resolve().parents[1] / "benchmarks" / "trajectory.py"
 )
+trajectory = sys.modules["trajectory"] = importlib.util.module_from_spec(_SPEC)  # dataclasses look it up there
+_SPEC.loader.exec_module(trajectory)
+KroneckerEigen, TrajectoryInfluence = trajectory.KroneckerEigen, trajectory.TrajectoryInfluence
+decay, learning_rates, unrolled_gain = trajectory.decay, trajectory.learning_rates, trajectory.unrolled_gain
 
 N_TRAIN, N_TEST, STEPS, CHECKPOINT_EVERY, LR = 16, 5, 150, 5, 0.1
 
@@ -218,43 +222,3 @@ def test_unrolled_gain_limits():
     lam = torch.tensor([0.0, 1e-12, 1.0, 1e4])
     g = unrolled_gain(2.0)(lam)
     np.testing.assert_allclose(g.numpy(), [2.0, 2.0, (1 - np.exp(-2.0)), 1e-4], rtol=1e-6)
-
-
-def test_compute_trajectory_caches_in_the_pipeline_format(demo_run):
-    """A cached TracInCP entry reads back through pipeline.InfluenceResult and matches a direct computation."""
-    from influence_core.influence.trajectory import TrajectorySettings, compute_trajectory, run_segments
-    from influence_core.pipeline import InfluenceResult
-
-    settings = TrajectorySettings(method="tracin", scope="head")
-    paths = compute_trajectory(demo_run, settings, device="cpu")
-    assert compute_trajectory(demo_run, settings, device="cpu") == paths  # second call: the cache
-    result = InfluenceResult(demo_run, paths.root)
-    segments = run_segments(demo_run)
-    assert len(segments) == len(demo_run.checkpoint_paths()) and segments[-1].stop_step > segments[0].stop_step
-    x, y = (t[:] for t in demo_run.tensors("train"))
-    xt, yt = (t[:] for t in demo_run.tensors("test"))
-    ti = TrajectoryInfluence(
-        [demo_run.load_model(s.checkpoint) for s in segments],
-        [s.lr_sum for s in segments],
-        "tracin",
-        "head",
-        device="cpu",
-    )
-    np.testing.assert_allclose(result.store.matrix[:], ti.influences(xt, yt, x, y), rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(result.self_influence, ti.self_influence(x, y), rtol=1e-4)
-
-
-def test_cache_keys_change_with_the_defaults_of_the_curvature(demo_run, monkeypatch):
-    """A changed K-FAC default (what ``"auto"`` resolves to) is a cache miss for K-FAC results and for SOURCE, whose
-    curvature is EK-FAC at its defaults, and leaves the keys of methods that do not use it alone."""
-    from influence_core.influence.kfac import inverse
-    from influence_core.influence.trajectory import TrajectorySettings, trajectory_cache_key
-    from influence_core.pipeline import InfluenceSettings, cache_key
-
-    settings = [InfluenceSettings(method="kfac", scope="all"), InfluenceSettings(method="direct")]
-    source, tracin = TrajectorySettings(method="source"), TrajectorySettings(method="tracin")
-    before = [cache_key(demo_run, s) for s in settings], [trajectory_cache_key(demo_run, s) for s in (source, tracin)]
-    monkeypatch.setattr(inverse, "DEFAULT_FIT_POSITIONS", inverse.DEFAULT_FIT_POSITIONS + 1)
-    after = [cache_key(demo_run, s) for s in settings], [trajectory_cache_key(demo_run, s) for s in (source, tracin)]
-    assert after[0][0] != before[0][0] and after[1][0] != before[1][0]  # K-FAC, SOURCE: misses
-    assert after[0][1] == before[0][1] and after[1][1] == before[1][1]  # direct, TracInCP: unchanged

@@ -13,7 +13,6 @@ from .choices import (
     Scope,
     ScopeArg,
     default_damping,
-    method_options,
     parse_scope,
     scope_text,
 )
@@ -41,7 +40,6 @@ __all__ = [
     "Scope",
     "ScopeArg",
     "default_damping",
-    "method_options",
     "parse_scope",
     "scope_text",
 ]

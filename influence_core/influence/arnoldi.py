@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BlockScale, Damping, Grads, InverseCurvature, Method, positive
+from .base import BlockScale, Damping, Grads, InverseCurvature, Method, check_seed, positive
 from .ops import (
     curvature_matvec,
     detached,
@@ -42,6 +42,7 @@ class Arnoldi(Method):
 
     def __post_init__(self):
         positive("Arnoldi", rank=self.rank, krylov_dim=self.krylov_dim)
+        check_seed("Arnoldi", self.seed)
 
 
 class ArnoldiInverse(InverseCurvature):
@@ -104,7 +105,7 @@ class ArnoldiInverse(InverseCurvature):
         return {"": BlockScale(self.mean_eigenvalue, float(self.eigenvalues.abs().max()))}
 
     def solve(self, grads: Grads, damping: Damping) -> Grads:
-        (lam,) = self.block_regularization(damping).values()
+        (lam,) = self.block_damping(damping).values()
         flat = flatten(grads)
         vectors = self.eigenvectors.to(flat.device)
         coeffs = flat @ vectors

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -78,18 +80,46 @@ class Method:
 
     @classmethod
     def named(cls, name: str, **options) -> Method:
-        """The method registered as ``name`` with ``options`` (unknown names and options are clear errors)."""
-        if name not in METHODS:
-            raise InfluenceLensError(f"Unknown influence method {name!r}.", f"use one of {', '.join(METHODS)}")
-        method = METHODS[name]
-        fields = {f.name for f in dataclasses.fields(method)}
-        unknown = sorted(set(options) - fields)
+        """The method registered as ``name`` with ``options`` (unknown names and options, and values of the wrong
+        type, are clear errors)."""
+        method = registered(name)
+        types = option_types(method)
+        unknown = sorted(set(options) - set(types))
         if unknown:
             raise InfluenceLensError(
                 f"Unknown option(s) for method {name!r}: {', '.join(unknown)}.",
-                f"use any of {', '.join(sorted(fields)) or '(none)'}",
+                f"use any of {', '.join(sorted(types)) or '(none)'}",
             )
+        for key, value in options.items():
+            check_option(name, key, value, types[key])
         return method(**options)
+
+    @classmethod
+    def parse(cls, name: str, texts: Iterable[str] = ()) -> Method:
+        """The method registered as ``name`` with options given as text, as the CLI's ``--option`` and the app take
+        them: ``parse("kfac", ["rank=1024", "fit_examples=none"])`` → ``KFAC(rank=1024, fit_examples=None)``.
+
+        Each value is read as its option's declared type (an integer, a number, ``none`` or one of the option's
+        words); text that is not is a clear error naming the option, as is an unknown option. A later key wins.
+        """
+        method = registered(name)
+        types = option_types(method)
+        values = {}
+        for pair in texts:
+            key, sep, text = pair.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise InfluenceLensError(f"Method option {pair!r} is not KEY=VALUE.", "write e.g. rank=1024")
+            values[key] = read_option(name, key, text.strip(), types[key]) if key in types else text
+        return cls.named(name, **values)
+
+    def options(self) -> dict[str, Any]:
+        """The options set to something other than their default (``{}`` for a method at its defaults)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
+    def describe(self) -> str:
+        """``"kfac"``, ``"kfac, rank=1024"``: the name and the options that differ from the defaults."""
+        return "".join([self.name, *(f", {k}={v}" for k, v in self.options().items())])
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides this method's results: its name, its options and the values its ``"auto"`` options resolve
@@ -109,6 +139,81 @@ class Method:
         return self.inverse_class(self, curvature)
 
 
+def registered(name: str) -> type[Method]:
+    """The method class registered as ``name`` (an unknown name is a clear error)."""
+    if name not in METHODS:
+        raise InfluenceLensError(f"Unknown influence method {name!r}.", f"use one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def option_types(method: type[Method]) -> dict[str, Any]:
+    """Option name → its declared type (``int``, ``int | None``, ``float | Literal["auto"]``, …)."""
+    hints = typing.get_type_hints(method)
+    return {f.name: hints[f.name] for f in dataclasses.fields(method)}
+
+
+def _alternatives(hint: Any) -> list[Any]:
+    """A declared type as the list of what it allows: types (``int``, ``float``, ``str``, ``NoneType``) and the
+    words of a ``Literal``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [alt for arg in typing.get_args(hint) for alt in _alternatives(arg)]
+    if typing.get_origin(hint) is typing.Literal:
+        return list(typing.get_args(hint))
+    return [hint]
+
+
+def _expected(alternatives: list[Any]) -> str:
+    words = {int: "an integer", float: "a number", str: "text", type(None): "none"}
+    return " or ".join(words.get(alt, repr(alt)) for alt in alternatives)
+
+
+def read_option(method: str, key: str, text: str, hint: Any) -> Any:
+    """``text`` read as option ``key``'s declared type ``hint``: one of its words, ``none`` (for None), an
+    integer, a finite number, in that order; anything else is a clear error."""
+    allowed = _alternatives(hint)
+    if text in allowed:
+        return text
+    if text.lower() == "none" and type(None) in allowed:
+        return None
+    for kind in (int, float):
+        if kind in allowed:
+            try:
+                value = kind(text)
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                return value
+    if str in allowed:
+        return text
+    raise InfluenceLensError(
+        f"Method option {key}={text!r} of {method} is not {_expected(allowed)}.",
+        f"write e.g. {key}={_default_text(method, key)}",
+    )
+
+
+def check_option(method: str, key: str, value: Any, hint: Any) -> None:
+    """Refuse a Python value of the wrong type for option ``key`` (an integer option never takes 1.5 or True)."""
+    allowed = _alternatives(hint)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not any(
+        (alt is type(None) and value is None)
+        or (alt is int and number and isinstance(value, int))
+        or (alt is float and number and math.isfinite(value))
+        or (alt is str and isinstance(value, str))
+        or (isinstance(alt, str) and value == alt)
+        for alt in allowed
+    ):
+        raise InfluenceLensError(
+            f"Method option {key}={value!r} of {method} is not {_expected(allowed)}.",
+            f"write e.g. {key}={_default_text(method, key)}",
+        )
+
+
+def _default_text(method: str, key: str) -> str:
+    default = next(f.default for f in dataclasses.fields(METHODS[method]) if f.name == key)
+    return "none" if default is None else str(default)
+
+
 def positive(owner: str, **values: float | None) -> None:
     """Refuse options that must be positive (clear error at construction)."""
     for key, value in values.items():
@@ -117,6 +222,12 @@ def positive(owner: str, **values: float | None) -> None:
                 f"{owner} option {key} must be positive, got {value!r}.",
                 f"use {owner}({key}=...) with a positive value",
             )
+
+
+def check_seed(owner: str, seed: int) -> None:
+    """Refuse a random seed that numpy and torch generators cannot take (negative, or 2⁶³ and above)."""
+    if not 0 <= seed < 2**63:
+        raise InfluenceLensError(f"{owner} option seed must be in [0, 2^63), got {seed!r}.", "use e.g. seed=0")
 
 
 class InverseCurvature(ABC):
@@ -149,7 +260,7 @@ class InverseCurvature(ABC):
         """The curvature's scale per block of this method: the mean eigenvalue only ``with_mean``, and the largest
         at least ``with_top`` (matrix-free methods estimate them with extra passes over the data)."""
 
-    def block_regularization(self, damping: Damping) -> dict[str, float]:
+    def block_damping(self, damping: Damping) -> dict[str, float]:
         """``λ`` per block; refuses a ``λ`` below :data:`FLOAT32_RESOLUTION` × the block's top eigenvalue."""
         out = {}
         scales = self.block_scales(with_mean=damping.relative_to == "mean", with_top=damping.relative_to == "top")
@@ -158,14 +269,14 @@ class InverseCurvature(ABC):
             if not math.isfinite(lam) or lam <= 0:
                 raise InfluenceLensError(
                     f"Block {block!r} has no curvature to take λ relative to (λ = {lam:g}).",
-                    "use an absolute regularization, e.g. 1e-3",
+                    "use an absolute damping, e.g. 1e-3",
                 )
             if scale.top is not None and lam < FLOAT32_RESOLUTION * scale.top:
                 raise InfluenceLensError(
                     f"λ = {lam:.3g} is below what float32 gradients resolve for block {block or '(all)'!r}, whose "
                     f"largest curvature eigenvalue is {scale.top:.3g} (condition number "
                     f"{(scale.top + lam) / lam:.2g}); influences would be rounding noise.",
-                    f"use regularization ≥ {FLOAT32_RESOLUTION * scale.top:.2g}, or damping relative to the largest "
+                    f"use damping ≥ {FLOAT32_RESOLUTION * scale.top:.2g}, or damping relative to the largest "
                     f"eigenvalue (e.g. top:1e-5)",
                 )
             out[block] = lam
@@ -266,7 +377,7 @@ class IterativeInverse(InverseCurvature):
 
     def solve(self, grads: Grads, damping: Damping) -> Grads:
         params = self.fitted_data()[1]
-        (lam,) = self.block_regularization(damping).values()
+        (lam,) = self.block_damping(damping).values()
         k = next(iter(grads.values())).shape[0]
         size = self.rhs_chunk or rows_per_chunk(params, k, SOLVE_BYTES)
         return concat([self.solve_chunk(part, lam) for part in split(grads, size)])

@@ -97,7 +97,7 @@ class CGInverse(IterativeInverse):
                 raise InfluenceLensError(
                     f"cg met non-positive curvature (pᵀ(H+λI)p = {float(curv.min()):.3g}): H + λI is not positive "
                     f"definite with curvature {self.curvature.value!r} and λ = {lam:g}.",
-                    "use curvature gauss-newton or a larger regularization",
+                    "use curvature gauss-newton or a larger damping",
                 )
             alpha = rz[active] / curv
             for n in x:
@@ -119,7 +119,7 @@ class CGInverse(IterativeInverse):
             warnings.warn(
                 f"cg stopped after maxiter={maxiter} with relative residual {worst:.2e} > "
                 f"tol={tol:g} on {len(active)} of {len(b_norm)} columns; raise maxiter or "
-                "regularization",
+                "damping",
                 stacklevel=3,
             )
         return x

@@ -1,15 +1,15 @@
-"""The choices an influence computation offers, each defined once: curvatures, scopes, damping and method options.
+"""The choices an influence computation offers, each defined once: curvatures, scopes and damping.
 
-The CLI, the app and the benchmarks read their option lists from here (methods: :data:`.base.METHODS`).
+The CLI, the app and the benchmarks read their option lists from here (methods and their options:
+:data:`.base.METHODS`, :meth:`.base.Method.parse`).
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from ..errors import InfluenceLensError
 
@@ -88,9 +88,9 @@ class Damping:
     """``""`` (absolute), ``"top"`` (the block's largest eigenvalue) or ``"mean"`` (its mean eigenvalue)."""
 
     def __post_init__(self):
-        if not float(self.value) > 0:
+        if not 0 < float(self.value) < math.inf:  # an infinite λ would give all-zero influences
             raise InfluenceLensError(
-                f"regularization must be positive, got {self.value!r}.",
+                f"Damping λ must be positive and finite, got {self.value!r}.",
                 "use e.g. 1e-3 (absolute), top:1e-5 or rel:0.1 (relative to the curvature)",
             )
         if self.relative_to not in _PREFIXES:
@@ -128,18 +128,10 @@ class Damping:
             value = float(text[len(_PREFIXES[kind]) :])
         except ValueError:
             raise InfluenceLensError(
-                f"Cannot read regularization {text!r}.",
+                f"Cannot read damping {text!r}.",
                 "use a number (e.g. 1e-3), top:FRACTION (e.g. top:1e-5) or rel:FRACTION (e.g. rel:0.1)",
             ) from None
         return cls(value, kind)
-
-    @classmethod
-    def argument(cls, text: str) -> Damping:
-        """:meth:`parse` as an argparse ``type=``: unreadable text is a usage error with the fix, not a traceback."""
-        try:
-            return cls.parse(text)
-        except InfluenceLensError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
 
     def __str__(self) -> str:
         return f"{_PREFIXES[self.relative_to]}{self.value:g}"
@@ -158,7 +150,7 @@ class Damping:
             raise InfluenceLensError(
                 f"Relative damping needs the curvature's {self.relative_to} eigenvalue, which this fitted state "
                 "does not have.",
-                "fit again, or use an absolute regularization",
+                "fit again, or use an absolute damping",
             )
         return self.value * reference
 
@@ -178,27 +170,3 @@ HEAD_DAMPING = 1e-3
 """Default fraction of the head's largest curvature eigenvalue (:func:`default_damping`)."""
 NETWORK_DAMPING = 1e-5
 """Default fraction of each layer's largest curvature eigenvalue beyond the head (:func:`default_damping`)."""
-
-
-def method_options(pairs: Iterable[str]) -> dict[str, Any]:
-    """``["rank=1024", "fit_examples=none"]`` → ``{"rank": 1024, "fit_examples": None}``: each value read as an int,
-    a float, ``none``, else kept as text; a later key wins. (Whether the method has such options is checked by
-    :meth:`.base.Method.named`.)"""
-    out = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key.strip():
-            raise InfluenceLensError(f"Method option {pair!r} is not KEY=VALUE.", "write e.g. rank=1024")
-        out[key.strip()] = _option_value(text.strip())
-    return out
-
-
-def _option_value(text: str) -> Any:
-    if text.lower() == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text

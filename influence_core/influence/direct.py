@@ -70,7 +70,7 @@ class DirectInverse(InverseCurvature):
         else:
             warnings.warn(
                 f"H + λI is not positive definite (curvature {self.curvature.value!r}, λ = {lam:g}); "
-                "solving with LU. Use gauss-newton or a larger regularization for meaningful influences.",
+                "solving with LU. Use gauss-newton or a larger damping for meaningful influences.",
                 stacklevel=4,
             )
             result = ("lu", torch.linalg.lu_factor(shifted))
@@ -78,7 +78,7 @@ class DirectInverse(InverseCurvature):
         return result
 
     def solve(self, grads: Grads, damping: Damping) -> Grads:
-        (lam,) = self.block_regularization(damping).values()
+        (lam,) = self.block_damping(damping).values()
         kind, factor = self._factor(lam)
         flat = flatten(grads)
         rhs = flat.double().T.to(factor[0].device)

@@ -158,7 +158,7 @@ class InfluenceModel:
       ``KFAC()``, ``EKFAC()``; by name: ``Method.named("ekfac")``).
     * ``scope``: ``"head"`` (the last ``nn.Linear``, on backbone features computed once per image set),
       ``"all"`` (every Conv2d and Linear weight and bias) or module names (their parameters).
-    * ``regularization``: ``λ``, a float (absolute) or a :class:`Damping` (e.g. ``Damping.relative_to_top(1e-5)``);
+    * ``damping``: ``λ`` of ``(H + λI)⁻¹``, a float (absolute) or a :class:`Damping` (e.g. ``Damping.relative_to_top(1e-5)``);
       ``None``: :func:`.choices.default_damping` of the scope (``top:1e-3`` on the head, ``top:1e-5`` beyond).
     * ``curvature``: ``"gauss-newton"`` or ``"hessian"``.
     * ``progress(stage, done, total)`` is called during long loops (stages: ``features``, the method's own fit
@@ -176,7 +176,7 @@ class InfluenceModel:
         model: nn.Module,
         method: Method = DEFAULT_METHOD,
         scope: ScopeArg | str | Sequence[str] = Scope.HEAD,
-        regularization: float | Damping | None = None,
+        damping: float | Damping | None = None,
         curvature: Curvature | str = Curvature.GAUSS_NEWTON,
         device: str | torch.device = "auto",
         batch_size: int = 64,
@@ -190,7 +190,7 @@ class InfluenceModel:
         if int(batch_size) < 1:
             raise InfluenceLensError(f"batch_size must be at least 1, got {batch_size!r}.", "use e.g. 64")
         self.model, self.method, self.scope = model, method, parse_scope(scope)
-        self.regularization = default_damping(self.scope) if regularization is None else Damping.of(regularization)
+        self.damping = default_damping(self.scope) if damping is None else Damping.of(damping)
         self.curvature = Curvature.parse(curvature)
         method.check_curvature(self.curvature)
         self.device, self.batch_size, self.progress = device, int(batch_size), progress
@@ -243,10 +243,10 @@ class InfluenceModel:
         """Whether influences are scored in the method's eigenbasis (see :class:`EigenbasisInverse`)."""
         return isinstance(self.inverse_, EigenbasisInverse)
 
-    def block_regularization(self) -> dict[str, float]:
+    def block_damping(self) -> dict[str, float]:
         """The ``λ`` each block of the fitted method uses (relative damping resolved): block → λ."""
         self._require_fitted()
-        return self.inverse_.block_regularization(self.regularization)
+        return self.inverse_.block_damping(self.damping)
 
     # ----------------------------------------------------------------- data
     def _check(self, x: Images, y) -> tuple[Images, torch.Tensor]:
@@ -377,7 +377,7 @@ class InfluenceModel:
     def _solve(self, grads: Grads) -> Grads:
         """Solve for ``k`` stacked vectors in memory-bounded groups of rows."""
         size = rows_per_chunk(self.params_, next(iter(grads.values())).shape[0], SOLVE_BYTES)
-        return concat([self.inverse_.solve(part, self.regularization) for part in split(grads, size)])
+        return concat([self.inverse_.solve(part, self.damping) for part in split(grads, size)])
 
     @_fp32
     def test_factors(self, x_test: Images, y_test) -> InfluenceFactors:
@@ -394,14 +394,12 @@ class InfluenceModel:
                 solved, scale = InfluenceFactors.compress(solved)
                 scales.append(scale)
             parts.append(solved)
-        return InfluenceFactors(
-            concat(parts), self.regularization, concat(scales) if compress else None, self.in_basis_
-        )
+        return InfluenceFactors(concat(parts), self.damping, concat(scales) if compress else None, self.in_basis_)
 
     def _solved(self, x: Images, y: torch.Tensor, stage: str) -> Iterator[Grads]:
         """``(H + λI)⁻¹ ∇ℓ_i`` chunk by chunk, in parameter space or (``in_basis_``) as eigenbasis coordinates."""
         if isinstance(self.inverse_, EigenbasisInverse):
-            inverse = self.inverse_.inverse_diagonal(self.regularization)
+            inverse = self.inverse_.inverse_diagonal(self.damping)
             for _, blocks in self._basis_grads(x, y, stage):
                 yield {key: r * inverse[key] for key, r in blocks}
         else:
@@ -439,7 +437,7 @@ class InfluenceModel:
         inverse: dict[str, torch.Tensor] = {}
         if with_self:
             assert isinstance(self.inverse_, EigenbasisInverse)
-            inverse = self.inverse_.inverse_diagonal(self.regularization)
+            inverse = self.inverse_.inverse_diagonal(self.damping)
         if factors.in_basis:
             chunks = self._basis_grads(x, y, "influences")
         else:
@@ -464,7 +462,7 @@ class InfluenceModel:
         x, y = self._block_data(x, y)
         out = torch.empty(len(x), dtype=torch.float32)
         if isinstance(self.inverse_, EigenbasisInverse):
-            inverse = self.inverse_.inverse_diagonal(self.regularization)
+            inverse = self.inverse_.inverse_diagonal(self.damping)
             for rows, self_inf in self._per_chunk(x, y, "self-influence", self.inverse_.basis_self_influence, inverse):
                 out[rows] = self_inf.cpu()
         else:
@@ -507,9 +505,9 @@ class InfluenceModel:
             self._report("saliency", rows.stop, len(x))
         return torch.cat(out).numpy().astype(np.float32)
 
-    def set_regularization(self, value: float | Damping) -> None:
+    def set_damping(self, value: float | Damping) -> None:
         """Change ``λ``; nothing is refitted (test factors computed before must be computed again)."""
-        self.regularization = Damping.of(value)
+        self.damping = Damping.of(value)
 
     def _check_factors(self, factors: InfluenceFactors) -> None:
         self._require_fitted()
@@ -523,10 +521,10 @@ class InfluenceModel:
                 "These test factors come from an influence model with another method.",
                 "call test_factors() on this influence model",
             )
-        if factors.damping != self.regularization:
+        if factors.damping != self.damping:
             raise InfluenceLensError(
-                f"These test factors were solved with λ = {factors.damping}, but λ is now {self.regularization}.",
-                "call test_factors() again after set_regularization()",
+                f"These test factors were solved with λ = {factors.damping}, but λ is now {self.damping}.",
+                "call test_factors() again after set_damping()",
             )
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -15,18 +15,20 @@ from .ops import detached, power_iteration, row_dot
 
 @dataclass(frozen=True)
 class LiSSA(Method):
-    """Iterates ``x ← g + (1 − damping) x − (H + λI) x / scale`` and returns ``x / scale``.
+    """Iterates ``x ← g + (1 − shrink) x − (H + λI) x / scale`` and returns ``x / scale``.
 
-    With ``damping = 0`` the fixed point is exactly ``(H + λI)⁻¹ g``. Convergence condition: every
+    With ``shrink = 0`` the fixed point is exactly ``(H + λI)⁻¹ g``. Convergence condition: every
     eigenvalue ``μ`` of ``H + λI`` must satisfy ``0 < μ < 2·scale`` (so ``H + λI`` must be positive
     definite); the error then shrinks like ``max|1 − μ/scale|^depth``, i.e. it needs about
-    ``(scale/μ_min)·ln(1/tol)`` steps — slow for small ``λ``. ``damping > 0`` stabilises the recursion
-    at the price of a bias (it solves ``(H + λI + damping·scale·I) x = g``).
+    ``(scale/μ_min)·ln(1/tol)`` steps — slow for small ``λ``. ``shrink > 0`` stabilises the recursion
+    at the price of a bias (it solves ``(H + λI + shrink·scale·I) x = g``).
 
     * ``depth``: steps at most (each is one pass over the training set).
     * ``scale``: ``"auto"`` is ``0.65 · μ_max`` from 20 power iterations (minimises the rate while keeping a
       margin for the estimate), or a number above half the largest eigenvalue of ``H + λI``.
-    * ``damping``: the stabilising bias above (not ``λ``).
+    * ``shrink``: the stabilising bias above, which shrinks the iterate at every step. Koh & Liang's code and
+      pyDVL call it ``damping`` / ``dampen``; it is not the damping ``λ`` of ``(H + λI)⁻¹``, which every method
+      takes from the engine.
     * ``tol``: a column stops once its update is below ``tol`` times its current norm.
     * ``rhs_chunk``: as in ``CG``.
     """
@@ -34,7 +36,7 @@ class LiSSA(Method):
     name = "lissa"
     depth: int = 1000
     scale: float | Literal["auto"] = "auto"
-    damping: float = 0.0
+    shrink: float = 0.0
     tol: float = 1e-5
     rhs_chunk: int | None = None
 
@@ -45,8 +47,8 @@ class LiSSA(Method):
                 f"lissa scale must be positive or 'auto', got {self.scale!r}.",
                 "use scale='auto' or a value above half the largest eigenvalue of H",
             )
-        if not self.damping >= 0:
-            raise InfluenceLensError(f"lissa damping must be ≥ 0, got {self.damping!r}.", "use damping=0")
+        if not self.shrink >= 0:
+            raise InfluenceLensError(f"lissa shrink must be ≥ 0, got {self.shrink!r}.", "use shrink=0")
 
 
 class LiSSAInverse(IterativeInverse):
@@ -77,13 +79,13 @@ class LiSSAInverse(IterativeInverse):
                 self.progress("lissa", step_index + 1, method.depth)
             xa = {n: t[active] for n, t in x.items()}
             hx = self.curvature_product(xa)
-            new = {n: g[n][active] + (1 - method.damping - lam / scale) * xa[n] - hx[n] / scale for n in x}
+            new = {n: g[n][active] + (1 - method.shrink - lam / scale) * xa[n] - hx[n] / scale for n in x}
             step = {n: new[n] - xa[n] for n in x}
             norm = row_dot(new, new).sqrt()
             if not bool(torch.isfinite(norm).all()):
                 raise InfluenceLensError(
                     f"lissa diverged (scale={scale:.3g}, λ={lam:g}): H + λI has an eigenvalue outside (0, 2·scale).",
-                    "use a larger scale or regularization, curvature gauss-newton, or method cg",
+                    "use a larger scale or damping, curvature gauss-newton, or method cg",
                 )
             for n in x:
                 x[n][active] = new[n]
@@ -91,7 +93,7 @@ class LiSSAInverse(IterativeInverse):
         if len(active):
             warnings.warn(
                 f"lissa used all depth={method.depth} steps before {len(active)} columns reached "
-                f"tol={method.tol:g}; raise depth or regularization",
+                f"tol={method.tol:g}; raise depth or damping",
                 stacklevel=4,
             )
         return {n: t / scale for n, t in x.items()}

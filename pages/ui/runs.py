@@ -30,11 +30,12 @@ from influence_core.pipeline import (
     InfluenceSettings,
     cache_key,
     compute_influence,
-    ranking_upgrade,
     saliency_maps,
 )
 from influence_core.review import Action, ReviewStore
+from influence_core.rundir import finished_runs
 from influence_core.second_pass import DEFAULT_SHARE, compute_second_pass, load_second_pass
+from influence_core.upgrade import ranking_upgrade
 
 from .navigation import require_frame
 from .state import settings
@@ -98,9 +99,10 @@ def run_dir_for(config: TrainConfig) -> Path:
 
 
 def list_runs() -> list[Path]:
-    """Finished runs directly under each root (symlinks leading out of the roots left out), newest first."""
+    """Finished runs directly under each root (:func:`~influence_core.rundir.finished_runs`: never one being built
+    or swapped; symlinks leading out of the roots left out), newest first."""
     roots = run_roots()
-    found = {p.resolve() for root in roots if root.is_dir() for p in root.iterdir() if RunPaths(p).train_key.is_file()}
+    found = {p.resolve() for root in roots for p in finished_runs(root)}
     inside = [p for p in found if any(p.is_relative_to(root) for root in roots)]
     return sorted(inside, key=lambda p: RunPaths(p).train_key.stat().st_mtime, reverse=True)
 
@@ -323,7 +325,7 @@ class Ranking:
 
 def rankings(run: Run) -> Ranking:
     """The session's influence result (computed first: the page waits for it), or, at the default settings, the
-    better-measured whole-network one when it is affordable (:func:`influence_core.pipeline.ranking_upgrade`):
+    better-measured whole-network one when it is affordable (:func:`influence_core.upgrade.ranking_upgrade`):
     used once cached, computed in the background meanwhile. ``INFLUENCE_LENS_RANKING_UPGRADE=0`` turns this off."""
     s = settings()
     base = influence(run, s)

@@ -86,7 +86,7 @@ from torch import nn
 
 from ...errors import InfluenceLensError
 from ...progress import Progress
-from ..base import BlockScale, EigenbasisInverse, Grads, Method, weighted_squares
+from ..base import BlockScale, EigenbasisInverse, Grads, Method, check_seed, weighted_squares
 from ..choices import Curvature, Damping
 from ..ops import Batches, fit_subset, subset_batches
 from .factors import OVERSAMPLE, POWER_ITERATIONS, RANDOMIZED_RATIO, Covariance, LayerFactors, sandwich
@@ -176,6 +176,7 @@ class KFAC(Method):
             raise InfluenceLensError(f"label_columns must be at least 1, got {self.label_columns}.", "use e.g. 15")
         if not int(self.label_samples) >= 1:
             raise InfluenceLensError(f"label_samples must be at least 1, got {self.label_samples}.", "use e.g. 1")
+        check_seed(self.name, self.seed)
         if self.dtype not in ("auto", "float64", "float32"):
             raise InfluenceLensError(f"Unknown dtype {self.dtype!r}.", "use 'auto', 'float64' or 'float32'")
         if self.rank is not None and not int(self.rank) >= 1:
@@ -393,7 +394,7 @@ class KFACInverse(EigenbasisInverse):
             raise ValueError(
                 f"solve() got gradients for parameters {sorted(extra)} that were not fitted and lacks {sorted(missing)}"
             )
-        lams = self.block_regularization(damping)
+        lams = self.block_damping(damping)
         out: Grads = {}
         for f in self.layers:
             lam = lams[f.key]
@@ -475,7 +476,7 @@ class KFACInverse(EigenbasisInverse):
     def inverse_diagonal(self, damping: Damping) -> dict[str, torch.Tensor]:
         """``1 / (Λ + λ)`` per layer block ``(r_G, r_A)``: ``(out, d)`` unless projected (float32; complement
         directions of rank-deficient factors: ``1/λ``)."""
-        lams = self.block_regularization(damping)
+        lams = self.block_damping(damping)
         return {f.key: 1 / (f.scoring(torch.float32).eigenvalues + lams[f.key]) for f in self.layers}
 
     # ------------------------------------------------------------------ state

@@ -27,37 +27,28 @@ the ones at the checkpoint that ends it (the paper averages over several checkpo
 (3) ``(I − ηH)^K`` is replaced by ``exp(−ΣηH)`` (exact for small steps, as in the paper); (4) H is EK-FAC's,
 as in the paper; (5) BatchNorm runs in eval mode (running statistics) for every gradient; (6) SOURCE's
 self-influence drops the propagation to the end: ``Σ_ℓ ḡ_ℓ(z)ᵀ (I − S_ℓ) H_ℓ⁻¹ ḡ_ℓ(z)``.
-Tested against autograd through a short plain-SGD training (``tests/test_trajectory.py``).
+Tested against autograd through a short plain-SGD training (``tests/test_trajectory.py``). Used by the benchmarks
+(``lds_methods.py``, ``lds_detection.py``) only, so it lives beside them, not in the package.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
-import os
-import shutil
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
-from ..errors import InfluenceLensError
-from ..paths import InfluencePaths
-from ..progress import Progress
-from ..storage import atomic_write_json, file_hash, resolve_device, stable_hash
-from .kfac import EKFAC
-
-log = logging.getLogger(__name__)
+from influence_core.errors import InfluenceLensError
+from influence_core.influence import EKFAC, InfluenceModel
+from influence_core.influence.ops import per_sample_grads as engine_grads
+from influence_core.progress import Progress
+from influence_core.storage import resolve_device
 
 TRAJECTORY_METHODS = ("tracin", "source")
-CACHE_VERSION = "trajectory-v2"
 Grads = dict[str, torch.Tensor]
 
 
@@ -129,17 +120,11 @@ def per_sample_grads(
     device: torch.device,
 ) -> Iterator[tuple[slice, Grads]]:
     """``(rows, grads)`` chunks: ``grads[name]`` ``(b, *param.shape)`` float32, the per-sample cross-entropy
-    gradients of ``model`` (eval mode) for ``x[rows]`` ``(b, C, H, W)``, ``y[rows]``."""
-    values = {n: p.detach() for n, p in params.items()}
-
-    def loss(p, xi, yi):
-        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
-
-    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+    gradients of ``model`` (eval mode) for ``x[rows]`` ``(b, C, H, W)``, ``y[rows]`` (the engine's
+    :func:`influence_core.influence.ops.per_sample_grads`, a chunk at a time on ``device``)."""
     for start in range(0, len(x), batch_size):
         rows = slice(start, min(start + batch_size, len(x)))
-        with torch.no_grad():
-            yield rows, per_sample(values, x[rows].to(device, torch.float32), y[rows].to(device))
+        yield rows, engine_grads(model, params, x[rows].to(device, torch.float32), y[rows].to(device))
 
 
 def _dot(a: Grads, b: Grads) -> torch.Tensor:
@@ -164,8 +149,6 @@ class KroneckerEigen:
         cls, model: nn.Module, scope, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device
     ) -> KroneckerEigen:
         """Fit EK-FAC (Gauss-Newton) on ``x``, ``y`` through the influence engine and keep its eigenbases."""
-        from .engine import InfluenceModel
-
         if scope == "head":  # by module name, so that the fitted blocks carry the model's parameter names
             scope = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
         im = InfluenceModel(model, scope=scope, method=EKFAC(), batch_size=batch_size, device=device)
@@ -335,100 +318,3 @@ class TrajectoryInfluence:
     def _report(self, stage: str, done: int, total: int) -> None:
         if self.progress:
             self.progress(stage, done, total)
-
-
-# --------------------------------------------------------------------------------------------- cached runs
-@dataclass(frozen=True)
-class TrajectorySettings:
-    """What decides a cached trajectory result besides the run: method, scope, step scale, fit size."""
-
-    method: str = "tracin"
-    scope: str = "all"
-    step_scale: float = 1.0
-
-    def scope_arg(self) -> str | list[str]:
-        return self.scope if self.scope in ("head", "all") else [s.strip() for s in self.scope.split(",")]
-
-
-def trajectory_cache_key(run, settings: TrajectorySettings) -> str:
-    """The cache entry name of ``settings``'s result for ``run``: the segments' checkpoints, the train and test ids
-    and labels, the settings and (SOURCE) the defaults of the EK-FAC it fits per segment."""
-    return stable_hash(
-        CACHE_VERSION,
-        [file_hash(s.checkpoint) for s in run_segments(run)],
-        *run.influence_inputs(),
-        dataclasses.asdict(settings),
-        EKFAC().fingerprint() if settings.method == "source" else None,
-    )
-
-
-def compute_trajectory(
-    run,
-    settings: TrajectorySettings = TrajectorySettings(),
-    device: str = "auto",
-    progress: Progress | None = None,
-    recompute: bool = False,
-) -> InfluencePaths:
-    """Compute (or fetch) a trajectory method's results for ``run`` (an ``influence_core.Run``) and cache them in
-    ``run_dir/influence/<key>/`` in the format of ``influence_core.pipeline`` (zarr matrix, summaries,
-    ``self_influence.npy``; ``checkpoint_self_influence.npy`` holds each segment's term, (n_segments, n_train)),
-    so that ``pipeline.InfluenceResult(run, path)`` reads it. Written to a temporary folder, then renamed; the
-    caller holds the run's lock (as ``pipeline.compute_influence`` does)."""
-    from ..results import SummaryBuilder, column_blocks, create_matrix, summarise_block, write_histograms
-
-    segments = run_segments(run)
-    key = trajectory_cache_key(run, settings)
-    paths = run.paths.influence_entry(key)
-    if not recompute and paths.is_complete():
-        return paths
-    x_train, y_train = (t[:] for t in run.tensors("train"))
-    x_test, y_test = (t[:] for t in run.tensors("test"))
-    tmp = InfluencePaths(run.paths.influence_temp(key, os.getpid()))
-    shutil.rmtree(tmp.root, ignore_errors=True)
-    tmp.root.mkdir(parents=True)
-    try:
-        timings = {}
-        t = time.perf_counter()
-        ti = TrajectoryInfluence(
-            [run.load_model(s.checkpoint) for s in segments],
-            [s.lr_sum for s in segments],
-            settings.method,
-            settings.scope_arg(),
-            settings.step_scale,
-            device=device,
-            progress=progress,
-        ).fit(x_train, y_train)
-        timings["fit"] = time.perf_counter() - t
-        t = time.perf_counter()
-        segment_si = ti.segment_self_influence(x_train, y_train)
-        timings["self_influence"] = time.perf_counter() - t
-        t = time.perf_counter()
-        matrix = ti.influences(x_test, y_test, x_train, y_train)
-        timings["test_x_train_matrix"] = time.perf_counter() - t
-        create_matrix(tmp, *matrix.shape)[:] = matrix
-        summaries = SummaryBuilder(matrix.shape[0], matrix.shape[1], run.n_classes)
-        self_influence = segment_si.sum(0)
-        for a, b in column_blocks(matrix.shape[1]):
-            summaries.add(summarise_block(matrix[:, a:b], a, y_test.numpy(), run.n_classes, self_influence[a:b]))
-        summaries.write(tmp)
-        write_histograms(tmp, y_train.numpy(), run.n_classes)
-        np.save(tmp.checkpoint_self_influence, segment_si)
-        atomic_write_json(
-            tmp.meta,
-            {
-                "settings": dataclasses.asdict(settings) | {"kind": "trajectory"},
-                "checkpoints": [s.checkpoint.name for s in segments],
-                "lr_sums": [s.lr_sum for s in segments],
-                "n_train": len(y_train),
-                "n_test": len(y_test),
-                "timings_s": timings,
-                "created": time.time(),
-                "device": str(ti.device),
-            },
-        )
-        shutil.rmtree(paths.root, ignore_errors=True)
-        os.replace(tmp.root, paths.root)
-    finally:
-        shutil.rmtree(tmp.root, ignore_errors=True)
-    log.info("trajectory influence (%s, %s) computed in %.1f s", settings.method, settings.scope, sum(timings.values()))
-    return paths
