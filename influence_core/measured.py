@@ -56,9 +56,10 @@ class MethodMeasurement:
     full_lds: float | None = None
 
     def describe(self) -> str:
-        """For screens, in plain words: how well the method agreed with retraining, whether its values' sizes mean
-        anything, and its cost. The figures behind it are :meth:`details` (for a help icon)."""
-        parts = []
+        """For screens, in plain words: exact or approximate, how well the method agreed with retraining, whether
+        its values' sizes mean anything, and its cost. The figures behind it are :meth:`details` (for a help icon)."""
+        first = (self.note or "").split(" ")[0].rstrip(":.,")
+        parts = [f"{first}."] if first in ("Exact", "Approximate") else []
         if self.lds is not None:
             parts.append(f"Agreement with retraining: {agreement(self.lds)}.")
         if self.pearson is not None and abs(self.pearson) < TRACKS_PEARSON:

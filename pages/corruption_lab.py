@@ -1,4 +1,4 @@
-"""Corruption run: flip training labels on purpose, retrain, and check that influence exposes the flips."""
+"""Corruption lab: flip training labels on purpose, retrain, and check that influence exposes the flips."""
 
 import pandas as pd
 import streamlit as st

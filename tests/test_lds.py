@@ -110,11 +110,11 @@ def test_measured_file_round_trip(tmp_path):
     assert set(table) == {("ekfac", "all"), ("tracin", "all"), ("direct", "head")}  # λ-scan rows stay out
     m = measured_for("ekfac", "all", tmp_path / "measured.json")
     assert (m.lds, m.lds_se, m.n_models, m.job, m.pearson) == (0.2, 0.02, 50, "ours_ekfac_all", 0.5)
-    assert "LDS 0.20 ± 0.02 (50 retrained models" in m.describe() and "×100" in m.describe()
+    assert "LDS 0.20 ± 0.02 (50 retrained models" in m.details() and "×100" in m.details()
 
 
 def test_writing_measured_keeps_notes_costs_scope_notes_and_unscored_methods(tmp_path):
-    from influence_core.measured import load_measured, scope_note
+    from influence_core.measured import load_measured, scope_details, scope_note
 
     path = tmp_path / "measured.json"
     path.write_text(
@@ -145,7 +145,7 @@ def test_writing_measured_keeps_notes_costs_scope_notes_and_unscored_methods(tmp
     ekfac = table[("ekfac", "all")]
     assert (ekfac.lds, ekfac.cost_x_floor, ekfac.note) == (0.2, 31.0, "Approx.")
     assert table[("cg", "head")].note == "Exact up to tolerance." and table[("cg", "head")].lds is None
-    assert scope_note("all", path) == "Whole network: approximate."
+    assert scope_note("all", path) == scope_details("all", path) == "Whole network: approximate."
 
 
 def test_costs_come_from_a_benchmark_run_and_leave_the_rest(tmp_path):

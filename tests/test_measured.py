@@ -44,7 +44,7 @@ def test_an_lds_measurement_is_shown_with_its_error(tmp_path):
     assert "magnitudes ×2 the measured loss changes" in text
     assert measured_for("kfac", "all", path).details() == "Measured: 23× a forward+backward pass."
     # issue 29: screens get plain words, the figures go behind a help icon
-    assert measured_for("ekfac", "all", path).describe() == "Agreement with retraining: fair."
+    assert measured_for("ekfac", "all", path).describe() == "Approximate. Agreement with retraining: fair."
     assert measured_for("kfac", "all", path).describe() == (
         "Takes about 23× the time of one pass of the model over the images."
     )
