@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -576,7 +577,9 @@ def fit_model(
             idx, flip, shift = batch.idx, batch.flip, batch.shift
             if len(idx) == 0:  # the whole batch left out or merged: keep the learning-rate schedule aligned
                 if schedule is not None:
-                    schedule.step()
+                    with warnings.catch_warnings():  # before the first optimizer step PyTorch warns; intended here
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+                        schedule.step()
                 continue
             x, y = x_train[idx].to(dev), y_train[torch.from_numpy(idx).to(dev)]
             if flip is not None:
