@@ -70,7 +70,7 @@ def test_nan_losses_are_refused_not_ranked(runs_root, page):
     np.savez(paths.dynamics, **dynamics)
     at = open_page(page)
     assert any("not finite numbers" in e for e in errors(at)), errors(at)
-    assert "nan" not in " ".join(str(m.value) for m in at.markdown + at.caption).lower()
+    assert "score nan" not in " ".join(str(m.value) for m in [*at.markdown, *at.caption]).lower()
 
 
 def test_an_edited_label_is_never_shown_with_the_old_influence(runs_root):

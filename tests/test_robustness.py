@@ -17,7 +17,6 @@ from influence_core import InfluenceLensError, Run, TrainConfig, train
 from influence_core.cli import main
 from influence_core.paths import InfluencePaths, RunPaths
 from influence_core.pipeline import DEFAULT_SETTINGS, cache_key, compute_influence, load_influence
-from influence_core.training import _Batch, _merge_single_images, fit_model, training_key
 
 SMALL = dict(dataset="demo", classes=["0", "1"], downsample=0.3, image_size=16, epochs=1, n_checkpoints=0)
 
@@ -82,6 +81,8 @@ def test_an_image_cache_larger_than_the_free_disk_is_refused(tmp_path, monkeypat
 
 # --- 7. leave-group-out retraining never builds a one-image batch ---------------------------------------------
 def test_one_image_batches_join_another_batch():
+    from influence_core.training import _Batch, _merge_single_images
+
     def batch(*idx):
         return _Batch(np.array(idx, dtype=np.int64), torch.tensor([i % 2 == 0 for i in idx]), None)
 
@@ -94,6 +95,8 @@ def test_one_image_batches_join_another_batch():
 
 def test_leave_group_out_with_batches_of_two_trains(finished):
     # guards: ValueError "Expected more than 1 value per channel when training" once suspects were left out
+    from influence_core.training import fit_model
+
     run = Run(finished)
     x, y = run.tensors("train")
     x_val, y_val = run.tensors("val")
@@ -241,7 +244,7 @@ def test_a_relative_dataset_path_is_stored_absolute_and_old_runs_hit_the_cache(f
     assert len(Run(tmp_path / "run").images("train")) == len(run.ids("train"))
 
     # a run trained before specs were resolved holds the key of the spec as typed: still a cache hit
-    from influence_core.training import load_data, split_data
+    from influence_core.training import load_data, split_data, training_key
 
     config = TrainConfig(dataset=relative, **FOLDER_RUN)
     monkeypatch.chdir(tmp_path / "work")
