@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from .errors import InfluenceLensError
+
 if TYPE_CHECKING:
     from .review import Action
 
@@ -125,8 +127,16 @@ def best_signal(signals: Mapping[str, np.ndarray]) -> str:
 
 def rank_suspects(scores: np.ndarray, k: int | None = None) -> np.ndarray:
     """Training positions (≤k,) int64 ordered by descending suspicion ``scores`` (n_train,), ties by position;
-    all of them when ``k`` is None."""
-    return np.argsort(-np.asarray(scores), kind="stable")[:k]
+    all of them when ``k`` is None. Scores that are not all finite are refused (NaN has no rank)."""
+    scores = np.asarray(scores)
+    bad = int(scores.size - np.isfinite(scores).sum())
+    if bad:
+        raise InfluenceLensError(
+            f"{bad} of {scores.size} scores are not finite numbers (NaN or infinite), so they cannot be ranked.",
+            "the run's files or its influence result are damaged: compute the influence again "
+            "(influence-core influence --recompute) or train the run again (--retrain)",
+        )
+    return np.argsort(-scores, kind="stable")[:k]
 
 
 def top_k(influence_row: np.ndarray, k: int, candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -184,6 +184,12 @@ def _report(args) -> None:
     from .run import Run
 
     report = run_report(Run(args.run_dir))
+    for entry, why in report.get("ignored_influence", {}).items():
+        print(
+            f"note: the cached influence result {entry} is not used ({why}); "
+            f"compute it again with influence-core influence --run-dir {args.run_dir}",
+            file=sys.stderr,
+        )
     if args.json:
         print(to_json(report))
         return
@@ -274,6 +280,13 @@ def _label_issues(args) -> None:
         print(
             f"{int(table['is_label_issue'].sum())} label issues flagged; table written to {args.out}", file=sys.stderr
         )
+
+
+def _repoint(args) -> None:
+    from .run import repoint
+
+    run = repoint(args.run_dir, args.dataset)
+    print(f"{run.path} now reads its data from {run.config['dataset']}", file=sys.stderr)
 
 
 def _classes(args) -> None:
@@ -447,6 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--out", help="CSV file to write (default: print)")
     li.add_argument("--share", type=float, default=0.1, help="share of the training set flagged (default: 0.1)")
     li.set_defaults(func=_label_issues)
+
+    rp = sub.add_parser(
+        "repoint",
+        help="point a run at the new place of its dataset (after the data moved); checks that it holds the same images",
+    )
+    rp.add_argument("--run-dir", required=True)
+    rp.add_argument("--dataset", required=True, help="the data's new place, e.g. tiny-imagenet:PATH or folder:PATH")
+    rp.set_defaults(func=_repoint)
 
     c = sub.add_parser("classes", help="list the classes a dataset offers")
     c.add_argument("--dataset", required=True)

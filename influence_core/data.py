@@ -14,9 +14,11 @@ datasets), its display image (uint8 RGB at the model size) and gives its normali
 from __future__ import annotations
 
 import difflib
+import errno
 import gzip
 import logging
 import os
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +184,21 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
+def resolve_spec(spec: str) -> str:
+    """``spec`` with its folder made absolute (``~`` expanded, ``..`` removed), so that a run records where its data
+    is whatever folder it is opened from later; ``demo`` and a path-less ``fashion-mnist`` stay as they are."""
+    kind, path = parse_spec(spec)
+    return f"{kind}:{os.path.abspath(Path(path).expanduser())}" if path else kind
+
+
+def memory_text(n_bytes: float) -> str:
+    """``n_bytes`` for people: ``"3.1 GB"``, ``"120 MB"`` (decimal units)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:,.1f} {unit}"
+    return f"{n_bytes / 1e3:,.0f} kB"
+
+
 def load_dataset(
     spec: str, classes: list[str] | None = None, image_size: int | None = None, on_bad_image: str = "skip"
 ) -> ImageSet:
@@ -302,9 +319,12 @@ def split_dataset(
 # --- the image cache ---------------------------------------------------------------------------------------
 
 
+CACHE_ENV = "INFLUENCE_LENS_CACHE"
+
+
 def image_cache_dir() -> Path:
     """Where decoded images are cached: ``$INFLUENCE_LENS_CACHE``, else ``~/.cache/influence-lens``."""
-    return Path(os.environ.get("INFLUENCE_LENS_CACHE", "~/.cache/influence-lens")).expanduser()
+    return Path(os.environ.get(CACHE_ENV, "~/.cache/influence-lens")).expanduser()
 
 
 class BadImage(Exception):
@@ -345,6 +365,9 @@ class ImageCache:
         from tqdm import tqdm
 
         self.images_path.parent.mkdir(parents=True, exist_ok=True)
+        need, free = n * self.size * self.size * 3, shutil.disk_usage(self.images_path.parent).free
+        if need > free:
+            raise self._too_large(n, f"{memory_text(need)} of disk, {memory_text(free)} are free there")
         tmp, compact = (
             self.images_path.with_name(f".{self.images_path.stem}-{os.getpid()}{part}.npy") for part in ("", "-compact")
         )
@@ -352,7 +375,12 @@ class ImageCache:
         skipped: list[tuple[str, str]] = []
         shape = (self.size, self.size, 3)
         try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
+            except OSError as e:  # more than the address space or the file system allows
+                if e.errno not in (errno.ENOMEM, errno.EFBIG, errno.ENOSPC):
+                    raise
+                raise self._too_large(n, f"{memory_text(n * self.size * self.size * 3)}: {e.strerror}") from e
             for i in tqdm(range(n), desc=f"caching {n} images", disable=None, mininterval=2):
                 try:
                     out[len(kept)] = decode(i)
@@ -373,6 +401,12 @@ class ImageCache:
             compact.unlink(missing_ok=True)
         atomic_write_json(self.index_path, {"kept": kept, "skipped": skipped})
         log.info("cached %d images in %s", len(kept), self.images_path)
+
+    def _too_large(self, n: int, need: str) -> InfluenceLensError:
+        return InfluenceLensError(
+            f"The image cache of {n:,} images at {self.size} px cannot be written: it needs {need}.",
+            f"choose a smaller image size (the default is 64 px), fewer images, or point {CACHE_ENV} at a larger disk",
+        )
 
 
 def _official_split(labels: np.ndarray, name: str, seed: int, downsample: float, ids: list[str] | None) -> Split:

@@ -59,6 +59,7 @@ from .results import (
     SummaryBuilder,
     column_blocks,
     create_matrix,
+    entry_problem,
     write_histograms,
 )
 from .run import Run
@@ -270,18 +271,61 @@ def cache_key(run: Run, settings: InfluenceSettings) -> str:
     )
 
 
+def inputs_key(run: Run, checkpoints: bool = True) -> str:
+    """Hash of what an entry depends on in the run (checkpoint files, train and test ids, labels and splits), kept
+    in its ``meta.json``: an entry whose record differs was computed on another state of the run."""
+    ckpts = run.checkpoint_paths() if checkpoints else run.checkpoint_paths()[-1:]
+    return stable_hash("inputs-v1", [file_hash(p) for p in ckpts], *run.influence_inputs())
+
+
+def usable_entry(run: Run, entry: InfluencePaths) -> bool:
+    """Whether the entry is complete and whole (:func:`~.results.entry_problem`); a damaged one is logged, treated
+    as absent and computed again when asked for."""
+    if not entry.is_complete():
+        return False
+    problem = entry_problem(entry, len(run.labels("test")), len(run.labels("train")))
+    if problem:
+        log.warning("the cached influence entry %s is damaged (%s); it is computed again", entry.root.name, problem)
+    return problem is None
+
+
 def load_influence(run: Run, settings: InfluenceSettings = DEFAULT_SETTINGS) -> InfluenceResult | None:
     """The cached result for ``settings``, or None (never computes)."""
     entry = run.paths.influence_entry(cache_key(run, settings))
-    return InfluenceResult(run, entry.root) if entry.is_complete() else None
+    return InfluenceResult(run, entry.root) if usable_entry(run, entry) else None
+
+
+def ignored_entries(run: Run) -> dict[str, str]:
+    """Entry name → why a complete cache entry of the run is not used: damaged, or computed on other checkpoints,
+    ids or labels than the run's files hold now (e.g. a label edited in ``samples.csv``)."""
+    root = run.paths.influence
+    found = [InfluencePaths(p) for p in sorted(root.iterdir())] if root.is_dir() else []
+    current = {inputs_key(run, True), inputs_key(run, False)}
+    default = cache_key(run, DEFAULT_SETTINGS)
+    out = {}
+    for entry in found:
+        if not (entry.is_complete() and entry.influences.exists()):
+            continue
+        problem = entry_problem(entry, len(run.labels("test")), len(run.labels("train")))
+        if problem:
+            out[entry.root.name] = f"damaged: {problem}"
+        elif entry.root.name != default and read_json(entry.meta).get("inputs") not in current:
+            out[entry.root.name] = "computed on other labels, samples or checkpoints than the run holds now"
+    return out
 
 
 def cached_results(run: Run) -> list[InfluenceResult]:
-    """Every complete cache entry of the run, newest first (temporary folders of a computation and entries of
-    older cache versions, with a whole ``influences.npy``, never count)."""
+    """Every complete, whole cache entry computed on the run as it is now, newest first (temporary folders of a
+    computation, entries of older cache versions, with a whole ``influences.npy``, and :func:`ignored_entries`
+    never count)."""
     root = run.paths.influence
     found = [InfluencePaths(p) for p in root.iterdir()] if root.is_dir() else []
-    entries = [InfluenceResult(run, e.root) for e in found if e.is_complete() and e.influences.exists()]
+    ignored = ignored_entries(run)
+    entries = [
+        InfluenceResult(run, e.root)
+        for e in found
+        if e.is_complete() and e.influences.exists() and e.root.name not in ignored
+    ]
     return sorted(entries, key=lambda r: r.meta.get("created", 0), reverse=True)
 
 
@@ -305,7 +349,7 @@ def compute_influence(
     calculator = calculator or SequentialCalculator()
     key = cache_key(run, settings)
     final = run.paths.influence_entry(key).root
-    if not recompute and InfluencePaths(final).is_complete():
+    if not recompute and usable_entry(run, InfluencePaths(final)):
         log.info("cached: %s", final)
         return InfluenceResult(run, final)
     x_train, y_train = run.tensors("train")
@@ -314,7 +358,7 @@ def compute_influence(
     timings: dict[str, float] = {}
     checkpoint_si = []
     with writing_entry(run, key, wait=wait) as tmp:
-        if not recompute and InfluencePaths(final).is_complete():  # computed by another process while we waited
+        if not recompute and usable_entry(run, InfluencePaths(final)):  # computed by another process meanwhile
             log.info("cached: %s", final)
             return InfluenceResult(run, final)
         for i, ckpt in enumerate(ckpts):
@@ -357,6 +401,7 @@ def compute_influence(
                 "settings": {**settings.record(), "options": settings.method.options()},
                 "method": settings.method.fingerprint(),  # options and what "auto" resolved to
                 "checkpoints": [p.name for p in ckpts],
+                "inputs": inputs_key(run, settings.checkpoints),  # see ignored_entries
                 "n_train": len(y_train),
                 "n_test": len(y_test),
                 "timings_s": timings,

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from .analysis import SIGNALS, detection_metrics
-from .pipeline import DEFAULT_SETTINGS, cached_results, load_influence
+from .pipeline import DEFAULT_SETTINGS, cached_results, ignored_entries, load_influence
 from .run import Run
 from .second_pass import load_second_pass
 
@@ -16,7 +16,8 @@ def run_report(run: Run) -> dict:
     """classes, split sizes, test F1, confusion matrix, corruption, weights, timings_s; ``second_pass`` once
     computed (what it left out, its model's test accuracy and, with flips, its detection); with an influence
     entry cached: its settings and timings, and ``detection`` (signal → AUROC and recalls) when labels
-    were flipped. The default settings' entry is preferred, else the newest one."""
+    were flipped. The default settings' entry is preferred, else the newest one; only entries computed on the run
+    as it is now count, the others are listed in ``ignored_influence`` (entry → why)."""
     m, samples = run.metrics, run.samples
     flipped = run.flipped()
     report = {
@@ -48,6 +49,8 @@ def run_report(run: Run) -> dict:
         }
         if flipped.any():
             report["second_pass"]["detection"] = detection_metrics(second.loss, flipped)
+    if ignored := ignored_entries(run):
+        report["ignored_influence"] = ignored
     result = load_influence(run, DEFAULT_SETTINGS) or next(iter(cached_results(run)), None)
     if result is None:
         return report

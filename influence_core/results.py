@@ -21,7 +21,9 @@ from functools import cached_property
 
 import numpy as np
 
+from .errors import InfluenceLensError
 from .paths import InfluencePaths
+from .storage import read_json, read_npy_header
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +184,63 @@ def write_histograms(
     edges.flush()
 
 
+def entry_problem(paths: InfluencePaths, n_test: int, n_train: int) -> str | None:
+    """What makes the written entry ``paths`` of an ``(n_test, n_train)`` result unusable, or None when it is whole:
+    ``meta.json`` unreadable, a summary file missing, truncated or of another length, or a matrix shard that does
+    not read. Cheap: reads the ``.npy`` headers, the matrix's metadata and its first and last rows (a row touches
+    the index of every shard, which a truncated shard file loses)."""
+    try:
+        if not isinstance(read_json(paths.meta), dict):
+            return "meta.json is not a JSON object"
+    except (OSError, ValueError) as e:
+        return f"meta.json cannot be read ({e})"
+    lengths = {  # file → its length along the axis that counts test rows or training columns
+        paths.top_helpful_positions: (0, n_test),
+        paths.top_helpful_values: (0, n_test),
+        paths.top_harmful_positions: (0, n_test),
+        paths.top_harmful_values: (0, n_test),
+        paths.histogram_edges: (0, n_test),
+        paths.histogram_counts: (0, n_test),
+        paths.mean_influence: (-1, n_train),
+        paths.mean_influence_by_label: (-1, n_train),
+        paths.self_influence: (-1, n_train),
+        paths.checkpoint_self_influence: (-1, n_train),
+    }
+    for path, (axis, length) in lengths.items():
+        problem = _npy_problem(path, axis, length)
+        if problem:
+            return problem
+    if not paths.curvature.is_file():
+        return f"{paths.curvature.name} is missing"
+    try:
+        matrix = open_matrix(paths)
+        if tuple(matrix.shape) != (n_test, n_train):
+            return f"the matrix has shape {tuple(matrix.shape)}, not {(n_test, n_train)}"
+        for row in {0, n_test - 1} if n_test else ():
+            np.asarray(matrix[row])
+    except Exception as e:  # zarr raises ValueError (checksums), KeyError, OSError, its own errors  # noqa: BLE001
+        return f"the matrix {paths.influences.name} cannot be read ({type(e).__name__}: {e})"
+    return None
+
+
+def _npy_problem(path, axis: int, length: int) -> str | None:
+    """Why the ``.npy`` file ``path`` is unusable (missing, truncated, not ``length`` long on ``axis``), or None."""
+    try:
+        with open(path, "rb") as f:
+            shape, dtype = read_npy_header(f)
+            expected_size = f.tell() + int(np.prod(shape)) * dtype.itemsize
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except (OSError, ValueError) as e:
+        return f"{path.name} cannot be read ({e})"
+    if size != expected_size:
+        return f"{path.name} is {size:,} bytes long, its header promises {expected_size:,}"
+    if not shape or shape[axis] != length:
+        return f"{path.name} has shape {shape}, not {length} along axis {axis}"
+    return None
+
+
 class InfluenceStore:
     """Lazy read access to a written result (everything memory-mapped or read by the row)."""
 
@@ -195,7 +254,13 @@ class InfluenceStore:
 
     def row(self, test: int) -> np.ndarray:
         """``(n_train,)`` float32 influences of every training point on test point ``test``."""
-        return np.asarray(self.matrix[int(test)], dtype=np.float32)
+        try:
+            return np.asarray(self.matrix[int(test)], dtype=np.float32)
+        except (ValueError, KeyError, OSError) as e:  # a shard damaged after the entry was checked
+            raise InfluenceLensError(
+                f"The cached influence matrix is damaged ({type(e).__name__}: {e}).",
+                "compute it again: influence-core influence --recompute --run-dir RUN (the app does so on reload)",
+            ) from e
 
     def _npy(self, path) -> np.ndarray:
         return np.load(path, mmap_mode="r")

@@ -1,32 +1,79 @@
 """The run directory: everything about one trained model, readable without re-running anything.
 
 Its files are described in :mod:`influence_core.paths`. Opening a :class:`Run` checks that they are there and
-agree (``config.json`` and ``samples.csv`` readable, ``final.pt`` present, one ``samples.csv`` row per column of
-the dynamics and per row of the predictions); anything else is an :class:`InfluenceLensError` with a fix.
+agree (``config.json`` readable with fields of the right types, ``samples.csv`` readable, the checkpoints whole
+zip files, one ``samples.csv`` row per column of the dynamics and per row of the predictions); reading the
+dynamics or predictions checks that they are finite. Anything else is an :class:`InfluenceLensError` with a fix.
+A run whose dataset moved is pointed at its new place with :func:`repoint` (``influence-core repoint``).
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .data import ImageSet, ImageView, ModelInputs, load_dataset
+from .data import MIN_IMAGE_SIZE, ImageSet, ImageView, ModelInputs, load_dataset, resolve_spec
 from .errors import InfluenceLensError
 from .model import build_resnet18, load_checkpoint
 from .paths import RunPaths
-from .rundir import try_recover
-from .storage import read_json
+from .rundir import run_lock, try_recover
+from .storage import atomic_write_json, read_json, read_npy_header
 
 SPLITS = ("train", "val", "test")
 SAMPLE_COLUMNS = ("id", "split", "label", "true_label", "flipped")
-CONFIG_KEYS = ("dataset", "classes", "class_keys", "image_size", "weights")
 RETRAIN_FIX = "train the run again with --retrain (its review store is kept)"
+REPOINT_FIX = "point the run at the data's new place: influence-core repoint --run-dir RUN --dataset SPEC"
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and len(v) >= 2 and all(isinstance(n, str) for n in v)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+CONFIG_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "dataset": ("a dataset spec (text)", lambda v: isinstance(v, str) and bool(v)),
+    "classes": ("a list of two or more class names", _names),
+    "class_keys": ("a list of two or more class keys", _names),
+    "image_size": (f"a whole number of pixels ≥ {MIN_IMAGE_SIZE}", lambda v: _integer(v) and v >= MIN_IMAGE_SIZE),
+    "weights": ("'pretrained' or 'scratch'", lambda v: v in ("pretrained", "scratch")),
+    "train_layers": ("'head' or 'all'", lambda v: v in ("head", "all")),
+    "epochs": ("a whole number ≥ 1", lambda v: _integer(v) and v >= 1),
+}
+"""The fields every ``config.json`` holds: name → (what it must be, check)."""
+OPTIONAL_CONFIG_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "batch_size": ("a whole number ≥ 2", lambda v: _integer(v) and v >= 2),
+    "seed": ("a whole number ≥ 0", lambda v: _integer(v) and v >= 0),
+    "n_checkpoints": ("a whole number ≥ 0", lambda v: _integer(v) and v >= 0),
+    "lr": ("a positive number", lambda v: _number(v) and v > 0),
+    "weight_decay": ("a number ≥ 0", lambda v: _number(v) and v >= 0),
+    "downsample": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
+    "corrupt_fraction": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
+    "augment_shift": ("a number in [0, 0.5)", lambda v: _number(v) and 0 <= v < 0.5),
+    "augment_flip": ("true or false", lambda v: isinstance(v, bool)),
+    "split": (
+        "three fractions or 'official'",
+        lambda v: v == "official" or (isinstance(v, list) and len(v) == 3 and all(_number(f) for f in v)),
+    ),
+    "lr_schedule": ("'cosine' or 'constant'", lambda v: v in ("cosine", "constant")),
+    "corrupt_mode": ("'random' or 'top-influence'", lambda v: v in ("random", "top-influence")),
+}
+"""Fields of ``config.json`` that later steps (the second pass's retraining) read, checked when present."""
 
 
 class Run:
@@ -47,6 +94,8 @@ class Run:
             raise InfluenceLensError(
                 f"The run's final checkpoint {self.paths.final_checkpoint} is missing.", RETRAIN_FIX
             )
+        for checkpoint in self.checkpoint_paths():
+            _check_zip(checkpoint, "checkpoint")
         self._check_arrays_match_samples()
 
     def require_unchanged(self) -> None:
@@ -85,9 +134,17 @@ class Run:
     @cached_property
     def config(self) -> dict:
         cfg = _read_json(self.paths.config)
-        missing = [k for k in CONFIG_KEYS if not isinstance(cfg, dict) or k not in cfg]
+        missing = [k for k in CONFIG_FIELDS if not isinstance(cfg, dict) or k not in cfg]
         if missing:
             raise InfluenceLensError(f"{self.paths.config} lacks {', '.join(missing)}.", RETRAIN_FIX)
+        fields = CONFIG_FIELDS | {k: v for k, v in OPTIONAL_CONFIG_FIELDS.items() if k in cfg}
+        wrong = [f"{k} must be {what}, not {cfg[k]!r}" for k, (what, ok) in fields.items() if not ok(cfg[k])]
+        if not wrong and len(cfg["class_keys"]) != len(cfg["classes"]):
+            wrong.append(f"classes and class_keys must be as long ({len(cfg['classes'])} and {len(cfg['class_keys'])})")
+        if wrong:
+            raise InfluenceLensError(
+                f"{self.paths.config} is malformed: {'; '.join(wrong)}.", f"restore it or {RETRAIN_FIX}"
+            )
         return cfg
 
     @cached_property
@@ -151,15 +208,13 @@ class Run:
 
     @cached_property
     def dynamics(self) -> dict[str, np.ndarray]:
-        """loss, margin: (n_epochs, n_train) float32."""
-        with np.load(self.paths.dynamics) as f:
-            return {k: f[k] for k in f.files}
+        """loss, margin: (n_epochs, n_train) float32, all finite (a training stops at a non-finite loss)."""
+        return _finite_arrays(self.paths.dynamics)
 
     @cached_property
     def predictions(self) -> dict[str, np.ndarray]:
-        """probs_train / probs_val / probs_test: (n, n_classes) float32."""
-        with np.load(self.paths.predictions) as f:
-            return {k: f[k] for k in f.files}
+        """probs_train / probs_val / probs_test: (n, n_classes) float32, all finite."""
+        return _finite_arrays(self.paths.predictions)
 
     # --- model -----------------------------------------------------------------------------------------
     def checkpoint_paths(self) -> list[Path]:
@@ -169,7 +224,11 @@ class Run:
     def load_model(self, checkpoint: str | Path | None = None) -> nn.Module:
         """ResNet18 with the run's weights (``final.pt`` unless given), on the CPU, in eval mode."""
         model, _ = build_resnet18(self.n_classes, pretrained=False)
-        load_checkpoint(model, checkpoint or self.paths.final_checkpoint)
+        path = checkpoint or self.paths.final_checkpoint
+        try:
+            load_checkpoint(model, path)
+        except InfluenceLensError as e:
+            raise InfluenceLensError(f"The run's checkpoint is damaged: {e.problem}", RETRAIN_FIX) from e
         return model.eval()
 
     # --- data ------------------------------------------------------------------------------------------
@@ -180,9 +239,10 @@ class Run:
         try:
             return load_dataset(cfg["dataset"], cfg["class_keys"], cfg["image_size"], on_bad_image="skip")
         except InfluenceLensError as e:
-            raise InfluenceLensError(
+            raise DatasetMovedError(
+                self.path,
                 f"The run's dataset {cfg['dataset']!r} cannot be opened here: {e.problem}",
-                "copy the data to the same path, or reopen the run where it was computed",
+                f"put the data back at that place, or {REPOINT_FIX}",
             ) from e
 
     @cached_property
@@ -191,9 +251,10 @@ class Run:
         found = pd.Index(list(self.dataset.ids)).get_indexer(self.samples["id"].astype(str))
         missing = self.samples["id"][found < 0]
         if len(missing):
-            raise InfluenceLensError(
+            raise DatasetMovedError(
+                self.path,
                 f"{len(missing)} sample(s) of the run are no longer in the dataset, e.g. {missing.iloc[0]}.",
-                "restore the files or retrain the run",
+                f"restore the files, {REPOINT_FIX}, or {RETRAIN_FIX}",
             )
         return found.astype(np.int64)
 
@@ -206,6 +267,73 @@ class Run:
         int64 (as trained on)."""
         positions = self._positions[(self.samples["split"] == split).to_numpy()]
         return ModelInputs(self.dataset.images, positions), torch.tensor(self.labels(split))
+
+
+class DatasetMovedError(InfluenceLensError):
+    """The run's dataset is not where ``config.json`` says (or lacks samples): fixed by :func:`repoint`."""
+
+    def __init__(self, run_path: Path, problem: str, fix: str):
+        super().__init__(problem, fix)
+        self.run_path = run_path
+
+
+def repoint(path: str | Path, spec: str) -> Run:
+    """Point the run at ``path`` at its dataset's new place ``spec`` (e.g. ``tiny-imagenet:/data/tin``): the new
+    place must hold every sample id of ``samples.csv`` with the same true label; ``config.json`` then names the
+    resolved spec (written atomically, under the run's lock). Returns the run opened again."""
+    run = Run(path)
+    cfg = run.config
+    new_spec = resolve_spec(spec)
+    kind, old_kind = new_spec.partition(":")[0], cfg["dataset"].partition(":")[0].strip().lower()
+    if kind != old_kind:
+        raise InfluenceLensError(
+            f"The run was trained on a {old_kind} dataset, not {kind}.", f"give a {old_kind}:PATH spec"
+        )
+    dataset = load_dataset(new_spec, cfg["class_keys"], cfg["image_size"], on_bad_image="skip")
+    found = pd.Index(list(dataset.ids)).get_indexer(run.samples["id"].astype(str))
+    if (found < 0).any():
+        missing = run.samples["id"][found < 0]
+        raise InfluenceLensError(
+            f"{new_spec} lacks {len(missing)} of the run's {len(found)} images, e.g. {missing.iloc[0]}.",
+            "give the folder that holds the run's data (the same files, moved)",
+        )
+    differ = dataset.labels[found] != run.samples["true_label"].to_numpy()
+    if differ.any():
+        raise InfluenceLensError(
+            f"{int(differ.sum())} of the run's images lie in another class folder at {new_spec}, e.g. "
+            f"{run.samples['id'].iloc[int(np.argmax(differ))]}.",
+            "give the folder that holds the run's data (the same files, moved)",
+        )
+    with run_lock(run.paths):
+        run.require_unchanged()
+        atomic_write_json(run.paths.config, _read_json(run.paths.config) | {"dataset": new_spec})
+    return Run(path)
+
+
+def _check_zip(path: Path, what: str) -> None:
+    """Refuse a truncated or overwritten zip file (a checkpoint): reads only its central directory, at the end."""
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (OSError, zipfile.BadZipFile) as e:
+        raise InfluenceLensError(f"The run's {what} {path} is damaged: {e}.", RETRAIN_FIX) from e
+
+
+def _finite_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file of the run, refused when unreadable or when one holds NaN or ±inf."""
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise InfluenceLensError(f"Cannot read {path}: {e}.", f"restore it or {RETRAIN_FIX}") from e
+    for name, values in arrays.items():
+        bad = int(np.size(values) - np.isfinite(values).sum())
+        if bad:
+            raise InfluenceLensError(
+                f"{path} is damaged: {name} holds {bad} values that are not finite numbers (NaN or infinite).",
+                f"restore it or {RETRAIN_FIX}",
+            )
+    return arrays
 
 
 def _read_json(path: Path):
@@ -238,13 +366,7 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             shapes = {}
             for member in z.namelist():
                 with z.open(member) as f:
-                    version = np.lib.format.read_magic(f)
-                    header = (
-                        np.lib.format.read_array_header_1_0(f)
-                        if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0(f)
-                    )
-                shapes[f"{path.name}:{member.removesuffix('.npy')}"] = header[0]
+                    shapes[f"{path.name}:{member.removesuffix('.npy')}"] = read_npy_header(f)[0]
             return shapes
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise InfluenceLensError(f"Cannot read {path}: {e}.", f"restore it or {RETRAIN_FIX}") from e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -96,6 +97,15 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the ``.npy`` data in the open binary file ``f``, read from its header only; ``f`` is
+    left at the first byte of the data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
 def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle flag
@@ -124,6 +134,13 @@ def stable_hash(*parts: Any, length: int = 16) -> str:
 
 
 def file_hash(path: str | os.PathLike, length: int = 16) -> str:
+    """Hex sha256 of the file's bytes; remembered in this process while its size and modification time stay."""
+    st = os.stat(path)
+    return _file_hash(os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, length)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_hash(path: str, size: int, mtime_ns: int, inode: int, length: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

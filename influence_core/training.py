@@ -15,8 +15,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,19 @@ from sklearn.metrics import confusion_matrix, f1_score
 from torch import nn
 
 from .corruption import flip_random, flip_top_influence
-from .data import ImageSet, ModelInputs, Split, check_image_size, check_split, load_dataset, parse_spec, split_dataset
+from .data import (
+    DEFAULT_IMAGE_SIZE,
+    ImageSet,
+    ModelInputs,
+    Split,
+    check_image_size,
+    check_split,
+    load_dataset,
+    memory_text,
+    parse_spec,
+    resolve_spec,
+    split_dataset,
+)
 from .errors import InfluenceLensError
 from .model import IMAGENET, build_resnet18
 from .paths import TRAIN_KEY_FIELD, RunPaths
@@ -172,6 +187,59 @@ class TrainConfig:
             )
 
 
+PREDICT_BATCH = 256
+"""Images per forward pass when predicting (no gradients)."""
+
+
+@cache
+def activation_floats(image_size: int) -> tuple[int, int]:
+    """Floats a ResNet18 (10 classes) produces for one ``image_size`` px image: the sum over its layers (what a
+    training step keeps for the backward pass) and the largest single layer (the peak of a forward pass without
+    gradients). Counted on PyTorch's ``meta`` device, which allocates nothing."""
+    from torchvision.models import resnet18
+
+    with torch.device("meta"):
+        model = resnet18(num_classes=10).eval()  # eval: BatchNorm takes a single image
+    sizes: list[int] = []
+    for module in model.modules():
+        if not list(module.children()):
+            module.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel()))
+    model(torch.empty(1, 3, image_size, image_size, device="meta"))
+    return sum(sizes), max(sizes)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a computation on ``device``: the GPU's free memory, or the machine's available memory
+    (``MemAvailable`` of ``/proc/meminfo``: free plus reclaimable caches; else the free pages)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(config: TrainConfig, device: torch.device) -> None:
+    """Refuse an image size whose training step cannot fit on ``device``, before any image is read: a step keeps
+    every layer's output of its batch for the backward pass and needs as much again for their gradients
+    (float32), a prediction pass holds the largest layer of :data:`PREDICT_BATCH` images twice (input and
+    output). Both are lower bounds: PyTorch's workspace comes on top."""
+    size = config.image_size or DEFAULT_IMAGE_SIZE[parse_spec(config.dataset)[0]]
+    total, largest = activation_floats(size)
+    need = max(2 * 4 * config.batch_size * total, 2 * 4 * PREDICT_BATCH * largest)
+    have = available_memory(device)
+    if need > have:
+        where = "GPU" if device.type == "cuda" else "the machine's"
+        raise InfluenceLensError(
+            f"Training at {size} px in batches of {config.batch_size} needs at least {memory_text(need)} of "
+            f"{where} memory; {memory_text(have)} are available.",
+            "choose a smaller image size (the default is 64 px; 224 px is ImageNet's) or a smaller batch size",
+        )
+
+
 def checkpoint_epochs(epochs: int, n_checkpoints: int) -> list[int]:
     """Evenly spaced epochs (1-based) at which intermediate checkpoints are kept; the last epoch is final.pt."""
     if n_checkpoints <= 0 or epochs <= 1:
@@ -191,8 +259,11 @@ def train(
     """Train (or return the cached run) and write ``run_dir``; status lines go to this module's logger.
 
     Holds the run directory's lock while it checks the cache and writes (``wait=False``: fail at once if another
-    process holds it); a previous run in ``run_dir`` is replaced only once the new one is complete."""
+    process holds it); a previous run in ``run_dir`` is replaced only once the new one is complete. The dataset's
+    folder is recorded as an absolute path; a run trained before that, with the same spec as typed here, is still
+    a cache hit (and its ``config.json`` then gets the absolute path)."""
     config.check()
+    check_memory(config, resolve_device(device))
     t0 = time.perf_counter()
     data = split_data(load_data(config), config)
     return train_on(
@@ -203,6 +274,7 @@ def train(
         progress=progress,
         wait=wait,
         timings={"load_data": time.perf_counter() - t0},
+        legacy_key=training_key(data, config.dataset),
     )
 
 
@@ -216,11 +288,14 @@ def train_on(
     wait: bool = True,
     timings: dict[str, float] | None = None,
     key: str | None = None,
+    legacy_key: str | None = None,
     extra_config: dict | None = None,
 ) -> Run:
     """Train on ``data`` as it is (split and training labels given) and write ``run_dir``, or return the cached
-    run. ``key``: the cache key (default :func:`training_key`); ``extra_config``: more fields for ``config.json``
-    (e.g. a child run's ``lineage``); ``timings``: seconds already spent, recorded in ``metrics.json``."""
+    run. ``key``: the cache key (default :func:`training_key`); ``legacy_key``: the key the same training had
+    before dataset paths were resolved (a hit on it records the resolved path); ``extra_config``: more fields for
+    ``config.json`` (e.g. a child run's ``lineage``); ``timings``: seconds already spent, kept in ``metrics.json``."""
+    dev = resolve_device(device)
     paths = RunPaths(Path(run_dir))
     key = key or training_key(data)
     timings = dict(timings or {})
@@ -229,7 +304,10 @@ def train_on(
         if not retrain and holds_training(paths, key):
             log.info("cached: %s already holds this training (use --retrain to force)", run_dir)
             return Run(paths.root)
-        dev = resolve_device(device)
+        if not retrain and legacy_key is not None and legacy_key != key and holds_training(paths, legacy_key):
+            atomic_write_json(paths.config, read_json(paths.config) | {"dataset": data.config.dataset})
+            log.info("cached: %s already holds this training (its dataset path is now absolute)", run_dir)
+            return Run(paths.root)
         model, weights = _build_model(data)
         log.info(
             "weights: %s; device: %s",
@@ -297,25 +375,32 @@ def split_data(ds: ImageSet, config: TrainConfig) -> TrainingData:
     """Seeded stratified split, resolved config, and the corrupted training labels."""
     split = split_dataset(ds.labels, config.split, config.seed, config.downsample, ds.classes, ids=ds.ids)
     resolved = dataclasses.replace(
-        config, classes=list(ds.class_keys), image_size=int(ds.images.shape[1]), augment_shift=config.shift_share()
+        config,
+        dataset=resolve_spec(config.dataset),
+        classes=list(ds.class_keys),
+        image_size=int(ds.images.shape[1]),
+        augment_shift=config.shift_share(),
     )
     y_train, flipped = _corrupt(resolved, ds.labels[split.train], len(ds.classes))
     return TrainingData(resolved, ds, split, y_train, flipped)
 
 
-def training_key(data: TrainingData) -> str:
-    """Hash of the data ids, labels, split, training labels and resolved settings: equal key = same training."""
-    ds, split = data.dataset, data.split
+def training_key(data: TrainingData, spec: str | None = None) -> str:
+    """Hash of the dataset spec, data ids, labels, split, training labels and resolved settings: equal key = same
+    training. ``spec`` replaces the resolved spec (the spec as typed gives the key of a run trained before specs
+    were resolved)."""
+    ds, split, config = data.dataset, data.split, data.config
+    config = config if spec is None else dataclasses.replace(config, dataset=spec)
     return stable_hash(
         "train-v1",
-        ds.spec,
+        config.dataset,
         ds.ids,
         ds.labels,
         split.train,
         split.val,
         split.test,
         data.y_train,
-        keyed_settings(data.config),
+        keyed_settings(config),
     )
 
 
@@ -515,20 +600,21 @@ def fit_model(
         t = time.perf_counter()
         model.train(config.train_layers == "all")
         perm = torch.randperm(n, generator=gen)
-        # array_split keeps batches within one sample of each other: no size-1 batch for BatchNorm
-        for b, idx in enumerate(np.array_split(perm.numpy(), n_batches)):
+        batches = []
+        for idx in np.array_split(perm.numpy(), n_batches):  # batches within one sample of each other's size
             flip = torch.rand(len(idx), generator=gen) < 0.5 if config.augment_flip else None
             shift = torch.randint(-max_shift, max_shift + 1, (len(idx), 2), generator=gen) if max_shift else None
-            if exclude is not None:
-                kept = ~exclude[idx]
-                keep_t = torch.from_numpy(kept)
-                idx = idx[kept]
-                flip = None if flip is None else flip[keep_t]
-                shift = None if shift is None else shift[keep_t]
-                if len(idx) == 0:  # the whole batch left out: keep the learning-rate schedule aligned
-                    if schedule is not None:
+            batches.append(_Batch(idx, flip, shift) if exclude is None else _Batch(idx, flip, shift).without(exclude))
+        if model.training:  # BatchNorm in training mode cannot normalise a batch of one image
+            batches = _merge_single_images(batches)
+        for b, batch in enumerate(batches):
+            idx, flip, shift = batch.idx, batch.flip, batch.shift
+            if len(idx) == 0:  # the whole batch left out or merged: keep the learning-rate schedule aligned
+                if schedule is not None:
+                    with warnings.catch_warnings():  # before the first optimizer step PyTorch warns; intended here
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
                         schedule.step()
-                    continue
+                continue
             x, y = x_train[idx].to(dev), y_train[torch.from_numpy(idx).to(dev)]
             if flip is not None:
                 x = torch.where(flip.to(dev)[:, None, None, None], x.flip(3), x)
@@ -567,6 +653,54 @@ def fit_model(
     if run_paths is not None:
         atomic_torch_save(run_paths.final_checkpoint, _cpu_state(model))
     return history, {"loss": losses, "margin": margins}
+
+
+@dataclass
+class _Batch:
+    """One training batch: positions ``idx`` (b,) int64 and their augmentation draws, horizontal ``flip`` (b,)
+    bool and ``shift`` (b, 2) int64 pixels (None when that augmentation is off)."""
+
+    idx: np.ndarray
+    flip: torch.Tensor | None
+    shift: torch.Tensor | None
+
+    def without(self, exclude: np.ndarray) -> _Batch:
+        """The batch less the positions marked in ``exclude`` (n,) bool, each keeping its own draws."""
+        kept = ~exclude[self.idx]
+        keep_t = torch.from_numpy(kept)
+        return _Batch(
+            self.idx[kept],
+            None if self.flip is None else self.flip[keep_t],
+            None if self.shift is None else self.shift[keep_t],
+        )
+
+    def __add__(self, other: _Batch) -> _Batch:
+        def cat(a, b):
+            return None if a is None else torch.cat([a, b])
+
+        return _Batch(np.concatenate([self.idx, other.idx]), cat(self.flip, other.flip), cat(self.shift, other.shift))
+
+
+def _merge_single_images(batches: list[_Batch]) -> list[_Batch]:
+    """``batches`` with every one-image batch moved into the previous non-empty batch (the first one's into the
+    next), its place left empty, so that BatchNorm never sees a batch of one; unchanged when none has one image.
+    A lone image of a whole epoch is dropped."""
+    out = list(batches)
+    for i, batch in enumerate(out):
+        if len(batch.idx) != 1:
+            continue
+        after = [j for j in range(i + 1, len(out)) if len(out[j].idx)]
+        before = [j for j in range(i) if len(out[j].idx)]
+        out[i] = _Batch(
+            batch.idx[:0],
+            None if batch.flip is None else batch.flip[:0],
+            None if batch.shift is None else batch.shift[:0],
+        )
+        if before:
+            out[before[-1]] = out[before[-1]] + batch
+        elif after:
+            out[after[0]] = batch + out[after[0]]
+    return out
 
 
 def retrain_without(

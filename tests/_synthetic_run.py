@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from influence_core.paths import RunPaths
@@ -112,7 +113,7 @@ def make_synthetic_run(
             "timings_s": {},
         },
     )
-    paths.final_checkpoint.write_bytes(b"placeholder: the pages under test never load the model")
+    torch.save({}, paths.final_checkpoint)  # a whole file, but no model: the pages under test never load it
     paths.train_key.write_text("synthetic")
 
     run = Run(paths.root)
@@ -135,6 +136,7 @@ def make_synthetic_run(
     summaries.write(entry)
     write_histograms(entry, label[train], n_classes)
     np.save(entry.checkpoint_self_influence, rng.random((1, n_train), dtype=np.float32))
+    torch.save({}, entry.curvature)
     _write_json(
         entry.meta, {"settings": {}, "n_train": n_train, "n_test": n_test, "timings_s": {"total": 1.0}, "created": 0}
     )

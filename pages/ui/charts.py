@@ -6,6 +6,9 @@ one point per training image to the browser, so the pages stay fast on 100,000 t
 
 from __future__ import annotations
 
+import html
+from collections.abc import Iterable
+
 import numpy as np
 import pandas as pd
 import plotly.express as px
@@ -21,6 +24,16 @@ MAX_HEATMAP_CLASSES = 20  # above this the confusion view lists the largest conf
 LOSS_NAMES = {"train_loss": "training loss", "val_loss": "validation loss"}
 
 
+def plain(text: object) -> str:
+    """``text`` (a class name, a file name) as Plotly shows it literally: its HTML-like tags (``<b>``, ``<br>``,
+    ``<a href=…>``) escaped, and ``%`` too, which hover templates would read as ``%{variable}``."""
+    return html.escape(str(text), quote=False).replace("%", "&#37;")
+
+
+def plain_all(texts: Iterable[object]) -> list[str]:
+    return [plain(t) for t in texts]
+
+
 def chart(fig: go.Figure, key: str | None = None) -> None:
     top = 50 + 20 * str(fig.layout.title.text or "").count("<br>") if fig.layout.title.text else 20
     fig.update_layout(template="plotly_white", margin=dict(l=10, r=10, t=top, b=10))
@@ -34,7 +47,8 @@ def influence_histogram(h: GroupedHistogram, title: str, x_title: str) -> go.Fig
     totals = h.counts.sum(1) + h.below + h.above
     centres, widths = (h.edges[1:] + h.edges[:-1]) / 2, np.diff(h.edges)
     fig = go.Figure()
-    for i, (group, counts) in enumerate(zip(h.groups, h.counts, strict=True)):
+    groups = plain_all(h.groups)
+    for i, (group, counts) in enumerate(zip(groups, h.counts, strict=True)):
         row = n - 1 - i
         fig.add_bar(
             x=centres,
@@ -52,7 +66,7 @@ def influence_histogram(h: GroupedHistogram, title: str, x_title: str) -> go.Fig
         tickvals=[n - 1 - i for i in range(n)],
         ticktext=[
             f"{g} — {int(t):,} images<br>tallest bar {int(c.max()):,}"
-            for g, t, c in zip(h.groups, totals, h.counts, strict=True)
+            for g, t, c in zip(groups, totals, h.counts, strict=True)
         ],
         range=[-0.05, n],
         showgrid=False,
@@ -79,6 +93,7 @@ def loss_curve_figure(history: list[dict]) -> go.Figure:
 
 def confusion_figure(matrix: list[list[int]], classes: list[str], k: int = 15) -> go.Figure:
     """The confusion matrix as a heatmap, or with many classes the ``k`` largest confusions as bars."""
+    classes = plain_all(classes)
     if len(classes) > MAX_HEATMAP_CLASSES:
         top = top_confusions(matrix, classes, k).iloc[::-1]
         fig = go.Figure(
@@ -122,7 +137,7 @@ def detection_figure(curves: dict[str, pd.DataFrame], max_points: int = 400) -> 
             x=d["inspected"].to_numpy()[keep],
             y=d["found"].to_numpy()[keep],
             mode="lines",
-            name=name,
+            name=plain(name),
             line_color=COLORS[i % len(COLORS)],
         )
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="random order", line=dict(dash="dot", color="grey"))
@@ -139,6 +154,7 @@ def detection_figure(curves: dict[str, pd.DataFrame], max_points: int = 400) -> 
 
 def clean_vs_flipped_figure(values: np.ndarray, labels: list[str], flipped: np.ndarray, order: list[str]) -> go.Figure:
     """Box plots of ``values`` (n,) for clean and flipped training points by given label (``order``: labels drawn)."""
+    labels, order = plain_all(labels), plain_all(order)
     df = pd.DataFrame({"label": labels, "mean influence": values, "points": np.where(flipped, "flipped", "clean")})
     df = df[df["label"].isin(order)]
     fig = px.box(

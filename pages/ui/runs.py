@@ -18,6 +18,7 @@ from pathlib import Path, PurePath
 import numpy as np
 import pandas as pd
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
 from influence_core import InfluenceLensError, Run, TrainConfig, train
 from influence_core.analysis import rank_suspects, training_flags
@@ -31,8 +32,10 @@ from influence_core.pipeline import (
     cache_key,
     compute_influence,
     saliency_maps,
+    usable_entry,
 )
 from influence_core.review import Action, ReviewStore
+from influence_core.run import DatasetMovedError, repoint
 from influence_core.rundir import finished_runs
 from influence_core.second_pass import DEFAULT_SHARE, compute_second_pass, load_second_pass
 from influence_core.upgrade import ranking_upgrade
@@ -69,8 +72,12 @@ def run_roots() -> list[Path]:
 
 
 def confine(path: Path) -> Path:
-    """``path`` with symlinks resolved if it lies inside one of :func:`run_roots`, else refused."""
-    resolved = Path(path).expanduser().resolve()
+    """``path`` with symlinks resolved if it lies inside one of :func:`run_roots`, else refused (a name the file
+    system cannot hold, such as one with a null byte, too)."""
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (ValueError, OSError, RuntimeError):  # embedded null byte, name too long, a symlink loop
+        raise outside_roots() from None
     if any(resolved.is_relative_to(root) for root in run_roots()):
         return resolved
     raise outside_roots()
@@ -86,10 +93,14 @@ def run_ref(path: Path) -> str:
 def resolve_ref(ref: str) -> Path:
     """The folder a run reference names (see the module docstring); refused unless it stays inside the roots."""
     parts = PurePath(ref).parts
-    if not ref or PurePath(ref).is_absolute() or ref.startswith("~") or ".." in parts:
+    if not ref or "\x00" in ref or PurePath(ref).is_absolute() or ref.startswith("~") or ".." in parts:
         raise outside_roots()
     candidates = [root / ref for root in run_roots()]
-    return confine(next((c for c in candidates if c.is_dir()), candidates[0]))
+    try:
+        found = next((c for c in candidates if c.is_dir()), candidates[0])
+    except (ValueError, OSError):  # a name the file system cannot hold
+        raise outside_roots() from None
+    return confine(found)
 
 
 def run_dir_for(config: TrainConfig) -> Path:
@@ -108,12 +119,33 @@ def list_runs() -> list[Path]:
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def _open_run(path: str, mtime: float) -> Run:
+def _open_run(path: str, stamp: tuple) -> Run:
     return Run(path)
 
 
+def run_stamp(path: Path) -> tuple:
+    """``(size, mtime)`` of each file a :class:`Run` reads when opened or asked for labels and arrays: a run is
+    opened again (and its influence key computed again) once any of them changes, e.g. an edited label."""
+    files = RunPaths(path)
+    stamp = []
+    for file in (
+        files.train_key,
+        files.config,
+        files.samples,
+        files.dynamics,
+        files.predictions,
+        files.final_checkpoint,
+    ):
+        try:
+            st_ = file.stat()
+            stamp.append((st_.st_size, st_.st_mtime_ns))
+        except OSError:
+            stamp.append(None)
+    return tuple(stamp)
+
+
 def open_run(path: str | Path) -> Run:
-    """A :class:`Run` inside the roots, cached until its training is replaced (keyed on ``train_key``'s mtime)."""
+    """A :class:`Run` inside the roots, cached until one of its files changes (:func:`run_stamp`)."""
     path = confine(Path(path))
     key_file = RunPaths(path).train_key
     if not key_file.is_file():
@@ -121,7 +153,7 @@ def open_run(path: str | Path) -> Run:
             f"The run {run_ref(path)!r} is not a finished run (it holds no train_key file).",
             "pick a run written by Influence Lens training, or train a new run",
         )
-    return _open_run(str(path), key_file.stat().st_mtime)
+    return _open_run(str(path), run_stamp(path))
 
 
 def open_run_folder(folder: str) -> Run:
@@ -226,26 +258,30 @@ def train_with_progress(config: TrainConfig, label: str, run_dir: Path | None = 
     return finished_run(run_dir)
 
 
-def _trained_at(run: Run) -> float:
-    """When ``run``'s training was written (``train_key`` mtime): part of every in-memory cache key."""
-    return RunPaths(run.path).train_key.stat().st_mtime
+def _trained_at(run: Run) -> tuple:
+    """The run's :func:`run_stamp`: part of every in-memory cache key."""
+    return run_stamp(run.path)
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
-def _cache_key(path: str, mtime: float, s: InfluenceSettings) -> str:
+def _cache_key(path: str, stamp: tuple, s: InfluenceSettings) -> str:
     return cache_key(open_run(path), s)
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def _result(path: str, key: str) -> InfluenceResult:
+def _result(path: str, key: str, written: int) -> InfluenceResult:
     return InfluenceResult(open_run(path), RunPaths(Path(path)).influence_entry(key).root)
 
 
 def cached_influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult | None:
-    """The cached influence result of ``run`` (held in memory), or None without computing anything."""
+    """The cached influence result of ``run`` (held in memory), or None without computing anything (also when the
+    entry on disk is damaged: :func:`~influence_core.pipeline.usable_entry`)."""
     s = s or settings()
     key = _cache_key(str(run.path), _trained_at(run), s)
-    return _result(str(run.path), key) if RunPaths(run.path).influence_entry(key).is_complete() else None
+    entry = RunPaths(run.path).influence_entry(key)
+    if not usable_entry(run, entry):
+        return None
+    return _result(str(run.path), key, entry.meta.stat().st_mtime_ns)
 
 
 def _influence_key(run: Run, s: InfluenceSettings) -> str:
@@ -273,6 +309,25 @@ def influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult:
         _influence_job(run, s)
     settled(key)
     return cached_influence(run, s)
+
+
+def repoint_form(error: DatasetMovedError) -> None:
+    """Beside the error of a run whose dataset moved: a box for the data's new place and a button that points the
+    run there (:func:`influence_core.run.repoint`, which checks that the same images are there)."""
+    ref = run_ref(error.run_path)
+    try:
+        spec = st.text_input(
+            "New place of the run's data",
+            placeholder="e.g. tiny-imagenet:/data/tiny-imagenet-200 or folder:/data/photos",
+            key=f"repoint-{ref}",
+            help="The dataset spec as in Train a new run; the run is pointed there only if it holds the same images.",
+        )
+        clicked = st.button("Point the run there", key=f"repoint-button-{ref}", icon=":material/drive_file_move:")
+    except StreamlitAPIException:  # the same error shown twice on one page: one form is enough
+        return
+    if clicked and spec.strip():
+        repoint(error.run_path, spec.strip())
+        st.rerun()
 
 
 def second_pass_stamp(run: Run) -> int | None:
@@ -347,7 +402,7 @@ def rankings(run: Run) -> Ranking:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def _saliency(path: str, mtime: float, s: InfluenceSettings, test: int, train_position: int) -> np.ndarray:
+def _saliency(path: str, stamp: tuple, s: InfluenceSettings, test: int, train_position: int) -> np.ndarray:
     return saliency_maps(open_run(path), s, test, [train_position])[0]
 
 

@@ -18,8 +18,19 @@ from influence_core import InfluenceLensError, Run
 from influence_core.display import computation, export_csv, influence_unit, pages, short_id
 from influence_core.jobs import user_error
 from influence_core.pipeline import InfluenceSettings
+from influence_core.run import DatasetMovedError
 
-from .runs import DEMO_CONFIG, RUNS_ENV, job_registry, list_runs, resolve_ref, run_dir_for, run_ref, select_run
+from .runs import (
+    DEMO_CONFIG,
+    RUNS_ENV,
+    job_registry,
+    list_runs,
+    repoint_form,
+    resolve_ref,
+    run_dir_for,
+    run_ref,
+    select_run,
+)
 from .state import settings
 
 log = logging.getLogger(__name__)
@@ -134,9 +145,13 @@ def errors_shown():
 
     An :class:`InfluenceLensError` shows as is; an ``OSError`` or SQLite error (a read-only or full disk, a
     broken review store) as :func:`~influence_core.jobs.user_error` words it, without server paths; the full
-    exception goes to the server log."""
+    exception goes to the server log. A run whose dataset moved gets a form that points it at the new place."""
     try:
         yield
+    except DatasetMovedError as e:  # with a form that points the run at the data's new place
+        show_error(e)
+        with errors_shown():
+            repoint_form(e)
     except InfluenceLensError as e:
         show_error(e)
     except (OSError, sqlite3.Error) as e:
