@@ -194,7 +194,9 @@ def detection_tables(detection: dict) -> str:
         if name == names[-1]:
             sp = {
                 "left_out": sum(p["second_pass"]["left_out"] for p in pairs.values()) / len(pairs),
-                "retrained_test_accuracy": _mean([[p["second_pass"]["retrained_test_accuracy"]] for p in pairs.values()])[0],
+                "retrained_test_accuracy": _mean(
+                    [[p["second_pass"]["retrained_test_accuracy"]] for p in pairs.values()]
+                )[0],
                 "score": _mean([p["second_pass"]["score"] for p in pairs.values()]),
             }
             run = {
@@ -220,7 +222,10 @@ def detection_tables(detection: dict) -> str:
             "20 % of the ranking).",
             first,
             "The second pass on the runs with random shifts (the share left out: 10 %):",
-            _table(["pair", "flips left out", "test accuracy, run → retrained", "mean training loss", "second pass"], second),
+            _table(
+                ["pair", "flips left out", "test accuracy, run → retrained", "mean training loss", "second pass"],
+                second,
+            ),
             f"The project's target: AUROC ≥ {target['auroc']:g} with {100 * target['top10']:.0f} / "
             f"{100 * target['top20']:.0f} % of the flips in the top 10 / 20 %.",
         ]
@@ -266,43 +271,49 @@ def docs_md(report: dict, measured: dict, gpu_runs: list[dict], detection: dict)
     floor = report["floor"]
     run_info = report["run"]
     full = run.markdown(report).replace("\n## ", "\n### ").split("\n", 1)[1]  # its title becomes the section's
-    return "\n\n".join(
-        [
-            GENERATED,
-            "# Benchmarks",
-            "Every number on this page is generated from the measurements that the benchmark scripts write as JSON "
-            "(`benchmarks/summarize.py`); how they are measured is in [How influence is computed](influence.md) and "
-            "`benchmarks/README.md`.",
-            "## Accuracy of each method",
-            f"Linear datamodeling score (LDS, higher is better): the mean correlation between a method's predictions "
-            f"and {measured['n_models']} models retrained on random halves of the training set; workload: "
-            f"{measured['workload']}. The app shows these numbers next to each method "
-            "(`influence_core/data/measured.json`). *Time to the matrix* is in multiples of one forward and backward "
-            "pass over the same images.",
-            measured_table(measured),
-            "## Cost on a 2-core CPU",
-            f"`benchmarks/run.py` on {run_info['n_train']} training and {run_info['n_test']} test images; the floor "
-            f"(one forward and backward pass over them) took {floor['forward_backward_s']:.2f} s; `*` = extrapolated "
-            "from a capped run. Jobs named `pydvl_` and `kronfluence_` are the peer libraries.",
-            cost_table(report),
-            "## Finding wrong labels on four pairs",
-            detection_tables(detection),
-            "## One GPU at full size",
-            "`benchmarks/gpu_full.py` (training, the last layer's influence for every test × training pair through "
-            "the pipeline, whole-network K-FAC for a block of test points and self-influence of every training "
-            "image).",
-            gpu_table(gpu_runs),
-            "## The full CPU report",
-            full.strip(),
-            "",
-        ]
-    ).rstrip("\n") + "\n"
+    return (
+        "\n\n".join(
+            [
+                GENERATED,
+                "# Benchmarks",
+                "Every number on this page is generated from the measurements that the benchmark scripts write as JSON "
+                "(`benchmarks/summarize.py`); how they are measured is in [How influence is computed](influence.md) and "
+                "`benchmarks/README.md`.",
+                "## Accuracy of each method",
+                f"Linear datamodeling score (LDS, higher is better): the mean correlation between a method's predictions "
+                f"and {measured['n_models']} models retrained on random halves of the training set; workload: "
+                f"{measured['workload']}. The app shows these numbers next to each method "
+                "(`influence_core/data/measured.json`). *Time to the matrix* is in multiples of one forward and backward "
+                "pass over the same images.",
+                measured_table(measured),
+                "## Cost on a 2-core CPU",
+                f"`benchmarks/run.py` on {run_info['n_train']} training and {run_info['n_test']} test images; the floor "
+                f"(one forward and backward pass over them) took {floor['forward_backward_s']:.2f} s; `*` = extrapolated "
+                "from a capped run. Jobs named `pydvl_` and `kronfluence_` are the peer libraries.",
+                cost_table(report),
+                "## Finding wrong labels on four pairs",
+                detection_tables(detection),
+                "## One GPU at full size",
+                "`benchmarks/gpu_full.py` (training, the last layer's influence for every test × training pair through "
+                "the pipeline, whole-network K-FAC for a block of test points and self-influence of every training "
+                "image).",
+                gpu_table(gpu_runs),
+                "## The full CPU report",
+                full.strip(),
+                "",
+            ]
+        ).rstrip("\n")
+        + "\n"
+    )
 
 
 def documents() -> dict[Path, str]:
     """Every generated file and its text, from the JSON as it is now."""
     report, measured = _load(CPU_RUN), _load(ROOT / "influence_core" / "data" / "measured.json")
-    return {RESULTS_MD: results_md(report), DOCS_MD: docs_md(report, measured, [_load(p) for p in GPU_RUNS], _load(DETECTION))}
+    return {
+        RESULTS_MD: results_md(report),
+        DOCS_MD: docs_md(report, measured, [_load(p) for p in GPU_RUNS], _load(DETECTION)),
+    }
 
 
 def peers_table(results_dir: str) -> str:

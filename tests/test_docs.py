@@ -16,6 +16,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MEASUREMENTS = [
@@ -94,7 +96,11 @@ def hand_written_texts() -> dict[str, str]:
 def test_no_measured_number_is_typed_by_hand():
     """Guards against a second, hand-typed copy of a measurement (the README once held four copies of each)."""
     values = measured_values()
-    copies = {name: sorted(found) for name, text in hand_written_texts().items() if (found := copies_of_measurements(text, values))}
+    copies = {
+        name: sorted(found)
+        for name, text in hand_written_texts().items()
+        if (found := copies_of_measurements(text, values))
+    }
     assert not copies, f"measured numbers typed by hand (link to docs/benchmarks.md instead): {copies}"
 
 
@@ -119,3 +125,23 @@ def test_mkdocs_nav_lists_every_page():
     pages = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
     missing = sorted(p for p in pages if p not in nav)
     assert not missing, f"pages missing from mkdocs.yml's nav: {missing}"
+
+
+def test_the_site_builds_strictly(tmp_path):
+    """Guards every link and page of docs/: ``mkdocs build --strict`` fails on a broken link, a missing page or a
+    page left out of the nav (CI runs it too; skipped where the docs extra is not installed)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
