@@ -220,6 +220,7 @@ def test_unrolled_gain_limits():
     np.testing.assert_allclose(g.numpy(), [2.0, 2.0, (1 - np.exp(-2.0)), 1e-4], rtol=1e-6)
 
 
+@pytest.mark.slow  # whole-network trajectory influence of a trained run
 def test_compute_trajectory_caches_in_the_pipeline_format(demo_run):
     """A cached TracInCP entry reads back through pipeline.InfluenceResult and matches a direct computation."""
     from influence_core.influence.trajectory import TrajectorySettings, compute_trajectory, run_segments
