@@ -192,7 +192,7 @@ class Measurements:
 
 PAIRED_REFERENCE = "ours_kfac_all"
 """The job every other job's margin LDS is compared with test point by test point (the whole-network method of
-best LDS at its defaults, which the app ranks with; ``ours_ekfac_all`` until 2026-11-30): the per-job standard
+best LDS at its defaults, which the app ranks with): the per-job standard
 errors mostly come from the test points, which all jobs share."""
 
 
