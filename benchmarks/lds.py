@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -42,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from influence_core import Run, TrainConfig, train, training
+from influence_core.evaluation import SUBSET_SEED, lds, magnitude, paired_difference, subset_indices, true_label_margin
+from influence_core.measured import MEASURED_FILE, update_costs, write_measured
 from influence_core.model import build_resnet18
 from influence_core.paths import RunPaths
 from influence_core.storage import atomic_save_npz, atomic_write_json, read_json, stable_hash
@@ -49,8 +50,6 @@ from influence_core.storage import atomic_save_npz, atomic_write_json, read_json
 log = logging.getLogger(__name__)
 
 BENCH = Path(__file__).resolve().parent
-SUBSET_SEED = 20231
-"""Base of every subset's random draw: subset m is ``default_rng([SUBSET_SEED, m]).choice(...)``."""
 
 
 # ----------------------------------------------------------------------------------------------- workload
@@ -76,12 +75,6 @@ def workload_dir(config: TrainConfig, fraction: float, out: Path) -> Path:
     return out / f"{'-'.join(config.classes)}-{config.image_size}px-flip{config.corrupt_fraction:g}-{key}"
 
 
-def subset_indices(model_index: int, n_train: int, fraction: float) -> np.ndarray:
-    """(round(fraction · n_train),) sorted int64 indices of model ``model_index``'s training subset."""
-    rng = np.random.default_rng([SUBSET_SEED, model_index])
-    return np.sort(rng.choice(n_train, int(round(fraction * n_train)), replace=False)).astype(np.int64)
-
-
 def fit_model(model, config: TrainConfig, x_train, y_train, x_val, y_val) -> None:
     """The product's training loop, writing nothing (one wrapper, so that a change of its API is one line)."""
     training.fit_model(model, config, x_train, y_train, x_val, y_val)
@@ -98,16 +91,6 @@ def materialised(run: Run, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``(k, 3, S, S)`` float32 and labels ``(k,)`` of one split of ``run``, decoded at once."""
     x, y = run.tensors(split)
     return x[:], y
-
-
-def true_label_margin(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(n,) float64 ``logit_y − logsumexp(logits of the other classes)`` for logits (n, K), labels y (n,)."""
-    logits = np.asarray(logits, np.float64)
-    own = logits[np.arange(len(y)), y]
-    others = logits.copy()
-    others[np.arange(len(y)), y] = -np.inf
-    top = others.max(1)
-    return own - (top + np.log(np.exp(others - top[:, None]).sum(1)))
 
 
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -207,50 +190,10 @@ class Measurements:
         return out
 
 
-def _ranks(a: np.ndarray) -> np.ndarray:
-    """Average ranks along axis 0 (ties share their mean rank), float64."""
-    from scipy.stats import rankdata
-
-    return rankdata(a, axis=0)
-
-
-def lds(influences: np.ndarray, masks: np.ndarray, measured: np.ndarray) -> dict:
-    """Linear datamodeling score of an influence matrix.
-
-    ``influences (n_test, n_train)``: positive = helpful (raises ``measured``); ``masks (M, n_train)`` bool: the
-    training subset of each model; ``measured (M, n_test)``: each model's output on each test point, oriented so
-    that helpful training data raises it (the margin, or minus the loss). Prediction for model m and test point
-    t: ``Σ_{i∈S_m} I[t, i]``. Returns ``{"lds": mean over test points of the Spearman correlation across the
-    M models, "se": its standard error, "per_test": (n_test,) correlations (NaN where either side is constant),
-    "n_test": test points with a defined correlation, "n_models": M}``.
-    """
-    predicted = masks.astype(np.float64) @ np.asarray(influences, np.float64).T  # (M, n_test)
-    rp, rm = _ranks(predicted), _ranks(np.asarray(measured, np.float64))
-    rp -= rp.mean(0)
-    rm -= rm.mean(0)
-    denom = np.sqrt((rp * rp).sum(0) * (rm * rm).sum(0))
-    per_test = np.divide((rp * rm).sum(0), denom, out=np.full(denom.shape, np.nan), where=denom > 0)
-    valid = per_test[np.isfinite(per_test)]
-    se = float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else float("nan")
-    return {
-        "lds": float(valid.mean()) if len(valid) else float("nan"),
-        "se": se,
-        "per_test": per_test,
-        "n_test": int(len(valid)),
-        "n_models": int(len(masks)),
-    }
-
-
 PAIRED_REFERENCE = "ours_kfac_all"
 """The job every other job's margin LDS is compared with test point by test point (the whole-network method of
-best LDS at its defaults, which the app ranks with; ``ours_ekfac_all`` until 2026-11-30): the per-job standard
+best LDS at its defaults, which the app ranks with): the per-job standard
 errors mostly come from the test points, which all jobs share."""
-
-
-def paired_difference(per_test: np.ndarray, reference: np.ndarray) -> dict:
-    """Mean over test points of ``per_test − reference`` (per-test-point LDS) and its standard error."""
-    d = (per_test - reference)[np.isfinite(per_test - reference)]
-    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))), "n_test": int(len(d))}
 
 
 def score(measurements: Measurements, influences: np.ndarray) -> dict:
@@ -264,20 +207,6 @@ def score(measurements: Measurements, influences: np.ndarray) -> dict:
     return out
 
 
-def magnitude(measurements: Measurements, influences: np.ndarray, full_losses: np.ndarray) -> dict:
-    """How well the matrix's scale matches: for every model m and test point t, the measured loss change
-    ``loss_m[t] − loss_full[t]`` against the predicted ``Σ_{i∉S_m} I[t, i] / n_train`` (removing the half left out).
-    Least-squares slope through the origin (1 = calibrated) and Pearson r, pooled over (m, t)."""
-    n_train = measurements.masks.shape[1]
-    predicted = (~measurements.masks).astype(np.float64) @ np.asarray(influences, np.float64).T / n_train
-    measured = (measurements.losses - full_losses[None, :])[:, : len(influences)]
-    pred, meas = predicted.ravel(), measured.ravel()
-    return {
-        "slope": float(pred @ meas / (pred @ pred)) if pred.any() else None,
-        "pearson": float(np.corrcoef(pred, meas)[0, 1]) if pred.std() > 0 else None,
-    }
-
-
 def score_all(root: Path, reference_job: str = PAIRED_REFERENCE) -> dict:
     """LDS (margin and loss) and magnitude of every matrix in ``root/matrices``; written to ``scores.json``."""
     run = Run(root / "run")
@@ -289,7 +218,7 @@ def score_all(root: Path, reference_job: str = PAIRED_REFERENCE) -> dict:
         matrix = np.load(path)
         t = time.perf_counter()
         scores[path.stem] = score(measurements, matrix) | {
-            "magnitude": magnitude(measurements, matrix, full_losses),
+            "magnitude": magnitude(measurements.masks, measurements.losses, matrix, full_losses),
             "scoring_seconds": round(time.perf_counter() - t, 3),
         }
         per_test[path.stem] = lds(matrix, measurements.masks, measurements.margins[:, : len(matrix)])["per_test"]
@@ -328,101 +257,13 @@ def markdown(result: dict) -> str:
     return f"M = {result['n_models']} models\n\n" + "\n".join(lines) + "\n"
 
 
-def job_method_scope(job: str) -> tuple[str, str] | None:
-    """``ours_ekfac_all`` → (ekfac, all), ``tracin_all`` → (tracin, all); None for damping-scan, full-rank,
-    fit-size, rank, depth, fitted-position and test-subset
-    variants and for the peers' jobs (the app shows the LDS of the product's own methods
-    at their defaults)."""
-    if any(
-        tag in job for tag in ("_lambda", "_rel", "_top", "_full", "_fit", "_first", "_rank", "_pos", "_depth")
-    ) or job.startswith(("kronfluence_", "pydvl_")):
-        return None
-    parts = job.removeprefix("ours_").rsplit("_", 1)
-    return (parts[0], parts[1]) if len(parts) == 2 else None
-
-
-def write_measured(result: dict, path: Path, bench_results: Path | None = None, matrices: Path | None = None) -> dict:
-    """``benchmarks/measured.json`` (format in ``influence_core/measured.py``) from the LDS scores, with the
-    cost (× floor) of ``benchmarks/run.py``'s results.json if given, and for every head job the relative error
-    of its matrix against ``ours_direct_head`` (the exact head at the same damping) in ``matrices`` if given."""
+def git_commit() -> str:
+    """The checkout's short commit, recorded in the measurements file."""
     import subprocess
 
-    report = json.loads(bench_results.read_text()) if bench_results and bench_results.is_file() else None
-    exact = matrices / "ours_direct_head.npy" if matrices else None
-    exact_head = np.load(exact).astype(np.float64) if exact and exact.is_file() else None
-    recipe = result["workload"]
-    before = json.loads(path.read_text()) if path.is_file() else {}
-    previous = before.get("methods", {})
-    methods = {}
-    for job, s in result["scores"].items():
-        key = job_method_scope(job)
-        if key is None:
-            continue
-        entry = {
-            "job": job,
-            "lds": round(s["margin"]["lds"], 4),
-            "lds_se": round(s["margin"]["se"], 4),
-            "slope": s["magnitude"]["slope"],
-            "pearson": s["magnitude"].get("pearson"),
-            # the measured accuracy text, and cost and fidelity from an earlier benchmark run, stay unless remeasured
-            "cost_x_floor": previous.get("/".join(key), {}).get("cost_x_floor"),
-            "fidelity": previous.get("/".join(key), {}).get("fidelity"),
-            "note": previous.get("/".join(key), {}).get("note"),
-        }
-        full = result["scores"].get(f"{job}_full")
-        if full is not None:
-            entry["full_lds"] = round(full["margin"]["lds"], 4)
-        if report:
-            entry["cost_x_floor"] = job_cost(report, job, default=entry["cost_x_floor"])
-        if exact_head is not None and key[1] == "head" and job != "ours_direct_head" and job.startswith("ours_"):
-            m = np.load(matrices / f"{job}.npy").astype(np.float64)
-            error = np.linalg.norm(m - exact_head) / np.linalg.norm(exact_head)
-            entry["fidelity"] = f"rel. err {error:.2g} vs exact direct (head, same damping)"
-        methods["/".join(key)] = entry
-    commit = subprocess.run(
+    return subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH
     ).stdout.strip()
-    data = {
-        "workload": f"{' vs '.join(recipe['classes'])}, {recipe['image_size']} px, ResNet18 from scratch, "
-        f"{recipe['epochs']} epochs, {recipe['corrupt_fraction']:.0%} flipped labels, "
-        + (f"random shifts up to {recipe['augment_shift']:.0%}" if recipe.get("augment_shift") else "no random shifts"),
-        "n_models": result["n_models"],
-        "commit": commit,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "methods": {**{k: v for k, v in previous.items() if k not in methods}, **methods},
-        **({"costs_from": costs_source(report)} if report else {k: v for k, v in before.items() if k == "costs_from"}),
-        "scope_notes": before.get("scope_notes", {}),
-    }
-    atomic_write_json(path, data)
-    return data
-
-
-def job_cost(report: dict, job: str, default: float | None = None) -> float | None:
-    """Seconds to ``job``'s full matrix (fit included) over the floor of ``run.py``'s ``report``; ``default`` when
-    that run did not time it."""
-    matrix = (report.get("jobs", {}).get(job) or {}).get("matrix") or {}
-    if "seconds_full" not in matrix:
-        return default
-    return round(matrix["seconds_full"] / report["floor"]["forward_backward_s"], 2)
-
-
-def costs_source(report: dict) -> str:
-    """Where measured.json's costs come from: the ``run.py`` run's date and floor."""
-    return (
-        f"benchmarks/run.py of {report['date']}, forward+backward floor {report['floor']['forward_backward_s']:.2f} s"
-    )
-
-
-def update_costs(path: Path, bench_results: Path) -> dict:
-    """Replace every method's ``cost_x_floor`` in ``path`` (measured.json) by ``run.py``'s ``bench_results``
-    where that run has the method's job; the LDS and notes stay."""
-    report = json.loads(bench_results.read_text())
-    data = json.loads(path.read_text())
-    for entry in data["methods"].values():
-        entry["cost_x_floor"] = job_cost(report, entry["job"], default=entry["cost_x_floor"])
-    data["costs_from"] = costs_source(report)
-    atomic_write_json(path, data)
-    return data
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -442,7 +283,7 @@ def add_workload_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.25,
         help="random shifts of the training images, as in `influence-core train` (default 0.25: the product's "
-        "default for tiny-imagenet; 0: the recipe of the LDS numbers of 2026-11-29, before it became the default)",
+        "default for tiny-imagenet; 0: the flips-only recipe of the earlier LDS builds, benchmarks/LDS_HISTORY.md)",
     )
     p.add_argument("--fraction", type=float, default=0.5, help="size of each subset, as a fraction of n_train")
     p.add_argument("--out", type=Path, default=BENCH / "out" / "lds")
@@ -472,7 +313,7 @@ def main(argv=None) -> None:
         help=f"job the paired differences are taken against ({PAIRED_REFERENCE})",
     )
     c = sub.add_parser("costs", help="only replace measured.json's costs by a benchmarks/run.py results.json")
-    c.add_argument("--measured", type=Path, default=BENCH / "measured.json")
+    c.add_argument("--measured", type=Path, default=MEASURED_FILE)
     c.add_argument("--bench-results", type=Path, required=True)
     a = p.parse_args(argv)
     if a.command == "train":
@@ -485,7 +326,7 @@ def main(argv=None) -> None:
         result = score_all(root, a.reference)
         print(markdown(result))
         if a.measured:
-            write_measured(result, a.measured, a.bench_results, root / "matrices")
+            write_measured(result, a.measured, a.bench_results, root / "matrices", commit=git_commit())
 
 
 if __name__ == "__main__":

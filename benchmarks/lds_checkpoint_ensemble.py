@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from lds import Measurements, lds, paired_difference
+from lds import Measurements
 
 from influence_core import Run
+from influence_core.evaluation import lds, paired_difference
 from influence_core.influence import InfluenceModel, Method
 
 

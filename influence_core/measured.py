@@ -1,11 +1,11 @@
 """Measured accuracy and cost of each influence method, as data written by the benchmarks.
 
-``benchmarks/lds.py score --measured benchmarks/measured.json`` writes the file; the app shows
-:meth:`MethodMeasurement.describe` (plain words) next to each method's name, the figures
-(:meth:`MethodMeasurement.details`) behind a help icon. Format::
+``benchmarks/lds.py score --measured influence_core/data/measured.json`` writes the file (:func:`write_measured`), which
+ships with the package as package data; the app shows :meth:`MethodMeasurement.describe` (plain words) next to each
+method's name, the figures (:meth:`MethodMeasurement.details`) behind a help icon. Format::
 
     {"workload": "goldfish vs lemon, 880 train / 110 test, 32 px, ResNet18 from scratch, 15 epochs, 10 % flips",
-     "n_models": M, "commit": "abc1234", "created": "2026-11-29T17:00:00Z",
+     "n_models": M, "commit": "abc1234", "created": "<UTC time of writing>",
      "methods": {"<method>/<scope>": {"job": "ours_ekfac_all", "lds": 0.21 | null, "lds_se": 0.02 | null,
                                       "slope": 0.01 | null, "cost_x_floor": 31.0 | null,
                                       "fidelity": "rel. err 1.6 vs direct (head)" | null,
@@ -24,12 +24,18 @@ and position), where measured.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.resources import files
 from pathlib import Path
 
-MEASURED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "measured.json"
-"""Where the benchmark writes its measurements in a checkout (absent in an installed package)."""
+import numpy as np
+
+from influence_core.storage import atomic_write_json
+
+MEASURED_FILE = Path(str(files("influence_core") / "data" / "measured.json"))
+"""The measurements that ship with the package (package data, so an installed wheel has them too)."""
 
 
 TRACKS_PEARSON = 0.2
@@ -181,3 +187,109 @@ def measured_for(method: str, scope: str, path: str | Path | None = None) -> Met
     """The measurement of one method and scope, or None (no file, or not measured)."""
     table = load_measured(path)
     return None if table is None else table.get((method, scope))
+
+
+# ------------------------------------------------------------------------------- writing (benchmarks/lds.py)
+def job_method_scope(job: str) -> tuple[str, str] | None:
+    """``ours_ekfac_all`` → (ekfac, all), ``tracin_all`` → (tracin, all); None for damping-scan, full-rank,
+    fit-size, rank, depth, fitted-position and test-subset
+    variants and for the peers' jobs (the app shows the LDS of the product's own methods
+    at their defaults)."""
+    if any(
+        tag in job for tag in ("_lambda", "_rel", "_top", "_full", "_fit", "_first", "_rank", "_pos", "_depth")
+    ) or job.startswith(("kronfluence_", "pydvl_")):
+        return None
+    parts = job.removeprefix("ours_").rsplit("_", 1)
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def write_measured(
+    result: dict,
+    path: Path,
+    bench_results: Path | None = None,
+    matrices: Path | None = None,
+    commit: str = "",
+) -> dict:
+    """The measurements file (this module's format) from ``benchmarks/lds.py``'s LDS scores ``result``, with the
+    cost (× floor) of ``benchmarks/run.py``'s results.json if given, and for every head job the relative error
+    of its matrix against ``ours_direct_head`` (the exact head at the same damping) in ``matrices`` if given.
+    ``commit``: the checkout's commit, recorded in the file."""
+    report = json.loads(bench_results.read_text()) if bench_results and bench_results.is_file() else None
+    exact = matrices / "ours_direct_head.npy" if matrices else None
+    exact_head = np.load(exact).astype(np.float64) if exact and exact.is_file() else None
+    recipe = result["workload"]
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    previous = before.get("methods", {})
+    methods = {}
+    for job, s in result["scores"].items():
+        key = job_method_scope(job)
+        if key is None:
+            continue
+        entry = {
+            "job": job,
+            "lds": round(s["margin"]["lds"], 4),
+            "lds_se": round(s["margin"]["se"], 4),
+            "slope": s["magnitude"]["slope"],
+            "pearson": s["magnitude"].get("pearson"),
+            # the measured accuracy text, and cost and fidelity from an earlier benchmark run, stay unless remeasured
+            "cost_x_floor": previous.get("/".join(key), {}).get("cost_x_floor"),
+            "fidelity": previous.get("/".join(key), {}).get("fidelity"),
+            "note": previous.get("/".join(key), {}).get("note"),
+        }
+        full = result["scores"].get(f"{job}_full")
+        if full is not None:
+            entry["full_lds"] = round(full["margin"]["lds"], 4)
+        if report:
+            entry["cost_x_floor"] = job_cost(report, job, default=entry["cost_x_floor"])
+        if (
+            exact_head is not None
+            and matrices is not None
+            and key[1] == "head"
+            and job != "ours_direct_head"
+            and job.startswith("ours_")
+        ):
+            m = np.load(matrices / f"{job}.npy").astype(np.float64)
+            error = np.linalg.norm(m - exact_head) / np.linalg.norm(exact_head)
+            entry["fidelity"] = f"rel. err {error:.2g} vs exact direct (head, same damping)"
+        methods["/".join(key)] = entry
+    data = {
+        "workload": f"{' vs '.join(recipe['classes'])}, {recipe['image_size']} px, ResNet18 from scratch, "
+        f"{recipe['epochs']} epochs, {recipe['corrupt_fraction']:.0%} flipped labels, "
+        + (f"random shifts up to {recipe['augment_shift']:.0%}" if recipe.get("augment_shift") else "no random shifts"),
+        "n_models": result["n_models"],
+        "commit": commit,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "methods": {**{k: v for k, v in previous.items() if k not in methods}, **methods},
+        **({"costs_from": costs_source(report)} if report else {k: v for k, v in before.items() if k == "costs_from"}),
+        "scope_notes": before.get("scope_notes", {}),
+    }
+    atomic_write_json(path, data)
+    return data
+
+
+def job_cost(report: dict, job: str, default: float | None = None) -> float | None:
+    """Seconds to ``job``'s full matrix (fit included) over the floor of ``run.py``'s ``report``; ``default`` when
+    that run did not time it."""
+    matrix = (report.get("jobs", {}).get(job) or {}).get("matrix") or {}
+    if "seconds_full" not in matrix:
+        return default
+    return round(matrix["seconds_full"] / report["floor"]["forward_backward_s"], 2)
+
+
+def costs_source(report: dict) -> str:
+    """Where measured.json's costs come from: the ``run.py`` run's date and floor."""
+    return (
+        f"benchmarks/run.py of {report['date']}, forward+backward floor {report['floor']['forward_backward_s']:.2f} s"
+    )
+
+
+def update_costs(path: Path, bench_results: Path) -> dict:
+    """Replace every method's ``cost_x_floor`` in ``path`` (measured.json) by ``run.py``'s ``bench_results``
+    where that run has the method's job; the LDS and notes stay."""
+    report = json.loads(bench_results.read_text())
+    data = json.loads(path.read_text())
+    for entry in data["methods"].values():
+        entry["cost_x_floor"] = job_cost(report, entry["job"], default=entry["cost_x_floor"])
+    data["costs_from"] = costs_source(report)
+    atomic_write_json(path, data)
+    return data

@@ -67,8 +67,8 @@ RECOMMENDED_EPOCHS = 15
 
 AUGMENT_SHIFT_BY_KIND = {"tiny-imagenet": 0.25, "folder": 0.25, "demo": 0.0, "fashion-mnist": 0.0}
 """Default share of the image side by which training images are shifted at random, per dataset kind: photos gain
-(tiny-imagenet: flips found at AUROC 0.963 instead of 0.934 on four pairs, README), centred items lose (digits:
-test accuracy 0.889 → 0.600; Fashion-MNIST pullover vs coat: AUROC 0.928 → 0.791)."""
+(more flips found on four tiny-imagenet pairs), centred items lose (the digits and Fashion-MNIST); measured in
+``docs/decisions/augment-shift.md``."""
 
 SETTINGS_ADDED_LATER: dict[str, object] = {"augment_shift": 0.0}
 """Settings added after runs were first cached, with the value that reproduces those runs: a ``config.json``

@@ -248,6 +248,7 @@ def test_explorer_shows_top_k_for_the_test_image_in_the_url(app, demo_run):
     assert any("Red pixels" in c.value for c in at.caption)
 
 
+@pytest.mark.slow  # trains a ResNet18 on tiny-imagenet (tiny_run)
 def test_pages_show_the_image_of_each_sample_they_name(tiny_run):
     """Display images are looked up by sample id: a tiny-imagenet run lists its samples by split, its dataset by
     file, so a row of ``samples.csv`` is not a row of the dataset (pages once showed the wrong images here)."""
@@ -263,6 +264,7 @@ def test_pages_show_the_image_of_each_sample_they_name(tiny_run):
     assert any(row_of[i] != r for i, r in zip(tiny_run.ids("test"), rows, strict=True))  # the orders do differ
 
 
+@pytest.mark.slow  # trains a ResNet18 on tiny-imagenet (tiny_run)
 def test_explorer_ranks_with_the_better_whole_network_result_once_computed(app, tiny_run, runs_root, monkeypatch):
     """With the upgrade on (off elsewhere in the tests), the explorer shows the last layer's rankings and computes
     the better-measured whole-network result in the background; once it is cached, the rankings come from it
@@ -381,6 +383,7 @@ def test_a_missing_run_is_a_clear_error(demo_run, runs_root, monkeypatch):
     assert "not a finished run" in at.error[0].value
 
 
+@pytest.mark.slow  # trains a ResNet18 on tiny-imagenet (tiny_run)
 @pytest.mark.parametrize("page", [None, "setup_run", "explorer", "test_set", "review_queue", "corruption_lab"])
 def test_every_page_works_on_a_tiny_imagenet_run(tiny_run, runs_root, monkeypatch, page):
     compute_influence(tiny_run, DEFAULT_SETTINGS)

@@ -18,7 +18,7 @@ from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
 from influence_core.review import ReviewStore
 from influence_core.run import Run
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 PAGES = {  # screenshot name: (address, text that shows once the page is drawn); the default page lives at /
     "overview": ("", "Flips found in the top 10 %"),
     "setup": ("setup_run", "Sample images per class"),

@@ -17,7 +17,7 @@ from _synthetic_run import make_synthetic_run
 from browsing import SHOTS, VIEWPORT, settle
 from streamlit.testing.v1 import AppTest
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 INTERACTION_S = 1.0  # issue 11: opening a page or picking a test image, after the first load
 # on a shared machine whose load exceeds its cores only a guard against pathological slowness remains; measured
 # there at load 18 on 2 cores: scripts 0.23–0.29 s, browser interactions 1.5–8.7 s

@@ -21,6 +21,7 @@ def run_cli(*args, check=True):
     return proc
 
 
+@pytest.mark.slow
 def test_train_influence_report_round_trip(tmp_path):
     run_dir = tmp_path / "run"
     common = [
@@ -226,6 +227,7 @@ def clean_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_top_influence_flips_the_clean_runs_most_influential_points(clean_run, tmp_path, capsys):
     from influence_core import Run
     from influence_core.pipeline import load_influence
@@ -290,6 +292,7 @@ def test_top_influence_flips_the_clean_runs_most_influential_points(clean_run, t
     assert_one_line_error(code, err, "--classes ['1', '3'] differs from the clean run")
 
 
+@pytest.mark.slow
 def test_report_json_is_strict_json_when_metrics_are_not_finite(clean_run, tmp_path, capsys):
     run_dir = tmp_path / "nan"
     shutil.copytree(clean_run, run_dir)
@@ -306,6 +309,7 @@ def test_report_json_is_strict_json_when_metrics_are_not_finite(clean_run, tmp_p
     assert report["f1_test"] is None and report["epoch_seconds"] is None and report["influence_vs_epoch"] is None
 
 
+@pytest.mark.slow
 def test_method_options_reach_the_engine_and_the_cache_key(demo_run, tmp_path, capsys):
     """``--option KEY=VALUE`` sets a method option: the result is computed with it (meta.json's fingerprint), is
     cached apart from the defaults, and the app's accuracy note says it was measured at the defaults."""

@@ -9,6 +9,7 @@ from influence_core.influence.calculator import DaskCalculator
 from influence_core.pipeline import InfluenceSettings, compute_influence
 
 pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow  # starts Dask worker processes and trains on tiny-imagenet
 
 
 def test_two_local_workers_equal_one_process(tiny_run, monkeypatch):

@@ -77,6 +77,7 @@ def clean_base(tmp_path_factory):
     )
 
 
+@pytest.mark.slow  # trains extra runs
 def test_a_run_without_flips_has_no_claim_to_check(clean_base):
     with pytest.raises(InfluenceLensError, match="no flipped labels"):
         notebook_claim(compute_influence(clean_base, FAST))
@@ -90,6 +91,7 @@ def test_a_bad_experiment_is_refused_before_training(demo_run, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # trains extra runs
 def test_the_top_influence_experiment_flips_what_the_clean_run_found_most_helpful(clean_base, tmp_path):
     """Clean run → influence → flip the most helpful per class → retrain → recompute → claim (digits, tiny)."""
     stages: set[str] = set()

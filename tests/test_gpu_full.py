@@ -16,6 +16,7 @@ from influence_core.data import DEFAULT_FASHION_MNIST
 from influence_core.paths import InfluencePaths
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # runs a benchmark script in a subprocess
 
 
 def test_gpu_full_dry_run_on_cpu(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from influence_core.influence import CG, InfluenceModel
 
 torchvision = pytest.importorskip("torchvision")
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # a whole ResNet18 through CG
 
 
 def test_resnet18_all_scope_cg_runs_end_to_end():

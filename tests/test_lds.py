@@ -1,18 +1,16 @@
-"""The linear datamodeling score (benchmarks/lds.py) on synthetic cases whose answer is known."""
+"""The linear datamodeling score (influence_core.evaluation) on synthetic cases whose answer is known, and the
+measurements file that benchmarks/lds.py writes from it (influence_core.measured)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location("lds", Path(__file__).resolve().parents[1] / "benchmarks" / "lds.py")
-lds_module = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(lds_module)
+from influence_core import evaluation
+from influence_core import measured as writer
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +26,20 @@ def datamodel():
 
 def test_true_datamodel_scores_one(datamodel):
     theta, masks, measured = datamodel
-    r = lds_module.lds(theta, masks, measured)
+    r = evaluation.lds(theta, masks, measured)
     assert r["lds"] > 0.99 and r["n_test"] == 40 and r["n_models"] == 80
     assert r["se"] < 0.01
 
 
 def test_sign_flip_scores_minus_one(datamodel):
     theta, masks, measured = datamodel
-    assert lds_module.lds(-theta, masks, measured)["lds"] < -0.99
+    assert evaluation.lds(-theta, masks, measured)["lds"] < -0.99
 
 
 def test_shuffled_influences_score_zero(datamodel):
     theta, masks, measured = datamodel
     shuffled = theta[:, np.random.default_rng(1).permutation(theta.shape[1])]
-    r = lds_module.lds(shuffled, masks, measured)
+    r = evaluation.lds(shuffled, masks, measured)
     assert abs(r["lds"]) < 3 * r["se"] + 0.05
 
 
@@ -50,7 +48,7 @@ def test_per_test_spearman_matches_scipy(datamodel):
 
     theta, masks, measured = datamodel
     noisy = theta + np.random.default_rng(2).normal(scale=3.0, size=theta.shape)
-    r = lds_module.lds(noisy, masks, measured)
+    r = evaluation.lds(noisy, masks, measured)
     expected = [spearmanr(masks @ noisy[t], measured[:, t]).statistic for t in range(theta.shape[0])]
     np.testing.assert_allclose(r["per_test"], expected, atol=1e-12)
     assert 0.2 < r["lds"] < 0.95  # a partly right matrix scores in between
@@ -60,7 +58,7 @@ def test_constant_test_point_is_left_out(datamodel):
     theta, masks, measured = datamodel
     measured = measured.copy()
     measured[:, 0] = 1.0
-    r = lds_module.lds(theta, masks, measured)
+    r = evaluation.lds(theta, masks, measured)
     assert np.isnan(r["per_test"][0]) and r["n_test"] == 39
 
 
@@ -68,7 +66,7 @@ def test_scoring_takes_seconds():
     rng = np.random.default_rng(0)
     masks = rng.random((100, 880)) < 0.5
     t = time.perf_counter()
-    lds_module.lds(rng.normal(size=(110, 880)), masks, rng.normal(size=(100, 110)))
+    evaluation.lds(rng.normal(size=(110, 880)), masks, rng.normal(size=(100, 110)))
     assert time.perf_counter() - t < 2.0
 
 
@@ -76,13 +74,13 @@ def test_margin_is_logit_minus_logsumexp_of_others():
     logits = np.array([[2.0, 0.0, 1.0], [0.5, 0.5, 3.0]])
     y = np.array([0, 2])
     expected = [2.0 - np.log(np.exp(0.0) + np.exp(1.0)), 3.0 - np.log(2 * np.exp(0.5))]
-    np.testing.assert_allclose(lds_module.true_label_margin(logits, y), expected, rtol=1e-12)
+    np.testing.assert_allclose(evaluation.true_label_margin(logits, y), expected, rtol=1e-12)
 
 
 def test_subsets_are_seeded_halves():
-    a, b = lds_module.subset_indices(3, 880, 0.5), lds_module.subset_indices(4, 880, 0.5)
+    a, b = evaluation.subset_indices(3, 880, 0.5), evaluation.subset_indices(4, 880, 0.5)
     assert len(a) == 440 and len(np.unique(a)) == 440 and (np.diff(a) > 0).all()
-    np.testing.assert_array_equal(a, lds_module.subset_indices(3, 880, 0.5))
+    np.testing.assert_array_equal(a, evaluation.subset_indices(3, 880, 0.5))
     assert not np.array_equal(a, b)
 
 
@@ -105,7 +103,7 @@ def test_measured_file_round_trip(tmp_path):
         "scores": scores,
         "workload": {"classes": ["n01443537", "n07749582"], "image_size": 32, "epochs": 15, "corrupt_fraction": 0.1},
     }
-    lds_module.write_measured(result, tmp_path / "measured.json")
+    writer.write_measured(result, tmp_path / "measured.json")
     table = load_measured(tmp_path / "measured.json")
     assert set(table) == {("ekfac", "all"), ("tracin", "all"), ("direct", "head")}  # λ-scan rows stay out
     m = measured_for("ekfac", "all", tmp_path / "measured.json")
@@ -139,7 +137,7 @@ def test_writing_measured_keeps_notes_costs_scope_notes_and_unscored_methods(tmp
         "scores": scores,
         "workload": {"classes": ["goldfish", "lemon"], "image_size": 64, "epochs": 15, "corrupt_fraction": 0.1},
     }
-    lds_module.write_measured(result, path)
+    writer.write_measured(result, path)
     table = load_measured(path)
     assert set(table) == {("ekfac", "all"), ("cg", "head")}  # the damping-scan row stays out; cg/head is kept
     ekfac = table[("ekfac", "all")]
@@ -163,7 +161,7 @@ def test_costs_come_from_a_benchmark_run_and_leave_the_rest(tmp_path):
         "jobs": {"ours_kfac_all": {"matrix": {"seconds_full": 20.0}}, "ours_cg_head": {"matrix": {}}},
     }
     (tmp_path / "results.json").write_text(json.dumps(report))
-    data = lds_module.update_costs(path, tmp_path / "results.json")
+    data = writer.update_costs(path, tmp_path / "results.json")
     table = load_measured(path)
     assert (table[("kfac", "all")].cost_x_floor, table[("kfac", "all")].lds, table[("kfac", "all")].note) == (
         5.0,
@@ -176,15 +174,15 @@ def test_costs_come_from_a_benchmark_run_and_leave_the_rest(tmp_path):
 
 def test_paired_difference_is_the_mean_per_test_point_gap_with_its_error():
     reference = np.array([0.1, 0.2, np.nan, 0.4])
-    same = lds_module.paired_difference(reference.copy(), reference)
+    same = evaluation.paired_difference(reference.copy(), reference)
     assert same["mean"] == 0 and same["se"] == 0 and same["n_test"] == 3  # the undefined test point is left out
-    shifted = lds_module.paired_difference(reference + np.array([0.01, 0.03, 0.0, 0.02]), reference)
+    shifted = evaluation.paired_difference(reference + np.array([0.01, 0.03, 0.0, 0.02]), reference)
     assert shifted["mean"] == pytest.approx(0.02) and shifted["se"] == pytest.approx(0.01 / np.sqrt(3))
 
 
 def test_only_default_jobs_of_ours_name_a_method_for_the_app():
     """Variants (λ scan, full rank, fit size, test subsets) and peers' jobs must not pose as a product default."""
-    scope = lds_module.job_method_scope
+    scope = writer.job_method_scope
     assert scope("ours_ekfac_all") == ("ekfac", "all") and scope("tracin_all") == ("tracin", "all")
     assert scope("ours_direct_head") == ("direct", "head")
     for variant in (
@@ -225,7 +223,7 @@ def test_writing_measured_gives_head_jobs_their_error_against_the_exact_head(tmp
         "workload": {"classes": ["goldfish", "lemon"], "image_size": 64, "epochs": 15, "corrupt_fraction": 0.1},
     }
     path = tmp_path / "measured.json"
-    lds_module.write_measured(result, path, matrices=matrices)
+    writer.write_measured(result, path, matrices=matrices)
     table = load_measured(path)
     assert table[("ekfac", "head")].fidelity == "rel. err 0.1 vs exact direct (head, same damping)"
     assert table[("direct", "head")].fidelity is None and table[("ekfac", "all")].fidelity is None

@@ -1,6 +1,10 @@
-"""Measured accuracy is data written next to the benchmark results, and the app's notes come from it."""
+"""Measured accuracy is data that ships with the package (written by the benchmarks), and the app's notes come
+from it. Tests read tests/fixtures/measured.json, so new measurements never break them."""
 
 import json
+import zipfile
+from importlib.resources import files
+from pathlib import Path
 
 import pytest
 
@@ -10,13 +14,59 @@ from influence_core.measured import MEASURED_FILE, load_measured, measured_for
 from influence_core.pipeline import DEFAULT_SETTINGS, InfluenceSettings
 from influence_core.upgrade import ranking_upgrade
 
+FIXTURE = Path(__file__).parent / "fixtures" / "measured.json"
+ROOT = Path(__file__).resolve().parents[1]
 
-def test_notes_come_from_the_benchmarks_file():
+
+@pytest.fixture
+def fixture_measurements(monkeypatch):
+    """The app reads tests/fixtures/measured.json instead of the package's measurements."""
+    monkeypatch.setattr(measured, "MEASURED_FILE", FIXTURE)
+    return FIXTURE
+
+
+def test_notes_come_from_the_measurements_file(fixture_measurements):
     table = load_measured()
-    assert table is not None, f"{MEASURED_FILE} is part of the checkout"
     assert DEFAULT_SETTINGS.accuracy_note() == table[("direct", "head")].describe()
     cg_all = InfluenceSettings(method=CG(), scope=Scope.ALL).accuracy_note()
-    assert cg_all.startswith("Approximate: influence functions assume") and cg_all.endswith("cg on scope all.")
+    assert cg_all == "Approximate: whole network (fixture). Not measured by the benchmarks for cg on scope all."
+
+
+def test_the_measurements_ship_as_package_data():
+    """Guards the move out of benchmarks/: the default file is read through importlib.resources, parses, and
+    names a measurement for the default settings."""
+    shipped = files("influence_core") / "data" / "measured.json"
+    assert Path(str(shipped)) == MEASURED_FILE
+    data = json.loads(shipped.read_text())
+    assert {"workload", "n_models", "methods"} <= set(data)
+    assert load_measured() is not None and measured_for("direct", "head") is not None
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_keeps_the_measurements(tmp_path):
+    """Guards pyproject's package-data: a wheel built from the checkout contains the measurements file."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("influence_core-*.whl")
+    assert "influence_core/data/measured.json" in zipfile.ZipFile(wheel).namelist()
 
 
 def test_an_lds_measurement_is_shown_with_its_error(tmp_path):
@@ -151,15 +201,15 @@ def test_the_full_estimators_lds_is_shown_beside_the_defaults(tmp_path):
 
 
 def test_every_measured_lds_is_of_the_methods_defaults():
-    """measured.json's ``lds`` of ``<method>/<scope>`` comes from job ``ours_<method>_<scope>``, which
+    """The shipped measurements' ``lds`` of ``<method>/<scope>`` comes from job ``ours_<method>_<scope>``, which
     ``benchmarks/lds_methods.py`` runs with no options on the head (the app runs every method at its defaults)."""
     import sys
 
-    sys.path.insert(0, str(MEASURED_FILE.parent))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         from lds_methods import HEAD_JOBS
     finally:
-        sys.path.remove(str(MEASURED_FILE.parent))
+        sys.path.remove(str(ROOT / "benchmarks"))
     assert all(options == {} for options in HEAD_JOBS.values())
     for key, m in load_measured().items():
         assert m.job == f"ours_{key[0]}_{key[1]}" or not m.job.startswith("ours_"), m.job

@@ -103,6 +103,7 @@ def wait_for(chunks: list[str], pattern: str, proc: subprocess.Popen, timeout: f
 
 
 # --- 1. atomic retrain -------------------------------------------------------------------------------------
+@pytest.mark.slow  # trains or runs the CLI in subprocesses
 def test_kill_9_during_a_retrain_keeps_the_old_run(old_run):
     before = snapshot(old_run)
     proc, err = start_cli("train", *SMALL_ARGS, "--run-dir", str(old_run), "--seed", "1", "--epochs", "300")
@@ -179,6 +180,7 @@ def test_run_listing_never_shows_a_run_being_built_or_swapped(old_run):
 
 
 # --- 2. one writer per run directory --------------------------------------------------------------------------
+@pytest.mark.slow  # trains or runs the CLI in subprocesses
 def test_two_train_processes_into_one_directory_never_mix(tmp_path):
     run_dir = tmp_path / "run"
     procs = [
@@ -200,6 +202,7 @@ def test_two_train_processes_into_one_directory_never_mix(tmp_path):
     assert siblings(run_dir) == []
 
 
+@pytest.mark.slow  # trains or runs the CLI in subprocesses
 def test_second_writer_waits_with_a_message_or_fails_at_once(old_run):
     with run_lock(RunPaths(old_run)):
         refused = subprocess.run(
@@ -228,6 +231,7 @@ def test_influence_refuses_a_run_retrained_since_it_was_opened(old_run):
     assert not RunPaths(old_run).influence.exists()  # nothing computed from the old run's tables
 
 
+@pytest.mark.slow  # trains or runs the CLI in subprocesses
 @pytest.mark.parametrize("damage", ["config from another run", "final.pt deleted"])
 def test_cache_check_compares_against_the_files_on_disk(old_run, tmp_path, damage):
     paths = RunPaths(old_run)
@@ -319,6 +323,7 @@ def test_a_damaged_run_is_a_clear_error(old_run, case):
     assert caught.value.fix
 
 
+@pytest.mark.slow  # trains or runs the CLI in subprocesses
 @pytest.mark.parametrize("case", ["malformed config.json", "rows deleted from samples.csv", "final.pt deleted"])
 def test_cli_reports_a_damaged_run_in_one_line(old_run, case):
     READER_CASES[case][0](RunPaths(old_run))

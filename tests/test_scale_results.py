@@ -63,6 +63,7 @@ def test_a_missing_block_is_an_error(tmp_path, small_blocks):
         builder.write(InfluencePaths(tmp_path))
 
 
+@pytest.mark.slow  # the pipeline in many small blocks
 def test_pipeline_writes_the_engine_matrix_in_blocks_with_its_summaries(demo_run, small_blocks):
     from influence_core.influence import Direct, InfluenceModel
 

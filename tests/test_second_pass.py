@@ -15,6 +15,8 @@ from influence_core.report import run_report
 from influence_core.second_pass import SECOND_PASS_SIGNAL, compute_second_pass, load_second_pass
 from influence_core.training import retrain_without
 
+pytestmark = pytest.mark.slow  # each test retrains a run without its suspects
+
 
 @pytest.fixture(scope="module")
 def own_demo(demo_run, tmp_path_factory) -> Run:

@@ -31,6 +31,7 @@ def test_run_directory_is_self_contained(demo_run):
     assert run.load_model().fc.out_features == 10
 
 
+@pytest.mark.slow  # several trainings
 def test_second_identical_call_hits_cache_and_changes_retrain(runs_root):
     config = TrainConfig(dataset="demo", classes=["0", "1"], downsample=0.3, image_size=16, epochs=1)
     first = train(config, runs_root / "cache")
@@ -144,6 +145,7 @@ def test_local_pretrained_weights_are_used_and_bad_ones_refused(tmp_path):
         build_resnet18(2, pretrained=tmp_path / "missing.pth")
 
 
+@pytest.mark.slow  # several trainings
 def test_leave_group_out_fit_keeps_the_full_sets_batches(demo_run):
     """``fit_model(exclude=...)``: an empty mask reproduces the plain fit bit for bit; a mask keeps the removed points
     out of every batch (their recorded losses stay 0) while the others see the same order, flips and shifts."""

@@ -57,7 +57,7 @@ Conventions (on top of those in :mod:`.base`):
   the same estimator as the full one: on goldfish/lemon's whole ResNet18 (flips only) at rank 512, Pearson 0.9998
   against full EK-FAC and LDS 0.0832 against 0.0844 (``benchmarks/LDS_HISTORY.md``); at the product's recipe K-FAC
   with every eigenvector scores −0.0002 ± 0.0034 against rank 512, but fitted on 512 examples rank 1024 scores
-  +0.0062 ± 0.0018 (README, "Linear datamodeling score").
+  +0.0062 ± 0.0018 (``docs/influence.md``).
 * Factors are accumulated and decomposed in ``dtype`` (option; default ``"auto"``: float64 for blocks of at most
   ``2**20`` parameters, float32 above — a ResNet18's ``all`` scope fits 3× faster, and EK-FAC re-fits its
   eigenvalues in whatever basis float32 gives). Influences in the eigenbasis are computed in float32.
@@ -98,7 +98,7 @@ AUTO_LABELS: Literal["leading", "sampled"] = "leading"
 """``labels="auto"`` above :data:`EXACT_MAX_CLASSES` classes: ``"leading"`` (``label_columns`` passes) or
 ``"sampled"`` (``label_samples`` passes). Chosen by ``benchmarks/label_columns.py`` (whole ResNet18, 20 real
 classes): against every column, the 15 leading ones differ by a relative 0.004, 15 sampled labels by 0.054, one
-sampled label by 0.14 (README, "Approximations and measured errors")."""
+sampled label by 0.14 (``docs/influence.md``, "Approximations and their measured errors")."""
 PER_SAMPLE_BUDGET = 1 << 24
 """Elements of rotated per-sample gradients held at once (per layer)."""
 PAIR_POSITIONS = 4
@@ -109,25 +109,19 @@ ACTIVATION_CACHE = 1 << 26
 """Elements of rotated layer inputs kept across label columns (EK-FAC pass)."""
 DEFAULT_RANK = 512
 """Default ``rank``: factors larger than this are projected (on a ResNet18, the inputs of every 3×3 conv after the
-stem and of the 512-feature head with its bias column). Chosen by LDS and cost on goldfish/lemon (README,
-"Linear datamodeling score")."""
+stem and of the 512-feature head with its bias column). Chosen by LDS and cost on goldfish/lemon
+(``docs/benchmarks.md``)."""
 DEFAULT_FIT_EXAMPLES = 256
 """``fit_examples="auto"`` for blocks of more than :data:`AUTO_FLOAT64_PARAMS` parameters (all examples for smaller
-ones, whose fit is cheap: on the head, 128 examples lowered the LDS of EK-FAC from 0.060 to 0.048). Chosen by LDS
-and cost on goldfish/lemon's whole ResNet18 (880 training images, damping ``top:1e-5``, README "Linear
-datamodeling score" and ``benchmarks/LDS_HISTORY.md``): K-FAC fitted on 128 / 256 / 512 / all examples scored
-0.396 / 0.407 / 0.412 / 0.411 at the product's recipe on the first build of that workload (0.397 / 0.405 / 0.408 /
-0.408 on the current one; 0.100 / 0.116 / 0.115 / – with flips only), with fits of 5.6 / 11.3 / 24.4 s on 2 CPU cores;
-256 kept the matrix at 3.0× and self-influence at 2.5× the forward+backward floor of one machine (11.3 s), and at
-5.2× / 3.9× the floor of ``benchmarks/run.py``'s run of 2026-11-30 17:12 (4.88 s), where the floor was faster
-(4.2× / 2.8× of 4.94 s at 22:39 with :data:`DEFAULT_FIT_POSITIONS`, 4.0× / 2.6× of 4.78 s at 23:15 with the
-patch-free per-sample sums of stride-1 convs)."""
+ones, whose fit is cheap). Chosen by the linear datamodeling score and the cost on goldfish/lemon's whole ResNet18:
+fitting on more examples scores slightly higher but takes the fit past the cost target (``docs/decisions/``, "Fit
+K-FAC on 256 examples"; the scores are the jobs ``ours_kfac_all_fit<k>`` in ``docs/benchmarks.md``)."""
 DEFAULT_FIT_POSITIONS = 32
 """``fit_positions="auto"`` for blocks of more than :data:`AUTO_FLOAT64_PARAMS` parameters. On goldfish/lemon's
 whole ResNet18 (64 px: 1,024 positions in the stem, 256 in layer1, 64 in layer2) K-FAC's fit took 4.4 s instead
 of 5.5–5.9 s (2 CPU cores, ``benchmarks/engine_timing.py``), its matrix changed by a relative 0.024 (64 positions: 0.0074, 16: 0.061; fitting on 512
 instead of 256 examples changes it by 0.12) and its LDS by −0.0005 ± 0.0004 (64: −0.0001 ± 0.0002, 16: −0.0006 ±
-0.0005; README, "Linear datamodeling score")."""
+0.0005; ``docs/benchmarks.md``)."""
 AUTO_FLOAT64_PARAMS = 1 << 20
 """``dtype="auto"``: float64 factors up to this many parameters in the block, float32 above."""
 
