@@ -20,7 +20,7 @@ from influence_core.analysis import corruption_table, detection_metrics
 from influence_core.display import finding_words
 from influence_core.pipeline import load_influence
 
-APP = Path(__file__).resolve().parents[1] / "app.py"
+APP = Path(__file__).resolve().parents[2] / "app.py"
 
 
 @pytest.fixture(scope="module")

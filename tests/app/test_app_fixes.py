@@ -13,7 +13,7 @@ from influence_core.fixes import lineage
 from influence_core.review import ReviewStore
 from influence_core.run import Run
 
-APP = Path(__file__).resolve().parents[1] / "app.py"
+APP = Path(__file__).resolve().parents[2] / "app.py"
 pytestmark = pytest.mark.slow  # retrains the demo
 
 

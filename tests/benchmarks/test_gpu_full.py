@@ -15,7 +15,7 @@ from influence_core import results
 from influence_core.data import DEFAULT_FASHION_MNIST
 from influence_core.paths import InfluencePaths
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # runs a benchmark script in a subprocess
 
 

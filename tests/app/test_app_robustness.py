@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from influence_core.paths import RunPaths
 
-APP = Path(__file__).resolve().parents[1] / "app.py"
+APP = Path(__file__).resolve().parents[2] / "app.py"
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _SPEC = importlib.util.spec_from_file_location(
-    "trajectory", Path(__file__).resolve().parents[1] / "benchmarks" / "trajectory.py"
+    "trajectory", Path(__file__).resolve().parents[2] / "benchmarks" / "trajectory.py"
 )
 trajectory = sys.modules["trajectory"] = importlib.util.module_from_spec(_SPEC)  # dataclasses look it up there
 _SPEC.loader.exec_module(trajectory)
