@@ -26,7 +26,7 @@ from .data import Split
 from .errors import InfluenceLensError
 from .paths import RunPaths
 from .progress import Progress
-from .review import ReviewedData, ReviewStore
+from .review import ReviewStore
 from .run import Run
 from .storage import stable_hash
 from .training import TrainConfig, TrainingData, train_on, training_key
@@ -210,7 +210,7 @@ def carry_over_reviews(parent: Run, child: Run, snapshot: int) -> int:
     the child's review store (reviewer and time kept; idempotent). Returns how many are in the child's store."""
     current = ReviewStore.for_run(parent).current()
     current = current[current["id"] <= snapshot]
-    store = ReviewStore(child.path, ReviewedData.of_run(child))
+    store = ReviewStore.for_run(child)
     trained = set(store.data.sample_ids)
     return store.carry_over(current[current["sample_id"].isin(trained)], source=parent.key)
 

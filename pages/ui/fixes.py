@@ -16,6 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from influence_core.compare import compare_runs
+from influence_core.errors import InfluenceLensError
 from influence_core.export import export_corrected, label_issues
 from influence_core.fixes import (
     LINEAGE_FIELD,
@@ -90,8 +91,8 @@ def child_headline(run: Run) -> None:
         return
     try:
         result = compare_runs(run)
-    except Exception as e:  # noqa: BLE001 - a missing or retrained parent is shown, the page goes on
-        st.info(f"This run was made by correcting labels of another run, which cannot be compared now: {e}")
+    except InfluenceLensError as e:  # a missing or retrained parent: said, and the page goes on
+        st.info(f"This run was made by correcting labels of another run, which cannot be compared now: {e.problem}")
         return
     st.success(_sentence(result))
     st.page_link(COMPARE_PAGE, label="Before and after, in detail", icon=":material/compare_arrows:")
