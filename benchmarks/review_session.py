@@ -14,8 +14,8 @@ a flipped image is marked *mislabeled* with its true class, any other *keep*.
   queue is ranked by the child's own training dynamics (mean training loss over the epochs on its cleaner labels).
 * **true labels**: the same recipe on the true labels, the upper bound of the test accuracy.
 
-Writes ``<out>/<pair>.json`` (every round: share reviewed, flips found, test accuracy, seconds); the pairs'
-results are summarised into the generated benchmark tables.
+Writes ``<results>/<pair>.json`` (every round: share reviewed, flips found, test accuracy, seconds);
+``benchmarks/summarize.py`` turns the pairs' files into the table of the generated benchmark pages.
 """
 
 from __future__ import annotations
@@ -156,17 +156,23 @@ def main() -> None:
     p.add_argument("--image-size", type=int, help="default: the dataset's (64 px for tiny-imagenet)")
     p.add_argument("--downsample", type=float, default=1.0, help="keep this share of each class (smoke runs)")
     p.add_argument("--no-true-labels", action="store_true", help="skip the run on the true labels")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/out/review_session"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/review_session"), help="the runs")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=Path("benchmarks/results/review-session"),
+        help="where the pair's JSON goes (benchmarks/summarize.py makes the tables from it)",
+    )
     args = p.parse_args()
     slug = "+".join(c.replace(" ", "-") for c in args.classes)
     pair_dir = args.out / slug
     result = session(args, pair_dir)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{slug}.json").write_text(json.dumps(result, indent=2))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
     for name in ("static", "iterative"):
         rounds = result[name]["rounds"]
         print(name, " ".join(f"{r['reviewed']:.0%}:{r['flips_found']:.0%}" for r in rounds))
-    print(f"written to {args.out / f'{slug}.json'}")
+    print(f"written to {args.results / f'{slug}.json'}; run benchmarks/summarize.py for the tables")
 
 
 if __name__ == "__main__":
