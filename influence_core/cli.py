@@ -199,6 +199,32 @@ def _report(args) -> None:
         print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
 
 
+def _check(args) -> None:
+    from . import counterfactual as cf
+    from .pipeline import DEFAULT_SETTINGS, compute_influence
+    from .run import Run
+
+    run = Run(args.run_dir)
+    cf.require_test_image(run, args.test_index)
+    bar = TqdmProgress()
+    try:
+        result = compute_influence(run, DEFAULT_SETTINGS, device=args.device, progress=bar)
+        directions = [args.direction] if args.direction else [None, "random"]  # the image's own, then the control
+        done = []
+        for direction in directions:
+            k = args.k if args.k is not None or not done else done[0].k  # the control removes as many
+            done.append(cf.run_check(result, args.test_index, k, direction, device=args.device, progress=bar))
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) for c in done], indent=2))
+        return
+    for c in done:
+        print(c.describe(run.classes))
+        print(f"  k: {c.k_reason}" + (f"; {c.units_note}" if c.units_note else ""))
+    print(f"checks kept for this run: {cf.summary(cf.checks(run))}")
+
+
 def _classes(args) -> None:
     from .data import available_classes
 
@@ -336,6 +362,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", required=True)
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=_report)
+
+    k = sub.add_parser(
+        "check",
+        help="check a test image's ranking by retraining without its top-k training images (one training each)",
+    )
+    k.add_argument("--run-dir", required=True)
+    k.add_argument("--test-index", type=int, required=True, help="position of the test image in the test split")
+    k.add_argument(
+        "--k",
+        type=int,
+        help="training images to remove (default: the smallest k predicted to flip the prediction, at most 5 %% of "
+        "the training set)",
+    )
+    k.add_argument(
+        "--direction",
+        choices=["helpful", "harmful", "random"],
+        help="remove the most helpful, most harmful, or random images of the same labels (default: helpful for a "
+        "right prediction, harmful for a wrong one, then the random control)",
+    )
+    k.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
+    k.add_argument("--json", action="store_true", help="print the checks as JSON")
+    k.set_defaults(func=_check)
 
     c = sub.add_parser("classes", help="list the classes a dataset offers")
     c.add_argument("--dataset", required=True)

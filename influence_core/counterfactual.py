@@ -278,6 +278,16 @@ def estimated_seconds(run: Run) -> float | None:
     return run.metrics.get("timings_s", {}).get("train")
 
 
+def require_test_image(run: Run, test: int) -> None:
+    """Refuse a test position outside the run's test split."""
+    n_test = len(run.labels("test"))
+    if not 0 <= test < n_test:
+        raise InfluenceLensError(
+            f"Test image {test} does not exist in this run (it has {n_test}).",
+            f"give a test index from 0 to {n_test - 1}",
+        )
+
+
 def run_check(
     result: InfluenceResult,
     test: int,
@@ -293,12 +303,8 @@ def run_check(
     cached check. ``retrain`` replaces the run's recipe (:func:`training.retrain_without`); the result is kept in
     the run directory either way."""
     run = result.run
+    require_test_image(run, test)
     labels = run.labels("test")
-    if not 0 <= test < len(labels):
-        raise InfluenceLensError(
-            f"Test image {test} does not exist in this run (it has {len(labels)}).",
-            f"give a test index from 0 to {len(labels) - 1}",
-        )
     label, probs = int(labels[test]), run.predictions["probs_test"][test]
     direction = direction or reference_direction(probs, label)
     if direction not in DIRECTIONS:

@@ -189,17 +189,36 @@ def test_bad_test_index_direction_or_k_is_a_clear_error(synthetic):
 
 
 # ------------------------------------------------------------------ the run's own recipe, on a tiny real run
-def test_check_retrains_with_the_runs_recipe(tmp_path):
-    """Guards the wiring to training.retrain_without: removing nothing-like-random images of a 1-epoch run moves
-    the test loss a little, and the retrained model's logits are those of the recipe."""
+@pytest.fixture(scope="module")
+def real_result(tmp_path_factory):
+    """The default influence entry of a 1-epoch digits run (about 130 training images at 16 px)."""
     from influence_core import TrainConfig, train
     from influence_core.pipeline import compute_influence
 
-    run = train(
-        TrainConfig(dataset="demo", downsample=0.15, image_size=16, epochs=1, n_checkpoints=0), tmp_path / "run"
-    )
-    result = compute_influence(run, DEFAULT_SETTINGS)
-    check = cf.run_check(result, 0, k=3, direction="helpful")
+    config = TrainConfig(dataset="demo", downsample=0.15, image_size=16, epochs=1, n_checkpoints=0)
+    return compute_influence(train(config, tmp_path_factory.mktemp("cf") / "run"), DEFAULT_SETTINGS)
+
+
+def test_check_retrains_with_the_runs_recipe(real_result):
+    """Guards the wiring to training.retrain_without: the retrained model's logits move the test loss."""
+    check = cf.run_check(real_result, 0, k=3, direction="helpful")
     assert check.seconds > 0 and len(check.removed) == 3 and check.predicted_loss_change is not None
     assert np.isfinite(check.after_loss) and check.after_loss != pytest.approx(check.before_loss, abs=1e-9)
-    assert cf.checks(run) == [check]
+    assert check in cf.checks(real_result.run)
+
+
+def test_cli_check_runs_the_images_direction_and_the_random_control(real_result, capsys, monkeypatch):
+    """Guards ``influence-core check``: by default the image's own direction then as many random images; a second
+    call reads both from the run directory; a bad index is one line."""
+    from influence_core.cli import main
+
+    run_dir = str(real_result.run.path)
+    assert main(["check", "--run-dir", run_dir, "--test-index", "1", "--json"]) == 0
+    own, control = json.loads(capsys.readouterr().out)
+    assert control["direction"] == "random" and control["k"] == own["k"] and own["direction"] != "random"
+    monkeypatch.setattr(cf, "_recipe", lambda *a: pytest.fail("retrained although the checks were kept"))
+    assert main(["check", "--run-dir", run_dir, "--test-index", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "random (same labels) training images removed" in out and "checks kept for this run: k =" in out
+    assert main(["check", "--run-dir", run_dir, "--test-index", "9999"]) == 2
+    assert capsys.readouterr().err.startswith("error: Test image 9999 does not exist")
