@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .errors import InfluenceLensError
@@ -37,6 +38,8 @@ from .storage import atomic_write_json, read_json, stable_hash
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("helpful", "harmful", "random")
+REMOVED = {"helpful": "most helpful", "harmful": "most harmful", "random": "random, same labels"}
+"""What a check of each direction removes, in words."""
 MAX_SHARE = 0.05
 """The default k is at most this share of the training set (at least one image)."""
 RANKING_K = 20
@@ -182,14 +185,14 @@ class Check:
 
     def describe(self, classes: list[str]) -> str:
         """One line for people: what was removed, what changed, what was predicted."""
-        what = {"helpful": "most helpful", "harmful": "most harmful", "random": "random (same labels)"}[self.direction]
+        what = REMOVED[self.direction]
         flip = (
             f"prediction flipped ({classes[self.before_class]} → {classes[self.after_class]})"
             if self.flipped
             else f"prediction stayed {classes[self.after_class]}"
         )
         measured = f"test loss {self.loss_change:+.3f}, margin {self.margin_change:+.2f}"
-        line = f"Test image #{self.test}, {len(self.removed)} {what} training images removed: {flip}; {measured}"
+        line = f"Test image #{self.test}, {len(self.removed)} training images removed ({what}): {flip}; {measured}"
         if self.predicted_loss_change is not None and self.predicted_margin is not None:
             line += (
                 f" (predicted loss {self.predicted_loss_change:+.3f}, margin "
@@ -271,6 +274,30 @@ def summary(found: list[Check]) -> str | None:
         flips = sum(c.flipped for c in controls)
         parts.append(f"random removal flipped it in {flips} of {len(controls)}")
     return f"{k} removed → " + ", ".join(parts)
+
+
+def table(found: list[Check], classes: list[str]) -> pd.DataFrame:
+    """One row per check: what was removed, predicted and measured changes, and whether the prediction flipped."""
+    return pd.DataFrame(
+        {
+            "test image": [f"#{c.test}" for c in found],
+            "removed": [f"{len(c.removed)} {REMOVED[c.direction]}" for c in found],
+            "prediction": [
+                f"{classes[c.before_class]} → {classes[c.after_class]}" + (" (flipped)" if c.flipped else "")
+                for c in found
+            ],
+            "loss change, predicted": [c.predicted_loss_change for c in found],
+            "loss change, measured": [c.loss_change for c in found],
+            "margin change, predicted": [
+                None if c.predicted_margin is None else c.predicted_margin - c.before_margin for c in found
+            ],
+            "margin change, measured": [c.margin_change for c in found],
+            "flip predicted": [
+                None if c.predicted_flip is None else ("yes" if c.predicted_flip else "no") for c in found
+            ],
+            "ranked by": [c.method for c in found],
+        }
+    )
 
 
 def estimated_seconds(run: Run) -> float | None:

@@ -219,6 +219,6 @@ def test_cli_check_runs_the_images_direction_and_the_random_control(real_result,
     monkeypatch.setattr(cf, "_recipe", lambda *a: pytest.fail("retrained although the checks were kept"))
     assert main(["check", "--run-dir", run_dir, "--test-index", "1"]) == 0
     out = capsys.readouterr().out
-    assert "random (same labels) training images removed" in out and "checks kept for this run: k =" in out
+    assert "training images removed (random, same labels)" in out and "checks kept for this run: k =" in out
     assert main(["check", "--run-dir", run_dir, "--test-index", "9999"]) == 2
     assert capsys.readouterr().err.startswith("error: Test image 9999 does not exist")

@@ -3,7 +3,6 @@ picked test image, and the list of every check done on a run (explorer and Overv
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
 from influence_core import counterfactual as cf
@@ -13,7 +12,7 @@ from influence_core.run import Run
 
 from . import runs, widgets
 
-WHAT = {"helpful": "most helpful", "harmful": "most harmful", "random": "random, same labels"}
+WHAT = cf.REMOVED
 
 
 def _job_key(result: InfluenceResult, test: int, k: int) -> str:
@@ -74,36 +73,12 @@ def check_control(result: InfluenceResult, test: int) -> None:
             st.rerun()
     shown = [done[d] for d in (own, "random") if d in done]
     if shown:
-        st.dataframe(check_table(shown, run.classes), hide_index=True, width="stretch")
+        st.dataframe(cf.table(shown, run.classes), hide_index=True, width="stretch")
         notes = {c.units_note for c in shown if c.units_note}
         st.caption(
             "Loss: the test image's loss (nats), higher = the model believes its label less. Margin: the score of "
             "its label minus the best other score; below zero the prediction is wrong. " + " ".join(sorted(notes))
         )
-
-
-def check_table(found: list[cf.Check], classes: list[str]) -> pd.DataFrame:
-    """One row per check: what was removed, predicted and measured changes, and whether the prediction flipped."""
-    return pd.DataFrame(
-        {
-            "test image": [f"#{c.test}" for c in found],
-            "removed": [f"{len(c.removed)} {WHAT[c.direction]}" for c in found],
-            "prediction": [
-                f"{classes[c.before_class]} → {classes[c.after_class]}" + (" (flipped)" if c.flipped else "")
-                for c in found
-            ],
-            "loss change, predicted": [c.predicted_loss_change for c in found],
-            "loss change, measured": [c.loss_change for c in found],
-            "margin change, predicted": [
-                None if c.predicted_margin is None else c.predicted_margin - c.before_margin for c in found
-            ],
-            "margin change, measured": [c.margin_change for c in found],
-            "flip predicted": [
-                None if c.predicted_flip is None else ("yes" if c.predicted_flip else "no") for c in found
-            ],
-            "ranked by": [c.method for c in found],
-        }
-    )
 
 
 def checks_list(run: Run, expanded: bool = False) -> None:
@@ -113,7 +88,7 @@ def checks_list(run: Run, expanded: bool = False) -> None:
     if line is None:
         return
     with st.expander(f"Retraining checks of the rankings: {line}", expanded=expanded):
-        widgets.table(check_table(found, run.classes), "retraining-checks.csv")
+        widgets.table(cf.table(found, run.classes), "retraining-checks.csv")
         st.caption(
             "Each check removed a test image's most helpful (or most harmful) training images, or as many random "
             "ones of the same labels, trained this run's recipe again and looked at the test image's prediction."
