@@ -191,6 +191,12 @@ def _report(args) -> None:
     from .report import run_report, to_json
     from .run import Run
 
+    if args.html:
+        from .html_report import write_html_report
+
+        path = write_html_report(Run(args.run_dir), args.html)
+        print(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)", file=sys.stderr)
+        return
     report = run_report(Run(args.run_dir))
     if args.json:
         print(to_json(report))
@@ -210,7 +216,7 @@ def _check(args) -> None:
     try:
         result = compute_influence(run, DEFAULT_SETTINGS, device=args.device, progress=bar)
         directions = [args.direction] if args.direction else [None, "random"]  # the image's own, then the control
-        done = []
+        done: list[cf.Check] = []
         for direction in directions:
             k = args.k if args.k is not None or not done else done[0].k  # the control removes as many
             done.append(cf.run_check(result, args.test_index, k, direction, device=args.device, progress=bar))
@@ -361,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="summarise a run (metrics, detection, timings)")
     r.add_argument("--run-dir", required=True)
     r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="write one self-contained HTML file instead (figures, thumbnails, checks; opens offline)",
+    )
     r.set_defaults(func=_report)
 
     k = sub.add_parser(

@@ -93,3 +93,4 @@ links[1].page_link("pages/setup_run.py", label="Your own data & model", icon=":m
 # === Retraining checks and the offline report (owned by pages/ui/checks.py; keep this section separate) =====
 with widgets.errors_shown():
     checks.checks_list(run)
+    checks.report_download(run)

@@ -72,3 +72,6 @@ def test_explorer_button_checks_the_image_and_the_random_control_then_overview_l
     labels_shown = [e.label for e in overview.expander]
     summary = f"k = {k} removed → prediction flipped in 1 of 1 checks, random removal flipped it in 0 of 1"
     assert f"Retraining checks of the rankings: {summary}" in labels_shown
+    assert [b.proto.label for b in overview.get("download_button") if b.proto.id.endswith("html-report")] == [
+        "Download the report (HTML, opens offline)"
+    ]

@@ -1,11 +1,13 @@
 """Retraining checks of a ranking on the pages (:mod:`influence_core.counterfactual`): the explorer's button for the
-picked test image, and the list of every check done on a run (explorer and Overview)."""
+picked test image, the list of every check done on a run (explorer and Overview), and the offline report's
+download (:mod:`influence_core.html_report`, Overview)."""
 
 from __future__ import annotations
 
 import streamlit as st
 
 from influence_core import counterfactual as cf
+from influence_core.html_report import html_report
 from influence_core.pipeline import InfluenceResult
 from influence_core.progress import tagged
 from influence_core.run import Run
@@ -93,3 +95,19 @@ def checks_list(run: Run, expanded: bool = False) -> None:
             "Each check removed a test image's most helpful (or most harmful) training images, or as many random "
             "ones of the same labels, trained this run's recipe again and looked at the test image's prediction."
         )
+
+
+def report_download(run: Run) -> None:
+    """A button that downloads the run's report as one HTML file that opens offline (made when clicked)."""
+    st.download_button(
+        "Download the report (HTML, opens offline)",
+        data=lambda: html_report(run),
+        file_name=f"{run.path.name}-report.html",
+        mime="text/html",
+        on_click="ignore",
+        icon=":material/download:",
+        key="html-report",
+        help="One file to send to anyone: the run, how well wrong labels are found, the top suspects with their "
+        "review decisions, a few test images with their most helpful and harmful training images, and the "
+        "retraining checks. It needs no network and no Influence Lens to open.",
+    )
