@@ -277,7 +277,9 @@ def _decisions(run: Run, ids: list[str]) -> dict[str, str]:
 def thumbnail(image: np.ndarray, size: int = THUMB_PX) -> str:
     """A ``data:image/png;base64,...`` URI of a ``(S, S, 3)`` uint8 image resized to ``size`` pixels."""
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).resize((size, size), Image.Resampling.NEAREST).save(buf, "PNG", optimize=True)
+    Image.fromarray(np.asarray(image, np.uint8)).resize((size, size), Image.Resampling.NEAREST).save(
+        buf, "PNG", optimize=True
+    )
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
