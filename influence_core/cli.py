@@ -227,7 +227,8 @@ def _check(args) -> None:
         return
     for c in done:
         print(c.describe(run.classes))
-        print(f"  k: {c.k_reason}" + (f"; {c.units_note}" if c.units_note else ""))
+        if c.direction != "random" or args.direction:
+            print(f"  k: {c.k_reason}" + (f"; {c.units_note}" if c.units_note else ""))
     print(f"checks kept for this run: {cf.summary(cf.checks(run))}")
 
 
