@@ -129,8 +129,7 @@ def main(argv=None) -> None:
         for t in tests:
             for k in args.ks:
                 direction = cf.reference_direction(probs[t], int(labels[t]))
-                found.append(cf.run_check(result, t, k, direction, device=args.device))
-                log.info("%s: %s", spec, found[-1].describe(run.classes))
+                found.append(cf.run_check(result, t, k, direction, device=args.device))  # logs what it found
         results[spec] = summarise(found, args.ks) | {"units_note": cf.loss_units_note(result)}
     assert control_result is not None
     controls = [cf.run_check(control_result, t, k, "random", device=args.device) for t in tests for k in args.ks]
