@@ -7,7 +7,7 @@ Run inside ``benchmarks/.venvs/trak``::
 
 TRAK's features and scores go to ``OUT_DIR/trak/``. On the CPU the projection is TRAK's ``BasicProjector`` (its CUDA
 projector needs the ``fast_jl`` extension and a GPU): it draws the Rademacher matrix block by block for each batch,
-so its cost grows with parameters × ``--proj-dim``. ``--scope head`` makes only ``fc`` require gradients, so TRAK
+so its cost grows with parameters × ``--proj-dim``. ``--scope head`` passes ``fc``'s parameters as TRAK's ``grad_wrt``, so it
 projects the head's gradients alone. Stages (see workload.py): ``fit`` = featurizing the training set
 (``featurize`` + ``finalize_features``, uncapped), ``scores`` = scoring the test set against it.
 
@@ -51,7 +51,13 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int):
 
 def main() -> None:
     parser = runner_parser(__doc__.splitlines()[0], ("trak",))
-    parser.add_argument("--proj-dim", type=int, default=2048, help="random projection dimension (TRAK's default)")
+    parser.add_argument(
+        "--proj-dim",
+        type=int,
+        default=2048,
+        help="random projection dimension (TRAK's default; capped at half the training set, since TRAK inverts the "
+        "projected features' Gram matrix)",
+    )
     parser.add_argument("--models", type=Path, default=None, help="folder of extra state_dicts for the ensemble")
     args = parser.parse_args()
     device = pick_device(args.device)
@@ -64,12 +70,10 @@ def main() -> None:
             m = build_model(s.num_classes)
             m.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
             models.append(m.to(device).eval())
-    for m in models:
-        for name, p in m.named_parameters():
-            p.requires_grad_(scope == "all" or name.startswith("fc."))
-    grad_dim = sum(p.numel() for p in w.model.parameters() if p.requires_grad)
+    tracked = [name for name, _ in w.model.named_parameters() if scope == "all" or name.startswith("fc.")]
+    grad_dim = sum(p.numel() for name, p in w.model.named_parameters() if name in tracked)
     n_train, n_test = len(w.y_train), len(w.y_test)
-    proj_dim = min(args.proj_dim, grad_dim)
+    proj_dim = min(args.proj_dim, grad_dim, n_train // 2)  # TRAK inverts ΦᵀΦ: singular when proj_dim ≥ n_train
     record = {
         "peer": "trak",
         "version": version("traker"),
@@ -101,6 +105,7 @@ def main() -> None:
         projector=projector,
         proj_dim=proj_dim,
         use_half_precision=False,
+        grad_wrt=tracked,
     )
     t0 = time.perf_counter()
     for i, m in enumerate(models):
