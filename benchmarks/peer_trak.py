@@ -95,6 +95,7 @@ def main() -> None:
         proj_type=ProjectionType.rademacher,
         device=device,
         dtype=torch.float32,
+        block_size=min(100, max(1, proj_dim // 2)),  # ≥ 2 blocks: traker 0.3.2's one-block path reads a freed matrix
     )
     traker = TRAKer(
         model=w.model,

@@ -278,7 +278,7 @@ def summary(found: list[Check]) -> str | None:
 
 def table(found: list[Check], classes: list[str]) -> pd.DataFrame:
     """One row per check: what was removed, predicted and measured changes, and whether the prediction flipped."""
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "test image": [f"#{c.test}" for c in found],
             "removed": [f"{len(c.removed)} {REMOVED[c.direction]}" for c in found],
@@ -298,6 +298,7 @@ def table(found: list[Check], classes: list[str]) -> pd.DataFrame:
             "ranked by": [c.method for c in found],
         }
     )
+    return frame.round(3)
 
 
 def estimated_seconds(run: Run) -> float | None:

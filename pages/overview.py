@@ -91,6 +91,7 @@ links[0].page_link("pages/corruption_lab.py", label="Corruption experiment", ico
 links[1].page_link("pages/setup_run.py", label="Your own data & model", icon=":material/tune:")
 
 # === Retraining checks and the offline report (owned by pages/ui/checks.py; keep this section separate) =====
+st.subheader("Evidence to share")
 with widgets.errors_shown():
     checks.checks_list(run)
     checks.report_download(run)
