@@ -34,6 +34,7 @@ REQUIREMENTS: dict[str, list[str]] = {
     "kronfluence": [*TORCH, "kronfluence==1.0.*"],
     "cleanlab": [*TORCH, "cleanlab"],
     "trak": [*TORCH, "traker==0.3.*"],
+    "dattri": [*TORCH, "dattri==0.3.*"],
 }
 RUNNERS = {peer: BENCH_DIR / f"peer_{peer}.py" for peer in REQUIREMENTS}
 BASE_PYTHON = "python3.11"
