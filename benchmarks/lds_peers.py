@@ -41,6 +41,8 @@ PEER_JOBS = {
     "kronfluence_identity_head": ("kronfluence", "identity", "head"),
     "pydvl_direct_head": ("pydvl", "direct", "head"),
     "pydvl_cg_head": ("pydvl", "cg", "head"),
+    "trak_head": ("trak", "trak", "head"),
+    "trak_all": ("trak", "trak", "all"),
 }
 """Job name (as in ``benchmarks/run.py``) → (peer, method, scope)."""
 UNCAPPED = 1e9

@@ -1,6 +1,6 @@
 """One isolated virtual environment per peer library, created once and reused.
 
-Peers (pyDVL, Kronfluence, cleanlab) pin dependencies that clash with the
+Peers (pyDVL, Kronfluence, cleanlab, TRAK) pin dependencies that clash with the
 product (pyDVL 0.10 needs numpy<2), so each runs in its own venv under
 ``benchmarks/.venvs/<peer>`` and talks to us only through a workload directory
 (see ``benchmarks/workload.py``) and a JSON result file.
@@ -33,6 +33,8 @@ REQUIREMENTS: dict[str, list[str]] = {
     "pydvl": [*TORCH, "pyDVL[influence]==0.10.*", "numpy<2"],
     "kronfluence": [*TORCH, "kronfluence==1.0.*"],
     "cleanlab": [*TORCH, "cleanlab"],
+    "trak": [*TORCH, "traker==0.3.*"],
+    "dattri": [*TORCH, "dattri==0.3.*"],
 }
 RUNNERS = {peer: BENCH_DIR / f"peer_{peer}.py" for peer in REQUIREMENTS}
 BASE_PYTHON = "python3.11"

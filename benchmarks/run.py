@@ -89,6 +89,7 @@ PEER_JOBS = {
         ("ekfac", "all", ["--fit-examples", "FIT"]),
         ("identity", "all", []),
     ],
+    "trak": [("trak", "head", []), ("trak", "all", [])],  # opt-in: --peers ...,trak (random projections, one model)
 }
 """``FIT`` is replaced by ``--peer-fit-examples``. pyDVL's CG on the whole network runs 2 of its 100 iterations
 per solve over that many training points (one iteration is a Hessian-vector product over the data: ~50 s for 131

@@ -183,6 +183,12 @@ def _report(args) -> None:
     from .report import run_report, to_json
     from .run import Run
 
+    if args.html:
+        from .html_report import write_html_report
+
+        path = write_html_report(Run(args.run_dir), args.html)
+        print(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)", file=sys.stderr)
+        return
     report = run_report(Run(args.run_dir))
     for entry, why in report.get("ignored_influence", {}).items():
         print(
@@ -287,6 +293,33 @@ def _repoint(args) -> None:
 
     run = repoint(args.run_dir, args.dataset)
     print(f"{run.path} now reads its data from {run.config['dataset']}", file=sys.stderr)
+
+
+def _check(args) -> None:
+    from . import counterfactual as cf
+    from .pipeline import DEFAULT_SETTINGS, compute_influence
+    from .run import Run
+
+    run = Run(args.run_dir)
+    cf.require_test_image(run, args.test_index)
+    bar = TqdmProgress()
+    try:
+        result = compute_influence(run, DEFAULT_SETTINGS, device=args.device, progress=bar)
+        directions = [args.direction] if args.direction else [None, "random"]  # the image's own, then the control
+        done: list[cf.Check] = []
+        for direction in directions:
+            k = args.k if args.k is not None or not done else done[0].k  # the control removes as many
+            done.append(cf.run_check(result, args.test_index, k, direction, device=args.device, progress=bar))
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) for c in done], indent=2))
+        return
+    for c in done:
+        print(c.describe(run.classes))
+        if c.direction != "random" or args.direction:
+            print(f"  k: {c.k_reason}" + (f"; {c.units_note}" if c.units_note else ""))
+    print(f"checks kept for this run: {cf.summary(cf.checks(run))}")
 
 
 def _classes(args) -> None:
@@ -426,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="summarise a run (metrics, detection, timings)")
     r.add_argument("--run-dir", required=True)
     r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="write one self-contained HTML file instead (figures, thumbnails, checks; opens offline)",
+    )
     r.set_defaults(func=_report)
 
     a = sub.add_parser(
@@ -468,6 +506,28 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--run-dir", required=True)
     rp.add_argument("--dataset", required=True, help="the data's new place, e.g. tiny-imagenet:PATH or folder:PATH")
     rp.set_defaults(func=_repoint)
+
+    k = sub.add_parser(
+        "check",
+        help="check a test image's ranking by retraining without its top-k training images (one training each)",
+    )
+    k.add_argument("--run-dir", required=True)
+    k.add_argument("--test-index", type=int, required=True, help="position of the test image in the test split")
+    k.add_argument(
+        "--k",
+        type=int,
+        help="training images to remove (default: the smallest k predicted to flip the prediction, at most 5 %% of "
+        "the training set)",
+    )
+    k.add_argument(
+        "--direction",
+        choices=["helpful", "harmful", "random"],
+        help="remove the most helpful, most harmful, or random images of the same labels (default: helpful for a "
+        "right prediction, harmful for a wrong one, then the random control)",
+    )
+    k.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
+    k.add_argument("--json", action="store_true", help="print the checks as JSON")
+    k.set_defaults(func=_check)
 
     c = sub.add_parser("classes", help="list the classes a dataset offers")
     c.add_argument("--dataset", required=True)

@@ -12,6 +12,7 @@ Layout (all files written atomically; ``train_key`` is written last and marks a 
     checkpoints/       epoch_<e>.pt (evenly spaced) and final.pt: ResNet18 state_dicts
     influence/<key>/   cached influence results (see :class:`InfluencePaths`)
     second_pass.npz    loss (n_train,) under a retrain without the top suspects, left_out, key (:mod:`.second_pass`)
+    checks/            retraining checks of the rankings, one JSON file each (:mod:`.counterfactual`)
     reviews.sqlite     the mislabel review store
     train_key          hash of data ids + labels + config; equal key = cached training (also in config.json)
 
@@ -166,6 +167,14 @@ class RunPaths:
         return self.root / "second_pass.npz"
 
     @property
+    def checks(self) -> Path:
+        """Folder of the retraining checks: ``<influence key>_t<test>_<direction>_k<k>.json`` (:mod:`.counterfactual`)."""
+        return self.root / "checks"
+
+    def check(self, entry: str, test: int, direction: str, k: int) -> Path:
+        return self.checks / f"{entry}_t{test}_{direction}_k{k}.json"
+
+    @property
     def reviews(self) -> Path:
         return self.root / "reviews.sqlite"
 
@@ -205,6 +214,7 @@ class RunPaths:
             self.checkpoints,
             self.influence,
             self.second_pass,
+            self.checks,
             self.train_key,
         )
 

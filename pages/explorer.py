@@ -5,7 +5,7 @@ import streamlit as st
 
 from influence_core.analysis import describe_ranking, top_k
 from influence_core.display import grouped_histogram, label_groups, pages
-from pages.ui import charts, runs, widgets
+from pages.ui import charts, checks, runs, widgets
 
 PER_PAGE = 24
 
@@ -174,3 +174,9 @@ ranked("Most helpful training images (support the true label)", helpful, "helpfu
 ranked("Most harmful training images (push towards a wrong prediction)", harmful, "harmful")
 if st.session_state.get("train_pick") is None:
     st.info("Click **Saliency** under a training image to see which of its pixels carry its influence.")
+
+# === Check by retraining (owned by pages/ui/checks.py; keep this section separate) ==========================
+st.subheader("Check this ranking by retraining")
+with st.container(border=True), widgets.errors_shown():
+    checks.check_control(result, test)
+    checks.checks_list(run)

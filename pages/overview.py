@@ -3,7 +3,7 @@
 import streamlit as st
 
 from influence_core.analysis import SIGNALS, detection_metrics, rank_suspects
-from pages.ui import fixes, runs, widgets
+from pages.ui import checks, fixes, runs, widgets
 
 run = runs.current_run()
 result = runs.influence(run)
@@ -91,3 +91,9 @@ links[1].page_link("pages/review_queue.py", label="Review suspected mislabels", 
 links[2].page_link("pages/test_set.py", label="Influence on the whole test set", icon=":material/bar_chart:")
 links[0].page_link("pages/corruption_lab.py", label="Corruption experiment", icon=":material/science:")
 links[1].page_link("pages/setup_run.py", label="Your own data & model", icon=":material/tune:")
+
+# === Retraining checks and the offline report (owned by pages/ui/checks.py; keep this section separate) =====
+st.subheader("Evidence to share")
+with widgets.errors_shown():
+    checks.checks_list(run)
+    checks.report_download(run)
