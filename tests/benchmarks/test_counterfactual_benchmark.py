@@ -10,7 +10,7 @@ import numpy as np
 from influence_core.counterfactual import Check
 
 _SPEC = importlib.util.spec_from_file_location(
-    "counterfactual_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "counterfactual.py"
+    "counterfactual_benchmark", Path(__file__).resolve().parents[2] / "benchmarks" / "counterfactual.py"
 )
 bench = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(bench)

@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 from influence_core import counterfactual as cf
 from influence_core.pipeline import load_influence
 
-APP = Path(__file__).resolve().parents[1] / "app.py"
+APP = Path(__file__).resolve().parents[2] / "app.py"
 
 
 @pytest.fixture
