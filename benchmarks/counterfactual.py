@@ -18,8 +18,8 @@ k of those tried that flips it (TRAK's / Ilyas et al.'s brittleness measure; Non
 ``OUT/counterfactual.json`` (``--quick``: ``OUT/counterfactual-quick.json``).
 
 Cost: one training per (method, test image, k) and per (test image, k) for the control: at the defaults
-(3 methods + random, 30 images, 4 k) 480 trainings of the product's recipe, about 13 hours on 2 CPU cores and
-well under an hour on a GPU. ``--quick`` (2 test images, k = 5, 32 px, 2 epochs, 30 % of the images) shows the
+(3 methods + random, 30 images, 4 k) 480 trainings of the product's recipe; at the 165–510 s a training of a
+tiny-imagenet pair took on 2 CPU cores (README), one to three days there, so it was not run on this CPU. ``--quick`` (2 test images, k = 5, 32 px, 2 epochs, 30 % of the images) shows the
 pipeline end to end in minutes.
 """
 
