@@ -5,14 +5,13 @@ PNG thumbnails embedded as base64 ``data:`` URIs, so the file makes no network r
 model, accuracy), the detection of flipped labels and its curve, the top suspects with their review decisions,
 a few test images with their influence histogram and most helpful / harmful training images, the retraining
 checks (:mod:`.counterfactual`) and, for a child run with corrected labels, the before / after comparison
-(:mod:`influence_core.compare`, when that module is there). A 1,000-image run gives about 5 MB, most of it plotly.
+(:mod:`influence_core.compare`). A 1,000-image run gives about 5 MB, most of it plotly.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import importlib
 import io
 from pathlib import Path
 
@@ -23,10 +22,12 @@ from PIL import Image
 
 from . import counterfactual as cf
 from .analysis import SIGNALS, detection_curve, detection_metrics, rank_suspects
+from .compare import compare_runs
 from .data import parse_spec
 from .display import grouped_histogram, label_groups
 from .errors import InfluenceLensError
 from .figures import detection_figure, influence_histogram
+from .fixes import lineage
 from .paths import RunPaths
 from .pipeline import DEFAULT_SETTINGS, InfluenceResult, cached_results, load_influence
 from .run import Run
@@ -227,18 +228,13 @@ def _checks_section(run: Run) -> str:
 
 
 def _lineage_section(run: Run) -> str:
-    """Before / after for a child run with corrected labels (``config.json`` "lineage"), when
-    :mod:`influence_core.compare` is there; empty otherwise."""
-    lineage = run.config.get("lineage")
-    if not isinstance(lineage, dict):
-        return ""
-    try:
-        compare = importlib.import_module("influence_core.compare")
-    except ImportError:
+    """Before / after for a child run with corrected labels (:mod:`influence_core.fixes`); empty for other runs."""
+    record = lineage(run)
+    if record is None:
         return ""
     head = "<h2>Before and after the corrections</h2>"
     try:
-        found = compare.compare_runs(run)
+        found = compare_runs(run)
     except InfluenceLensError as e:
         return head + _p(f"The run it was made from cannot be compared here: {e.problem}")
     before, after = found["before"], found["after"]
@@ -256,8 +252,8 @@ def _lineage_section(run: Run) -> str:
     changes = found.get("changes") or {}
     text = (
         f"{after['name']} was trained from {before['name']} with "
-        f"{changes.get('relabelled', lineage.get('relabelled', 0))} labels corrected and "
-        f"{changes.get('excluded', lineage.get('excluded', 0))} images left out. On the same test images "
+        f"{changes.get('relabelled', record.get('relabelled', 0))} labels corrected and "
+        f"{changes.get('excluded', record.get('excluded', 0))} images left out. On the same test images "
         f"{len(found.get('fixed', []))} predictions became right and {len(found.get('broken', []))} became wrong."
     )
     per_class = pd.DataFrame(found.get("per_class", [])).round(3)

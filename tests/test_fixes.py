@@ -26,6 +26,7 @@ from influence_core.fixes import (
     parent_of,
     pending_changes,
 )
+from influence_core.html_report import html_report
 from influence_core.review import ReviewedData, ReviewStore
 from influence_core.run import Run
 
@@ -242,6 +243,13 @@ def test_compare_is_paired_and_agrees_with_each_runs_metrics(parent, child, deci
     assert flips["before"] == int(parent.flipped().sum()) and flips["corrected"] == 2 and flips["excluded"] == 0
     assert flips["left"] == flips["before"] - 2 and flips["new_errors"] == 0
     assert np.array(result["confusion"]["after"]).sum() == len(y)
+
+
+def test_the_offline_report_of_a_child_shows_before_and_after(child):
+    text = html_report(child)
+    d = compare_runs(child)["difference"]["accuracy"]
+    assert "<h2>Before and after the corrections" in text
+    assert f"{d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f})" in text
 
 
 def test_macro_f1_matches_scikit_learn_also_with_missing_classes():
