@@ -41,8 +41,7 @@ import lds  # noqa: E402
 
 from influence_core import counterfactual as cf  # noqa: E402
 from influence_core import train  # noqa: E402
-from influence_core.influence import parse_scope  # noqa: E402
-from influence_core.pipeline import InfluenceSettings, compute_influence  # noqa: E402
+from influence_core.pipeline import InfluenceSettings, compute_influence, parse_settings  # noqa: E402
 from influence_core.storage import atomic_write_json  # noqa: E402
 
 log = logging.getLogger("counterfactual")
@@ -53,7 +52,7 @@ DEFAULT_METHODS = ("direct:head", "kfac:all", "ekfac:all")
 
 def settings_of(spec: str) -> InfluenceSettings:
     method, _, scope = spec.partition(":")
-    return InfluenceSettings(method=method, scope=parse_scope(scope or "head"), checkpoints=False)
+    return parse_settings(method, scope=scope or "head", checkpoints=False)
 
 
 def chosen_tests(labels: np.ndarray, predicted: np.ndarray, n: int, seed: int) -> list[int]:

@@ -397,11 +397,11 @@ def _method(result: InfluenceResult) -> str:
 
 def _recipe(run: Run, test: int, device: str, progress: Progress | None) -> Retrain:
     """The run's own recipe (:func:`training.retrain_without`), returning the test image's logits."""
-    from .training import _logits, retrain_without
+    from .training import batched_logits, retrain_without
 
     def retrain(exclude: np.ndarray) -> np.ndarray:
         model, _ = retrain_without(run, exclude, device=device, progress=progress)
         x_test, _ = run.tensors("test")
-        return _logits(model, x_test[test : test + 1])[0].double().cpu().numpy()
+        return batched_logits(model, x_test[test : test + 1])[0].double().cpu().numpy()
 
     return retrain

@@ -639,7 +639,7 @@ def fit_model(
             if progress:
                 progress(f"epoch {epoch + 1}/{config.epochs}", b + 1, n_batches)
         model.eval()
-        val_loss = float(F.cross_entropy(_logits(model, x_val), y_val)) if len(y_val) else None
+        val_loss = float(F.cross_entropy(batched_logits(model, x_val), y_val)) if len(y_val) else None
         history.append(
             {
                 "epoch": epoch + 1,
@@ -757,7 +757,7 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _logits(model, x, batch_size: int = 256) -> torch.Tensor:
+def batched_logits(model, x, batch_size: int = 256) -> torch.Tensor:
     """(n, K) logits on the model's device, in batches of ``x`` (a tensor or a lazy image source)."""
     device = next(model.parameters()).device
     parts = [model(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
@@ -766,7 +766,7 @@ def _logits(model, x, batch_size: int = 256) -> torch.Tensor:
 
 def predict(model, x: torch.Tensor | ModelInputs) -> np.ndarray:
     """(n, K) float32 class probabilities."""
-    return _logits(model, x).softmax(1).float().cpu().numpy()
+    return batched_logits(model, x).softmax(1).float().cpu().numpy()
 
 
 def _cpu_state(model) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ def convex_head(digits, frozen_backbone_classifier):
     torch.set_num_threads(1)
     x_train, y_train, x_test, y_test = digits(200, 40, classes=5)
     model, feats_train = frozen_backbone_classifier(x_train, y_train, LAMBDA)
-    im = InfluenceModel(model, method=Direct(), scope="head", regularization=LAMBDA, device="cpu", batch_size=64)
+    im = InfluenceModel(model, method=Direct(), scope="head", damping=LAMBDA, device="cpu", batch_size=64)
     infl = im.fit(x_train, y_train).influences(x_test, y_test)
     feats_test = model[:-1](x_test).detach().double()
     theta = torch.cat([model[-1].weight.detach(), model[-1].bias.detach()[:, None]], 1).double()

@@ -53,7 +53,7 @@ def run_picker() -> None:
         select_run(resolve_ref(choice))
         st.rerun()
     s = settings()
-    st.caption(f"Influence: {computation(s.method, s.scope_key)}", help=f"Settings: {s.describe()}")
+    st.caption(f"Influence: {computation(s.method.name, s.scope_key)}", help=f"Settings: {s.describe()}")
 
 
 def computation_caption(run: Run, shown: InfluenceSettings | None = None, note: str | None = None) -> None:
@@ -62,11 +62,11 @@ def computation_caption(run: Run, shown: InfluenceSettings | None = None, note: 
     scales). ``note``: the figures behind the choice, for the help icon."""
     s = settings()
     shown = shown or s
-    text = f"**Influence values on this page:** {computation(shown.method, shown.scope_key)}. "
+    text = f"**Influence values on this page:** {computation(shown.method.name, shown.scope_key)}. "
     other = (shown.method, shown.scope_key) != (s.method, s.scope_key)
     if other:
         text += (
-            f"The other pages show {computation(s.method, s.scope_key)} (the sidebar's setting): their values are "
+            f"The other pages show {computation(s.method.name, s.scope_key)} (the sidebar's setting): their values are "
             "on another scale, not comparable with these. "
         )
     st.caption(

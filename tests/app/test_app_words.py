@@ -10,7 +10,7 @@ import pytest
 from test_app_pages import app, demo_result  # noqa: F401  (fixtures)
 
 from influence_core.display import computation
-from influence_core.influence import Scope
+from influence_core.influence import KFAC, Scope
 from influence_core.pipeline import DEFAULT_SETTINGS, InfluenceSettings
 
 PAGES = (None, "setup_run", "explorer", "test_set", "review_queue", "corruption_lab")
@@ -59,7 +59,7 @@ def test_the_explorer_says_when_it_shows_another_computation_than_the_other_page
     from pages.ui import runs
 
     real = runs.rankings
-    whole = InfluenceSettings(method="kfac", scope=Scope.ALL)
+    whole = InfluenceSettings(method=KFAC(), scope=Scope.ALL)
 
     def upgraded(run):  # the ranking the explorer switches to once the whole network is computed
         found = real(run)
