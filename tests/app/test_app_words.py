@@ -49,7 +49,7 @@ def test_each_page_names_the_computation_its_values_come_from(app, page):  # noq
     """Issue 29 item 19: the explorer showed whole-network K-FAC values (±100k) beside pages of exact last-layer
     values (±10), and the sidebar named one method while the explorer ranked by another."""
     at = app(page)
-    words = computation(DEFAULT_SETTINGS.method, DEFAULT_SETTINGS.scope_key)
+    words = computation(DEFAULT_SETTINGS.method.name, DEFAULT_SETTINGS.scope_key)
     (caption,) = [c.value for c in at.caption if c.value.startswith("**Influence values on this page:**")]
     assert words in caption and "÷" in caption  # the computation and the unit
     assert any(words in c.value for c in at.sidebar.caption)  # the sidebar names the same one
