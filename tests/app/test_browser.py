@@ -26,6 +26,7 @@ PAGES = {  # screenshot name: (address, text that shows once the page is drawn);
     "test-set": ("test_set", "Per class: the most and least useful"),
     "review": ("review_queue", "Rank suspects by"),
     "corruption": ("corruption_lab", "Mean influence per label"),
+    "before-and-after": ("compare", "Take the corrections elsewhere"),
 }
 
 
@@ -57,6 +58,27 @@ def test_every_page_renders(browser, server):
         assert tab.get_by_text("Page not found").count() == 0, name
         tab.screenshot(path=SHOTS / f"page-{name}.png", full_page=True)
         tab.close()
+    context.close()
+
+
+def test_pages_name_their_computation_and_the_review_buttons_say_what_they_move(browser, server):
+    """Issue 29 items 19 and 3 as a reviewer sees them: each page with influence values says which computation they
+    come from and their unit, the same as the sidebar; the focus buttons are named for the image they move to."""
+    context = browser.new_context(viewport=VIEWPORT)
+    for page, text in (
+        ("explorer?test=3", "Most helpful training images"),
+        ("test_set", "Per class: the most and least useful"),
+        ("corruption_lab", "Mean influence per label"),
+    ):
+        tab = open_page(context, server, page, text)
+        caption = tab.locator("p", has_text="Influence values on this page:").first.inner_text()
+        assert "exact influence through the last layer" in caption and "the number of training images" in caption
+        assert tab.locator('[data-testid="stSidebar"]').get_by_text("exact influence through the last layer").count()
+        tab.close()
+    tab = open_page(context, server, "review_queue", "Rank suspects by")
+    for name in ("◀ Previous image", "Next image ▶"):
+        assert tab.get_by_role("button", name=name, exact=True).count() == 1, name
+    assert tab.get_by_role("button", name="Next", exact=True).count() == 0
     context.close()
 
 
