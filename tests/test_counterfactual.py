@@ -23,9 +23,9 @@ LAMBDA = 1e-2
 
 
 @pytest.fixture(scope="module")
-def convex_head(digits, frozen_backbone_classifier):
-    """(influences (n_test, n_train), test logits (n_test, C), retrain(exclude) -> test logits, y_train, y_test)."""
-    torch.set_num_threads(1)
+def convex_head(digits, frozen_backbone_classifier, single_thread):
+    """(influences (n_test, n_train), test logits (n_test, C), retrain(exclude) -> test logits, y_train, y_test).
+    One thread while this module runs (restored after it: later tests compare trainings bit for bit)."""
     x_train, y_train, x_test, y_test = digits(200, 40, classes=5)
     model, feats_train = frozen_backbone_classifier(x_train, y_train, LAMBDA)
     im = InfluenceModel(model, method=Direct(), scope="head", damping=LAMBDA, device="cpu", batch_size=64)
