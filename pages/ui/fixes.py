@@ -7,7 +7,6 @@ The work is :mod:`influence_core.fixes` (the child run), :mod:`influence_core.co
 from __future__ import annotations
 
 import io
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -259,7 +258,6 @@ def _export_zip(run: Run) -> bytes:
             for path in sorted(folder.rglob("*")):
                 if path.is_file():
                     z.write(path, path.relative_to(folder.parent))
-        shutil.rmtree(folder, ignore_errors=True)
         return buffer.getvalue()
 
 
