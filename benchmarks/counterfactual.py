@@ -18,8 +18,8 @@ k of those tried that flips it (TRAK's / Ilyas et al.'s brittleness measure; Non
 ``OUT/counterfactual.json`` (``--quick``: ``OUT/counterfactual-quick.json``).
 
 Cost: one training per (method, test image, k) and per (test image, k) for the control: at the defaults
-(3 methods + random, 30 images, 4 k) 480 trainings of the product's recipe; at the 165–510 s a training of a
-tiny-imagenet pair took on 2 CPU cores (README), one to three days there, so it was not run on this CPU. ``--quick`` (2 test images, k = 5, 32 px, 2 epochs, 30 % of the images) shows the
+(3 methods + random, 30 images, 4 k) 480 trainings of the product's recipe: with a training of a tiny-imagenet
+pair taking minutes on 2 CPU cores, half a day or more there, so it is meant for a GPU machine. ``--quick`` (2 test images, k = 5, 32 px, 2 epochs, 30 % of the images) shows the
 pipeline end to end in minutes.
 """
 

@@ -13,6 +13,9 @@ a flipped image is marked *mislabeled* with its true class, any other *keep*.
   (``apply_reviews``: a child run of the previous one, as the app's *Retrain with N decisions*), and the rest of the
   queue is ranked by the child's own training dynamics (mean training loss over the epochs on its cleaner labels).
 * **true labels**: the same recipe on the true labels, the upper bound of the test accuracy.
+* **round two, other signals**: what the second round (the 10 % point) would have found had the rest of the queue
+  been ranked by each of a few other signals of the same runs (:func:`round_two_alternatives`; the child's own
+  second pass costs one more training). ``--round-two-only`` adds them to a pair's existing JSON from its runs.
 
 Writes ``<results>/<pair>.json`` (every round: share reviewed, flips found, test accuracy, seconds);
 ``benchmarks/summarize.py`` turns the pairs' files into the table of the generated benchmark pages.
@@ -28,6 +31,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import rankdata
 
 from influence_core import TrainConfig, train
 from influence_core.analysis import rank_suspects
@@ -36,7 +40,7 @@ from influence_core.fixes import apply_reviews, true_labels_config
 from influence_core.paths import RunPaths
 from influence_core.review import ReviewStore
 from influence_core.run import Run
-from influence_core.second_pass import compute_second_pass
+from influence_core.second_pass import compute_second_pass, load_second_pass
 
 REVIEWER = "oracle"
 STATIC_ROUNDS = 6
@@ -57,6 +61,44 @@ def oracle_review(run: Run, ids: list[str]) -> None:
 
 def found_share(reviewed: list[str], flipped_ids: set[str]) -> float:
     return len(flipped_ids.intersection(reviewed)) / max(len(flipped_ids), 1)
+
+
+def round_two_alternatives(pair_dir: Path, round_share: float) -> dict:
+    """Flips found after two rounds (round one: the top of the parent's second pass, as both flows) had the second
+    round been ranked by each signal below, from the cached runs ``parent`` and ``iterative-1`` of ``pair_dir``.
+
+    Returns ``{"flips_found": {signal: share of the flips}, "child_second_pass_seconds": s}``."""
+    parent, child = Run(pair_dir / "parent"), Run(pair_dir / "iterative-1")
+    parent_second = load_second_pass(parent)
+    if parent_second is None or child.ids("train") != parent.ids("train"):
+        raise SystemExit(f"{pair_dir}: run the whole session first (benchmarks/review_session.py)")
+    n = len(parent.ids("train"))
+    per_round = int(np.ceil(round_share * n))
+    flipped = parent.flipped()
+    reviewed = np.zeros(n, bool)
+    reviewed[rank_suspects(parent_second.loss)[:per_round]] = True
+    child_second = compute_second_pass(child)  # cached in the run: its seconds are those of the first call
+    loss = child.dynamics["loss"]
+    unreviewed = np.flatnonzero(~reviewed)
+
+    def fraction(score: np.ndarray) -> np.ndarray:
+        return rankdata(score) / n  # (n,) in (0, 1], higher = more suspicious
+
+    signals = {
+        "the child's mean training loss (the iterative flow)": loss.mean(0),
+        "the parent's second pass (the static flow)": parent_second.loss,
+        "the child's own second pass (one more training a round)": child_second.loss,
+        "the child's loss after its last epoch": loss[-1],
+        "the child's mean loss over its first 5 epochs": loss[:5].mean(0),
+        "mean rank: the parent's second pass and the child's mean loss": fraction(parent_second.loss)
+        + fraction(loss.mean(0)),
+        "mean rank: both second passes": fraction(parent_second.loss) + fraction(child_second.loss),
+    }
+    found = {}
+    for name, score in signals.items():
+        pick = unreviewed[rank_suspects(score[unreviewed])[:per_round]]
+        found[name] = float((flipped[reviewed].sum() + flipped[pick].sum()) / max(flipped.sum(), 1))
+    return {"flips_found": found, "child_second_pass_seconds": child_second.seconds}
 
 
 def session(args: argparse.Namespace, pair_dir: Path) -> dict:
@@ -127,6 +169,7 @@ def session(args: argparse.Namespace, pair_dir: Path) -> dict:
         )
         print(f"  round {r}: {iterative[-1]}", flush=True)
 
+    round_two = round_two_alternatives(pair_dir, args.round_share) if args.rounds >= 2 else None
     true_run = train(true_labels_config(parent), pair_dir / "true-labels") if not args.no_true_labels else None
     return {
         "dataset_kind": parse_spec(args.dataset)[0],
@@ -142,6 +185,7 @@ def session(args: argparse.Namespace, pair_dir: Path) -> dict:
         "second_pass": {"accuracy_test": second.accuracy_test, "seconds": second_seconds},
         "static": {"rounds": static, "accuracy_test_after_20pct": static_accuracy_20, "seconds": static_apply_seconds},
         "iterative": {"rounds": iterative},
+        "round_two": round_two,
         "true_labels": None
         if true_run is None
         else {"accuracy_test": true_run.metrics["accuracy_test"], "f1_test": true_run.metrics["f1_test"]},
@@ -158,6 +202,11 @@ def main() -> None:
     p.add_argument("--image-size", type=int, help="default: the dataset's (64 px for tiny-imagenet)")
     p.add_argument("--downsample", type=float, default=1.0, help="keep this share of each class (smoke runs)")
     p.add_argument("--no-true-labels", action="store_true", help="skip the run on the true labels")
+    p.add_argument(
+        "--round-two-only",
+        action="store_true",
+        help="only add the second round's other signals to the pair's existing JSON, from its runs under --out",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/review_session"), help="the runs")
     p.add_argument(
         "--results",
@@ -168,13 +217,20 @@ def main() -> None:
     args = p.parse_args()
     slug = "+".join(c.replace(" ", "-") for c in args.classes)
     pair_dir = args.out / slug
-    result = session(args, pair_dir)
+    path = args.results / f"{slug}.json"
+    if args.round_two_only:
+        result = json.loads(path.read_text())
+        result["round_two"] = round_two_alternatives(pair_dir, result["round_share"])
+    else:
+        result = session(args, pair_dir)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2) + "\n")
     for name in ("static", "iterative"):
         rounds = result[name]["rounds"]
         print(name, " ".join(f"{r['reviewed']:.0%}:{r['flips_found']:.0%}" for r in rounds))
-    print(f"written to {args.results / f'{slug}.json'}; run benchmarks/summarize.py for the tables")
+    for name, found in (result["round_two"] or {"flips_found": {}})["flips_found"].items():
+        print(f"  after 2 rounds by {name}: {found:.0%}")
+    print(f"written to {path}; run benchmarks/summarize.py for the tables")
 
 
 if __name__ == "__main__":

@@ -274,6 +274,24 @@ def review_session_table(sessions: list[dict]) -> str:
     )
 
 
+def round_two_table(sessions: list[dict]) -> str:
+    """Flips found after two rounds (10 % reviewed) had the second round been ranked by each signal of
+    ``review_session.round_two_alternatives``: one column per pair that has them, and their mean."""
+    measured = [s for s in sessions if s.get("round_two")]
+    if not measured:
+        return "Not measured yet: `benchmarks/review_session.py --round-two-only` adds it to a pair's results."
+    signals = list(measured[0]["round_two"]["flips_found"])
+    rows = []
+    for name in signals:
+        found = [s["round_two"]["flips_found"].get(name) for s in measured]
+        mean = None if None in found else sum(found) / len(found)
+        rows.append([name, *(_opt(f, ".0%") for f in found), *([_opt(mean, ".0%")] if len(measured) > 1 else [])])
+    seconds = [s["round_two"]["child_second_pass_seconds"] / 60 for s in measured]
+    rows.append(["minutes of the child's second pass", *(f"{m:.1f}" for m in seconds)] + [""] * (len(measured) > 1))
+    header = [" vs ".join(s["classes"]) for s in measured] + (["mean"] if len(measured) > 1 else [])
+    return _table(["second round ranked by", *header], rows)
+
+
 def _review_cells(v: list) -> list[str]:
     """Cells of one row: ``v`` = static flips found at 5/10/20/30 %, iterative at the same, test accuracy after 20 %
     static / iterative / true labels / the run as given, minutes per iterative round."""
@@ -351,6 +369,9 @@ def docs_md(report: dict, measured: dict, gpu_runs: list[dict], detection: dict,
                 "of the queue is ranked by the child's own training loss. Targets: 85 % of the flips found after 10 %, "
                 "98 % after 20 %, test accuracy after the 20 % round within 1 point of the run on the true labels.",
                 review_session_table(sessions),
+                "Flips found after two rounds (10 % of the training set reviewed) had the second round been ranked by "
+                "another signal of the same runs; the first round is the top of the second pass in every row.",
+                round_two_table(sessions),
                 "## One GPU at full size",
                 "`benchmarks/gpu_full.py` (training, the last layer's influence for every test × training pair through "
                 "the pipeline, whole-network K-FAC for a block of test points and self-influence of every training "

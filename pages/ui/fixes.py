@@ -167,7 +167,11 @@ def compare_view(child: Run) -> None:
             "recall_after": "Recall after",
         }
     )
-    widgets.table(per_class, f"{child.path.name}-per-class.csv")
+    widgets.table(
+        per_class,
+        f"{child.path.name}-per-class.csv",
+        column_config={c: st.column_config.NumberColumn(format="percent") for c in per_class.columns if c != "Class"},
+    )
     left, right = st.columns(2)
     with left:
         st.markdown("**Confusions before** (rows: true class)")

@@ -1,5 +1,6 @@
 """End to end in headless chromium: decide on suspects, press *Retrain with N decisions*, land on the corrected
-run's before / after view, download the corrected training set, and keep reviewing in the corrected run."""
+run's before / after view, download the corrected training set, and keep reviewing in the corrected run; on the
+digits demo and on real tiny-imagenet images (goldfish vs lemon)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from influence_core.run import Run
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def loop_run(demo_run, runs_root) -> Run:
-    """A copy of the demo run with its influences and an empty review store."""
-    compute_influence(demo_run, DEFAULT_SETTINGS)
-    dest = runs_root / "browser-loop"
-    shutil.copytree(demo_run.path, dest, ignore=shutil.ignore_patterns("reviews.sqlite*"))
+@pytest.fixture(scope="module", params=["demo_run", "tiny_run"])
+def loop_run(request, runs_root) -> Run:
+    """A copy of the demo run (or of goldfish vs lemon) with its influences and an empty review store."""
+    run = request.getfixturevalue(request.param)
+    compute_influence(run, DEFAULT_SETTINGS)
+    dest = runs_root / f"browser-loop-{request.param}"
+    shutil.copytree(run.path, dest, ignore=shutil.ignore_patterns("reviews.sqlite*"))
     return Run(dest)
 
 
@@ -48,7 +50,7 @@ def test_review_retrain_compare_export_and_keep_reviewing(browser, loop_run, run
         settle(tab)
         assert "/compare" in tab.url
         tab.get_by_text("95 % interval").first.wait_for()
-        tab.screenshot(path=SHOTS / "before-and-after.png", full_page=True)
+        tab.screenshot(path=SHOTS / f"before-and-after-{loop_run.path.name}.png", full_page=True)
         child = Run(runs_root / parse_qs(urlparse(tab.url).query)["run"][0])
         assert lineage(child)["parent_key"] == loop_run.key and second_id not in child.ids("train")
 
