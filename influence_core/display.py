@@ -291,6 +291,29 @@ def computation(method: str, scope: str) -> str:
     return f"{METHOD_WORDS.get(method, method)} influence through {SCOPE_WORDS.get(scope, 'chosen layers')}"
 
 
+STAGE_WORDS = {
+    "features": "gradients of the training images",
+    "test factors": "the test images",
+    "influences": "influence of every training image",
+    "self-influence": "each training image's influence on itself",
+    "saliency": "heat maps",
+    "curvature": "the model's curvature",
+    "final": "final model",
+}
+
+
+def stage_words(stage: str) -> str:
+    """A progress stage in words: ``"epoch_4: features"`` → "model after epoch 4: gradients of the training
+    images"; parts it does not know (``"epoch 3/15"``, ``"lissa"``) stay as they are."""
+
+    def part(text: str) -> str:
+        if text.startswith("epoch_") and text[6:].isdigit():
+            return f"model after epoch {text[6:]}"
+        return STAGE_WORDS.get(text, text)
+
+    return ": ".join(part(p) for p in stage.split(": "))
+
+
 def influence_unit(n_train: int) -> str:
     """What the size of an influence value means, for a run with ``n_train`` training images."""
     return (

@@ -223,15 +223,20 @@ def lineage(run: Run) -> dict | None:
 
 
 def parent_path(run: Run) -> Path | None:
-    """Where the parent of a child run is: its recorded path, else a folder of its name beside the child (the
-    two moved together); None for a run without a parent or when neither is there."""
+    """Where the parent of a child run is: a folder of its name beside the child (the two moved or were copied
+    together) when it is the same training, else its recorded path, else that sibling whatever its training (so
+    that :func:`parent_of` can say it was retrained); None for a run without a parent or when neither is there."""
     record = lineage(run)
     if record is None:
         return None
-    for candidate in (Path(str(record.get("parent", ""))), run.path.parent / str(record.get("parent_name", ""))):
-        if str(candidate) and RunPaths(candidate).train_key.is_file():
-            return candidate
-    return None
+    candidates = [
+        c
+        for c in (run.path.parent / str(record.get("parent_name", "")), Path(str(record.get("parent", ""))))
+        if str(c) and RunPaths(c).train_key.is_file()
+    ]
+    same = [c for c in candidates if RunPaths(c).train_key.read_text().strip() == record.get("parent_key")]
+    found = same or candidates
+    return found[0] if found else None
 
 
 def parent_of(run: Run) -> Run:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .display import stage_words
 from .errors import InfluenceLensError
 from .progress import Progress
 
@@ -74,8 +75,9 @@ class Job:
         return min(self.done / self.total, 1.0) if self.total > 0 else 0.0
 
     def describe_progress(self) -> str:
-        """One line: ``stage — done/total`` (or only the stage before its first count)."""
-        return f"{self.stage} — {self.done}/{self.total}" if self.total else self.stage
+        """One line in words: ``stage — done of total`` (or only the stage before its first count)."""
+        stage = stage_words(self.stage)
+        return f"{stage} — {self.done:,} of {self.total:,}" if self.total else stage
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job has finished (done or failed) or ``timeout`` seconds passed; True if finished."""

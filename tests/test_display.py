@@ -11,6 +11,7 @@ from influence_core.display import (
     check_notebook_claim,
     grouped_histogram,
     label_groups,
+    stage_words,
     top_confusions,
 )
 from pages.ui import charts
@@ -158,3 +159,10 @@ def test_claim_verdicts_are_plain_words_with_the_figure_apart():
     for text in (held.summary(), held.implication()):
         assert "AUROC" not in text and "notebook" not in text and "2026" not in text
     assert "clearly better than guessing" in held.summary() and "AUROC 0.81" in held.figures()
+
+
+def test_stage_words_name_checkpoints_and_stages_in_plain_words():
+    """Guards the progress bars' words: checkpoint tags and engine stages become words, others stay."""
+    assert stage_words("epoch_4: features") == "model after epoch 4: gradients of the training images"
+    assert stage_words("final: self-influence") == "final model: each training image's influence on itself"
+    assert stage_words("epoch 3/15") == "epoch 3/15" and stage_words("clean run: epoch 2/3") == "clean run: epoch 2/3"

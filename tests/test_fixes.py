@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import uuid
 
@@ -27,6 +28,7 @@ from influence_core.fixes import (
     pending_changes,
 )
 from influence_core.html_report import html_report
+from influence_core.paths import RunPaths
 from influence_core.review import ReviewedData, ReviewStore
 from influence_core.run import Run
 
@@ -166,6 +168,21 @@ def test_child_of_a_child(tmp_path, parent, child):
     # the parent's exclusion is kept, its carried decisions reach the grandchild too
     assert set(grandchild.ids("train")) < set(parent.ids("train"))
     assert len(ReviewStore.for_run(grandchild).current()) == 4
+
+
+def test_a_copied_pair_of_runs_compares_within_the_copy(tmp_path, parent, child):
+    """Guards runs computed elsewhere: a child copied with its parent finds the copied parent (the original may be
+    outside the folders the app opens), and a sibling of the parent's name from another training is passed over
+    for the recorded parent."""
+    shutil.copytree(parent.path, tmp_path / "copy" / parent.path.name, ignore=shutil.ignore_patterns("*.lock"))
+    shutil.copytree(child.path, tmp_path / "copy" / child.path.name, ignore=shutil.ignore_patterns("*.lock"))
+    assert parent_of(Run(tmp_path / "copy" / child.path.name)).path == tmp_path / "copy" / parent.path.name
+
+    shutil.copytree(child.path, tmp_path / "other" / child.path.name, ignore=shutil.ignore_patterns("*.lock"))
+    impostor = RunPaths(tmp_path / "other" / parent.path.name)
+    impostor.train_key.parent.mkdir(parents=True)
+    impostor.train_key.write_text("another-training")
+    assert parent_of(Run(tmp_path / "other" / child.path.name)).path == parent.path
 
 
 def test_two_reviewers_applying_at_once_share_one_child(tmp_path, parent, decided):

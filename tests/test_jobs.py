@@ -32,7 +32,7 @@ def test_two_callers_share_one_running_job_and_see_its_progress():
             break
         first.wait(0.01)
     assert (first.status, first.stage, first.done, first.total) == ("running", "epoch", 1, 3)
-    assert first.describe_progress() == "epoch — 1/3" and abs(first.fraction - 1 / 3) < 1e-9
+    assert first.describe_progress() == "epoch — 1 of 3" and abs(first.fraction - 1 / 3) < 1e-9
     assert registry.running() == [first]
     gate.set()
     assert first.wait(30)
@@ -93,7 +93,7 @@ def test_one_slot_runs_jobs_one_at_a_time_in_order_and_says_what_they_wait_for()
         if jobs["a"].stage == "epoch" and all(jobs[k].stage.startswith("waiting") for k in "bc"):
             break
         threading.Event().wait(0.01)
-    assert len(calls) == 1 and jobs["a"].describe_progress() == "epoch — 1/3"
+    assert len(calls) == 1 and jobs["a"].describe_progress() == "epoch — 1 of 3"
     assert jobs["b"].describe_progress() == jobs["c"].describe_progress() == "waiting for: training a"
     assert [j.status for j in jobs.values()] == ["running"] * 3
     gates["c"].set()  # c may finish its work once it runs, but it waits for b, which waits for a

@@ -22,7 +22,7 @@ from streamlit.errors import StreamlitAPIException
 
 from influence_core import InfluenceLensError, Run, TrainConfig, train
 from influence_core.analysis import rank_suspects, training_flags
-from influence_core.display import dataset_name
+from influence_core.display import computation, dataset_name
 from influence_core.experiments import run_dir_name
 from influence_core.jobs import Job, JobRegistry
 from influence_core.paths import RunPaths
@@ -293,7 +293,7 @@ def _influence_job(run: Run, s: InfluenceSettings) -> Job:
     return job_registry().submit(
         _influence_key(run, s),
         lambda progress: compute_influence(run, s, progress=progress),
-        f"Computing influences ({s.describe()})",
+        f"Computing influences ({computation(s.method.name, s.scope_key)})",
     )
 
 
