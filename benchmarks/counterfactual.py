@@ -159,8 +159,10 @@ def markdown(report: dict) -> str:
         f"Counterfactual: {report['workload']}; {len(report['test_images'])} test images "
         f"({report['right_predictions']} predicted right)",
         "",
-        "| method | " + " | ".join(f"k = {k}: flipped (margin drop)" for k in ks) + " |",
-        "|---" * (len(ks) + 1) + "|",
+        "| method | "
+        + " | ".join(f"k = {k}: flipped (margin drop)" for k in ks)
+        + " | images flipped by some k (smallest k each) |",
+        "|---" * (len(ks) + 2) + "|",
     ]
     for spec, found in report["methods"].items():
         cells = [
@@ -169,6 +171,11 @@ def markdown(report: dict) -> str:
             else "—"
             for k in ks
         ]
+        smallest = list(found["smallest_flipping_k"].values())
+        flipped = [k for k in smallest if k is not None]
+        cells.append(
+            f"{len(flipped)} of {len(smallest)}" + (f" ({', '.join(map(str, sorted(flipped)))})" if flipped else "")
+        )
         lines.append(f"| {spec} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

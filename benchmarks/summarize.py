@@ -31,6 +31,8 @@ DETECTION = BENCH / "results" / "detection-pairs.json"
 """Mislabel detection on four tiny-imagenet pairs, with flips only and with random shifts, and the second pass."""
 REVIEW_SESSIONS = BENCH / "results" / "review-session"
 """``benchmarks/review_session.py``'s reports, one JSON file per pair of classes."""
+COUNTERFACTUAL = BENCH / "results" / "counterfactual.json"
+"""``benchmarks/counterfactual.py``'s report (copied from its ``--out`` folder)."""
 RESULTS_MD = BENCH / "RESULTS.md"
 DOCS_MD = ROOT / "docs" / "benchmarks.md"
 
@@ -274,6 +276,26 @@ def review_session_table(sessions: list[dict]) -> str:
     )
 
 
+def counterfactual_section(report: dict | None) -> str:
+    """``counterfactual.py``'s table, with how much of the full benchmark it covers."""
+    if report is None:
+        return "Not measured yet: run `benchmarks/counterfactual.py` and copy its JSON to `benchmarks/results/`."
+    import counterfactual  # benchmarks/counterfactual.py: its markdown is the report's one renderer
+
+    n, ks = len(report["test_images"]), report["ks"]
+    full = n >= 30 and set(ks) >= {5, 10, 20, 40}
+    size = (
+        "the full benchmark"
+        if full
+        else f"a reduced run ({n} test images, k = {', '.join(map(str, ks))}; the full benchmark takes 30 images and "
+        "k = 5, 10, 20, 40)"
+    )
+    return (
+        f"{counterfactual.markdown(report)}\n\n{size}: {report['trainings']} retrainings. `random` removes as many "
+        "random training images of the same labels."
+    )
+
+
 def round_two_table(sessions: list[dict]) -> str:
     """Flips found after two rounds (10 % reviewed) had the second round been ranked by each signal of
     ``review_session.round_two_alternatives``: one column per pair that has them, and their mean."""
@@ -332,7 +354,14 @@ def gpu_table(runs: list[dict]) -> str:
     )
 
 
-def docs_md(report: dict, measured: dict, gpu_runs: list[dict], detection: dict, sessions: list[dict]) -> str:
+def docs_md(
+    report: dict,
+    measured: dict,
+    gpu_runs: list[dict],
+    detection: dict,
+    sessions: list[dict],
+    counterfactual: dict | None = None,
+) -> str:
     """``docs/benchmarks.md``: the tables a user reads, then the full CPU report."""
     import run
 
@@ -372,6 +401,12 @@ def docs_md(report: dict, measured: dict, gpu_runs: list[dict], detection: dict,
                 "Flips found after two rounds (10 % of the training set reviewed) had the second round been ranked by "
                 "another signal of the same runs; the first round is the top of the second pass in every row.",
                 round_two_table(sessions),
+                "## Removing the images a ranking names",
+                "`benchmarks/counterfactual.py`: for a test image, remove the k training images a method ranks as "
+                "supporting its prediction, retrain with the product's recipe and see whether the prediction flips "
+                "(the explorer's *Check by retraining*). Cells: the share of predictions flipped (the mean drop of "
+                "the prediction's margin, in logits).",
+                counterfactual_section(counterfactual),
                 "## One GPU at full size",
                 "`benchmarks/gpu_full.py` (training, the last layer's influence for every test × training pair through "
                 "the pipeline, whole-network K-FAC for a block of test points and self-influence of every training "
@@ -397,6 +432,7 @@ def documents() -> dict[Path, str]:
             [_load(p) for p in GPU_RUNS],
             _load(DETECTION),
             [_load(p) for p in sorted(REVIEW_SESSIONS.glob("*.json"))],
+            _load(COUNTERFACTUAL) if COUNTERFACTUAL.is_file() else None,
         ),
     }
 

@@ -102,3 +102,36 @@ def settle(tab) -> None:
     tab.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden")
     tab.wait_for_function("() => !document.querySelector('[data-testid=\"stSkeleton\"]')")
     tab.wait_for_timeout(500)
+
+
+def open_offline(browser, path: Path, plots: int) -> dict:
+    """Open the HTML file ``path`` in a chromium context whose every network request is refused; wait until
+    ``plots`` plotly charts have drawn. Returns ``{"requests": refused URLs, "errors": page errors, "plots": n,
+    "images_decoded": bool, "marks": drawn bars and lines}``."""
+    context = browser.new_context(offline=True)
+    refused: list[str] = []
+
+    def route(r):
+        if r.request.url.startswith("file:"):
+            r.continue_()
+        else:
+            refused.append(r.request.url)
+            r.abort()
+
+    context.route("**/*", route)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {plots}", timeout=60_000)
+    found = {
+        "requests": refused,
+        "errors": errors,
+        "plots": page.evaluate("document.querySelectorAll('.js-plotly-plot').length"),
+        "images_decoded": page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)"),
+        "marks": page.evaluate(
+            "document.querySelectorAll('.js-plotly-plot .bars .point, .js-plotly-plot .scatter').length"
+        ),
+    }
+    context.close()
+    return found

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 from _synthetic_run import make_synthetic_run
+from browsing import open_offline
 
 from influence_core import counterfactual as cf
 from influence_core import html_report as html_report_module
@@ -86,26 +87,6 @@ def test_report_opens_offline_in_chromium_and_draws_its_plots(checked_run, brows
     assert main(["report", "--run-dir", str(checked_run.path), "--html", str(out)]) == 0
     assert "opens offline" in capsys.readouterr().err
     assert out.stat().st_size < MAX_BYTES
-    context = browser.new_context(offline=True)
-    left = []
-
-    def route(r):
-        if r.request.url.startswith("file:"):
-            r.continue_()
-        else:
-            left.append(r.request.url)
-            r.abort()
-
-    context.route("**/*", route)
-    page = context.new_page()
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(out.as_uri())
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 5", timeout=60_000)
-    assert page.evaluate("document.querySelectorAll('.js-plotly-plot').length") == 5
-    assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
-    assert (
-        page.evaluate("document.querySelectorAll('.js-plotly-plot .bars .point, .js-plotly-plot .scatter').length") > 0
-    )
-    assert left == [] and errors == []
-    context.close()
+    opened = open_offline(browser, out, plots=5)
+    assert opened["plots"] == 5 and opened["images_decoded"] and opened["marks"] > 0
+    assert opened["requests"] == [] and opened["errors"] == []

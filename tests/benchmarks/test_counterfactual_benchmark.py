@@ -68,3 +68,19 @@ def test_test_images_are_half_wrong_predictions_when_there_are_enough():
     assert len(picked) == 10 == len(set(picked))
     assert (labels[picked] != predicted[picked]).sum() == 5
     assert (labels != predicted)[bench.chosen_tests(labels, predicted, 20, seed=0)].sum() == 6  # all of them
+
+
+def test_markdown_gives_each_k_and_the_images_some_k_flips():
+    """Guards the generated table: per k the share flipped with the margin drop, then how many images some k
+    flipped and the smallest k of each."""
+    found = [check(0, 5, False, 2.0, 1.0), check(0, 10, True, 2.0, -1.0), check(1, 5, False, 1.0, 1.0)]
+    found.append(check(1, 10, False, 1.0, 0.5))
+    report = {
+        "workload": "w",
+        "test_images": [0, 1],
+        "right_predictions": 2,
+        "ks": [5, 10],
+        "methods": {"direct:head": bench.summarise(found, [5, 10])},
+    }
+    row = bench.markdown(report).splitlines()[-1]
+    assert row == "| direct:head | 0% (+0.50) | 50% (+1.75) | 1 of 2 (10) |"
