@@ -135,7 +135,8 @@ def main(argv=None) -> None:
     results["random"] = summarise(controls, args.ks)
     report = {
         "workload": f"{' vs '.join(config.classes or [])}, {config.image_size} px, {config.epochs} epochs, "
-        f"{config.downsample:g} of the images, {config.corrupt_fraction:g} flipped labels, ResNet18 from scratch",
+        f"{config.downsample:.0%} of the images, {config.corrupt_fraction:.0%} of the labels flipped, ResNet18 from "
+        "scratch",
         "n_train": len(run.labels("train")),
         "test_images": tests,
         "right_predictions": int((probs.argmax(1) == labels)[tests].sum()),

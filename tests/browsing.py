@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
+from influence_core.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "test-output"
@@ -135,3 +139,10 @@ def open_offline(browser, path: Path, plots: int) -> dict:
     }
     context.close()
     return found
+
+
+def influence_copy(run: Run, dest: Path, *ignore: str) -> Run:
+    """A copy of ``run`` (its influences computed first) at ``dest``, without the files matching ``ignore``."""
+    compute_influence(run, DEFAULT_SETTINGS)
+    shutil.copytree(run.path, dest, ignore=shutil.ignore_patterns(*ignore))
+    return Run(dest)

@@ -4,14 +4,11 @@ check listed on Overview, download the HTML report and open it with the network 
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
-from browsing import SHOTS, VIEWPORT, open_offline, serve, settle
+from browsing import SHOTS, VIEWPORT, influence_copy, open_offline, serve, settle
 
 from influence_core import counterfactual as cf
-from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
 from influence_core.run import Run
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -20,11 +17,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 @pytest.fixture(scope="module", params=["demo_run", "tiny_run"])
 def check_run(request, runs_root) -> Run:
     """A copy of the demo run (or of goldfish vs lemon) with its influences and no checks yet."""
-    run = request.getfixturevalue(request.param)
-    compute_influence(run, DEFAULT_SETTINGS)
     dest = runs_root / f"browser-check-{request.param}"
-    shutil.copytree(run.path, dest, ignore=shutil.ignore_patterns("reviews.sqlite*", "checks"))
-    return Run(dest)
+    return influence_copy(request.getfixturevalue(request.param), dest, "reviews.sqlite*", "checks")
 
 
 def test_check_by_retraining_then_overview_then_the_offline_report(browser, check_run, runs_root, tmp_path):

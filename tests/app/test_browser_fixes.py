@@ -5,17 +5,15 @@ digits demo and on real tiny-imagenet images (goldfish vs lemon)."""
 from __future__ import annotations
 
 import io
-import shutil
 import zipfile
 from urllib.parse import parse_qs, urlparse
 
 import pandas as pd
 import pytest
-from browsing import SHOTS, VIEWPORT, serve, settle
+from browsing import SHOTS, VIEWPORT, influence_copy, serve, settle
 from test_browser import review, suspect
 
 from influence_core.fixes import lineage
-from influence_core.pipeline import DEFAULT_SETTINGS, compute_influence
 from influence_core.review import ReviewStore
 from influence_core.run import Run
 
@@ -25,11 +23,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 @pytest.fixture(scope="module", params=["demo_run", "tiny_run"])
 def loop_run(request, runs_root) -> Run:
     """A copy of the demo run (or of goldfish vs lemon) with its influences and an empty review store."""
-    run = request.getfixturevalue(request.param)
-    compute_influence(run, DEFAULT_SETTINGS)
     dest = runs_root / f"browser-loop-{request.param}"
-    shutil.copytree(run.path, dest, ignore=shutil.ignore_patterns("reviews.sqlite*"))
-    return Run(dest)
+    return influence_copy(request.getfixturevalue(request.param), dest, "reviews.sqlite*")
 
 
 def test_review_retrain_compare_export_and_keep_reviewing(browser, loop_run, runs_root):
