@@ -285,9 +285,9 @@ def counterfactual_section(report: dict | None) -> str:
     n, ks = len(report["test_images"]), report["ks"]
     full = n >= 30 and set(ks) >= {5, 10, 20, 40}
     size = (
-        "the full benchmark"
+        "The full benchmark"
         if full
-        else f"a reduced run ({n} test images, k = {', '.join(map(str, ks))}; the full benchmark takes 30 images and "
+        else f"A reduced run ({n} test images, k = {', '.join(map(str, ks))}; the full benchmark takes 30 images and "
         "k = 5, 10, 20, 40)"
     )
     return (

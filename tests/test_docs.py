@@ -60,7 +60,13 @@ def measured_values() -> list[float]:
     for path in MEASUREMENTS:
         for line in path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]:
             walk(json.loads(line))
-    return values
+    return [v for v in values if not small_fraction(v)]
+
+
+def small_fraction(value: float) -> bool:
+    """Whether ``value`` is a whole multiple of 1/q for some q ≤ 8 (3 of 8 images = 0.375): a share of a few counts,
+    as common in settings as in measurements, so not a sign of a copied measurement."""
+    return any(abs(value * q - round(value * q)) < 1e-9 for q in range(1, 9))
 
 
 def copies_of_measurements(text: str, values: list[float]) -> set[str]:
