@@ -19,14 +19,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .analysis import rank_suspects
+from .analysis import DEFAULT_SIGNAL, best_signal, rank_suspects
 from .data import parse_spec
 from .display import export_csv
 from .errors import InfluenceLensError
 from .fixes import pending_changes
 from .review import ReviewStore
 from .run import Run
-from .second_pass import load_second_pass
+from .second_pass import SECOND_PASS_SIGNAL, load_second_pass
 
 MANIFEST = "manifest.csv"
 LABEL_ISSUE_SHARE = 0.1
@@ -97,7 +97,10 @@ def review_signal(run: Run) -> np.ndarray:
     """(n_train,) float64, higher = more suspicious: the loss under the run's second pass once computed, else
     the mean training loss over the epochs (the review queue's default ranking, no influence needed)."""
     second = load_second_pass(run)
-    return (second.loss if second is not None else run.dynamics["loss"].mean(0)).astype(np.float64)
+    signals = {DEFAULT_SIGNAL: run.dynamics["loss"].mean(0)}
+    if second is not None:
+        signals[SECOND_PASS_SIGNAL] = second.loss
+    return np.asarray(signals[best_signal(signals)], np.float64)
 
 
 def label_issues(run: Run, signal: np.ndarray | None = None, share: float = LABEL_ISSUE_SHARE) -> pd.DataFrame:

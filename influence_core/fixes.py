@@ -116,9 +116,7 @@ def import_decisions(run: Run, path: str | Path) -> int:
 def child_data(parent: Run, changes: Changes) -> TrainingData:
     """The parent's training data with ``changes`` applied: same dataset, recipe, seed and val / test images;
     training labels corrected, excluded images left out."""
-    config = TrainConfig.from_run(parent)
-    # the same initial weights as the parent: never pick up a pretrained file that appeared since
-    config = dataclasses.replace(config, weights="scratch" if parent.config["weights"] == "scratch" else config.weights)
+    config = same_recipe(parent)
     train = parent.part("train")
     keep = ~train["id"].isin(set(changes.exclude)).to_numpy()
     index = {name: i for i, name in enumerate(parent.classes)}
@@ -134,6 +132,13 @@ def child_data(parent: Run, changes: Changes) -> TrainingData:
     split = Split(*(parent.images(s).positions for s in ("train", "val", "test")))
     split = dataclasses.replace(split, train=split.train[keep])
     return TrainingData(config, parent.dataset, split, y_train, np.flatnonzero(y_train != true))
+
+
+def same_recipe(run: Run) -> TrainConfig:
+    """``run``'s recipe with its initial weights pinned: a run trained from scratch stays from scratch, never
+    picking up a pretrained file that appeared since."""
+    config = TrainConfig.from_run(run)
+    return dataclasses.replace(config, weights="scratch" if run.config["weights"] == "scratch" else config.weights)
 
 
 def child_key(parent: Run, data: TrainingData) -> str:
@@ -229,11 +234,9 @@ def parent_path(run: Run) -> Path | None:
     record = lineage(run)
     if record is None:
         return None
-    candidates = [
-        c
-        for c in (run.path.parent / str(record.get("parent_name", "")), Path(str(record.get("parent", ""))))
-        if str(c) and RunPaths(c).train_key.is_file()
-    ]
+    name, recorded = record.get("parent_name"), record.get("parent")
+    places = ([run.path.parent / str(name)] if name else []) + ([Path(str(recorded))] if recorded else [])
+    candidates = [c for c in places if RunPaths(c).train_key.is_file()]
     same = [c for c in candidates if RunPaths(c).train_key.read_text().strip() == record.get("parent_key")]
     found = same or candidates
     return found[0] if found else None
@@ -270,12 +273,7 @@ def true_labels_config(run: Run) -> TrainConfig:
     """The recipe of ``run`` (or of the run it descends from) on the true labels: no flips, same data, split,
     seed and initial weights. Only meaningful for runs whose labels were flipped on purpose (their true labels are
     known): the upper bound a review can reach."""
-    config = TrainConfig.from_run(run)
-    return dataclasses.replace(
-        config,
-        corrupt_fraction=0.0,
-        weights="scratch" if run.config["weights"] == "scratch" else config.weights,
-    )
+    return dataclasses.replace(same_recipe(run), corrupt_fraction=0.0)
 
 
 def true_labels_dir(run: Run) -> Path:

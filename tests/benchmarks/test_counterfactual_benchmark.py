@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
+from benchmark_scripts import load
 
 from influence_core.counterfactual import Check
 
-_SPEC = importlib.util.spec_from_file_location(
-    "counterfactual_benchmark", Path(__file__).resolve().parents[2] / "benchmarks" / "counterfactual.py"
-)
-bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bench)
+bench = load("counterfactual")
 
 
 def check(test: int, k: int, flipped: bool, before: float, after: float, predicted: float | None = None) -> Check:

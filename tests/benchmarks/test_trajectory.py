@@ -4,21 +4,15 @@ training."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmark_scripts import load
 from torch import nn
 
-_SPEC = importlib.util.spec_from_file_location(
-    "trajectory", Path(__file__).resolve().parents[2] / "benchmarks" / "trajectory.py"
-)
-trajectory = sys.modules["trajectory"] = importlib.util.module_from_spec(_SPEC)  # dataclasses look it up there
-_SPEC.loader.exec_module(trajectory)
+trajectory = load("trajectory")
 KroneckerEigen, TrajectoryInfluence = trajectory.KroneckerEigen, trajectory.TrajectoryInfluence
 decay, learning_rates, unrolled_gain = trajectory.decay, trajectory.learning_rates, trajectory.unrolled_gain
 
