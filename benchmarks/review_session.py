@@ -15,7 +15,8 @@ a flipped image is marked *mislabeled* with its true class, any other *keep*.
 * **true labels**: the same recipe on the true labels, the upper bound of the test accuracy.
 * **round two, other signals**: what the second round (the 10 % point) would have found had the rest of the queue
   been ranked by each of a few other signals of the same runs (:func:`round_two_alternatives`; the child's own
-  second pass costs one more training). ``--round-two-only`` adds them to a pair's existing JSON from its runs.
+  second pass costs one more training, its cross-validated loss two half-size ones). ``--round-two-only`` adds
+  them to a pair's existing JSON from its runs.
 
 Writes ``<results>/<pair>.json`` (every round: share reviewed, flips found, test accuracy, seconds);
 ``benchmarks/summarize.py`` turns the pairs' files into the table of the generated benchmark pages.
@@ -40,7 +41,8 @@ from influence_core.fixes import apply_reviews, true_labels_config
 from influence_core.paths import RunPaths
 from influence_core.review import ReviewStore
 from influence_core.run import Run
-from influence_core.second_pass import compute_second_pass, load_second_pass
+from influence_core.second_pass import compute_second_pass, label_losses, load_second_pass
+from influence_core.training import retrain_without
 
 REVIEWER = "oracle"
 STATIC_ROUNDS = 6
@@ -63,11 +65,29 @@ def found_share(reviewed: list[str], flipped_ids: set[str]) -> float:
     return len(flipped_ids.intersection(reviewed)) / max(len(flipped_ids), 1)
 
 
+def cross_validated_loss(run: Run, folds: int = 2, seed: int = 0) -> np.ndarray:
+    """(n_train,) float32 loss of each training image's given label under the model trained without its fold
+    (``folds`` trainings of ``run``'s recipe, each on the other folds; folds drawn per class with ``seed``)."""
+    labels = np.asarray(run.labels("train"))
+    fold = np.empty(len(labels), int)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold[members] = np.arange(len(members)) % folds
+    x, y = run.tensors("train")
+    loss = np.zeros(len(labels), np.float32)
+    for f in range(folds):
+        model, _ = retrain_without(run, fold == f)
+        loss[fold == f] = label_losses(model, x[fold == f], y[fold == f])
+    return loss
+
+
 def round_two_alternatives(pair_dir: Path, round_share: float) -> dict:
     """Flips found after two rounds (round one: the top of the parent's second pass, as both flows) had the second
     round been ranked by each signal below, from the cached runs ``parent`` and ``iterative-1`` of ``pair_dir``.
 
-    Returns ``{"flips_found": {signal: share of the flips}, "child_second_pass_seconds": s}``."""
+    Returns ``{"flips_found": {signal: share of the flips}, "child_second_pass_seconds": s,
+    "cross_validation_seconds": s}``."""
     parent, child = Run(pair_dir / "parent"), Run(pair_dir / "iterative-1")
     parent_second = load_second_pass(parent)
     if parent_second is None or child.ids("train") != parent.ids("train"):
@@ -80,6 +100,9 @@ def round_two_alternatives(pair_dir: Path, round_share: float) -> dict:
     child_second = compute_second_pass(child)  # cached in the run: its seconds are those of the first call
     loss = child.dynamics["loss"]
     unreviewed = np.flatnonzero(~reviewed)
+    t0 = time.perf_counter()
+    cross_validated = cross_validated_loss(child)
+    cross_validation_seconds = time.perf_counter() - t0
 
     def fraction(score: np.ndarray) -> np.ndarray:
         return rankdata(score) / n  # (n,) in (0, 1], higher = more suspicious
@@ -93,12 +116,17 @@ def round_two_alternatives(pair_dir: Path, round_share: float) -> dict:
         "mean rank: the parent's second pass and the child's mean loss": fraction(parent_second.loss)
         + fraction(loss.mean(0)),
         "mean rank: both second passes": fraction(parent_second.loss) + fraction(child_second.loss),
+        "the child's 2-fold cross-validated loss (two half-size trainings a round)": cross_validated,
     }
     found = {}
     for name, score in signals.items():
         pick = unreviewed[rank_suspects(score[unreviewed])[:per_round]]
         found[name] = float((flipped[reviewed].sum() + flipped[pick].sum()) / max(flipped.sum(), 1))
-    return {"flips_found": found, "child_second_pass_seconds": child_second.seconds}
+    return {
+        "flips_found": found,
+        "child_second_pass_seconds": child_second.seconds,
+        "cross_validation_seconds": cross_validation_seconds,
+    }
 
 
 def session(args: argparse.Namespace, pair_dir: Path) -> dict:

@@ -310,6 +310,12 @@ def round_two_table(sessions: list[dict]) -> str:
         rows.append([name, *(_opt(f, ".0%") for f in found), *([_opt(mean, ".0%")] if len(measured) > 1 else [])])
     seconds = [s["round_two"]["child_second_pass_seconds"] / 60 for s in measured]
     rows.append(["minutes of the child's second pass", *(f"{m:.1f}" for m in seconds)] + [""] * (len(measured) > 1))
+    cross = [s["round_two"].get("cross_validation_seconds") for s in measured]
+    if any(c is not None for c in cross):
+        rows.append(
+            ["minutes of the cross-validation", *(_opt(None if c is None else c / 60, ".1f") for c in cross)]
+            + [""] * (len(measured) > 1)
+        )
     header = [" vs ".join(s["classes"]) for s in measured] + (["mean"] if len(measured) > 1 else [])
     return _table(["second round ranked by", *header], rows)
 
