@@ -91,9 +91,9 @@ def suspicion_signals(
     labels: np.ndarray,
     probs_train: np.ndarray,
     dynamics: Mapping[str, np.ndarray],
-    self_influence: np.ndarray,
-    mean_influence: np.ndarray,
-    checkpoint_self_influence: np.ndarray,
+    self_influence: np.ndarray | None = None,
+    mean_influence: np.ndarray | None = None,
+    checkpoint_self_influence: np.ndarray | None = None,
     second_pass_loss: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Every suspicion signal a run and its influence result give: key (in :data:`SIGNALS` order) → (n_train,)
@@ -103,16 +103,18 @@ def suspicion_signals(
     ``dynamics["loss"]``, ``dynamics["margin"]`` (epochs, n) per epoch of training; ``self_influence`` (n,) and
     ``mean_influence`` (n,) of the final model; ``checkpoint_self_influence`` (checkpoints, n), summed into
     ``checkpoint_self_influence`` when there is more than one checkpoint; ``second_pass_loss`` (n,) when a second
-    pass was computed.
+    pass was computed. Without the influence inputs (not computed yet), the signals of training alone.
     """
     out = {
-        "self_influence": np.asarray(self_influence, np.float64),
-        "neg_mean_test_influence": -np.asarray(mean_influence, np.float64),
         "training_loss": cross_entropy(probs_train, labels).astype(np.float64),
         "mean_margin": -np.asarray(dynamics["margin"]).mean(0).astype(np.float64),
         "mean_loss": np.asarray(dynamics["loss"]).mean(0).astype(np.float64),
     }
-    if len(checkpoint_self_influence) > 1:
+    if self_influence is not None:
+        out["self_influence"] = np.asarray(self_influence, np.float64)
+    if mean_influence is not None:
+        out["neg_mean_test_influence"] = -np.asarray(mean_influence, np.float64)
+    if checkpoint_self_influence is not None and len(checkpoint_self_influence) > 1:
         out["checkpoint_self_influence"] = np.asarray(checkpoint_self_influence).sum(0).astype(np.float64)
     if second_pass_loss is not None:
         out["loss_without_suspects"] = np.asarray(second_pass_loss, np.float64)

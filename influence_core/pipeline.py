@@ -240,24 +240,29 @@ class InfluenceResult:
     @property
     def signals(self) -> dict[str, np.ndarray]:
         """Signal key (see :data:`analysis.SIGNALS`) → (n_train,) float64, higher = more suspicious
-        (:func:`analysis.suspicion_signals`); with the run's second pass once it is computed (looked up on each
-        call)."""
-        second = load_second_pass(self.run)
-        run = self.run
-        return suspicion_signals(
-            labels=run.labels("train"),
-            probs_train=run.predictions["probs_train"],
-            dynamics=run.dynamics,
-            self_influence=self.self_influence,
-            mean_influence=self.mean_influence,
-            checkpoint_self_influence=self.checkpoint_self_influence,
-            second_pass_loss=None if second is None else second.loss,
-        )
+        (:func:`run_signals` with this result)."""
+        return run_signals(self.run, self)
 
     @property
     def best_signal(self) -> str:
         """The second pass once computed, else ``mean_loss`` (else final-model self-influence)."""
         return best_signal(self.signals)
+
+
+def run_signals(run: Run, result: InfluenceResult | None = None) -> dict[str, np.ndarray]:
+    """Signal key (see :data:`analysis.SIGNALS`) → (n_train,) float64, higher = more suspicious
+    (:func:`analysis.suspicion_signals`): those of ``run``'s training, those of its influence ``result`` when given,
+    and its second pass once it is computed (looked up on each call)."""
+    second = load_second_pass(run)
+    return suspicion_signals(
+        labels=run.labels("train"),
+        probs_train=run.predictions["probs_train"],
+        dynamics=run.dynamics,
+        self_influence=None if result is None else result.self_influence,
+        mean_influence=None if result is None else result.mean_influence,
+        checkpoint_self_influence=None if result is None else result.checkpoint_self_influence,
+        second_pass_loss=None if second is None else second.loss,
+    )
 
 
 def cache_key(run: Run, settings: InfluenceSettings) -> str:

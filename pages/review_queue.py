@@ -13,9 +13,10 @@ import uuid
 import numpy as np
 import streamlit as st
 
-from influence_core.analysis import SIGNALS, rank_suspects
+from influence_core.analysis import SIGNALS, best_signal, rank_suspects
 from influence_core.display import ago, plain
 from influence_core.fixes import lineage
+from influence_core.pipeline import run_signals
 from influence_core.review import Action, ReviewStore, focus_after
 from pages.ui import fixes, runs, widgets
 
@@ -64,8 +65,10 @@ def follow_other_reviewers(store: ReviewStore, seen: tuple[int, int]) -> None:
 
 
 run = runs.current_run()
-result = runs.influence(run)
 st.title("Mislabel review")
+result = None  # until computed, the queue ranks by the signals of training; those of influence join when done
+with widgets.errors_shown():
+    result = runs.influence_when_ready(run)
 store = ReviewStore.for_run(run)
 seen = store.version()  # before reading the decisions: a change after this read shows on the next run
 ids, labels = run.ids("train"), run.labels("train")
@@ -80,11 +83,11 @@ reviewer = c1.text_input(
     "keeps it); Undo reverts your own latest action.",
 ).strip()
 st.session_state["reviewer"] = reviewer
-scores = result.signals  # read once per page run (the second pass is looked up on disk)
+scores = run_signals(run, result)  # read once per page run (the second pass is looked up on disk)
 signal = c2.selectbox(
     "Rank suspects by",
     list(scores),
-    index=list(scores).index(result.best_signal),
+    index=list(scores).index(best_signal(scores)),
     format_func=lambda key: SIGNALS[key].label,
 )
 size = c3.number_input(

@@ -105,3 +105,6 @@ def test_signals_are_a_pure_function_of_the_arrays():
     second = suspicion_signals(**{**args, "checkpoint_self_influence": np.ones((3, n))}, second_pass_loss=np.ones(n))
     assert best_signal(second) == "loss_without_suspects"
     np.testing.assert_array_equal(second["checkpoint_self_influence"], np.full(n, 3.0))
+    before_influences = suspicion_signals(labels=args["labels"], probs_train=probs, dynamics=dynamics)
+    assert list(before_influences) == [k for k in SIGNALS if k in ("mean_loss", "mean_margin", "training_loss")]
+    assert best_signal(before_influences) == "mean_loss"

@@ -300,15 +300,24 @@ def _influence_job(run: Run, s: InfluenceSettings) -> Job:
 def influence(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult:
     """The influence result of ``run``; when not cached yet it is computed in the background while this page
     shows the progress and stops (every page asking for it meanwhile shows the same job)."""
-    s = s or settings()
+    result = _influence(run, s or settings(), wait=True)
+    assert result is not None  # settled(wait=True) stops the page until the job has finished
+    return result
+
+
+def influence_when_ready(run: Run, s: InfluenceSettings | None = None) -> InfluenceResult | None:
+    """As :func:`influence`, but the page goes on: None while the result is computed (its progress shows)."""
+    return _influence(run, s or settings(), wait=False)
+
+
+def _influence(run: Run, s: InfluenceSettings, wait: bool) -> InfluenceResult | None:
     found = cached_influence(run, s)
     if found is not None:
         return found
     key = _influence_key(run, s)
     if job_registry().get(key) is None:  # a failed job stays until settled has shown its error once
         _influence_job(run, s)
-    settled(key)
-    return cached_influence(run, s)
+    return cached_influence(run, s) if settled(key, wait) else None
 
 
 def repoint_form(error: DatasetMovedError) -> None:

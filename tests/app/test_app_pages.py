@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from influence_core.analysis import rank_suspects
+from influence_core.analysis import SIGNALS, rank_suspects
 from influence_core.display import short_id
 from influence_core.measured import method_label
 from influence_core.paths import RunPaths
@@ -337,6 +337,41 @@ def test_review_queue_records_and_undoes(app, demo_run, demo_result):
     next(b for b in at.button if b.label == "Undo my last action").click().run()
     assert store.decisions_for([sid]) == {}
     assert at.progress[0].text.startswith(f"Reviewed {before} of {len(queue)}")
+
+
+def test_review_queue_shows_while_the_influences_are_computed(demo_run, runs_root, monkeypatch):
+    """A run without cached influences (as a corrected run made by the CLI): the queue ranks by the signals of
+    training at once, the influence job's progress shows above it, and the influence signals join when done."""
+    import threading
+
+    import pages.ui.runs as runs
+
+    gate = threading.Event()
+    real = runs.compute_influence
+
+    def gated(*args, **kwargs):
+        gate.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "compute_influence", gated)
+    run = copy_run(demo_run.path, runs_root / "influences-pending", influences=False)
+    monkeypatch.setenv("INFLUENCE_LENS_RUNS", str(runs_root))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["run"] = run.name
+    at.run()
+    at.switch_page("pages/review_queue.py").run()
+    try:
+        assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+        assert at.progress[0].text.startswith("Computing influences")
+        assert at.progress[1].text.startswith("Reviewed 0 of")
+        assert len(at.get("image")) == 10  # one page of suspects
+        assert at.selectbox[0].value == "mean_loss" and SIGNALS["self_influence"].label not in at.selectbox[0].options
+    finally:
+        gate.set()
+    finish_jobs(at)
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert at.progress[0].text.startswith("Reviewed 0 of")
+    assert at.selectbox[0].value == "mean_loss" and SIGNALS["self_influence"].label in at.selectbox[0].options
 
 
 def test_review_keeps_the_reviewer_and_the_recorded_correction_after_a_reload(app, demo_run, demo_result):
