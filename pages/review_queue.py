@@ -84,12 +84,15 @@ reviewer = c1.text_input(
 ).strip()
 st.session_state["reviewer"] = reviewer
 scores = run_signals(run, result)  # read once per page run (the second pass is looked up on disk)
+default = best_signal(scores)
+chosen = st.session_state.get("review-signal")  # the reviewer's own pick: kept when signals join the list
 signal = c2.selectbox(
     "Rank suspects by",
     list(scores),
-    index=list(scores).index(best_signal(scores)),
+    index=list(scores).index(chosen if chosen in scores else default),
     format_func=lambda key: SIGNALS[key].label,
 )
+st.session_state["review-signal"] = None if signal == default else signal  # no pick: follow the best signal
 size = c3.number_input(
     "Queue length",
     1,

@@ -341,7 +341,8 @@ def test_review_queue_records_and_undoes(app, demo_run, demo_result):
 
 def test_review_queue_shows_while_the_influences_are_computed(demo_run, runs_root, monkeypatch):
     """A run without cached influences (as a corrected run made by the CLI): the queue ranks by the signals of
-    training at once, the influence job's progress shows above it, and the influence signals join when done."""
+    training at once, the influence job's progress shows above it, and the influence signals join when done
+    without undoing the reviewer's pick."""
     import threading
 
     import pages.ui.runs as runs
@@ -366,12 +367,14 @@ def test_review_queue_shows_while_the_influences_are_computed(demo_run, runs_roo
         assert at.progress[1].text.startswith("Reviewed 0 of")
         assert len(at.get("image")) == 10  # one page of suspects
         assert at.selectbox[0].value == "mean_loss" and SIGNALS["self_influence"].label not in at.selectbox[0].options
+        at.selectbox[0].set_value("mean_margin").run()  # the reviewer's own pick...
     finally:
         gate.set()
     finish_jobs(at)
     assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
     assert at.progress[0].text.startswith("Reviewed 0 of")
-    assert at.selectbox[0].value == "mean_loss" and SIGNALS["self_influence"].label in at.selectbox[0].options
+    assert SIGNALS["self_influence"].label in at.selectbox[0].options
+    assert at.selectbox[0].value == "mean_margin"  # ...stays when the list grows
 
 
 def test_review_keeps_the_reviewer_and_the_recorded_correction_after_a_reload(app, demo_run, demo_result):
