@@ -2,15 +2,19 @@
 
 import streamlit as st
 
-from influence_core.analysis import SIGNALS, detection_metrics, rank_suspects
+from influence_core.analysis import SIGNALS, best_signal, detection_metrics, rank_suspects
+from influence_core.pipeline import run_signals
 from pages.ui import checks, fixes, runs, widgets
 
 run = runs.current_run()
-result = runs.influence(run)
 st.title("Influence Lens")
 st.markdown("##### Which training images pushed a prediction up or down — and which training labels look wrong?")
+result = None  # until computed, the page ranks by the signals of training (its best signals need none)
+with widgets.errors_shown():
+    result = runs.influence_when_ready(run)
 flipped = run.flipped()
-best = result.best_signal
+scores = run_signals(run, result)
+best = best_signal(scores)
 
 st.markdown(runs.describe_run(run))
 fixes.child_headline(run)
@@ -26,7 +30,7 @@ cols[1].metric(
     help=f"{flipped.sum()} of {len(flipped)} training labels were deliberately set to a wrong class, "
     "so we can check whether the tool finds them.",
 )
-found, total = runs.flips_found_at(result, best) if flipped.any() else (0, 0)
+found, total = runs.flips_found_at(run, scores[best]) if flipped.any() else (0, 0)
 if total:
     cols[2].metric(
         "Flips found in the top 10 %",
@@ -36,7 +40,7 @@ if total:
     )
     cols[3].metric(
         "Flipped ranked above clean",
-        f"{detection_metrics(result.signals[best], flipped)['auroc']:.0%}",
+        f"{detection_metrics(scores[best], flipped)['auroc']:.0%}",
         help="How often a flipped image ranks above a clean one: 50 % is guessing, 100 % is perfect "
         "(the detection AUROC).",
     )
@@ -71,7 +75,7 @@ steps[2].markdown(
 )
 
 st.subheader("Most suspicious training images")
-order = rank_suspects(result.signals[best], 8)
+order = rank_suspects(scores[best], 8)
 truth = runs.class_names(run, run.true_labels("train")[order])
 flags = runs.flags_at(run, order)
 captions = [
@@ -96,4 +100,7 @@ links[1].page_link("pages/setup_run.py", label="Your own data & model", icon=":m
 st.subheader("Evidence to share")
 with widgets.errors_shown():
     checks.checks_list(run)
-    checks.report_download(run)
+    if result is not None:
+        checks.report_download(run)
+    else:
+        st.caption("The report can be downloaded once the influences are computed (the bar at the top).")

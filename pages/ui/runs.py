@@ -441,12 +441,12 @@ def predicted(run: Run, split: str) -> np.ndarray:
     return run.predictions[f"probs_{split}"].argmax(1)
 
 
-def flips_found_at(result: InfluenceResult, signal: str, fraction: float = 0.1) -> tuple[int, int]:
-    """(flips among the top ``fraction`` of training images by ``signal``, flips in total)."""
-    flipped = result.run.flipped()
+def flips_found_at(run: Run, scores: np.ndarray, fraction: float = 0.1) -> tuple[int, int]:
+    """(flips among the top ``fraction`` of ``run``'s training images by suspicion ``scores`` (n_train,), flips in
+    total)."""
+    flipped = run.flipped()
     k = int(np.ceil(fraction * len(flipped)))
-    top = rank_suspects(result.signals[signal], k)
-    return int(flipped[top].sum()), int(flipped.sum())
+    return int(flipped[rank_suspects(scores, k)].sum()), int(flipped.sum())
 
 
 def images_at(run: Run, split: str, positions: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import threading
 from contextlib import closing
 from pathlib import Path
 
@@ -339,37 +340,61 @@ def test_review_queue_records_and_undoes(app, demo_run, demo_result):
     assert at.progress[0].text.startswith(f"Reviewed {before} of {len(queue)}")
 
 
-def test_review_queue_shows_while_the_influences_are_computed(demo_run, runs_root, monkeypatch):
-    """A run without cached influences (as a corrected run made by the CLI): the queue ranks by the signals of
-    training at once, the influence job's progress shows above it, and the influence signals join when done
-    without undoing the reviewer's pick."""
-    import threading
-
+@pytest.fixture
+def held_influences(monkeypatch):
+    """The app's influence jobs wait until the yielded event is set (at the latest when the test ends)."""
     import pages.ui.runs as runs
 
-    gate = threading.Event()
-    real = runs.compute_influence
+    gate, real = threading.Event(), runs.compute_influence
 
-    def gated(*args, **kwargs):
+    def held(*args, **kwargs):
         gate.wait(60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runs, "compute_influence", gated)
-    run = copy_run(demo_run.path, runs_root / "influences-pending", influences=False)
+    monkeypatch.setattr(runs, "compute_influence", held)
+    yield gate
+    gate.set()
+
+
+def open_without_influences(demo_run, runs_root, monkeypatch, name: str) -> AppTest:
+    """The app on a copy of the demo run without its influences, run once (on Overview)."""
+    run = copy_run(demo_run.path, runs_root / name, influences=False)
     monkeypatch.setenv("INFLUENCE_LENS_RUNS", str(runs_root))
     at = AppTest.from_file(str(APP), default_timeout=60)
     at.query_params["run"] = run.name
-    at.run()
+    return at.run()
+
+
+def test_overview_shows_while_the_influences_are_computed(demo_run, runs_root, monkeypatch, held_influences):
+    """A run opened before its influences exist: Overview tells its story at once (the suspects rank by the signals
+    of training) under the computation's bar; the report waits for the influences."""
+    at = open_without_influences(demo_run, runs_root, monkeypatch, "overview-pending")
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert at.progress[0].text.startswith("Computing influences")
+    flips = metric(at, "Flips found in the top 10 %")
+    assert len(at.get("image")) >= 8  # the most suspicious training images
+    assert not [b for b in at.get("download_button") if "report" in b.proto.label]
+    assert any("once the influences are computed" in c.value for c in at.caption)
+    held_influences.set()
+    finish_jobs(at)
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert not at.progress and metric(at, "Flips found in the top 10 %") == flips  # the same ranking
+    assert [b for b in at.get("download_button") if "report" in b.proto.label]
+
+
+def test_review_queue_shows_while_the_influences_are_computed(demo_run, runs_root, monkeypatch, held_influences):
+    """A run without cached influences (as a corrected run made by the CLI): the queue ranks by the signals of
+    training at once, the influence job's progress shows above it, and the influence signals join when done
+    without undoing the reviewer's pick."""
+    at = open_without_influences(demo_run, runs_root, monkeypatch, "review-pending")
     at.switch_page("pages/review_queue.py").run()
-    try:
-        assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
-        assert at.progress[0].text.startswith("Computing influences")
-        assert at.progress[1].text.startswith("Reviewed 0 of")
-        assert len(at.get("image")) == 10  # one page of suspects
-        assert at.selectbox[0].value == "mean_loss" and SIGNALS["self_influence"].label not in at.selectbox[0].options
-        at.selectbox[0].set_value("mean_margin").run()  # the reviewer's own pick...
-    finally:
-        gate.set()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert at.progress[0].text.startswith("Computing influences")
+    assert at.progress[1].text.startswith("Reviewed 0 of")
+    assert len(at.get("image")) == 10  # one page of suspects
+    assert at.selectbox[0].value == "mean_loss" and SIGNALS["self_influence"].label not in at.selectbox[0].options
+    at.selectbox[0].set_value("mean_margin").run()  # the reviewer's own pick...
+    held_influences.set()
     finish_jobs(at)
     assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
     assert at.progress[0].text.startswith("Reviewed 0 of")
