@@ -8,7 +8,8 @@ extra: ``pip install '.[dask]'``) ships the fitted model, its curvature state an
 worker once (``client.scatter(..., broadcast=True)``) and maps one task per block over them. Each worker scores
 its blocks on its own device (CPU, or the GPU matching its index when there are several), so the run directory
 must be on a file system every worker sees under the same path. A task whose worker dies is retried on another
-(``retries``); blocks are whole shard files, so a retried block simply rewrites its file.
+(``retries``); when every worker holding the shipped payload is lost, the payload is shipped again and the
+cancelled blocks resubmitted. Blocks are whole shard files, so a block scored twice simply rewrites its file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -131,12 +133,28 @@ class DaskCalculator:
         )
         with self.connect() as client:
             log.info("scoring %d blocks on %s", len(blocks), self.describe())
-            shipped = client.scatter(payload, broadcast=True)
-            futures = [
-                client.submit(_score_block, shipped, paths, a, b, retries=self.retries, pure=False) for a, b in blocks
-            ]
-            for future in as_completed(futures):
-                yield future.result()
+            pending = list(blocks)
+            for _ in range(self.retries + 1):
+                shipped = client.scatter(payload, broadcast=True)
+                futures = {
+                    client.submit(_score_block, shipped, paths, a, b, retries=self.retries, pure=False): (a, b)
+                    for a, b in pending
+                }
+                pending = []
+                for future in as_completed(futures):
+                    try:
+                        yield future.result()
+                    except CancelledError as e:  # the payload was lost with the workers holding it: ship it again
+                        log.warning("block %s cancelled (%s): shipped again", futures[future], e)
+                        pending.append(futures[future])
+                if not pending:
+                    break
+            else:
+                raise InfluenceLensError(
+                    f"{len(pending)} blocks were cancelled on the cluster {self.retries + 1} times "
+                    "(their workers were lost with the model shipped to them).",
+                    "check the workers' memory and logs, then compute again",
+                )
         im.model.to(im.device_)
 
     @contextmanager

@@ -89,7 +89,7 @@ def test_a_worker_killed_mid_block_is_replaced_and_its_blocks_rescored(tiny_run,
         thread.join(900)
         assert not thread.is_alive(), "the cluster run did not finish after the kill"
         assert killed is not None, "no block was ever in flight on a worker"
-        assert "error" not in outcome, outcome.get("error")
+        assert "error" not in outcome, str(outcome.get("error"))
         watcher.wait_for_workers(2, timeout=120)  # the nanny restarts the killed worker
         assert killed not in watcher.run(os.getpid).values()  # the process that held blocks is gone
 
@@ -98,3 +98,51 @@ def test_a_worker_killed_mid_block_is_replaced_and_its_blocks_rescored(tiny_run,
     scale = np.abs(expected_rows).max()
     np.testing.assert_allclose(rows, expected_rows, rtol=1e-5, atol=1e-6 * scale)
     np.testing.assert_allclose(spread_result.self_influence, expected_self, rtol=1e-5)
+
+
+def test_every_worker_killed_mid_block_gets_the_model_shipped_again(tiny_run, monkeypatch):
+    """Both workers killed at once while they hold blocks: the shipped model is lost with them, so the blocks are
+    cancelled; they are resubmitted with the model shipped again to the restarted workers, and the result equals
+    the single-process one."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setattr(results, "COLUMN_BLOCK", 8)
+    settings = InfluenceSettings(checkpoints=False)
+    single = compute_influence(tiny_run, settings, recompute=True)
+    expected_rows = np.stack([single.row(t) for t in range(single.influences.shape[0])])
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as watcher,
+    ):
+        pids = list(watcher.run(os.getpid).values())
+        outcome: dict = {}
+
+        def spread():
+            try:
+                spec = DaskCalculator(scheduler=cluster.scheduler_address)
+                outcome["result"] = compute_influence(tiny_run, settings, recompute=True, calculator=spec)
+            except BaseException as e:  # re-raised in the test thread below
+                outcome["error"] = e
+
+        thread = threading.Thread(target=spread)
+        thread.start()
+        deadline, killed = time.monotonic() + 300, False
+        while not killed and thread.is_alive() and time.monotonic() < deadline:
+            if any("_score_block" in str(k) for keys in watcher.processing().values() for k in keys):
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                killed = True
+            else:
+                time.sleep(0.02)
+        thread.join(900)
+        assert killed and not thread.is_alive()
+        assert "error" not in outcome, str(outcome.get("error"))
+
+    rows = np.stack([outcome["result"].row(t) for t in range(len(expected_rows))])
+    np.testing.assert_allclose(rows, expected_rows, rtol=1e-5, atol=1e-6 * np.abs(expected_rows).max())
