@@ -19,14 +19,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .analysis import DEFAULT_SIGNAL, best_signal, rank_suspects
+from .analysis import best_signal, rank_suspects
 from .data import parse_spec
 from .display import export_csv
 from .errors import InfluenceLensError
 from .fixes import pending_changes
+from .pipeline import run_signals
 from .review import ReviewStore
 from .run import Run
-from .second_pass import SECOND_PASS_SIGNAL, load_second_pass
 
 MANIFEST = "manifest.csv"
 LABEL_ISSUE_SHARE = 0.1
@@ -96,11 +96,8 @@ def export_corrected(run: Run, out: str | Path) -> Path:
 def review_signal(run: Run) -> np.ndarray:
     """(n_train,) float64, higher = more suspicious: the loss under the run's second pass once computed, else
     the mean training loss over the epochs (the review queue's default ranking, no influence needed)."""
-    second = load_second_pass(run)
-    signals = {DEFAULT_SIGNAL: run.dynamics["loss"].mean(0)}
-    if second is not None:
-        signals[SECOND_PASS_SIGNAL] = second.loss
-    return np.asarray(signals[best_signal(signals)], np.float64)
+    signals = run_signals(run)
+    return signals[best_signal(signals)]
 
 
 def label_issues(run: Run, signal: np.ndarray | None = None, share: float = LABEL_ISSUE_SHARE) -> pd.DataFrame:

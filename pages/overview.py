@@ -30,7 +30,9 @@ cols[1].metric(
     help=f"{flipped.sum()} of {len(flipped)} training labels were deliberately set to a wrong class, "
     "so we can check whether the tool finds them.",
 )
-found, total = runs.flips_found_at(run, scores[best]) if flipped.any() else (0, 0)
+total = int(flipped.sum())
+detection = detection_metrics(scores[best], flipped) if total else {"recall_at_10pct": 0.0}
+found = round(detection["recall_at_10pct"] * total)  # flips among the top 10 % of the ranking
 if total:
     cols[2].metric(
         "Flips found in the top 10 %",
@@ -40,7 +42,7 @@ if total:
     )
     cols[3].metric(
         "Flipped ranked above clean",
-        f"{detection_metrics(scores[best], flipped)['auroc']:.0%}",
+        f"{detection['auroc']:.0%}",
         help="How often a flipped image ranks above a clean one: 50 % is guessing, 100 % is perfect "
         "(the detection AUROC).",
     )

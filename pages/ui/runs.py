@@ -21,7 +21,7 @@ import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
 from influence_core import InfluenceLensError, Run, TrainConfig, train
-from influence_core.analysis import rank_suspects, training_flags
+from influence_core.analysis import training_flags
 from influence_core.display import computation, dataset_name
 from influence_core.experiments import run_dir_name
 from influence_core.jobs import Job, JobRegistry
@@ -439,14 +439,6 @@ def class_names(run: Run, codes: np.ndarray) -> list[str]:
 
 def predicted(run: Run, split: str) -> np.ndarray:
     return run.predictions[f"probs_{split}"].argmax(1)
-
-
-def flips_found_at(run: Run, scores: np.ndarray, fraction: float = 0.1) -> tuple[int, int]:
-    """(flips among the top ``fraction`` of ``run``'s training images by suspicion ``scores`` (n_train,), flips in
-    total)."""
-    flipped = run.flipped()
-    k = int(np.ceil(fraction * len(flipped)))
-    return int(flipped[rank_suspects(scores, k)].sum()), int(flipped.sum())
 
 
 def images_at(run: Run, split: str, positions: np.ndarray) -> np.ndarray:

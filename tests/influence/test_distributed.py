@@ -44,13 +44,47 @@ def test_cluster_spec_needs_exactly_one_target():
         DaskCalculator(workers=0)
 
 
-def test_a_worker_killed_mid_block_is_replaced_and_its_blocks_rescored(tiny_run, monkeypatch):
-    """Issue 11, item 3: a worker process killed (SIGKILL) while it holds blocks; the scheduler hands its blocks to
-    the surviving or restarted worker, and the result equals the single-process one."""
+def kill_mid_block(run, settings, cluster, watcher, victims) -> tuple[list[int], object]:
+    """Score ``run`` on ``cluster`` in a thread and, once a worker holds a block, SIGKILL the worker processes
+    ``victims(busy addresses, {address: pid})`` names. Returns the killed pids and the finished result."""
     import os
     import signal
     import threading
     import time
+
+    pids = watcher.run(os.getpid)  # worker address -> pid
+    outcome: dict = {}
+
+    def spread():
+        try:
+            spec = DaskCalculator(scheduler=cluster.scheduler_address)
+            outcome["result"] = compute_influence(run, settings, recompute=True, calculator=spec)
+        except BaseException as e:  # re-raised in the test thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=spread)
+    thread.start()
+    killed: list[int] = []
+    deadline = time.monotonic() + 300
+    while not killed and thread.is_alive() and time.monotonic() < deadline:
+        busy = [w for w, keys in watcher.processing().items() if any("_score_block" in str(k) for k in keys)]
+        if busy:
+            killed = victims(busy, pids)
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+        else:
+            time.sleep(0.02)
+    thread.join(900)
+    assert not thread.is_alive(), "the cluster run did not finish after the kill"
+    assert killed, "no block was ever in flight on a worker"
+    assert "error" not in outcome, str(outcome.get("error"))
+    return killed, outcome["result"]
+
+
+def test_a_worker_killed_mid_block_is_replaced_and_its_blocks_rescored(tiny_run, monkeypatch):
+    """Issue 11, item 3: a worker process killed (SIGKILL) while it holds blocks; the scheduler hands its blocks to
+    the surviving or restarted worker, and the result equals the single-process one."""
+    import os
 
     from distributed import Client, LocalCluster
 
@@ -65,35 +99,10 @@ def test_a_worker_killed_mid_block_is_replaced_and_its_blocks_rescored(tiny_run,
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as watcher,
     ):
-        pids_before = watcher.run(os.getpid)  # worker address -> pid
-        outcome: dict = {}
-
-        def spread():
-            try:
-                spec = DaskCalculator(scheduler=cluster.scheduler_address)
-                outcome["result"] = compute_influence(tiny_run, settings, recompute=True, calculator=spec)
-            except BaseException as e:  # re-raised in the test thread below
-                outcome["error"] = e
-
-        thread = threading.Thread(target=spread)
-        thread.start()
-        killed = None
-        deadline = time.monotonic() + 300
-        while killed is None and thread.is_alive() and time.monotonic() < deadline:
-            busy = [w for w, keys in watcher.processing().items() if any("_score_block" in str(k) for k in keys)]
-            if busy:
-                killed = pids_before[busy[0]]
-                os.kill(killed, signal.SIGKILL)
-            else:
-                time.sleep(0.02)
-        thread.join(900)
-        assert not thread.is_alive(), "the cluster run did not finish after the kill"
-        assert killed is not None, "no block was ever in flight on a worker"
-        assert "error" not in outcome, str(outcome.get("error"))
+        killed, spread_result = kill_mid_block(tiny_run, settings, cluster, watcher, lambda busy, pids: [pids[busy[0]]])
         watcher.wait_for_workers(2, timeout=120)  # the nanny restarts the killed worker
-        assert killed not in watcher.run(os.getpid).values()  # the process that held blocks is gone
+        assert killed[0] not in watcher.run(os.getpid).values()  # the process that held blocks is gone
 
-    spread_result = outcome["result"]
     rows = np.stack([spread_result.row(t) for t in range(n_test)])
     scale = np.abs(expected_rows).max()
     np.testing.assert_allclose(rows, expected_rows, rtol=1e-5, atol=1e-6 * scale)
@@ -104,11 +113,6 @@ def test_every_worker_killed_mid_block_gets_the_model_shipped_again(tiny_run, mo
     """Both workers killed at once while they hold blocks: the shipped model is lost with them, so the blocks are
     cancelled; they are resubmitted with the model shipped again to the restarted workers, and the result equals
     the single-process one."""
-    import os
-    import signal
-    import threading
-    import time
-
     from distributed import Client, LocalCluster
 
     monkeypatch.setattr(results, "COLUMN_BLOCK", 8)
@@ -120,29 +124,7 @@ def test_every_worker_killed_mid_block_gets_the_model_shipped_again(tiny_run, mo
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as watcher,
     ):
-        pids = list(watcher.run(os.getpid).values())
-        outcome: dict = {}
+        _, spread_result = kill_mid_block(tiny_run, settings, cluster, watcher, lambda busy, pids: list(pids.values()))
 
-        def spread():
-            try:
-                spec = DaskCalculator(scheduler=cluster.scheduler_address)
-                outcome["result"] = compute_influence(tiny_run, settings, recompute=True, calculator=spec)
-            except BaseException as e:  # re-raised in the test thread below
-                outcome["error"] = e
-
-        thread = threading.Thread(target=spread)
-        thread.start()
-        deadline, killed = time.monotonic() + 300, False
-        while not killed and thread.is_alive() and time.monotonic() < deadline:
-            if any("_score_block" in str(k) for keys in watcher.processing().values() for k in keys):
-                for pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-                killed = True
-            else:
-                time.sleep(0.02)
-        thread.join(900)
-        assert killed and not thread.is_alive()
-        assert "error" not in outcome, str(outcome.get("error"))
-
-    rows = np.stack([outcome["result"].row(t) for t in range(len(expected_rows))])
+    rows = np.stack([spread_result.row(t) for t in range(len(expected_rows))])
     np.testing.assert_allclose(rows, expected_rows, rtol=1e-5, atol=1e-6 * np.abs(expected_rows).max())
